@@ -1,0 +1,121 @@
+"""Config dataclasses: round-trip to dict/JSON and reject unknown keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="ConfigBase")
+
+
+class ConfigError(ValueError):
+    """A config dict has unknown keys or values of the wrong kind."""
+
+
+class ConfigBase:
+    """Mixin for config dataclasses: ``to_dict``/``from_dict``/``to_json``/``from_json``.
+
+    ``from_dict`` rejects keys the dataclass does not declare (a typo in a config file
+    must not be silently ignored) and rebuilds nested config dataclasses.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, ConfigBase) else _plain(v)
+        return out
+
+    @classmethod
+    def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} for {cls.__name__}; valid keys are {sorted(fields)}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for k, v in d.items():
+            sub = _config_type(hints.get(k))
+            if sub is not None and isinstance(v, dict):
+                v = sub.from_dict(v)
+            elif isinstance(v, list):
+                v = tuple(v)
+            kwargs[k] = v
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls: type[T], s: str) -> T:
+        return cls.from_dict(json.loads(s))
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _config_type(hint: Any) -> type[ConfigBase] | None:
+    """The ConfigBase subclass inside a hint like ``SmoothConfig | None``."""
+    if isinstance(hint, type) and issubclass(hint, ConfigBase):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for a in typing.get_args(hint):
+            if isinstance(a, type) and issubclass(a, ConfigBase):
+                return a
+    return None
+
+
+@dataclass(frozen=True)
+class QuantConfig(ConfigBase):
+    """The W4A8 format: what every quantizing pass and the lowering agree on.
+
+    * ``group_size``: -1 for per-output-channel int4 scales, or e.g. 128 for QQQ's
+      two-level group scales.
+    * ``group_scale_dtype``: ``"int8"`` (small-integer group scales, exact int8 GEMM) or
+      ``"float16"`` (QQQ's storage; the kernel rounds ``q4 * gs`` to int8).
+    * ``skip``: fnmatch patterns of linear module names kept in full precision.
+    """
+
+    group_size: int = -1
+    group_scale_dtype: str = "int8"
+    skip: tuple[str, ...] = ("lm_head", "*.lm_head")
+
+    def __post_init__(self) -> None:
+        if self.group_size == 0 or self.group_size < -1 or (self.group_size > 0 and self.group_size % 2):
+            raise ConfigError(
+                f"group_size must be -1 (per channel) or a positive even number, got {self.group_size}"
+            )
+        if self.group_scale_dtype not in ("int8", "float16"):
+            raise ConfigError(
+                f"group_scale_dtype must be 'int8' or 'float16', got {self.group_scale_dtype!r}"
+            )
+
+
+@dataclass(frozen=True)
+class CalibConfig(ConfigBase):
+    """How calibration data is batched when a pass runs the graph."""
+
+    batch_size: int = 8
+    max_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class CompileConfig(ConfigBase):
+    """Top-level config for :func:`qqq_compile.compile`."""
+
+    preset: str = "rtn"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    preset_options: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,44 @@
+"""``quantize_rtn``: round-to-nearest W4 weights, recorded as annotations."""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule
+
+from ..formats import PackedW4
+from ..graph import LinearInfo, get_weight, info, is_skipped, linear_sites
+from ..pipeline import CompileContext, PassResult, QQQPass, register_pass, sqnr_db
+
+
+def ensure_info(gm: GraphModule, site) -> LinearInfo:
+    li = info(site.node)
+    if li is None:
+        w = get_weight(gm, site)
+        li = site.node.meta["qqq"] = LinearInfo(site.name, w.shape[1], w.shape[0])
+    return li
+
+
+@register_pass("quantize_rtn")
+class QuantizeRTN(QQQPass):
+    """Quantize every linear weight to int4 by rounding to nearest, in ``ctx.quant``'s
+    format, and store the :class:`~qqq_compile.formats.PackedW4` in ``meta["qqq"]``.
+
+    Annotation only: the graph still computes in float until ``lower`` rewrites it, so
+    ``modified`` is False. Position: after smoothing/rotation, before ``lower``. Linears
+    that already carry a packed weight (e.g. from ``gptq``) are left alone.
+    """
+
+    name = "quantize_rtn"
+
+    def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
+        gm = graph_module
+        for site in linear_sites(gm):
+            li = ensure_info(gm, site)
+            if li.packed is not None or is_skipped(site.name, ctx.quant.skip):
+                if li.packed is None:
+                    li.skipped = li.skipped or "matches QuantConfig.skip (kept in full precision)"
+                continue
+            w = get_weight(gm, site).float()
+            li.packed = PackedW4.from_float(w, ctx.quant.group_size, ctx.quant.group_scale_dtype)
+            li.method = "rtn"
+            li.weight_sqnr_db = sqnr_db(w, li.packed.dequantize())
+        return PassResult(gm, False)

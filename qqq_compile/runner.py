@@ -1,0 +1,162 @@
+"""Block-by-block execution of a captured graph over calibration batches.
+
+The graph is cut (by :func:`graph.partition`) into prefix, decoder blocks and suffix.
+:class:`BlockRunner` keeps, per calibration batch, only the values that later
+segments still read (the residual stream, rotary tables, masks), so peak memory grows
+with one block, not with the whole model. Passes iterate over blocks, run a block
+with hooks and overrides (to collect statistics, try candidate scales, simulate
+quantized weights) and then let the runner advance with the block's final form, so
+the next block sees the outputs of the already-transformed block (as GPTQ does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from tqdm.auto import tqdm
+
+from .graph import Block, Partition, get_attr, partition
+
+Env = dict[Node, Any]
+Override = Callable[..., Any]
+Hook = Callable[[Node, tuple, dict], None]
+
+
+def _fetch(gm: GraphModule, n: Node) -> Any:
+    return get_attr(gm, n.target)
+
+
+def _map(env: Env, a: Any) -> Any:
+    if isinstance(a, Node):
+        return env[a]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_map(env, x) for x in a)
+    if isinstance(a, dict):
+        return {k: _map(env, v) for k, v in a.items()}
+    return a
+
+
+def run_node(gm: GraphModule, n: Node, env: Env, override: Override | None = None) -> Any:
+    """Execute one FX node against ``env`` (values of its inputs)."""
+    if n.op == "get_attr":
+        return _fetch(gm, n)
+    args, kwargs = _map(env, n.args), _map(env, n.kwargs)
+    if override is not None:
+        return override(*args, **kwargs)
+    if n.op == "call_function":
+        return n.target(*args, **kwargs)
+    if n.op == "call_module":
+        return gm.get_submodule(n.target)(*args, **kwargs)
+    if n.op == "call_method":
+        return getattr(args[0], n.target)(*args[1:], **kwargs)
+    raise RuntimeError(f"cannot execute node {n.name} of kind {n.op}")
+
+
+def run_nodes(
+    gm: GraphModule,
+    nodes: Sequence[Node],
+    env: Env,
+    overrides: dict[Node, Override] | None = None,
+    hooks: dict[Node, Hook] | None = None,
+) -> Env:
+    """Run ``nodes`` in order, writing results into ``env`` (which is returned)."""
+    overrides = overrides or {}
+    hooks = hooks or {}
+    for n in nodes:
+        if n in hooks:
+            hooks[n](n, _map(env, n.args), _map(env, n.kwargs))
+        env[n] = run_node(gm, n, env, overrides.get(n))
+    return env
+
+
+class BlockState:
+    """What a pass sees for one block: the block and the live inputs of every batch."""
+
+    def __init__(self, runner: BlockRunner, index: int, block: Block):
+        self.runner, self.index, self.block = runner, index, block
+        self.overrides: dict[Node, Override] = {}  # used when the runner advances
+
+    @property
+    def envs(self) -> list[Env]:
+        return self.runner.envs
+
+    def run(
+        self,
+        overrides: dict[Node, Override] | None = None,
+        hooks: dict[Node, Hook] | None = None,
+        nodes: Sequence[Node] | None = None,
+        batches: Sequence[int] | None = None,
+        outputs: Sequence[Node] = (),
+    ) -> list[list[Any]]:
+        """Run (part of) the block on (some) batches and return the ``outputs`` values.
+
+        Each batch runs on a copy of its live env, so trying candidates never disturbs
+        the state the next block starts from, and intermediates die with the copy.
+        """
+        nodes = self.block.nodes if nodes is None else nodes
+        idx = range(len(self.envs)) if batches is None else batches
+        out = []
+        with torch.no_grad():
+            for i in idx:
+                env = run_nodes(self.runner.gm, nodes, dict(self.envs[i]), overrides, hooks)
+                out.append([env[o] for o in outputs])
+        return out
+
+
+class BlockRunner:
+    """Runs calibration batches through a graph one block at a time."""
+
+    def __init__(
+        self,
+        gm: GraphModule,
+        batches: Sequence[dict[str, torch.Tensor]],
+        *,
+        progress: bool = True,
+        desc: str = "blocks",
+        part: Partition | None = None,
+    ):
+        self.gm = gm
+        self.part = part or partition(gm)
+        self.progress = progress
+        self.desc = desc
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self._last_use = {n: max((order[u] for u in n.users), default=-1) for n in gm.graph.nodes}
+        self._order = order
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.envs: list[Env] = []
+        for b in batches:
+            env: Env = {}
+            for p in placeholders:
+                key = p.target if p.target in b else p.name
+                if key not in b:
+                    raise ValueError(f"calibration batch is missing input '{p.target}' (has {sorted(b)})")
+                env[p] = b[key]
+            self.envs.append(env)
+
+    def _advance(self, nodes: Sequence[Node], overrides: dict[Node, Override] | None = None) -> None:
+        if not nodes:
+            return
+        end = self._order[nodes[-1]]
+        with torch.no_grad():
+            for env in self.envs:
+                run_nodes(self.gm, nodes, env, overrides)
+                for n in [n for n in env if self._last_use[n] <= end]:
+                    del env[n]  # nothing later reads it: free it now
+
+    def blocks(self, start: int = 0) -> Iterator[BlockState]:
+        """Yield each block in order; after the caller is done with a block the runner
+        executes it (with ``state.overrides``) to produce the next block's inputs."""
+        self._advance(self.part.prefix)
+        blocks = self.part.blocks
+        for i, block in enumerate(tqdm(blocks, desc=self.desc, disable=not self.progress, leave=False)):
+            state = BlockState(self, i, block)
+            if i >= start:
+                yield state
+            self._advance(block.nodes, state.overrides)
+
+    def suffix_state(self) -> BlockState:
+        """The nodes after the last block (final norm, lm_head), as a pseudo-block."""
+        return BlockState(self, len(self.part.blocks), Block("suffix", list(self.part.suffix)))
