@@ -85,6 +85,12 @@ class CompiledModel(torch.nn.Module):
                 out.append(li)
         return out
 
+    def save(self, path: str) -> None:
+        """Write packed weights + manifest atomically (see :mod:`qqq_compile.artifact`)."""
+        from .artifact import save
+
+        save(self, path)
+
     def weight_bytes(self) -> int:
         """Bytes of all parameters and buffers the compiled graph holds."""
         seen, total = set(), 0
