@@ -1,0 +1,148 @@
+"""CPU latency of the W4A8 linear against fp32 / bf16 ``F.linear``, onnxruntime MatMulNBits
+and torchao 8da4w (when importable).
+
+    python benchmarks/cpu_linear.py [--threads 2] [--min-run-time 0.3] [--quick]
+
+Prints a markdown table (median ms; ratios are measured in the same run). Numbers on a
+shared machine are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import warnings
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+from qqq_compile.formats import PackedW4
+from qqq_compile.kernels import cpu
+
+SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (4096, 4096), (4096, 11008)]
+MS = [1, 16, 512]
+
+
+def bench(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median wall time in ms (torch.utils.benchmark; it warms up before measuring)."""
+    fn()
+    t = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return t.median * 1e3
+
+
+def ort_matmul_nbits(k: int, n: int, threads: int) -> Callable[[torch.Tensor], object] | None:
+    """A one-node ONNX model: com.microsoft MatMulNBits, 4 bits, block 128, accuracy_level 4."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    block = 128
+    nb = math.ceil(k / block)
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 256, size=(n, nb, block // 2), dtype=np.uint8)
+    scales = (rng.random(n * nb, dtype=np.float32) * 0.01).astype(np.float32)
+    node = helper.make_node(
+        "MatMulNBits",
+        ["A", "B", "scales"],
+        ["Y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=4,
+        block_size=block,
+        accuracy_level=4,
+    )
+    graph = helper.make_graph(
+        [node],
+        "mmnb",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+        initializer=[
+            helper.make_tensor("B", TensorProto.UINT8, b.shape, b.tobytes(), raw=True),
+            helper.make_tensor("scales", TensorProto.FLOAT, scales.shape, scales.tobytes(), raw=True),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> object:
+        return sess.run(None, {"A": x.numpy()})
+
+    return run
+
+
+def torchao_8da4w(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """torchao's int8-dynamic-activation int4-weight linear (group 128), if torchao is installed."""
+    try:
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerGroup
+    except ImportError:
+        return None
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data.copy_(w)
+    group = 128 if w.shape[1] % 128 == 0 else 64
+    try:
+        quantize_(
+            lin, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group))
+        )
+    except Exception as e:  # API drift across torchao versions
+        warnings.warn(f"torchao 8da4w unavailable: {e}", stacklevel=2)
+        return None
+    return lin
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--min-run-time", type=float, default=0.3)
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only")
+    ap.add_argument("--group-size", type=int, default=128, help="-1 for per-channel")
+    ap.add_argument("--group-scale-dtype", default="int8", choices=["int8", "float16"])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    use_ext = cpu.extension_available()  # build before timing anything
+    shapes = SHAPES[:4] if args.quick else SHAPES
+    print(
+        f"threads={args.threads}  W4A8 format: group_size={args.group_size} "
+        f"group_scale={args.group_scale_dtype}  extension={'yes' if use_ext else 'no (torch fallback)'}\n"
+    )
+    header = "| K x N | M | W4A8 ms | fp32 ms | bf16 ms | ORT NBits ms | torchao ms | fp32/W4A8 | W4A8/ORT |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for k, n in shapes:
+        w = torch.randn(n, k) / math.sqrt(k)
+        gs = args.group_size if args.group_size > 0 and args.group_size <= k else -1
+        p = PackedW4.from_float(w, gs, args.group_scale_dtype)
+        w_bf16 = w.to(torch.bfloat16)
+        ort_run = ort_matmul_nbits(k, n, args.threads)
+        ao = torchao_8da4w(w)
+        for m in MS:
+            x = torch.randn(m, k)
+            x_bf16 = x.to(torch.bfloat16)
+            mrt = args.min_run_time
+            ours = partial(cpu.w4a8_linear, x, p.qweight, p.channel_scale, p.group_scale, None, gs)
+            t_ours = bench(ours, mrt)
+            t_fp32 = bench(partial(F.linear, x, w), mrt)
+            t_bf16 = bench(partial(F.linear, x_bf16, w_bf16), mrt)
+            t_ort = bench(partial(ort_run, x), mrt) if ort_run else float("nan")
+            t_ao = bench(partial(ao, x), mrt) if ao else float("nan")
+            print(
+                f"| {k}x{n} | {m} | {t_ours:.3f} | {t_fp32:.3f} | {t_bf16:.3f} | {t_ort:.3f} | "
+                f"{t_ao:.3f} | {t_fp32 / t_ours:.2f} | {t_ours / t_ort:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

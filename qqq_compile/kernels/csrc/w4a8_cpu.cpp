@@ -1,0 +1,692 @@
+// W4A8 (QQQ) CPU kernels: AVX512-VNNI GEMV/GEMM that reads packed int4 weights directly.
+//
+// Format (see qqq_compile/formats.py): qweight uint8 [N, ceil(K/2)], even k in the low
+// nibble; W8 = q4 << 4 (per-channel), q4 * gs (int8 groups) or clamp(round(q4 * gs), ±127)
+// (fp16 groups). Activations are per-token symmetric int8.
+//
+// Trick: VNNI's vpdpbusd multiplies u8 x s8. We make the *weight* the unsigned operand:
+// every format is turned, per 16-entry nibble lookup table (vpshufb), into u8 = W8 + 128,
+// so acc = sum_k (W8 + 128) * a_k = exact - 128 * sum_k a_k. The correction depends only on
+// the token, so no weight-dependent precomputation (row sums) is needed. Wrap-around int32
+// arithmetic keeps this exact whenever the true result fits in int32.
+//
+// The even/odd nibble interleave is handled by permuting activations once per call: each
+// 128-wide k chunk is stored as [64 even k | 64 odd k], so the low nibbles of 64 packed
+// bytes line up with the first half and the high nibbles with the second.
+//
+// Build flags: -ffp-contract=off so the epilogue rounds exactly like the torch reference.
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t KC = 128;  // k per chunk = 64 packed bytes = one zmm
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------- loads / stores
+
+template <typename T>
+inline __m512 load16(const T* p, __mmask16 m);
+template <>
+inline __m512 load16<float>(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+template <>
+inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p, __mmask16 m) {
+  __m256i v = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+template <>
+inline __m512 load16<c10::Half>(const c10::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
+inline __mmask16 mask16(int64_t rem) {
+  return rem >= 16 ? (__mmask16)0xFFFF : rem <= 0 ? (__mmask16)0 : (__mmask16)((1u << rem) - 1);
+}
+inline __mmask64 mask64(int64_t rem) { return rem >= 64 ? ~0ULL : rem <= 0 ? 0ULL : ((1ULL << rem) - 1); }
+
+template <typename T>
+inline void store_out(T* p, float v) {
+  p[0] = static_cast<T>(v);  // c10 conversions round to nearest even, like Tensor.to()
+}
+
+// ---------------------------------------------------------------- activation quantization
+
+// Quantize one row of K floats: q = clamp(round(x / s), ±127), s = max(absmax, 1e-8) / 127.
+// Division (not a reciprocal multiply) so q matches torch bit for bit. Writes int8 in natural
+// order to `q` (K bytes); returns s and the row sum of q.
+template <typename T>
+inline void quant_row(const T* x, int64_t K, int8_t* q, float* s_out, int32_t* sum_out) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 v = load16(x + k, mask16(K - k));
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+  }
+  float amax = std::max(_mm512_reduce_max_ps(mx), 1e-8f);
+  const float s = amax / 127.0f;
+  const __m512 sv = _mm512_set1_ps(s);
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  __m512i sum = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = mask16(K - k);
+    __m512 v = _mm512_div_ps(load16(x + k, m), sv);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    __m512i qi = _mm512_maskz_cvtps_epi32(m, v);
+    sum = _mm512_add_epi32(sum, qi);
+    _mm512_mask_cvtepi32_storeu_epi8(q + k, m, qi);
+  }
+  *s_out = s;
+  *sum_out = _mm512_reduce_add_epi32(sum);
+}
+
+// Natural int8 row (K) -> permuted, zero-padded row (Kp = chunks * 128): per chunk
+// [even k (64) | odd k (64)].
+inline void permute_row(const int8_t* q, int64_t K, int8_t* out, int64_t Kp) {
+  static const __m512i idx_even = [] {
+    alignas(64) uint8_t e[64];
+    for (int i = 0; i < 64; ++i) e[i] = static_cast<uint8_t>(2 * i);
+    return _mm512_load_si512(e);
+  }();
+  static const __m512i idx_odd = _mm512_add_epi8(idx_even, _mm512_set1_epi8(1));
+  for (int64_t k = 0; k < Kp; k += KC) {
+    __m512i a = _mm512_maskz_loadu_epi8(mask64(K - k), q + k);
+    __m512i b = K - k - 64 > 0 ? _mm512_maskz_loadu_epi8(mask64(K - k - 64), q + k + 64) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + k, _mm512_permutex2var_epi8(a, idx_even, b));
+    _mm512_storeu_si512(out + k + 64, _mm512_permutex2var_epi8(a, idx_odd, b));
+  }
+}
+
+inline int32_t row_sum_i8(const int8_t* q, int64_t K) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 64)
+    acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(mask64(K - k), q + k));
+  return _mm512_reduce_add_epi32(acc);
+}
+
+template <typename T>
+void quantize_impl(const T* x, int64_t M, int64_t K, int8_t* q, int64_t q_stride, bool permute,
+                   float* s, int32_t* asum) {
+  const int64_t Kp = ceil_div(K, KC) * KC;
+  at::parallel_for(0, M, M * K >= (1 << 16) ? 1 : M, [&](int64_t m0, int64_t m1) {
+    std::vector<int8_t> tmp(permute ? Kp : 0);
+    for (int64_t m = m0; m < m1; ++m) {
+      int8_t* dst = permute ? tmp.data() : q + m * q_stride;
+      quant_row(x + m * K, K, dst, s + m, asum + m);
+      if (permute) permute_row(dst, K, q + m * q_stride, Kp);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- nibble lookup tables
+
+// A LUT maps nibble u (two's-complement int4 q4) to W8(q4) + offset; offset 128 gives the u8
+// operand for vpdpbusd, offset 0 the signed W8 itself (for unpacking).
+alignas(16) const int8_t kQ4[16] = {0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
+
+// All 256 int8 group scales -> their 16-byte LUT (offset 128): 4 KiB, L1-resident, so an
+// int8 group costs one broadcast load. (uint8)(q4*gs + 128) equals int8(q4*gs) + 128,
+// the same wrap-around as PackedW4.int8_weight for out-of-range scales.
+struct Int8LutTable {
+  alignas(64) uint8_t t[256][16];
+  Int8LutTable() {
+    for (int g = 0; g < 256; ++g)
+      for (int u = 0; u < 16; ++u) t[g][u] = static_cast<uint8_t>(kQ4[u] * static_cast<int8_t>(g) + 128);
+  }
+};
+const Int8LutTable kInt8Lut;
+
+inline __m128i lut_int8_group(int8_t gs, int offset) {
+  const __m128i l = _mm_load_si128(reinterpret_cast<const __m128i*>(kInt8Lut.t[static_cast<uint8_t>(gs)]));
+  return offset == 128 ? l : _mm_xor_si128(l, _mm_set1_epi8(static_cast<char>(0x80)));
+}
+
+// fp16 group scale -> LUT replicated in all four 128-bit lanes.
+inline __m512i lut_fp16_zmm(const uint16_t* gs_bits, int offset) {
+  const __m512 q = _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0);  // kQ4
+  const __m512 gs = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(*gs_bits)));
+  // q4 * gs is exact in fp32 (4 x 11 significant bits), and clamping to the integer bounds
+  // commutes with rounding, so this equals clamp(torch.round(q4.float() * gs.float()), ±127).
+  __m512 w = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(q, gs), _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+  const __m512i wi = _mm512_add_epi32(_mm512_cvt_roundps_epi32(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                      _mm512_set1_epi32(offset));
+  // Low byte of each int32, gathered into 16 bytes and replicated to all lanes in one vpermb.
+  const __m512i pick = _mm512_set_epi8(60, 56, 52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0,  //
+                                       60, 56, 52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0,  //
+                                       60, 56, 52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0,  //
+                                       60, 56, 52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
+  return _mm512_permutexvar_epi8(pick, wi);
+}
+
+inline __m128i lut_fp16_group(uint16_t gs_bits, int offset) {
+  return _mm512_castsi512_si128(lut_fp16_zmm(&gs_bits, offset));
+}
+
+inline __m128i lut_channel(int offset) {
+  alignas(16) int8_t t[16];
+  for (int u = 0; u < 16; ++u) t[u] = static_cast<int8_t>((kQ4[u] * 16) + offset);
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(t));
+}
+
+enum Mode { kChannel = 0, kGroupI8 = 1, kGroupF16 = 2 };
+
+struct WeightView {
+  const uint8_t* qw;  // [N, Kb]
+  int64_t Kb;         // bytes per row
+  int64_t K;
+  const void* gs;  // [N, G] int8 or fp16 bits, or null
+  int64_t G;
+  int64_t group_size;
+};
+
+template <int MODE>
+inline __m128i lut_group(const WeightView& w, int64_t n, int64_t g, int offset) {
+  if constexpr (MODE == kGroupI8) {
+    return lut_int8_group(static_cast<const int8_t*>(w.gs)[n * w.G + g], offset);
+  } else {
+    return lut_fp16_group(static_cast<const uint16_t*>(w.gs)[n * w.G + g], offset);
+  }
+}
+
+// Group index of each 128-bit lane of chunk c (a lane covers 32 consecutive k, which is why
+// group_size % 32 == 0 is required; WIDE means group_size % 128 == 0, one group per chunk).
+// Lanes past K take the last group: their activations are zero padding. Computed once per
+// chunk, outside the row loop (a 64-bit division per row was a measurable cost).
+struct ChunkGroups {
+  int64_t g[4];
+};
+
+template <int MODE, bool WIDE>
+inline ChunkGroups chunk_groups(const WeightView& w, int64_t c) {
+  ChunkGroups cg{{0, 0, 0, 0}};
+  if constexpr (MODE != kChannel) {
+    for (int l = 0; l < (WIDE ? 1 : 4); ++l) cg.g[l] = std::min((c * KC + 32 * l) / w.group_size, w.G - 1);
+  }
+  return cg;
+}
+
+// The zmm LUT for one chunk of row n.
+template <int MODE, bool WIDE>
+inline __m512i chunk_lut(const WeightView& w, int64_t n, const ChunkGroups& cg, int offset) {
+  if constexpr (MODE == kChannel) {
+    return _mm512_broadcast_i32x4(lut_channel(offset));
+  } else if constexpr (WIDE && MODE == kGroupF16) {
+    return lut_fp16_zmm(static_cast<const uint16_t*>(w.gs) + n * w.G + cg.g[0], offset);
+  } else if constexpr (WIDE) {
+    return _mm512_broadcast_i32x4(lut_group<MODE>(w, n, cg.g[0], offset));
+  } else {
+    __m512i r = _mm512_castsi128_si512(lut_group<MODE>(w, n, cg.g[0], offset));
+    r = _mm512_inserti32x4(r, lut_group<MODE>(w, n, cg.g[1], offset), 1);
+    r = _mm512_inserti32x4(r, lut_group<MODE>(w, n, cg.g[2], offset), 2);
+    r = _mm512_inserti32x4(r, lut_group<MODE>(w, n, cg.g[3], offset), 3);
+    return r;
+  }
+}
+
+// ---------------------------------------------------------------- GEMM on packed weights
+
+struct ActView {
+  const int8_t* q;  // [M, Kp] permuted
+  int64_t Kp;
+  const int32_t* asum;  // [M]
+  const float* s;       // [M]
+};
+
+struct Epilogue {
+  const float* sch;   // [N]
+  const float* bias;  // [N] or null
+  void* out;          // [M, N]
+  int64_t N;
+  int kind;  // 0 f32, 1 bf16, 2 f16
+};
+
+inline void write_out(const Epilogue& e, int64_t m, int64_t n, int32_t acc, float xs) {
+  // Same op order as the torch reference: ((acc * s_tok) * s_ch) + bias, each rounded in fp32.
+  float y = static_cast<float>(acc) * xs;
+  y = y * e.sch[n];
+  if (e.bias) y = y + e.bias[n];
+  const int64_t i = m * e.N + n;
+  if (e.kind == 0)
+    store_out(static_cast<float*>(e.out) + i, y);
+  else if (e.kind == 1)
+    store_out(static_cast<c10::BFloat16*>(e.out) + i, y);
+  else
+    store_out(static_cast<c10::Half*>(e.out) + i, y);
+}
+
+// fp32 -> bf16 bits with round-to-nearest-even and NaN -> 0x7FC0, exactly like c10::BFloat16.
+inline __m256i cvt_bf16(__m512 y) {
+  const __m512i b = _mm512_castps_si512(y);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// Store 16 fp32 results as out dtype: row i of the tile is lanes [i*NT, (i+1)*NT).
+template <int MT, int NT>
+inline void store_tile(const Epilogue& e, int64_t m0, int64_t n0, __m512 y) {
+  alignas(64) uint8_t tmp[64];
+  int esz = 4;
+  if (e.kind == 0) {
+    _mm512_store_ps(reinterpret_cast<float*>(tmp), y);
+  } else {
+    esz = 2;
+    const __m256i h = e.kind == 1 ? cvt_bf16(y) : _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), h);
+  }
+  char* out = static_cast<char*>(e.out);
+  for (int i = 0; i < MT; ++i)
+    std::memcpy(out + ((m0 + i) * e.N + n0) * esz, tmp + i * NT * esz, static_cast<size_t>(NT * esz));
+}
+
+// Epilogue of a full 16-accumulator tile, vectorized; lane l is (token l / NT, row l % NT).
+template <int MT, int NT>
+inline void finish_tile(const ActView& a, const Epilogue& e, int64_t m0, int64_t n0, __m512i sums) {
+  static_assert(MT * NT == 16, "one zmm of results");
+  alignas(64) int32_t ti[16], tj[16];
+  for (int l = 0; l < 16; ++l) {
+    ti[l] = l / NT;
+    tj[l] = l % NT;
+  }
+  const __m512i ii = _mm512_load_si512(ti), jj = _mm512_load_si512(tj);
+  const __mmask16 mm = static_cast<__mmask16>((1u << MT) - 1), mn = static_cast<__mmask16>((1u << NT) - 1);
+  const __m512 xs = _mm512_permutexvar_ps(ii, _mm512_maskz_loadu_ps(mm, a.s + m0));
+  const __m512i corr = _mm512_slli_epi32(_mm512_permutexvar_epi32(ii, _mm512_maskz_loadu_epi32(mm, a.asum + m0)), 7);
+  const __m512 sch = _mm512_permutexvar_ps(jj, _mm512_maskz_loadu_ps(mn, e.sch + n0));
+  // Same op order as the torch reference: ((acc * s_tok) * s_ch) + bias, each rounded in fp32.
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums, corr)), xs), sch);
+  if (e.bias) y = _mm512_add_ps(y, _mm512_permutexvar_ps(jj, _mm512_maskz_loadu_ps(mn, e.bias + n0)));
+  store_tile<MT, NT>(e, m0, n0, y);
+}
+
+// Horizontal sums of 16 vectors at once: lane i of the result is sum(v[i]). About 3 ops per
+// vector instead of ~8 for separate reductions, which matters when K is only a few chunks.
+inline __m512i reduce16(const __m512i* v) {
+  __m512i a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [v0+v2, w0+w2, v1+v3, w1+w3]
+    a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: the lane sums of 4 vectors
+    b[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi64(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)  // fold the four 128-bit lanes pairwise
+    c[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0x88),
+                            _mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
+}
+
+// MT tokens x NT rows, one zmm accumulator per (token, row) holding 16 partial sums.
+// SCRATCH: chunk LUTs come from `luts` (nchunks zmm per row, rows consecutive from n0),
+// filled once per call; otherwise they are built inline (cheap for per-channel and int8).
+template <int MT, int NT, int MODE, bool WIDE, bool SCRATCH>
+inline void micro(const ActView& a, const WeightView& w, const Epilogue& e, int64_t m0, int64_t n0,
+                  const __m512i* luts) {
+  __m512i acc[MT][NT];
+#pragma GCC unroll 16
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_si512();
+  const __m512i m0f = _mm512_set1_epi8(0x0F);
+  const int64_t nchunks = a.Kp / KC;
+  const int64_t full = w.Kb / 64;  // chunks whose 64 bytes all lie inside the row
+  auto chunk = [&](int64_t c, auto tail) {
+    const ChunkGroups cg = chunk_groups<MODE, WIDE>(w, c);
+    __m512i alo[MT], ahi[MT];
+#pragma GCC unroll 16
+    for (int i = 0; i < MT; ++i) {
+      const int8_t* ap = a.q + (m0 + i) * a.Kp + c * KC;
+      alo[i] = _mm512_loadu_si512(ap);
+      ahi[i] = _mm512_loadu_si512(ap + 64);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < NT; ++j) {
+      const uint8_t* wp = w.qw + (n0 + j) * w.Kb + c * 64;
+      // Padded activation columns are zero, so whatever the LUT makes of padding is harmless.
+      __m512i b;
+      if constexpr (decltype(tail)::value)
+        b = _mm512_maskz_loadu_epi8(mask64(w.Kb - c * 64), wp);
+      else
+        b = _mm512_loadu_si512(wp);
+      const __m512i lut = SCRATCH ? _mm512_load_si512(luts + j * nchunks + c) : chunk_lut<MODE, WIDE>(w, n0 + j, cg, 128);
+      const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, m0f));
+      const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), m0f));
+#pragma GCC unroll 16
+      for (int i = 0; i < MT; ++i) {
+        acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], lo, alo[i]);
+        acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], hi, ahi[i]);
+      }
+    }
+  };
+  for (int64_t c = 0; c < full; ++c) chunk(c, std::false_type{});
+  for (int64_t c = full; c < nchunks; ++c) chunk(c, std::true_type{});
+  // acc = sum (W8 + 128) * a; subtract 128 * sum(a). Wrap-around int32 arithmetic, so the
+  // result is exact whenever the true value fits in int32.
+  if constexpr (MT * NT == 16) {
+    // Copy out instead of passing &acc: taking the array's address would keep the
+    // accumulators in memory (spilled) throughout the k loop.
+    __m512i v[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < NT; ++j) v[i * NT + j] = acc[i][j];
+    finish_tile<MT, NT>(a, e, m0, n0, reduce16(v));
+  } else {
+    for (int i = 0; i < MT; ++i) {
+      const int64_t m = m0 + i;
+      const uint32_t corr = static_cast<uint32_t>(a.asum[m]) * 128u;
+      for (int j = 0; j < NT; ++j) {
+        const uint32_t r = static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][j])) - corr;
+        write_out(e, m, n0 + j, static_cast<int32_t>(r), a.s[m]);
+      }
+    }
+  }
+}
+
+template <int MT, int NT, int MODE, bool WIDE, bool SCRATCH>
+inline void rows_block(const ActView& a, const WeightView& w, const Epilogue& e, int64_t m0, int64_t n_begin,
+                       int64_t n_end, const __m512i* luts, int64_t nchunks) {
+  int64_t n = n_begin;
+  for (; n + NT <= n_end; n += NT) micro<MT, NT, MODE, WIDE, SCRATCH>(a, w, e, m0, n, luts + (n - n_begin) * nchunks);
+  for (; n < n_end; ++n) micro<MT, 1, MODE, WIDE, SCRATCH>(a, w, e, m0, n, luts + (n - n_begin) * nchunks);
+}
+
+template <int MODE, bool WIDE, bool SCRATCH>
+void gemm_packed_run(const ActView& a, int64_t M, const WeightView& w, const Epilogue& e) {
+  const int64_t N = e.N;
+  const int64_t nchunks = a.Kp / KC;
+  // Row blocks: a block's packed rows (and LUTs) stay in L2 while every token tile streams
+  // past them; 32 rows also gives a few blocks per thread for load balance.
+  constexpr int64_t NB = 32;
+  const int64_t nblocks = ceil_div(N, NB);
+  // Tiny problems run on the calling thread: waking the pool costs more than the work.
+  const int64_t grain = M * N * w.K < (1 << 19) ? nblocks : 1;
+  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<__m512i> scratch(SCRATCH ? NB * nchunks : 0);
+    const __m512i* luts = scratch.data();
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n_begin = blk * NB, n_end = std::min(N, n_begin + NB);
+      if constexpr (SCRATCH) {
+        for (int64_t n = n_begin; n < n_end; ++n)
+          for (int64_t c = 0; c < nchunks; ++c)
+            _mm512_store_si512(&scratch[(n - n_begin) * nchunks + c], chunk_lut<MODE, WIDE>(w, n, chunk_groups<MODE, WIDE>(w, c), 128));
+      }
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) rows_block<4, 4, MODE, WIDE, SCRATCH>(a, w, e, m, n_begin, n_end, luts, nchunks);
+      if (M - m >= 2) {
+        rows_block<2, 8, MODE, WIDE, SCRATCH>(a, w, e, m, n_begin, n_end, luts, nchunks);
+        m += 2;
+      }
+      if (M - m == 1) rows_block<1, 16, MODE, WIDE, SCRATCH>(a, w, e, m, n_begin, n_end, luts, nchunks);
+    }
+  });
+}
+
+template <int MODE, bool WIDE>
+void gemm_packed_impl(const ActView& a, int64_t M, const WeightView& w, const Epilogue& e) {
+  // Building a LUT costs about as much as using it once, so with several token tiles per
+  // row the fp16 (and narrow-group int8) LUTs are built once per call into a scratch.
+  // Per-channel and int8 groups with group_size % 128 == 0 need one broadcast, never scratch.
+  constexpr bool kCheap = MODE == kChannel || (MODE == kGroupI8 && WIDE);
+  if (!kCheap && M > 4)
+    gemm_packed_run<MODE, WIDE, !kCheap>(a, M, w, e);
+  else
+    gemm_packed_run<MODE, WIDE, false>(a, M, w, e);
+}
+
+// ---------------------------------------------------------------- unpack to int8
+
+template <int MODE, bool WIDE>
+void unpack_impl(const WeightView& w, int64_t N, int8_t* out) {
+  const int64_t K = w.K;
+  const int64_t nchunks = ceil_div(K, KC);
+  const __m512i m0f = _mm512_set1_epi8(0x0F);
+  __m512i idx0, idx1;  // interleave lo/hi nibble values back into natural k order
+  {
+    alignas(64) uint8_t i0[64], i1[64];
+    for (int p = 0; p < 64; ++p) {
+      i0[p] = static_cast<uint8_t>((p & 1 ? 64 : 0) + p / 2);
+      i1[p] = static_cast<uint8_t>((p & 1 ? 64 : 0) + 32 + p / 2);
+    }
+    idx0 = _mm512_load_si512(i0);
+    idx1 = _mm512_load_si512(i1);
+  }
+  at::parallel_for(0, N, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = w.qw + n * w.Kb;
+      int8_t* dst = out + n * K;
+      for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t k = c * KC;
+        const bool full = K - k >= KC;
+        const __m512i b = full ? _mm512_loadu_si512(row + c * 64) : _mm512_maskz_loadu_epi8(mask64(w.Kb - c * 64), row + c * 64);
+        const __m512i lut = chunk_lut<MODE, WIDE>(w, n, chunk_groups<MODE, WIDE>(w, c), 0);
+        const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, m0f));
+        const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), m0f));
+        const __m512i v0 = _mm512_permutex2var_epi8(lo, idx0, hi), v1 = _mm512_permutex2var_epi8(lo, idx1, hi);
+        if (full) {  // masked stores are slow on some cores; keep them for the tail
+          _mm512_storeu_si512(dst + k, v0);
+          _mm512_storeu_si512(dst + k + 64, v1);
+        } else {
+          _mm512_mask_storeu_epi8(dst + k, mask64(K - k), v0);
+          if (K - k > 64) _mm512_mask_storeu_epi8(dst + k + 64, mask64(K - k - 64), v1);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- python bindings
+
+WeightView make_weight_view(const at::Tensor& qweight, const c10::optional<at::Tensor>& group_scale, int64_t K,
+                            int64_t group_size, int* mode, bool* wide) {
+  TORCH_CHECK(qweight.dtype() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(), "qweight: uint8 [N, Kb]");
+  TORCH_CHECK(qweight.size(1) == (K + 1) / 2, "qweight has ", qweight.size(1), " bytes per row, K=", K);
+  WeightView w{qweight.data_ptr<uint8_t>(), qweight.size(1), K, nullptr, 1, group_size};
+  *mode = kChannel;
+  *wide = true;
+  if (group_scale.has_value()) {
+    const at::Tensor& gs = *group_scale;
+    TORCH_CHECK(gs.is_contiguous() && gs.dim() == 2 && gs.size(0) == qweight.size(0), "group_scale: [N, G]");
+    TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "fast path needs group_size % 32 == 0");
+    TORCH_CHECK(gs.size(1) == ceil_div(K, group_size), "group_scale has the wrong number of groups");
+    w.gs = gs.data_ptr();
+    w.G = gs.size(1);
+    *wide = group_size % KC == 0;
+    if (gs.dtype() == at::kChar)
+      *mode = kGroupI8;
+    else if (gs.dtype() == at::kHalf)
+      *mode = kGroupF16;
+    else
+      TORCH_CHECK(false, "group_scale must be int8 or float16");
+  }
+  return w;
+}
+
+#define DISPATCH_MODE(mode, wide, FN, ...)                    \
+  do {                                                        \
+    if ((mode) == kChannel)                                   \
+      FN<kChannel, true>(__VA_ARGS__);                        \
+    else if ((mode) == kGroupI8 && (wide))                    \
+      FN<kGroupI8, true>(__VA_ARGS__);                        \
+    else if ((mode) == kGroupI8)                              \
+      FN<kGroupI8, false>(__VA_ARGS__);                       \
+    else if (wide)                                            \
+      FN<kGroupF16, true>(__VA_ARGS__);                       \
+    else                                                      \
+      FN<kGroupF16, false>(__VA_ARGS__);                      \
+  } while (0)
+
+int out_kind(at::ScalarType t) {
+  if (t == at::kFloat) return 0;
+  if (t == at::kBFloat16) return 1;
+  TORCH_CHECK(t == at::kHalf, "out_dtype must be float32, bfloat16 or float16");
+  return 2;
+}
+
+// x [M, K] float/bf16/f16 -> (q int8 [M, K] natural or [M, Kp] permuted, s f32 [M], asum int32 [M])
+std::vector<at::Tensor> quantize(const at::Tensor& x_in, bool permute) {
+  at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(x.dim() == 2, "quantize expects [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t Kp = ceil_div(K, KC) * KC;
+  at::Tensor q = at::empty({M, permute ? Kp : K}, x.options().dtype(at::kChar));
+  at::Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor asum = at::empty({M}, x.options().dtype(at::kInt));
+  auto run = [&](auto* ptr) {
+    quantize_impl(ptr, M, K, q.data_ptr<int8_t>(), q.size(1), permute, s.data_ptr<float>(), asum.data_ptr<int32_t>());
+  };
+  if (x.scalar_type() == at::kFloat)
+    run(x.data_ptr<float>());
+  else if (x.scalar_type() == at::kBFloat16)
+    run(x.data_ptr<c10::BFloat16>());
+  else if (x.scalar_type() == at::kHalf)
+    run(x.data_ptr<c10::Half>());
+  else
+    TORCH_CHECK(false, "quantize: unsupported dtype ", x.scalar_type());
+  return {q, s, asum};
+}
+
+// Natural int8 [M, K] -> (permuted [M, Kp], asum int32 [M]).
+std::vector<at::Tensor> permute_act(const at::Tensor& q_in) {
+  at::Tensor q = q_in.contiguous();
+  TORCH_CHECK(q.dtype() == at::kChar && q.dim() == 2, "permute_act expects int8 [M, K]");
+  const int64_t M = q.size(0), K = q.size(1), Kp = ceil_div(K, KC) * KC;
+  at::Tensor out = at::empty({M, Kp}, q.options());
+  at::Tensor asum = at::empty({M}, q.options().dtype(at::kInt));
+  const int8_t* src = q.data_ptr<int8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  int32_t* as = asum.data_ptr<int32_t>();
+  at::parallel_for(0, M, M * K >= (1 << 16) ? 1 : M, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      permute_row(src + m * K, K, dst + m * Kp, Kp);
+      as[m] = row_sum_i8(src + m * K, K);
+    }
+  });
+  return {out, asum};
+}
+
+// RMSNorm in fp32 then per-token int8 (natural order): (q [M, K], s f32 [M]).
+std::vector<at::Tensor> rmsnorm_quant(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
+  at::Tensor x = x_in.contiguous().to(at::kFloat);
+  at::Tensor wt = weight_in.contiguous().to(at::kFloat);
+  TORCH_CHECK(x.dim() == 2 && wt.numel() == x.size(1), "rmsnorm_quant expects x [M, K], weight [K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor s = at::empty({M}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = wt.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, M, M * K >= (1 << 16) ? 1 : M, [&](int64_t m0, int64_t m1) {
+    std::vector<float> y(K);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = xp + m * K;
+      __m512 ss = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) {
+        __m512 v = _mm512_maskz_loadu_ps(mask16(K - k), xr + k);
+        ss = _mm512_add_ps(ss, _mm512_mul_ps(v, v));
+      }
+      const float mean = _mm512_reduce_add_ps(ss) / static_cast<float>(K);
+      const float r = 1.0f / std::sqrt(mean + feps);
+      const __m512 rv = _mm512_set1_ps(r);
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mk = mask16(K - k);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), rv);
+        _mm512_mask_storeu_ps(y.data() + k, mk, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, wp + k)));
+      }
+      int32_t unused;
+      quant_row(y.data(), K, qp + m * K, sp + m, &unused);
+    }
+  });
+  return {q, s};
+}
+
+// y [M, N] = ((xq @ W8.T) - nothing) * s * channel_scale + bias, reading packed int4 directly.
+at::Tensor gemm_packed(const at::Tensor& qperm, const at::Tensor& asum, const at::Tensor& xs, const at::Tensor& qweight,
+                       const at::Tensor& channel_scale, const c10::optional<at::Tensor>& group_scale,
+                       const c10::optional<at::Tensor>& bias, int64_t K, int64_t group_size, at::ScalarType out_dtype) {
+  int mode;
+  bool wide;
+  WeightView w = make_weight_view(qweight, group_scale, K, group_size, &mode, &wide);
+  const int64_t M = qperm.size(0), N = qweight.size(0);
+  TORCH_CHECK(qperm.dtype() == at::kChar && qperm.is_contiguous() && qperm.size(1) == ceil_div(K, KC) * KC,
+              "qperm must be the permuted int8 activations");
+  at::Tensor sch = channel_scale.contiguous().to(at::kFloat);
+  at::Tensor xsf = xs.contiguous().to(at::kFloat);
+  at::Tensor as = asum.contiguous();
+  c10::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->contiguous().to(at::kFloat);
+  at::Tensor out = at::empty({M, N}, qweight.options().dtype(out_dtype));
+  ActView a{qperm.data_ptr<int8_t>(), qperm.size(1), as.data_ptr<int32_t>(), xsf.data_ptr<float>()};
+  Epilogue e{sch.data_ptr<float>(), b ? b->data_ptr<float>() : nullptr, out.data_ptr(), N, out_kind(out_dtype)};
+  DISPATCH_MODE(mode, wide, gemm_packed_impl, a, M, w, e);
+  return out;
+}
+
+// W8 int8 [N, K] from the packed format (for the large-M path through torch._int_mm).
+at::Tensor unpack_w8(const at::Tensor& qweight, const c10::optional<at::Tensor>& group_scale, int64_t K,
+                     int64_t group_size) {
+  int mode;
+  bool wide;
+  WeightView w = make_weight_view(qweight, group_scale, K, group_size, &mode, &wide);
+  at::Tensor out = at::empty({qweight.size(0), K}, qweight.options().dtype(at::kChar));
+  DISPATCH_MODE(mode, wide, unpack_impl, w, qweight.size(0), out.data_ptr<int8_t>());
+  return out;
+}
+
+// y [M, N] = acc * s * channel_scale + bias in out_dtype (epilogue of the _int_mm path).
+at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& xs, const at::Tensor& channel_scale,
+                    const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  at::Tensor acc = acc_in.contiguous();
+  TORCH_CHECK(acc.dtype() == at::kInt && acc.dim() == 2, "acc must be int32 [M, N]");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  at::Tensor sch = channel_scale.contiguous().to(at::kFloat);
+  at::Tensor xsf = xs.contiguous().to(at::kFloat);
+  c10::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->contiguous().to(at::kFloat);
+  at::Tensor out = at::empty({M, N}, acc.options().dtype(out_dtype));
+  Epilogue e{sch.data_ptr<float>(), b ? b->data_ptr<float>() : nullptr, out.data_ptr(), N, out_kind(out_dtype)};
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* sp = xsf.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const __m512 sv = _mm512_set1_ps(sp[m]);
+      for (int64_t n = 0; n < N; n += 16) {
+        const __mmask16 mk = mask16(N - n);
+        __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, ap + m * N + n)), sv);
+        y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mk, e.sch + n));
+        if (e.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, e.bias + n));
+        if (e.kind == 0)
+          _mm512_mask_storeu_ps(static_cast<float*>(e.out) + m * N + n, mk, y);
+        else
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(e.out) + m * N + n, mk,
+                                   e.kind == 1 ? cvt_bf16(y) : _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quantize", &quantize, "per-token int8 quantization (optionally permuted for gemm_packed)");
+  m.def("permute_act", &permute_act, "natural int8 activations -> permuted layout and row sums");
+  m.def("rmsnorm_quant", &rmsnorm_quant, "fp32 RMSNorm + per-token int8");
+  m.def("gemm_packed", &gemm_packed, "W4A8 GEMM reading packed int4 weights (AVX512-VNNI)");
+  m.def("unpack_w8", &unpack_w8, "packed int4 -> W8 int8 [N, K]");
+  m.def("epilogue", &epilogue, "int32 acc -> scaled output");
+}
