@@ -80,8 +80,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     config = config or CompileConfig()
     batches = calib_batches(calib, tokenizer, config.calib.batch_size, config.calib.max_samples)
     if example_inputs is None and batches:
-        # contiguous: a strided slice would make export guard on the original row length
-        example_inputs = {"input_ids": batches[0]["input_ids"][:2, :16].contiguous()}
+        # Two rows (export specialises a batch of 1) and contiguous (a strided slice
+        # would make export guard on the original row length).
+        first = batches[0]["input_ids"][:, :16]
+        example_inputs = {"input_ids": first[[0, -1]].contiguous()}
     captured = capture(model, example_inputs)
     gm = captured.graph_module
     source_graph = readable_graph(gm)

@@ -25,11 +25,15 @@ from .presets import get_preset
 _PART = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]")
 
 
-def _param_fqn(node: torch.fx.Node, i: int) -> str:
+def _source_name(node: torch.fx.Node) -> str:
     ga = node.meta.get("grapharg")
-    src = ga.source.name if ga is not None and hasattr(ga, "source") else None
+    src = getattr(getattr(ga, "source", None), "name", None)
     src = src() if callable(src) else src
-    parts = _PART.findall(src or "")
+    return src or ""
+
+
+def _param_fqn(node: torch.fx.Node, i: int) -> str:
+    parts = _PART.findall(_source_name(node))
     return ".".join(parts) if parts else f"param_{i}"
 
 
@@ -89,9 +93,7 @@ class QQQBackend:
         consts = {
             i: (_param_fqn(n, i), ex)
             for i, (n, ex) in enumerate(zip(placeholders, example_inputs, strict=True))
-            if isinstance(ex, torch.nn.Parameter)
-            or "_parameters[" in str(getattr(n.meta.get("grapharg"), "source", ""))
-            or "_buffers[" in str(getattr(n.meta.get("grapharg"), "source", ""))
+            if isinstance(ex, torch.nn.Parameter) or re.search(r"_(parameters|buffers)\[", _source_name(n))
         }
         dyn_idx = [i for i in range(len(placeholders)) if i not in consts]
         frozen = _Frozen(gm, consts, len(placeholders))
@@ -111,7 +113,8 @@ class QQQBackend:
             out = lowered(*dyn)
             return out
 
-        build([example_inputs[i] for i in dyn_idx])
+        # Built lazily on the first call: with automatic dynamic shapes the example
+        # inputs may hold SymInts, while real calls bring concrete sizes.
         return run
 
     def _lower(self, frozen: _Frozen, args: list[Any]) -> GraphModule:
@@ -126,11 +129,7 @@ class QQQBackend:
                 raise ValueError("qqq_backend(calib=...) supports graphs with a single token-id tensor input")
             for b in calib_batches(self.calib, batch_size=self.config.calib.batch_size):
                 batches.append({names[tensor_inputs[0]]: b["input_ids"]})
-        passes = (
-            list(self.passes())
-            if self.passes
-            else get_preset(self.config.preset, **self.config.preset_options)
-        )
+        passes = list(self.passes()) if self.passes else get_preset(self.config.preset, **self.config.preset_options)
         ctx = CompileContext(
             calib=batches, quant=self.config.quant, calib_config=self.config.calib, progress=self.progress
         )

@@ -8,6 +8,7 @@ question is answered with per-model code: everything is read off the exported gr
 from __future__ import annotations
 
 import fnmatch
+import operator
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -113,7 +114,7 @@ class LinearSite:
 
     @property
     def name(self) -> str:
-        return module_fqn(self.node) or str(self.weight.target)
+        return module_fqn(self.node) or re.sub(r"\.weight$", "", str(self.weight.target))
 
 
 def _get_attr_through(n: Any) -> tuple[Node | None, bool]:
@@ -224,8 +225,10 @@ _INDEXED = re.compile(r"^(.*\.)?(\d+)$")
 def block_prefix(gm: GraphModule) -> str | None:
     """The ModuleList path whose numbered children hold linears ('model.layers')."""
     counts: dict[str, set[str]] = defaultdict(set)
-    for site in linear_sites(gm):
-        for p in module_path(site.node):
+    # Linears, or nodes that were linears before lowering (they keep their LinearInfo).
+    nodes = [s.node for s in linear_sites(gm)] + [n for n in gm.graph.nodes if isinstance(info(n), LinearInfo)]
+    for node in nodes:
+        for p in module_path(node):
             m = _INDEXED.match(p)
             if m and m.group(1):
                 counts[m.group(1)[:-1]].add(m.group(2))
@@ -278,8 +281,21 @@ class NormInfo:
     input: Node | None = None
 
 
+def is_transparent(n: Any) -> bool:
+    """View/copy ops that keep every value (including full-range slices like ``x[:, 0:]``)."""
+    if not (isinstance(n, Node) and n.op == "call_function"):
+        return False
+    if n.target in TRANSPARENT:
+        return True
+    if n.target == aten.slice.Tensor:
+        start = n.args[2] if len(n.args) > 2 else 0
+        end = n.args[3] if len(n.args) > 3 else None
+        return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2**62))
+    return False
+
+
 def through_transparent(n: Any) -> Any:
-    while isinstance(n, Node) and n.op == "call_function" and n.target in TRANSPARENT:
+    while is_transparent(n):
         n = n.args[0]
     return n
 
@@ -303,12 +319,19 @@ def find_norm(gm: GraphModule, out: Node) -> NormInfo | None:
     out = through_transparent(out)
     if not isinstance(out, Node) or out.op != "call_function":
         return None
-    if out.target == aten.layer_norm.default and len(out.args) > 2 and isinstance(out.args[2], Node):
-        w = out.args[2]
-        b = out.args[3] if len(out.args) > 3 and isinstance(out.args[3], Node) else None
+    ln = out
+    if out.target is operator.getitem and out.args[1] == 0 and isinstance(out.args[0], Node):
+        ln = out.args[0]  # native_layer_norm returns (out, mean, rstd)
+    if (
+        ln.target in (aten.layer_norm.default, aten.native_layer_norm.default)
+        and len(ln.args) > 2
+        and isinstance(ln.args[2], Node)
+    ):
+        w = ln.args[2]
+        b = ln.args[3] if len(ln.args) > 3 and isinstance(ln.args[3], Node) else None
         if w.op == "get_attr" and (b is None or b.op == "get_attr"):
-            eps = out.args[4] if len(out.args) > 4 else 1e-5
-            return NormInfo("layernorm", out, w, b, eps, out.args[0])
+            eps = ln.args[4] if len(ln.args) > 4 else 1e-5
+            return NormInfo("layernorm", out, w, b, eps, ln.args[0])
         return None
     if out.target != aten.mul.Tensor:
         return None
@@ -336,7 +359,7 @@ def consumers(n: Node) -> list[Node]:
     for u in n.users:
         if u.op == "call_function" and u.target in ASSERT_OPS:
             continue
-        if u.op == "call_function" and u.target in TRANSPARENT and u.args[0] is n:
+        if is_transparent(u) and u.args[0] is n:
             out.extend(consumers(u))
         else:
             out.append(u)

@@ -29,13 +29,15 @@ def _fetch(gm: GraphModule, n: Node) -> Any:
     return get_attr(gm, n.target)
 
 
-def _map(env: Env, a: Any) -> Any:
+def _map(gm: GraphModule, env: Env, a: Any) -> Any:
     if isinstance(a, Node):
-        return env[a]
+        # Weights are fetched when read, never held in the env: the env then carries
+        # only activations, and a block's weights can be streamed in and out.
+        return _fetch(gm, a) if a.op == "get_attr" else env[a]
     if isinstance(a, (list, tuple)):
-        return type(a)(_map(env, x) for x in a)
+        return type(a)(_map(gm, env, x) for x in a)
     if isinstance(a, dict):
-        return {k: _map(env, v) for k, v in a.items()}
+        return {k: _map(gm, env, v) for k, v in a.items()}
     return a
 
 
@@ -43,7 +45,7 @@ def run_node(gm: GraphModule, n: Node, env: Env, override: Override | None = Non
     """Execute one FX node against ``env`` (values of its inputs)."""
     if n.op == "get_attr":
         return _fetch(gm, n)
-    args, kwargs = _map(env, n.args), _map(env, n.kwargs)
+    args, kwargs = _map(gm, env, n.args), _map(gm, env, n.kwargs)
     if override is not None:
         return override(*args, **kwargs)
     if n.op == "call_function":
@@ -66,8 +68,10 @@ def run_nodes(
     overrides = overrides or {}
     hooks = hooks or {}
     for n in nodes:
+        if n.op == "get_attr":
+            continue
         if n in hooks:
-            hooks[n](n, _map(env, n.args), _map(env, n.kwargs))
+            hooks[n](n, _map(gm, env, n.args), _map(gm, env, n.kwargs))
         env[n] = run_node(gm, n, env, overrides.get(n))
     return env
 

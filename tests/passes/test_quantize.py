@@ -1,0 +1,28 @@
+"""quantize_rtn: annotation only; packed weights decode to RTN's rounding."""
+
+import pytest
+import torch
+
+from qqq_compile import CompileContext, QuantConfig, capture
+from qqq_compile.formats import choose_scales, quantize_to_int4
+from qqq_compile.graph import get_weight, info, linear_sites
+from qqq_compile.passes.quantize import QuantizeRTN
+from tests.conftest import tiny_model
+
+
+@pytest.mark.parametrize("gs,dtype", [(-1, "int8"), (32, "int8"), (32, "float16")])
+def test_rtn_annotates_every_linear_but_lm_head(gs, dtype):
+    gm = capture(tiny_model("llama"), torch.randint(0, 256, (2, 8))).graph_module
+    code_before = gm.code
+    res = QuantizeRTN()(gm, CompileContext(quant=QuantConfig(group_size=gs, group_scale_dtype=dtype)))
+    assert not res.modified and gm.code == code_before
+    for s in linear_sites(gm):
+        li = info(s.node)
+        if s.name == "lm_head":
+            assert li.packed is None and "skip" in li.skipped
+            continue
+        w = get_weight(gm, s).float()
+        assert li.method == "rtn" and li.packed.group_size == gs
+        q4 = quantize_to_int4(w, choose_scales(w, gs, dtype))
+        assert torch.equal(li.packed.int4(), q4)
+        assert li.weight_sqnr_db > 14

@@ -1,0 +1,368 @@
+"""Artifacts: compile, save, load (capture + replay), same logits; atomic writes; clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import qqq_compile
+from qqq_compile import artifact
+from qqq_compile.artifact import MANIFEST, WEIGHTS, ArtifactError, load, load_tokenizer, save
+from qqq_compile.graph import linear_sites
+from qqq_compile.passes.lower import LowerW4A8
+from qqq_compile.passes.quantize import QuantizeRTN
+from qqq_compile.pipeline import PassResult, QQQPass, register_pass
+from tests.conftest import tiny_calib, tiny_model
+
+W4A8 = torch.ops.qqq.w4a8_linear.default
+REPO = Path(__file__).resolve().parents[1]
+
+
+def count(gm, op) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == op)
+
+
+def compile_tiny(seed: int = 0, **cfg):
+    model = tiny_model("llama", seed=seed, num_hidden_layers=1)
+    config = {"quant": {"group_size": 32}, **cfg}
+    return qqq_compile.compile(model, tiny_calib(), config, progress=False)
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(100)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(compiled tiny llama, artifact folder, input ids, logits before saving)."""
+    compiled = compile_tiny()
+    path = tmp_path_factory.mktemp("art") / "tiny"
+    save(compiled, path, tokenizer=tiny_tokenizer())
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = compiled(x).logits
+    return compiled, path, x, ref
+
+
+@pytest.fixture(scope="module")
+def loaded(saved):
+    return load(saved[1])
+
+
+@pytest.fixture
+def copy(saved, tmp_path):
+    """A fresh copy of the saved artifact to damage."""
+    dst = tmp_path / "copy"
+    shutil.copytree(saved[1], dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_manifest_records_config_pipeline_and_layers(saved):
+    compiled, path, _, _ = saved
+    m = json.loads((path / MANIFEST).read_text())
+    assert (m["format"], m["format_version"]) == ("qqq_compile.artifact", "1.0")
+    assert m["pipeline"] == ["quantize_rtn", "lower"]
+    assert m["compile_config"]["quant"]["group_size"] == 32
+    assert m["model_class"] == "LlamaForCausalLM" and m["model_config"]["hidden_size"] == 64
+    by_name = {r["name"]: r for r in m["layers"]}
+    assert len(by_name) == 8  # 7 projections + lm_head
+    q = by_name["model.layers.0.self_attn.q_proj"]
+    assert (q["format"], q["bits"], q["group_size"], q["method"], q["lowered"]) == ("w4a8", 4, 32, "rtn", True)
+    assert q["shape"] == [64, 64] and q["smoothed"] is False
+    assert by_name["lm_head"]["format"] == "float" and by_name["lm_head"]["skipped"]
+    assert (path / "tokenizer" / "tokenizer.json").is_file()
+    assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in path.rglob("*"))  # never pickle
+
+
+def test_load_gives_identical_logits(saved, loaded):
+    compiled, _, x, ref = saved
+    with torch.no_grad():
+        out = loaded(x).logits
+    assert torch.equal(out, ref)
+    assert count(loaded.graph_module, W4A8) == count(compiled.graph_module, W4A8) == 7
+    assert [li.fqn for li in loaded.linears()] == [li.fqn for li in compiled.linears()]
+    for a, b in zip(loaded.linears(), compiled.linears(), strict=True):
+        assert (a.packed is None) == (b.packed is None) and a.lowered == b.lowered
+        if a.packed is not None:
+            assert torch.equal(a.packed.qweight, b.packed.qweight)
+            assert torch.equal(a.packed.group_scale, b.packed.group_scale)
+    assert loaded.report.pipeline == compiled.report.pipeline
+    assert loaded.weight_bytes() == compiled.weight_bytes()
+
+
+def test_load_other_shapes_and_tokenizer(saved, loaded):
+    _, path, _, _ = saved
+    x = torch.randint(0, 256, (1, 7))
+    assert loaded(x).logits.shape == (1, 7, 256)
+    tok = load_tokenizer(path)
+    assert tok("w1 w2 w3", add_special_tokens=False)["input_ids"] == [4, 5, 6]
+
+
+def test_tied_conv1d_model_round_trip(tmp_path):
+    # GPT-2: lm_head tied to the embedding, transposed Conv1D weights, biases
+    model = tiny_model("gpt2")
+    compiled = qqq_compile.compile(model, tiny_calib(), progress=False)
+    x = torch.randint(0, 256, (2, 16))
+    save(compiled, tmp_path / "gpt2")
+    back = load(tmp_path / "gpt2")
+    assert torch.equal(back(x).logits, compiled(x).logits)
+    assert count(back.graph_module, W4A8) == 8
+
+
+def test_same_model_data_seed_give_byte_identical_files(saved, tmp_path):
+    save(compile_tiny(), tmp_path / "again", tokenizer=tiny_tokenizer())
+    first = {p.relative_to(saved[1]): p.read_bytes() for p in saved[1].rglob("*") if p.is_file()}
+    second = {p.relative_to(tmp_path / "again"): p.read_bytes() for p in (tmp_path / "again").rglob("*") if p.is_file()}
+    assert first.keys() == second.keys()
+    assert [k for k in first if first[k] != second[k]] == []
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def test_save_replaces_an_artifact_and_refuses_other_folders(saved, tmp_path):
+    target = tmp_path / "t"
+    save(saved[0], target, tokenizer=tiny_tokenizer())
+    save(saved[0], target)  # replaced by an artifact without a tokenizer
+    assert not (target / "tokenizer").exists() and load_tokenizer(target) is None
+    assert (target / WEIGHTS).read_bytes() == (saved[1] / WEIGHTS).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # no temp or old folders left
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="not a qqq_compile artifact"):
+        save(saved[0], tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+KILLED_SAVE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+    from qqq_compile import CompiledModel, artifact
+
+    real = artifact.save_file
+
+    def slow_writer(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:  # as if the process died halfway through the write
+            f.truncate(Path(filename).stat().st_size // 2)
+        Path(sys.argv[2]).write_text("writing")
+        time.sleep(600)
+
+    artifact.save_file = slow_writer
+    # What is saved does not matter here, only how: a small traced graph is enough.
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(64, 64))
+    compiled = CompiledModel(gm, input_names=["x"], output_kind="tensor", model_config={"x": 1}, model_class="M")
+    artifact.save(compiled, sys.argv[1])
+    """
+)
+
+
+def test_killed_save_leaves_previous_artifact_intact(saved, tmp_path):
+    _, _, x, ref = saved
+    target = tmp_path / "art"
+    shutil.copytree(saved[1], target)
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SAVE, str(target), str(marker)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert proc.poll() is None, "the saving process died before it reached the write"
+            assert time.time() < deadline, "the saving process did not reach the write in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".art.qqq-tmp-")]
+    assert len(leftovers) == 1 and not (leftovers[0] / MANIFEST).exists()  # killed mid-save
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["art", "marker"]
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
+    assert torch.equal(load(target)(x).logits, ref)
+    save(saved[0], target)  # the next save sweeps what the dead process left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".art.")]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def edit_manifest(path: Path, **changes) -> None:
+    m = json.loads((path / MANIFEST).read_text())
+    m.update(changes)
+    (path / MANIFEST).write_text(json.dumps(m))
+
+
+def test_missing_folder_and_manifest(tmp_path, copy):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load(tmp_path / "nothing")
+    (copy / MANIFEST).unlink()
+    with pytest.raises(ArtifactError, match=f"{MANIFEST} is missing.*not a qqq_compile artifact"):
+        load(copy)
+
+
+def test_foreign_and_invalid_manifests(copy):
+    edit_manifest(copy, format="someone.else")
+    with pytest.raises(ArtifactError, match="format 'someone.else'.*not a qqq_compile artifact"):
+        load(copy)
+    (copy / MANIFEST).write_text("{not json")
+    with pytest.raises(ArtifactError, match=f"{MANIFEST} is not valid JSON"):
+        load(copy)
+
+
+def test_newer_major_version_asks_to_upgrade(copy):
+    edit_manifest(copy, format_version="2.0")
+    with pytest.raises(ArtifactError, match=r"format 2\.0.*reads format 1\.x only: upgrade qqq_compile"):
+        load(copy)
+
+
+def test_newer_minor_version_is_accepted(copy):
+    edit_manifest(copy, format_version="1.7", some_future_field=True)
+    assert artifact.read_manifest(copy)["format_version"] == "1.7"
+
+
+def test_truncated_weights(copy):
+    data = (copy / WEIGHTS).read_bytes()
+    (copy / WEIGHTS).write_bytes(data[: len(data) - 100])
+    with pytest.raises(ArtifactError, match=f"{WEIGHTS} is truncated or corrupt"):
+        load(copy)
+
+
+def test_missing_tensor(copy):
+    tensors = load_file(str(copy / WEIGHTS))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(copy / WEIGHTS))
+    with pytest.raises(ArtifactError, match=f"tensor 'model.norm.weight' is missing from .*{WEIGHTS}"):
+        load(copy)
+
+
+def test_shape_mismatch_in_file(copy):
+    tensors = load_file(str(copy / WEIGHTS))
+    tensors["model.norm.weight"] = torch.ones(32)
+    save_file(tensors, str(copy / WEIGHTS))
+    with pytest.raises(ArtifactError, match=r"shape mismatch for tensor 'model.norm.weight'.*\[32\].*\[64\]"):
+        load(copy)
+
+
+def test_corrupt_bytes_fail_the_checksum(copy):
+    data = bytearray((copy / WEIGHTS).read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's data: the header still parses
+    (copy / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match the checksum"):
+        load(copy)
+
+
+def test_shape_mismatch_with_edited_config(copy):
+    m = json.loads((copy / MANIFEST).read_text())
+    m["model_config"]["vocab_size"] = 300
+    (copy / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=r"shape mismatch for tensor 'model.embed_tokens.weight'.*config"):
+        load(copy)
+
+
+# ----------------------------------------------------------------------------- replaying structural passes
+
+
+@register_pass("test_artifact_gain")
+class InsertGain(QQQPass):
+    """Test pass: scale the input of the first linear by a new buffer (deterministic rewrite)."""
+
+    name = "test_artifact_gain"
+    replay_mode = "rerun"
+
+    def call(self, gm, ctx):
+        site = linear_sites(gm)[0]
+        gm.register_buffer("qqq_test_gain", torch.full((site.x.meta["val"].shape[-1],), 1.5))
+        with gm.graph.inserting_before(site.node):
+            gain = gm.graph.get_attr("qqq_test_gain")
+            scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (site.x, gain))
+        site.node.replace_input_with(site.x, scaled)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
+
+
+@register_pass("test_artifact_chosen")
+class HalveChosen(QQQPass):
+    """Test pass: halve the input of a linear chosen from calibration data; replays from state."""
+
+    name = "test_artifact_chosen"
+
+    def call(self, gm, ctx):
+        sites = linear_sites(gm)
+        i = int(ctx.calib[0]["input_ids"].sum()) % len(sites)
+        gm.meta.setdefault("qqq_replay", {})[self.name] = {"site": sites[i].name}
+        return self.replay(gm, ctx, gm.meta["qqq_replay"][self.name])
+
+    def replay(self, gm, ctx, state):
+        site = next(s for s in linear_sites(gm) if s.name == state["site"])
+        with gm.graph.inserting_before(site.node):
+            half = gm.graph.call_function(torch.ops.aten.mul.Tensor, (site.x, 0.5))
+        site.node.replace_input_with(site.x, half)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
+
+
+def test_structural_passes_are_replayed(tmp_path, monkeypatch):
+    model = tiny_model("llama", num_hidden_layers=1)
+    passes = [InsertGain(), HalveChosen(), QuantizeRTN(), LowerW4A8()]
+    compiled = qqq_compile.compile(model, tiny_calib(), passes=passes, progress=False)
+    save(compiled, tmp_path / "a")
+    x = torch.randint(0, 256, (2, 16))
+    back = load(tmp_path / "a")
+    assert torch.equal(back(x).logits, compiled(x).logits)
+    mul = torch.ops.aten.mul.Tensor
+    assert count(back.graph_module, mul) == count(compiled.graph_module, mul)
+    # The same rewrite without a replay declaration cannot be rebuilt: a clear error, not wrong logits.
+    monkeypatch.setattr(InsertGain, "replay_mode", None)
+    with pytest.raises(ArtifactError, match="differs from the saved one.*test_artifact_gain.*replay_mode"):
+        load(tmp_path / "a")
+
+
+# ----------------------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_smollm2_rtn_round_trip(smollm2, wiki_splits, tmp_path):
+    model, tokenizer = smollm2
+    calib, evals = wiki_splits
+    compiled = qqq_compile.compile(model, calib[:4], {"preset": "rtn"}, progress=False)
+    x = evals[0][:, :128]
+    with torch.no_grad():
+        ref = compiled(x).logits
+    save(compiled, tmp_path / "smollm2", tokenizer=tokenizer)
+    back = load(tmp_path / "smollm2")
+    with torch.no_grad():
+        out = back(x).logits
+    assert torch.equal(out, ref)
+    assert count(back.graph_module, W4A8) == 210  # 30 layers x 7 projections; lm_head stays float
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert (tmp_path / "smollm2" / WEIGHTS).stat().st_size < 0.4 * float_bytes
