@@ -31,8 +31,13 @@ def tiny_config(arch: str = "llama", **overrides):
         cfg = tf.GemmaConfig(**common, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
     elif arch == "opt":
         cfg = tf.OPTConfig(
-            vocab_size=256, hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
-            word_embed_proj_dim=64, max_position_embeddings=128,
+            vocab_size=256,
+            hidden_size=64,
+            ffn_dim=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=128,
         )
     elif arch == "gpt2":
         cfg = tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)
