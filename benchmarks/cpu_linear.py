@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -26,11 +27,15 @@ SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (4096, 4096), (4096,
 MS = [1, 16, 512]
 
 
+STAT = "median"
+
+
 def bench(fn: Callable[[], object], min_run_time: float) -> float:
-    """Median wall time in ms (torch.utils.benchmark; it warms up before measuring)."""
+    """Wall time in ms (torch.utils.benchmark after a warm-up call): the median of its
+    measurement blocks, or the fastest block with ``--stat min`` (steadier on a busy machine)."""
     fn()
     t = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return t.median * 1e3
+    return (t.median if STAT == "median" else min(t.times)) * 1e3
 
 
 def ort_matmul_nbits(k: int, n: int, threads: int) -> Callable[[torch.Tensor], object] | None:
@@ -101,6 +106,17 @@ def torchao_8da4w(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | N
     return lin
 
 
+@contextmanager
+def fallback_only() -> Iterator[None]:
+    """Temporarily route cpu.w4a8_linear to its pure-torch path."""
+    saved = cpu._ext_state.get("mod")
+    cpu._ext_state["mod"] = None
+    try:
+        yield
+    finally:
+        cpu._ext_state["mod"] = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -108,16 +124,26 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only")
     ap.add_argument("--group-size", type=int, default=128, help="-1 for per-channel")
     ap.add_argument("--group-scale-dtype", default="int8", choices=["int8", "float16"])
+    ap.add_argument(
+        "--with-fallback",
+        action="store_true",
+        help="also time the pure-torch path (unpack int4 every call + torch._int_mm)",
+    )
+    ap.add_argument("--stat", default="median", choices=["median", "min"])
     args = ap.parse_args()
+    global STAT
+    STAT = args.stat
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     use_ext = cpu.extension_available()  # build before timing anything
     shapes = SHAPES[:4] if args.quick else SHAPES
     print(
-        f"threads={args.threads}  W4A8 format: group_size={args.group_size} "
+        f"threads={args.threads}  stat={args.stat}  W4A8 format: group_size={args.group_size} "
         f"group_scale={args.group_scale_dtype}  extension={'yes' if use_ext else 'no (torch fallback)'}\n"
     )
     header = "| K x N | M | W4A8 ms | fp32 ms | bf16 ms | ORT NBits ms | torchao ms | fp32/W4A8 | W4A8/ORT |"
+    if args.with_fallback:
+        header += " torch fallback ms |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for k, n in shapes:
@@ -137,9 +163,13 @@ def main() -> None:
             t_bf16 = bench(partial(F.linear, x_bf16, w_bf16), mrt)
             t_ort = bench(partial(ort_run, x), mrt) if ort_run else float("nan")
             t_ao = bench(partial(ao, x), mrt) if ao else float("nan")
+            extra = ""
+            if args.with_fallback:
+                with fallback_only():
+                    extra = f" {bench(ours, mrt):.3f} |"
             print(
                 f"| {k}x{n} | {m} | {t_ours:.3f} | {t_fp32:.3f} | {t_bf16:.3f} | {t_ort:.3f} | "
-                f"{t_ao:.3f} | {t_fp32 / t_ours:.2f} | {t_ours / t_ort:.2f} |",
+                f"{t_ao:.3f} | {t_fp32 / t_ours:.2f} | {t_ours / t_ort:.2f} |{extra}",
                 flush=True,
             )
 

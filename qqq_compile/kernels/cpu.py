@@ -45,8 +45,9 @@ def use_packed_kernel(m: int, k: int) -> bool:
     oneDNN's int8 GEMM wins for many tokens, but each call pays for unpacking W8 and
     reordering it (cost ~ K*N), which the packed kernel never does. The measured crossover
     (2-core AVX512-VNNI Zen) grows with K: ~16 tokens at K=576, ~64 at K=2048, ~128 at K=4096.
+    The C++ dispatcher applies the same rule (``use_packed`` in csrc/w4a8_cpu.cpp).
     """
-    return m < max(16, min(k // 32, 128))
+    return k < 2 or m < max(16, min(k // 32, 128))
 
 
 _CSRC = Path(__file__).with_name("csrc") / "w4a8_cpu.cpp"
@@ -106,13 +107,6 @@ def extension_available() -> bool:
     return _ext() is not None
 
 
-def _fast_ok(t: torch.Tensor, group_scale: torch.Tensor | None, group_size: int) -> bool:
-    if t.device.type != "cpu" or t.dtype not in _FLOAT_DTYPES + (torch.int8,):
-        return False
-    # Each 128-bit LUT lane covers 32 consecutive k, so groups must be multiples of 32.
-    return group_scale is None or (group_size > 0 and group_size % 32 == 0)
-
-
 # ---------------------------------------------------------------------------- torch reference
 
 
@@ -163,10 +157,21 @@ def _linear_q_torch(
 # ---------------------------------------------------------------------------- public API
 
 
+def _fast(t: torch.Tensor, group_scale: torch.Tensor | None, group_size: int) -> ModuleType | None:
+    """The extension if it can take this call, else None (torch fallback)."""
+    ext = _ext()
+    if ext is None or t.device.type != "cpu" or t.numel() == 0:
+        return None
+    # Each 128-bit LUT lane covers 32 consecutive k, so groups must be multiples of 32.
+    if group_scale is not None and (group_size <= 0 or group_size % 32):
+        return None
+    return ext
+
+
 def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric int8: returns ``(q int8 [..., K], s float32 [..., 1])``."""
-    ext = _ext()
-    if ext is None or not _fast_ok(x, None, -1) or x.dtype == torch.int8 or x.numel() == 0:
+    ext = _fast(x, None, -1)
+    if ext is None or x.dtype not in _FLOAT_DTYPES:
         return _quantize_act_torch(x)
     k = x.shape[-1]
     q, s, _ = ext.quantize(x.reshape(-1, k), False)
@@ -179,8 +184,8 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     The fused kernel sums ``x^2`` in a different order than torch, so ``s`` may differ from
     the torch composition by an ulp and ``q`` by one step where a value sits on a rounding tie.
     """
-    ext = _ext()
-    if ext is None or not _fast_ok(x, None, -1) or x.dtype == torch.int8 or x.numel() == 0:
+    ext = _fast(x, None, -1)
+    if ext is None or x.dtype not in _FLOAT_DTYPES:
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
         return _quantize_act_torch(y)
@@ -200,24 +205,21 @@ def w4a8_linear_q(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``(xq @ W8.T) * xscale * channel_scale + bias`` for int8 ``xq [..., K]``, ``xscale [..., 1]``."""
+    ext = _fast(xq, group_scale, group_size)
+    if ext is not None and xq.dtype == torch.int8 and out_dtype in _FLOAT_DTYPES:
+        return ext.linear_q(xq, xscale, qweight, channel_scale, group_scale, bias, group_size, out_dtype)
     k = xq.shape[-1]
-    lead = xq.shape[:-1]
-    a = xq.reshape(-1, k)
-    s = xscale.reshape(-1)
-    ext = _ext()
-    if ext is None or not _fast_ok(xq, group_scale, group_size) or a.shape[0] == 0:
-        return _linear_q_torch(
-            a.contiguous(), s, qweight, channel_scale, group_scale, bias, group_size, out_dtype
-        ).reshape(*lead, -1)
-    gs = None if group_scale is None else group_scale.contiguous()
-    qw = qweight.contiguous()
-    if use_packed_kernel(a.shape[0], k):
-        ap, asum = ext.permute_act(a)
-        y = ext.gemm_packed(ap, asum, s, qw, channel_scale, gs, bias, k, group_size, out_dtype)
-    else:
-        acc = _int_mm(a.contiguous(), ext.unpack_w8(qw, gs, k, group_size))
-        y = ext.epilogue(acc, s, channel_scale, bias, out_dtype)
-    return y.reshape(*lead, -1)
+    y = _linear_q_torch(
+        xq.reshape(-1, k).contiguous(),
+        xscale.reshape(-1),
+        qweight,
+        channel_scale,
+        group_scale,
+        bias,
+        group_size,
+        out_dtype,
+    )
+    return y.reshape(*xq.shape[:-1], -1)
 
 
 def w4a8_linear(
@@ -229,22 +231,11 @@ def w4a8_linear(
     group_size: int,
 ) -> torch.Tensor:
     """W4A8 linear on float ``x [..., K]``: per-token int8 quantization inside; output in x's dtype."""
+    ext = _fast(x, group_scale, group_size)
+    if ext is not None and x.dtype in _FLOAT_DTYPES:
+        # One C++ call: quantize (straight into the kernel's permuted layout) + GEMM + epilogue.
+        return ext.linear(x, qweight, channel_scale, group_scale, bias, group_size)
     k = x.shape[-1]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    ext = _ext()
-    if ext is None or not _fast_ok(x, group_scale, group_size) or x.dtype == torch.int8 or x2.shape[0] == 0:
-        q, s = _quantize_act_torch(x2)
-        y = _linear_q_torch(q, s, qweight, channel_scale, group_scale, bias, group_size, x.dtype)
-        return y.reshape(*lead, -1)
-    gs = None if group_scale is None else group_scale.contiguous()
-    qw = qweight.contiguous()
-    if use_packed_kernel(x2.shape[0], k):
-        # Quantize straight into the permuted layout the packed kernel reads.
-        ap, s, asum = ext.quantize(x2, True)
-        y = ext.gemm_packed(ap, asum, s, qw, channel_scale, gs, bias, k, group_size, x.dtype)
-    else:
-        q, s, _ = ext.quantize(x2, False)
-        acc = _int_mm(q, ext.unpack_w8(qw, gs, k, group_size))
-        y = ext.epilogue(acc, s, channel_scale, bias, x.dtype)
-    return y.reshape(*lead, -1)
+    q, s = _quantize_act_torch(x.reshape(-1, k))
+    y = _linear_q_torch(q, s, qweight, channel_scale, group_scale, bias, group_size, x.dtype)
+    return y.reshape(*x.shape[:-1], -1)

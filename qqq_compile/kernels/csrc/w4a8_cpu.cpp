@@ -340,6 +340,7 @@ inline void micro(const ActView& a, const WeightView& w, const Epilogue& e, int6
 #pragma GCC unroll 16
     for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_si512();
   const __m512i m0f = _mm512_set1_epi8(0x0F);
+  const __m512i f0 = _mm512_set1_epi8(static_cast<char>(0xF0)), c80 = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t nchunks = a.Kp / KC;
   const int64_t full = w.Kb / 64;  // chunks whose 64 bytes all lie inside the row
   auto chunk = [&](int64_t c, auto tail) {
@@ -360,9 +361,17 @@ inline void micro(const ActView& a, const WeightView& w, const Epilogue& e, int6
         b = _mm512_maskz_loadu_epi8(mask64(w.Kb - c * 64), wp);
       else
         b = _mm512_loadu_si512(wp);
-      const __m512i lut = SCRATCH ? _mm512_load_si512(luts + j * nchunks + c) : chunk_lut<MODE, WIDE>(w, n0 + j, cg, 128);
-      const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, m0f));
-      const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), m0f));
+      __m512i lo, hi;
+      if constexpr (MODE == kChannel) {
+        // W8 + 128 = 16 * q4 + 128 = (nibble << 4) ^ 0x80: a shift and two vpternlogd
+        // (imm 0x6A = (A & B) ^ C with B = 0xF0, C = 0x80), no shuffles.
+        lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(b, 4), f0, c80, 0x6A);
+        hi = _mm512_ternarylogic_epi32(b, f0, c80, 0x6A);
+      } else {
+        const __m512i lut = SCRATCH ? _mm512_load_si512(luts + j * nchunks + c) : chunk_lut<MODE, WIDE>(w, n0 + j, cg, 128);
+        lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, m0f));
+        hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), m0f));
+      }
 #pragma GCC unroll 16
       for (int i = 0; i < MT; ++i) {
         acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], lo, alo[i]);
@@ -680,6 +689,59 @@ at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& xs, const at::Te
   return out;
 }
 
+// Dispatch rule (mirrored by cpu.use_packed_kernel): oneDNN's int8 GEMM wins for many
+// tokens, but each call pays for unpacking W8 and reordering it (~K*N), which the packed
+// kernel never does; the measured crossover grows with K. torch._int_mm is wrong for K == 1.
+bool use_packed(int64_t M, int64_t K) { return K < 2 || M < std::max<int64_t>(16, std::min<int64_t>(K / 32, 128)); }
+
+at::Tensor linear_2d(const at::Tensor& x, const at::Tensor& xq_nat, const at::Tensor& xs, const at::Tensor& qweight,
+                     const at::Tensor& channel_scale, const c10::optional<at::Tensor>& group_scale,
+                     const c10::optional<at::Tensor>& bias, int64_t group_size, at::ScalarType out_dtype) {
+  // Either x (float, quantized here) or xq_nat/xs (already int8) is defined.
+  const bool have_q = xq_nat.defined();
+  const int64_t M = have_q ? xq_nat.size(0) : x.size(0), K = have_q ? xq_nat.size(1) : x.size(1);
+  const c10::optional<at::Tensor> gs = group_scale.has_value() ? c10::optional<at::Tensor>(group_scale->contiguous()) : group_scale;
+  const at::Tensor qw = qweight.contiguous();
+  if (use_packed(M, K)) {
+    std::vector<at::Tensor> qa = have_q ? permute_act(xq_nat) : quantize(x, true);
+    if (have_q) return gemm_packed(qa[0], qa[1], xs, qw, channel_scale, gs, bias, K, group_size, out_dtype);
+    return gemm_packed(qa[0], qa[2], qa[1], qw, channel_scale, gs, bias, K, group_size, out_dtype);
+  }
+  at::Tensor q = xq_nat, s = xs;
+  if (!have_q) {
+    std::vector<at::Tensor> qa = quantize(x, false);
+    q = qa[0];
+    s = qa[1];
+  }
+  at::Tensor acc = at::_int_mm(q.contiguous(), unpack_w8(qw, gs, K, group_size).t());
+  return epilogue(acc, s, channel_scale, bias, out_dtype);
+}
+
+// Whole W4A8 linear in one call (keeps per-call overhead low for decode): x [..., K] float.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& channel_scale,
+                  const c10::optional<at::Tensor>& group_scale, const c10::optional<at::Tensor>& bias,
+                  int64_t group_size) {
+  const int64_t K = x.size(-1);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = qweight.size(0);
+  at::Tensor y = linear_2d(x.reshape({-1, K}), at::Tensor(), at::Tensor(), qweight, channel_scale, group_scale, bias,
+                           group_size, x.scalar_type());
+  return y.view(shape);
+}
+
+// Same for int8 activations xq [..., K] with scales xs [..., 1].
+at::Tensor linear_q(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& qweight,
+                    const at::Tensor& channel_scale, const c10::optional<at::Tensor>& group_scale,
+                    const c10::optional<at::Tensor>& bias, int64_t group_size, at::ScalarType out_dtype) {
+  const int64_t K = xq.size(-1);
+  TORCH_CHECK(xq.dtype() == at::kChar, "xq must be int8");
+  std::vector<int64_t> shape(xq.sizes().begin(), xq.sizes().end());
+  shape.back() = qweight.size(0);
+  at::Tensor y = linear_2d(at::Tensor(), xq.reshape({-1, K}), xs.reshape({-1}), qweight, channel_scale, group_scale,
+                           bias, group_size, out_dtype);
+  return y.view(shape);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -689,4 +751,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_packed", &gemm_packed, "W4A8 GEMM reading packed int4 weights (AVX512-VNNI)");
   m.def("unpack_w8", &unpack_w8, "packed int4 -> W8 int8 [N, K]");
   m.def("epilogue", &epilogue, "int32 acc -> scaled output");
+  m.def("use_packed", &use_packed, "whether M tokens take the packed kernel (else unpack + _int_mm)");
+  m.def("linear", &linear, "W4A8 linear on float activations");
+  m.def("linear_q", &linear_q, "W4A8 linear on int8 activations");
 }
