@@ -51,7 +51,7 @@ def use_packed_kernel(m: int, k: int) -> bool:
 
 
 _CSRC = Path(__file__).with_name("csrc") / "w4a8_cpu.cpp"
-_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi", "f16c")
+_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi", "f16c")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ext_state: dict[str, ModuleType | None] = {}
 
@@ -219,7 +219,7 @@ def w4a8_linear_q(
         group_size,
         out_dtype,
     )
-    return y.reshape(*xq.shape[:-1], -1)
+    return y.reshape(*xq.shape[:-1], qweight.shape[0])
 
 
 def w4a8_linear(
@@ -238,4 +238,4 @@ def w4a8_linear(
     k = x.shape[-1]
     q, s = _quantize_act_torch(x.reshape(-1, k))
     y = _linear_q_torch(q, s, qweight, channel_scale, group_scale, bias, group_size, x.dtype)
-    return y.reshape(*x.shape[:-1], -1)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])

@@ -113,6 +113,16 @@ def test_linear_q_and_leading_dims() -> None:
     assert torch.equal(out, ref)
 
 
+def test_empty_inputs() -> None:
+    p = _packed(8, 64, 32, "float16")
+    for shape in [(0, 64), (2, 0, 64)]:
+        x = torch.randn(*shape)
+        assert _call(x, p, None).shape == (*shape[:-1], 8)
+        q, s = cpu.quantize_act(x)
+        out = cpu.w4a8_linear_q(q, s, p.qweight, p.channel_scale, p.group_scale, None, 32, torch.float32)
+        assert out.shape == (*shape[:-1], 8)
+
+
 def test_quantize_act_matches_format() -> None:
     x = torch.randn(37, 1000) * torch.logspace(-3, 3, 37)[:, None]
     x[3] = 0.0  # all-zero token: s = 1e-8 / 127
