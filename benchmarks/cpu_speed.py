@@ -1,0 +1,117 @@
+"""CPU speed: W4A8 linears and the compiled SmolLM2 end to end, with ratios measured in the same run.
+
+    python benchmarks/cpu_speed.py            # everything (linear table + end to end)
+    python benchmarks/cpu_speed.py --e2e-only
+
+End to end: the HF fp32 model vs the compiled W4A8 model (RTN weights: the method that
+chose the weights does not change the speed), 512-token prefill tokens/s and
+single-token (M = 1) forward latency, plus resident weight memory. If the ONNX exporter
+is available, onnxruntime runs the exported model too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tb
+
+HERE = Path(__file__).resolve().parent
+
+
+def timeit(fn, min_run_time: float) -> float:
+    """Median seconds per call."""
+    fn()  # warm-up (and first-use compilation of the CPU extension)
+    return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def state_bytes(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def end_to_end(args: argparse.Namespace) -> dict:
+    import qqq_compile as qc
+    from qqq_compile.models import load_model
+
+    model, tok = load_model("demo")
+    calib = [torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    compiled = qc.compile(model, calib=calib, config=qc.CompileConfig(preset="rtn"), progress=False)
+    g = torch.Generator().manual_seed(0)
+    prefill = torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=g)
+    one = prefill[:, :1].contiguous()
+    rows = {}
+    with torch.inference_mode():
+        for name, fn in [("HF fp32", model), ("qqq W4A8", compiled)]:
+            t_pre = timeit(lambda fn=fn: fn(prefill), args.min_run_time)
+            t_one = timeit(lambda fn=fn: fn(one), args.min_run_time)
+            rows[name] = {"prefill_tok_s": args.seq_len / t_pre, "m1_ms": t_one * 1e3}
+    rows["HF fp32"]["weights_mb"] = state_bytes(model) / 2**20
+    rows["qqq W4A8"]["weights_mb"] = compiled.weight_bytes() / 2**20
+    lin = compiled.linears()
+    rows["qqq W4A8"]["linear_weights_mb"] = sum(li.packed.nbytes() for li in lin if li.lowered) / 2**20
+    rows["HF fp32"]["linear_weights_mb"] = sum(li.in_features * li.out_features * 4 for li in lin if li.lowered) / 2**20
+    try:
+        from qqq_compile.export.onnx import export_onnx, time_onnx
+
+        with tempfile.TemporaryDirectory() as d:
+            path = export_onnx(compiled, Path(d) / "model.onnx")
+            t_pre = time_onnx(path, prefill, runs=5)
+            t_one = time_onnx(path, one, runs=20)
+            rows["onnxruntime (our export)"] = {"prefill_tok_s": args.seq_len / t_pre, "m1_ms": t_one * 1e3}
+    except Exception as e:  # noqa: BLE001 - optional row
+        print(f"(onnxruntime row skipped: {type(e).__name__}: {e})", file=sys.stderr)
+    return rows
+
+
+def print_e2e(rows: dict, seq_len: int) -> None:
+    base = rows["HF fp32"]
+    print(f"\n## End to end, SmolLM2-135M, {torch.get_num_threads()} threads\n")
+    print(f"| model | prefill {seq_len} tok/s | vs fp32 | M=1 forward ms | vs fp32 | weights MiB | vs fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        w = r.get("weights_mb")
+        wr = f"{w:.1f} | {w / base['weights_mb']:.2f}x" if w else "- | -"
+        print(
+            f"| {name} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x "
+            f"| {r['m1_ms']:.2f} | {base['m1_ms'] / r['m1_ms']:.2f}x | {wr} |"
+        )
+    q = rows["qqq W4A8"]
+    print(
+        f"\nLinear-layer weights only: {q['linear_weights_mb']:.1f} MiB packed vs "
+        f"{base['linear_weights_mb']:.1f} MiB fp32 ({q['linear_weights_mb'] / base['linear_weights_mb']:.3f}x). "
+        "Whole-model figures include the fp32 embedding/lm_head (tied), which stays in full precision."
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--min-run-time", type=float, default=2.0)
+    ap.add_argument("--e2e-only", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the end-to-end rows here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.e2e_only:
+        env = dict(os.environ)
+        subprocess.run([sys.executable, str(HERE / "cpu_linear.py"), "--threads", str(args.threads)], check=True, env=env)
+    rows = end_to_end(args)
+    print_e2e(rows, args.seq_len)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
