@@ -1,7 +1,8 @@
 """qqq_compile: compile PyTorch / Hugging Face language models to W4A8 with QQQ."""
 
-from . import kernels  # noqa: F401 - registers torch.ops.qqq.*
+from . import inspect, kernels  # noqa: F401 - kernels registers torch.ops.qqq.*
 from .api import calib_batches, compile
+from .artifact import ArtifactError, load, save
 from .backend import qqq_backend
 from .capture import Captured, CaptureError, capture
 from .compiled import CompiledModel, Report
@@ -23,7 +24,28 @@ from .pipeline import (
 )
 from .presets import get_preset, rtn_w4a8
 
+
+def export_onnx(compiled, path, **kwargs):
+    """Export a compiled model to ONNX (see :func:`qqq_compile.export.onnx.export_onnx`)."""
+    from .export.onnx import export_onnx as _export_onnx
+
+    return _export_onnx(compiled, path, **kwargs)
+
+
+def export_compressed_tensors(compiled, out_dir, **kwargs):
+    """Write a compressed-tensors HF folder (see :mod:`qqq_compile.export.compressed_tensors`)."""
+    from .export.compressed_tensors import export_compressed_tensors as _export
+
+    return _export(compiled, out_dir, **kwargs)
+
+
 __all__ = [
+    "ArtifactError",
+    "export_compressed_tensors",
+    "export_onnx",
+    "inspect",
+    "load",
+    "save",
     "PASSES",
     "PRESETS",
     "CalibConfig",
