@@ -367,6 +367,12 @@ inline void micro(const ActView& a, const WeightView& w, const Epilogue& e, int6
         // (imm 0x6A = (A & B) ^ C with B = 0xF0, C = 0x80), no shuffles.
         lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(b, 4), f0, c80, 0x6A);
         hi = _mm512_ternarylogic_epi32(b, f0, c80, 0x6A);
+      } else if constexpr (WIDE) {
+        // All four lanes hold the same 16-entry LUT, so vpermb (6-bit index, ignores bits
+        // 6-7) can look up the raw byte / shifted byte directly: no masking needed.
+        const __m512i lut = SCRATCH ? _mm512_load_si512(luts + j * nchunks + c) : chunk_lut<MODE, WIDE>(w, n0 + j, cg, 128);
+        lo = _mm512_permutexvar_epi8(b, lut);
+        hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(b, 4), lut);
       } else {
         const __m512i lut = SCRATCH ? _mm512_load_si512(luts + j * nchunks + c) : chunk_lut<MODE, WIDE>(w, n0 + j, cg, 128);
         lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, m0f));
