@@ -1,0 +1,436 @@
+"""Export a compiled model as a Hugging Face folder in the compressed-tensors W4A8 format.
+
+The layout is the one compressed-tensors 0.20 itself writes for its ``W4A8`` preset
+(``ModelCompressor.compress_model`` + ``update_config``), checked tensor by tensor in
+``tests/export/test_compressed_tensors.py``:
+
+* ``format="int-quantized"`` (default; what compressed-tensors infers for int4 weights
+  with int8 activations, and the only W4A8 format vLLM's ``CompressedTensorsW4A8Int``
+  scheme accepts): per quantized ``nn.Linear`` ``<name>.weight`` int8 ``[N, K]`` holding
+  the int4 values one per byte, and ``<name>.weight_scale`` ``[N, G]`` in the model dtype.
+* ``format="pack-quantized"`` (4x smaller on disk; transformers loads it, vLLM's W4A8
+  scheme does not): ``<name>.weight_packed`` int32 ``[N, ceil(K/8)]`` (eight offset-binary
+  nibbles per word, element ``k`` at bits ``4*(k%8)`` of word ``k//8``),
+  ``<name>.weight_scale`` and ``<name>.weight_shape`` int64 ``[2]``.
+
+Weights are symmetric int4 with one float scale per group (``strategy: group``) or per
+row (``strategy: channel``); activations are dynamic per-token symmetric int8. Our
+two-level scales map onto that single level:
+
+* per channel: ``W = s_ch * (q4 << 4)``, so ``scale = 16 * s_ch``: exact;
+* int8 group scales: ``W = s_ch * (q4 * gs)``, so ``scale = s_ch * gs``: exact (up to the
+  rounding of ``scale`` to the model dtype);
+* fp16 group scales (QQQ's own storage): our kernels use ``W8 = round(q4 * gs)``, which
+  no ``int4 * scale`` can express; the export writes ``q4`` with ``scale = s_ch * gs``,
+  i.e. the weight before that rounding. The SQNR of each exported weight against ours is
+  recorded in ``qqq_export.json``.
+
+compressed-tensors requires ``K % group_size == 0`` (SmolLM2 has ``K = 576``), so groups
+are split to ``gcd(group_size, K of every linear)`` columns (576 with 128 -> 64), which
+expresses the same weights exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from ..formats import PackedW4, expand_groups
+from ..graph import get_attr
+from ..pipeline import sqnr_db
+from . import ExportError, QLinear, check_qqq_ops, qqq_linears
+
+CT_VERSION = "0.20.0"  # the compressed-tensors release whose writer this matches
+FORMATS = ("int-quantized", "pack-quantized")
+MANIFEST = "qqq_export.json"
+# Lifted by torch.export for tensors created inside forward(); the HF code recreates them.
+_CONSTANT_PREFIXES = ("_tensor_constant", "_lifted_tensor_constant", "lifted_tensor")
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def pack_int4_to_int32(q: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' 4-bit dense packing: int8 ``[N, K]`` in [-8, 7] -> int32 ``[N, ceil(K/8)]``.
+
+    Each value is stored offset-binary (``q + 8``); element ``k`` of a row sits at bits
+    ``4*(k % 8)`` of word ``k // 8``, padded with zeros (i.e. the value -8) past ``K``.
+    """
+    n, k = q.shape
+    u = q.to(torch.int64) + 8
+    u = torch.nn.functional.pad(u, (0, (-k) % 8)).view(n, -1, 8)
+    words = (u << (4 * torch.arange(8, dtype=torch.int64))).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
+    return words.to(torch.int32).contiguous()
+
+
+@dataclass
+class CTWeight:
+    """One linear in compressed-tensors form: ``W ≈ q * scale`` per group of columns."""
+
+    q: torch.Tensor  # int8 [N, K], int4 values
+    scale: torch.Tensor  # [N, G] (G = 1 for channel)
+    group_size: int  # -1: channel
+    exact: bool  # whether q * scale is our weight (before rounding scale to its dtype)
+    sqnr_db: float  # of q * scale (scale in its written dtype) against our dequantized weight
+
+    def dequantize(self) -> torch.Tensor:
+        s = self.scale.float()
+        if self.group_size > 0:
+            s = expand_groups(s, self.q.shape[1], self.group_size)
+        return self.q.float() * s
+
+
+def to_ct_weight(p: PackedW4, group_size: int, scale_dtype: torch.dtype) -> CTWeight:
+    """Re-express a packed weight with single-level scales; ``group_size`` must divide both
+    K and ``p.group_size`` (or be -1 for per-channel weights)."""
+    q4 = p.int4()
+    if p.group_scale is None:
+        step, exact = (16 * p.channel_scale.float())[:, None], True
+    else:
+        if group_size <= 0 or p.group_size % group_size or p.in_features % group_size:
+            raise ExportError(f"group size {group_size} does not split groups of {p.group_size} over K={p.in_features}")
+        step = p.channel_scale.float()[:, None] * p.group_scale.float()
+        step = expand_groups(step, p.in_features, p.group_size)[:, ::group_size].contiguous()
+        exact = p.group_scale.dtype == torch.int8
+    w = CTWeight(q4, step.to(scale_dtype), group_size if p.group_scale is not None else -1, exact, 0.0)
+    w.sqnr_db = sqnr_db(p.dequantize(), w.dequantize())
+    return w
+
+
+def export_group_size(linears: list[QLinear]) -> int:
+    """The group size every grouped linear can be written with: ``gcd`` of our group size
+    and every ``K`` (compressed-tensors needs whole groups)."""
+    g = 0
+    for ql in linears:
+        if ql.packed.group_scale is not None:
+            g = math.gcd(g, math.gcd(ql.packed.group_size, ql.packed.in_features))
+    return g or -1
+
+
+# ----------------------------------------------------------------------------- HF skeleton
+
+
+def _hf_skeleton(compiled: Any) -> tuple[Any, torch.nn.Module]:
+    """The model's Hugging Face config and an empty (meta) model to read names and shapes from."""
+    import transformers
+
+    if not compiled.model_config or not compiled.model_class:
+        raise ExportError(
+            "export_compressed_tensors needs a model compiled from a Hugging Face causal LM "
+            "(the compiled model carries no Hugging Face config)"
+        )
+    d = dict(compiled.model_config)
+    model_type = d.get("model_type")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise ExportError(f"transformers does not know model_type={model_type!r}")
+    cfg = transformers.CONFIG_MAPPING[model_type].from_dict(d)
+    cls = getattr(transformers, compiled.model_class, None)
+    if cls is None:
+        raise ExportError(f"transformers has no class {compiled.model_class}; cannot name the exported tensors")
+    with torch.device("meta"):
+        model = cls(cfg)
+    cfg.architectures = [compiled.model_class]
+    return cfg, model
+
+
+def _users(gm: GraphModule, target: str) -> str:
+    names = [
+        f"{u.name} ({u.target})" for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users
+    ]
+    return ", ".join(names) or "nothing"
+
+
+def _collect(
+    gm: GraphModule, skeleton: torch.nn.Module, linears: list[QLinear]
+) -> tuple[dict[str, torch.Tensor], dict[str, QLinear]]:
+    """Float tensors by HF state_dict key, and quantized linears by weight key."""
+    state = skeleton.state_dict(keep_vars=True)
+    buffers = {n for n, _ in skeleton.named_buffers()}
+    modules = dict(skeleton.named_modules())
+    consumed: set[str] = set()
+    floats: dict[str, torch.Tensor] = {}
+    quant: dict[str, QLinear] = {}
+    for ql in linears:
+        mod = modules.get(ql.fqn)
+        if not isinstance(mod, torch.nn.Linear):
+            kind = "no module" if mod is None else f"a {type(mod).__name__}"
+            raise ExportError(
+                f"quantized linear {ql.fqn} is {kind} in {type(skeleton).__name__}; compressed-tensors only "
+                "quantizes torch.nn.Linear modules (export this model with export_onnx instead)"
+            )
+        if tuple(mod.weight.shape) != (ql.packed.out_features, ql.packed.in_features):
+            raise ExportError(
+                f"{ql.fqn}: packed weight is {ql.packed.out_features}x{ql.packed.in_features}, "
+                f"the Hugging Face module expects {tuple(mod.weight.shape)}"
+            )
+        quant[f"{ql.fqn}.weight"] = ql
+        a = ql.node.args
+        consumed.update(n.target for n in (*a, *ql.node.kwargs.values()) if getattr(n, "op", None) == "get_attr")
+        if ql.bias is not None:
+            if f"{ql.fqn}.bias" not in state:
+                raise ExportError(f"{ql.fqn} has a bias in the compiled graph but not in the Hugging Face model")
+            floats[f"{ql.fqn}.bias"] = ql.bias
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in consumed:
+            continue
+        t = node.target
+        if t in state:
+            floats[t] = get_attr(gm, t)
+        elif t in buffers or t.startswith(_CONSTANT_PREFIXES):
+            continue  # non-persistent buffer (rotary inv_freq...) or a lifted constant: HF recomputes it
+        else:
+            raise ExportError(
+                f"the compiled graph holds a tensor {t!r} that no Hugging Face {type(skeleton).__name__} has "
+                f"(used by {_users(gm, t)}): the graph computes something the model class cannot express. "
+                "Compile without the pass that added it to export this model"
+            )
+    return floats, quant
+
+
+def _resolve_ties(
+    skeleton: torch.nn.Module, floats: dict[str, torch.Tensor], quant: dict[str, QLinear], tie: bool
+) -> tuple[dict[str, torch.Tensor], bool, set[str]]:
+    """Map tied parameters (torch.export names a shared tensor by either alias) to HF keys
+    and decide whether the exported model stays tied. Returns the float tensors by key,
+    the tie flag and the aliases left out because they stay tied to a written key."""
+    groups: dict[int, list[str]] = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    out = dict(floats)
+    omitted: set[str] = set()
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        given = {n: out.pop(n) for n in names if n in out}
+        distinct = []
+        for t in given.values():
+            if not any(t is d or (t.shape == d.shape and torch.equal(t, d)) for d in distinct):
+                distinct.append(t)
+        quantized = [n for n in names if n in quant]
+        if not distinct and not quantized:
+            continue  # reported as missing below
+        if len(distinct) == 1 and not quantized:
+            out[names[0]] = distinct[0]  # still tied: write the canonical name only, as HF does
+            omitted.update(names[1:])
+            continue
+        tie = False
+        if len(distinct) == 1:
+            for n in names:
+                if n not in quantized:
+                    out[n] = distinct[0]
+        else:
+            out.update(given)
+    if not tie:
+        omitted.clear()
+    return out, tie, omitted
+
+
+# ----------------------------------------------------------------------------- config + files
+
+
+def _scheme(group_size: int, fmt: str, targets: list[str]) -> dict[str, Any]:
+    return {
+        "format": fmt,
+        "input_activations": {
+            "dynamic": True,
+            "group_size": None,
+            "num_bits": 8,
+            "strategy": "token",
+            "symmetric": True,
+            "type": "int",
+        },
+        "output_activations": None,
+        "targets": targets,
+        "weights": {
+            "dynamic": False,
+            "group_size": group_size if group_size > 0 else None,
+            "num_bits": 4,
+            "strategy": "group" if group_size > 0 else "channel",
+            "symmetric": True,
+            "type": "int",
+        },
+    }
+
+
+def quantization_config(schemes: dict[int, list[str]], ignore: list[str], fmt: str) -> dict:
+    """The ``quantization_config`` block of config.json, key for key as compressed-tensors
+    writes it. ``schemes`` maps a group size (-1: channel) to the linears written with it."""
+    if len(schemes) == 1:
+        groups = {"group_0": _scheme(next(iter(schemes)), fmt, ["Linear"])}
+    else:  # several schemes: name the layers of each
+        groups = {f"group_{i}": _scheme(g, fmt, sorted(names)) for i, (g, names) in enumerate(sorted(schemes.items()))}
+    return {
+        "config_groups": groups,
+        "format": fmt,
+        "global_compression_ratio": None,
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+        "moe_sparsity_config": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": CT_VERSION,
+    }
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = size.strip().upper()
+    for u, f in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * f)
+    return int(s)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> list[str]:
+    """Write ``tensors`` as ``model.safetensors`` or HF-style shards plus an index."""
+    from safetensors.torch import save_file
+
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size, seen = 0, set()
+    for k, t in tensors.items():
+        t = t.detach().contiguous()
+        if t.data_ptr() in seen and t.numel():
+            t = t.clone()  # safetensors refuses two names for one storage
+        seen.add(t.data_ptr())
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def export_compressed_tensors(
+    compiled: Any,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    format: str = "int-quantized",  # noqa: A002 - the compressed-tensors key
+    scale_dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``compiled`` (a :class:`~qqq_compile.CompiledModel` of a HF causal LM) to
+    ``out_dir`` as a compressed-tensors W4A8 checkpoint: config.json with
+    ``quantization_config``, safetensors, the tokenizer's files if given, and
+    ``qqq_export.json`` (per-linear SQNR of the exported weights against ours).
+
+    ``scale_dtype`` defaults to the model's float dtype, as llm-compressor writes it.
+    Refuses (:class:`ExportError`) graphs that hold computation the HF model class cannot
+    express. The folder is written in a temporary sibling and renamed into place.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
+    gm: GraphModule = compiled.graph_module
+    check_qqq_ops(gm, "compressed-tensors")
+    linears = qqq_linears(gm)
+    if not linears:
+        raise ExportError("the compiled graph has no torch.ops.qqq linear: nothing quantized to export")
+    cfg, skeleton = _hf_skeleton(compiled)
+    floats, quant = _collect(gm, skeleton, linears)
+    floats, tie, tied_aliases = _resolve_ties(skeleton, floats, quant, bool(getattr(cfg, "tie_word_embeddings", False)))
+    model_dtype = Counter(t.dtype for t in floats.values() if t.is_floating_point()).most_common(1)
+    model_dtype = model_dtype[0][0] if model_dtype else torch.float32
+    scale_dtype = scale_dtype or model_dtype
+
+    g_out = export_group_size(linears)
+    tensors: dict[str, torch.Tensor] = {}
+    schemes: dict[int, list[str]] = {}
+    manifest: dict[str, Any] = {}
+    state_keys = list(skeleton.state_dict(keep_vars=True))
+    for key in state_keys:
+        if key in quant:
+            ql = quant[key]
+            w = to_ct_weight(ql.packed, g_out if ql.packed.group_scale is not None else -1, scale_dtype)
+            if format == "int-quantized":
+                tensors[key] = w.q
+            else:
+                tensors[key.removesuffix("weight") + "weight_packed"] = pack_int4_to_int32(w.q)
+            tensors[key + "_scale"] = w.scale
+            if format == "pack-quantized":
+                tensors[key.removesuffix("weight") + "weight_shape"] = torch.tensor(list(w.q.shape), dtype=torch.int64)
+            schemes.setdefault(w.group_size, []).append(ql.fqn)
+            manifest[ql.fqn] = {
+                "exact": w.exact,
+                "sqnr_db": None if math.isinf(w.sqnr_db) else round(w.sqnr_db, 2),
+                "group_size": ql.packed.group_size,
+                "group_scale_dtype": ql.packed.group_scale_dtype,
+            }
+        elif key in floats:
+            tensors[key] = floats[key]
+        elif key not in tied_aliases:
+            raise ExportError(f"the compiled graph has no tensor for {key!r}; cannot write a complete checkpoint")
+
+    linear_names = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
+    quantized = {ql.fqn for ql in linears}
+    ignore = [n for n in linear_names if n not in quantized]
+    qcfg = quantization_config(schemes, ignore, format)
+    cfg.tie_word_embeddings = tie
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty; pass overwrite=True or choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        cfg.save_pretrained(tmp)
+        cj = json.loads((tmp / "config.json").read_text())
+        cj["quantization_config"] = qcfg
+        cj["tie_word_embeddings"] = tie
+        cj["dtype"] = str(model_dtype).removeprefix("torch.")
+        cj.pop("torch_dtype", None)
+        cj["use_cache"] = True
+        (tmp / "config.json").write_text(json.dumps(cj, indent=2, sort_keys=True) + "\n")
+        write_safetensors(tensors, tmp, max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        sq = [v["sqnr_db"] for v in manifest.values() if v["sqnr_db"] is not None]
+        summary = {
+            "format": format,
+            "group_size_written": g_out,
+            "scale_dtype": str(scale_dtype).removeprefix("torch."),
+            "all_exact": all(v["exact"] for v in manifest.values()),
+            "min_weight_sqnr_db": min(sq) if sq else None,
+            "linears": manifest,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(summary, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
