@@ -20,8 +20,9 @@ attribute name, re-attaches each linear's packed weight (``LinearInfo.packed``, 
 module name) and **replays** the pipeline's structural rewrites. Replay protocol, per pass
 (the pass objects are rebuilt from the saved preset, or by name from the pass registry):
 
-* ``replay_mode = "rerun"`` (class attribute): the rewrite is deterministic given the graph and
-  its annotations (``lower``); it is run again with a context holding no calibration data.
+* ``replay_mode = "rerun"`` (class attribute): the rewrite is deterministic given the graph,
+  its annotations and the pass options; it is run again with a context holding no calibration
+  data (``lower``, ``fuse_norm_quant`` and ``rotate`` are treated so by default).
 * a ``replay(gm, ctx, state) -> PassResult`` method: the pass rebuilds its structure from
   ``state``, the JSON-able value it stored at compile time in
   ``gm.meta["qqq_replay"][pass.name]`` (e.g. where an online Hadamard transform sits).
@@ -30,7 +31,8 @@ module name) and **replays** the pipeline's structural rewrites. Replay protocol
 
 After replay the graph must read exactly the saved tensors, with the saved shapes, and call
 the same ops as the saved graph; otherwise :class:`ArtifactError` names the passes that
-changed the structure without declaring how to replay it.
+changed the structure without declaring how to replay it. Pass wall times are not saved, so
+the same model, data and seed give byte-identical artifacts.
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ import ctypes
 import dataclasses
 import errno
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import math
 import os
+import pkgutil
 import re
 import shutil
 import sys
@@ -69,8 +73,9 @@ MANIFEST = "qqq_manifest.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 _PACKED = "__qqq_packed__/"  # key prefix of packed weights ("/" never occurs in attribute names)
-# Passes of the core pipeline that rebuild structure; other passes declare ``replay_mode``.
-_BUILTIN_REPLAY = {"lower": "rerun"}
+# Structural passes that do not (yet) declare ``replay_mode`` themselves. All three are
+# deterministic given the graph, its annotations and the pass options (no calibration).
+_BUILTIN_REPLAY = {"lower": "rerun", "fuse_norm_quant": "rerun", "rotate": "rerun"}
 
 
 class ArtifactError(ValueError):
@@ -469,8 +474,9 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> CompiledModel:
     source_graph = readable_graph(gm)
     saved_names = set(manifest["graph_tensors"])
     _set_tensors(gm, tensors, saved_names, root)
-    _annotate(gm, manifest, tensors)
-    skipped = _replay(gm, manifest)
+    annotate = _Annotator(manifest, tensors)
+    skipped = _replay(gm, manifest, annotate)
+    annotate(gm, final=True)
     _set_tensors(gm, tensors, saved_names, root)
     _check_replayed(gm, manifest, root, skipped)
     report = Report(
@@ -538,6 +544,9 @@ def _skeleton(manifest: dict[str, Any]) -> torch.nn.Module:
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # skipped together with the init; export names tied tensors once
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # deterministic, finite values for passes that rerun before the tensors are set
     return model.eval()
 
 
@@ -557,20 +566,35 @@ def _set_tensors(gm: GraphModule, tensors: dict[str, torch.Tensor], names: set[s
         set_attr(gm, name, new)
 
 
-def _annotate(gm: GraphModule, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Attach a LinearInfo (with the packed weight) to every linear the saved graph reported."""
-    sites: dict[tuple[str, int], Any] = {}
-    seen: collections.Counter[str] = collections.Counter()
-    for s in linear_sites(gm):
-        sites[(s.name, seen[s.name])] = s
-        seen[s.name] += 1
-    for rec in manifest["layers"]:
-        site = sites.get((rec["name"], rec.get("occurrence", 0)))
-        if site is None:
-            raise ArtifactError(
-                f"linear '{rec['name']}' of the artifact is not in the model rebuilt from its config; "
-                "the config or transformers version differs from the one used to compile"
-            )
+class _Annotator:
+    """Attaches a LinearInfo (with the packed weight) to every linear the saved graph reported.
+
+    Called before each replayed pass (a pass may rebuild linear nodes) and once at the end;
+    linears are matched by module name and occurrence, each record attached once.
+    """
+
+    def __init__(self, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]):
+        self.records = {(r["name"], r.get("occurrence", 0)): r for r in manifest["layers"]}
+        self.tensors = tensors
+        self.attached: dict[tuple[str, int], LinearInfo] = {}
+
+    def __call__(self, gm: GraphModule, final: bool = False) -> None:
+        seen: collections.Counter[str] = collections.Counter()
+        for site in linear_sites(gm):
+            key = (site.name, seen[site.name])
+            seen[site.name] += 1
+            if key in self.records and key not in self.attached and info(site.node) is None:
+                site.node.meta["qqq"] = self.attached[key] = self._info(self.records[key])
+        if final:
+            present = {id(li) for n in gm.graph.nodes if isinstance(li := info(n), LinearInfo)}
+            lost = [k for k in self.records if k not in self.attached or id(self.attached[k]) not in present]
+            if lost:
+                raise ArtifactError(
+                    f"linear(s) {[k[0] for k in lost[:3]]} of the artifact are not in the model rebuilt from its "
+                    "config; the config or transformers version differs from the one used to compile"
+                )
+
+    def _info(self, rec: dict[str, Any]) -> LinearInfo:
         out_f, in_f = rec["shape"]
         li = LinearInfo(rec["name"], in_f, out_f)
         li.method, li.skipped, li.gptq = rec.get("method"), rec.get("skipped"), rec.get("gptq")
@@ -579,16 +603,19 @@ def _annotate(gm: GraphModule, manifest: dict[str, Any], tensors: dict[str, torc
         li.smooth_scale_range = tuple(rng) if rng else None
         li.weight_sqnr_db = _float(rec.get("weight_sqnr_db"))
         if rec.get("tensors"):
-            t = rec["tensors"]
-            gs = tensors[t["group_scale"]] if "group_scale" in t else None
-            li.packed = PackedW4(tensors[t["qweight"]], tensors[t["channel_scale"]], gs, in_f, rec["group_size"])
-        site.node.meta["qqq"] = li
+            t = {k: self.tensors[v] for k, v in rec["tensors"].items()}
+            li.packed = PackedW4(t["qweight"], t["channel_scale"], t.get("group_scale"), in_f, rec["group_size"])
+        return li
 
 
 def _replay_passes(manifest: dict[str, Any]) -> list[tuple[str, QQQPass | None]]:
     """(name, pass object or None) for every pass of the saved pipeline, in order."""
+    from . import passes
     from .presets import get_preset
 
+    # Register every built-in pass (one per module), also those no preset imports.
+    for mod in pkgutil.iter_modules(passes.__path__):
+        importlib.import_module(f"{passes.__name__}.{mod.name}")
     names = list(manifest.get("pipeline", []))
     try:
         cfg = CompileConfig.from_dict(manifest.get("compile_config") or {})
@@ -606,7 +633,7 @@ def _replay_passes(manifest: dict[str, Any]) -> list[tuple[str, QQQPass | None]]
     return out
 
 
-def _replay(gm: GraphModule, manifest: dict[str, Any]) -> list[str]:
+def _replay(gm: GraphModule, manifest: dict[str, Any], annotate: _Annotator) -> list[str]:
     """Replay the pipeline's structural rewrites; returns the modifying passes it skipped."""
     try:
         quant = CompileConfig.from_dict(manifest.get("compile_config") or {}).quant
@@ -620,8 +647,10 @@ def _replay(gm: GraphModule, manifest: dict[str, Any]) -> list[str]:
         mode = getattr(p, "replay_mode", None) or _BUILTIN_REPLAY.get(name)
         try:
             if p is not None and callable(getattr(p, "replay", None)):
+                annotate(gm)
                 p.replay(gm, ctx, states.get(name))
             elif p is not None and mode == "rerun":
+                annotate(gm)
                 p.call(gm, ctx)
             elif name in modified:
                 skipped.append(name)  # assumed to change tensor values only; checked afterwards

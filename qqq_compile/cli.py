@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,27 +115,27 @@ def _eval_windows(tokenizer: Any, source: str, n: int, seq_len: int) -> list:
     return token_windows(tokenizer, load_text(source), seq_len, n=n, select="last")
 
 
-def _load_artifact(path: str, tokenizer_source: str | None = None) -> tuple[Any, Any]:
+def _load_artifact(path: str, tokenizer_source: str | None = None, need_tokenizer: bool = False) -> tuple[Any, Any]:
+    """(compiled model, tokenizer) of an artifact; the tokenizer is checked first (loading is slower)."""
     from .artifact import load, load_tokenizer
 
-    compiled = load(path)
-    tokenizer = load_tokenizer(path)
     if tokenizer_source:
         from transformers import AutoTokenizer
 
-        from .models import load_model
+        src = Path(tokenizer_source).expanduser()
+        if tokenizer_source == "demo":
+            from .models import demo_model_path
 
-        if tokenizer_source == "demo" or tokenizer_source.endswith(".gguf"):
-            tokenizer = load_model(tokenizer_source)[1]
+            tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
+        elif src.suffix.lower() == ".gguf":
+            tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         else:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    return compiled, tokenizer
-
-
-def _require_tokenizer(tokenizer: Any, path: str) -> Any:
-    if tokenizer is None:
+    else:
+        tokenizer = load_tokenizer(path)
+    if need_tokenizer and tokenizer is None:
         raise CLIError(f"the artifact {path} was saved without a tokenizer; pass --tokenizer MODEL (folder or hub id)")
-    return tokenizer
+    return load(path), tokenizer
 
 
 def _float_bytes(model: Any) -> int:
@@ -237,8 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _positive("--seq-len", args.seq_len)
     steps = Steps(3 + bool(args.fp), args.quiet)
     with steps(f"loading artifact {args.artifact}"):
-        compiled, tokenizer = _load_artifact(args.artifact, args.tokenizer)
-    tokenizer = _require_tokenizer(tokenizer, args.artifact)
+        compiled, tokenizer = _load_artifact(args.artifact, args.tokenizer, need_tokenizer=True)
     with steps(f"tokenizing the last {args.n_windows} windows of {args.seq_len} tokens of {args.text}"):
         windows = _eval_windows(tokenizer, args.text, args.n_windows, args.seq_len)
     results: dict[str, Any] = {"text": args.text, "n_windows": len(windows), "seq_len": args.seq_len}
@@ -264,7 +264,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     write_html_report = _lazy("qqq_compile.inspect", "write_html_report", "the HTML report")
     compiled = load(args.artifact)
-    out = write_html_report(compiled, args.out)
+    extra = {"accuracy_json": args.accuracy_json} if args.accuracy_json else {}
+    out = _call(write_html_report, compiled, args.out, **extra)
     print(f"wrote {out}")
     return 0
 
@@ -443,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("artifact", metavar="DIR", help="artifact folder")
     i.add_argument("--out", required=True, metavar="FILE", help="HTML file to write")
+    i.add_argument("--accuracy-json", metavar="FILE", help="accuracy benchmark results to include in the report")
     i.set_defaults(func=cmd_inspect)
 
     x = add(
@@ -505,6 +507,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torch.export's pytree deprecation notice says nothing actionable to a CLI user
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    if args.quiet:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -347,6 +347,28 @@ def test_structural_passes_are_replayed(tmp_path, monkeypatch):
         load(tmp_path / "a")
 
 
+def test_rotation_smoothing_and_fusion_replay_bit_exact(tmp_path):
+    from qqq_compile.passes.fuse_norm_quant import FuseNormQuant
+    from qqq_compile.passes.rotate import Rotate
+    from qqq_compile.passes.smooth import Smooth
+
+    model = tiny_model("llama", num_hidden_layers=1)
+    passes = [Rotate(), Smooth(), QuantizeRTN(), LowerW4A8(), FuseNormQuant()]
+    compiled = qqq_compile.compile(model, tiny_calib(), passes=passes, progress=False)
+    save(compiled, tmp_path / "rot")
+    back = load(tmp_path / "rot")
+    x = torch.randint(0, 256, (2, 16))
+    assert torch.equal(back(x).logits, compiled(x).logits)
+
+    def online_hadamards(gm):
+        return sum("qqq_online_hadamard" in n.meta for n in gm.graph.nodes)
+
+    assert online_hadamards(back.graph_module) == online_hadamards(compiled.graph_module) > 0
+    fused = torch.ops.qqq.rmsnorm_quant.default
+    assert count(back.graph_module, fused) == count(compiled.graph_module, fused) == 2
+    assert [li.smooth_group for li in back.linears()] == [li.smooth_group for li in compiled.linears()]
+
+
 # ----------------------------------------------------------------------------- real model
 
 

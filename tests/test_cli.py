@@ -46,7 +46,7 @@ def files(tmp_path_factory):
 def artifact(files):
     out = files / "w4a8"
     argv = ["quantize", str(files / "model"), "--calib", str(files / "text.txt"), "--preset", "rtn"]
-    argv += ["--group-size", "32", "--n-calib", "4", "--seq-len", "32", "--out", str(out), "--quiet"]
+    argv += ["--group-size", "32", "--n-calib", "8", "--seq-len", "32", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     return out
 
@@ -136,6 +136,18 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", "eval", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "ArtifactError" in err
+
+
+def test_eval_without_a_saved_tokenizer_asks_for_one(artifact, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "no-tok"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / "qqq_manifest.json").read_text())
+    manifest["tokenizer"] = None
+    (copy / "qqq_manifest.json").write_text(json.dumps(manifest))
+    assert main(["eval", str(copy), "--text", "unused.txt"]) == 2
+    assert "saved without a tokenizer; pass --tokenizer MODEL" in capsys.readouterr().err
 
 
 def test_bad_config_and_missing_model_exit_2(tmp_path, capsys):
