@@ -3,6 +3,11 @@
 ``qqq_w4a8`` is the method this project exists for; the others are the baselines the
 accuracy benchmark compares it with. Every preset returns a fresh ``list[QQQPass]``
 that users may edit (insert their own passes, drop one) before running it.
+
+``group_size=None`` (the default everywhere) lets every pass follow
+``CompileConfig.quant.group_size``; an explicit value is passed to the calibrating
+passes (``smooth``, ``gptq``). ``quantize_rtn`` and ``lower`` always follow
+``ctx.quant`` (``lower`` reads the format off each packed weight, so mixing is safe).
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 from .passes.calibrate import Calibrate
+from .passes.gptq import GPTQ
 from .passes.lower import LowerW4A8
 from .passes.observe import InsertObservers
 from .passes.quantize import QuantizeRTN
 from .pipeline import PRESETS, QQQPass, register_preset
+
+SMOOTHING = ("qqq", "smoothquant", "awq")
 
 
 @register_preset("rtn")
@@ -21,6 +29,63 @@ def rtn_w4a8(*, calibrate: bool = False) -> list[QQQPass]:
     """Round-to-nearest W4 weights, dynamic per-token int8 activations."""
     head: list[QQQPass] = [InsertObservers(), Calibrate()] if calibrate else []
     return [*head, QuantizeRTN(), LowerW4A8()]
+
+
+def _smooth(method: str, group_size: int | None, **options: Any) -> QQQPass:
+    # Imported here: smoothing is optional in every preset but ``qqq``.
+    from .passes.smooth import Smooth
+
+    return Smooth(method=method, group_size=group_size, **options)
+
+
+def _rotate(**options: Any) -> QQQPass:
+    from .passes.rotate import Rotate
+
+    return Rotate(**options)
+
+
+@register_preset("qqq")
+def qqq_w4a8(
+    *,
+    group_size: int | None = None,
+    smoothing: str | None = "qqq",
+    rotation: bool = False,
+    gptq: bool = True,
+    smooth_options: dict[str, Any] | None = None,
+    gptq_options: dict[str, Any] | None = None,
+) -> list[QQQPass]:
+    """QQQ W4A8: [rotate] → [smooth] → [gptq] → quantize_rtn (whatever is left) → lower.
+
+    * ``group_size``: ``None`` → ``ctx.quant.group_size``; -1 per-channel; e.g. 128.
+    * ``smoothing``: ``"qqq"`` (adaptive threshold search, the paper's), ``"smoothquant"``,
+      ``"awq"`` or ``None``.
+    * ``rotation``: a Hadamard rotation of the residual stream first (QuaRot-style).
+    * ``gptq``: GPTQ weights (else round-to-nearest).
+    * ``smooth_options`` / ``gptq_options``: extra keyword arguments for those passes.
+    """
+    if smoothing is not None and smoothing not in SMOOTHING:
+        raise ValueError(f"smoothing={smoothing!r} is not known; use one of {SMOOTHING} or None")
+    passes: list[QQQPass] = []
+    if rotation:
+        passes.append(_rotate())
+    if smoothing is not None:
+        passes.append(_smooth(smoothing, group_size, **(smooth_options or {})))
+    if gptq:
+        passes.append(GPTQ(group_size=group_size, **(gptq_options or {})))
+    return [*passes, QuantizeRTN(), LowerW4A8()]
+
+
+@register_preset("smoothquant")
+def smoothquant_w4a8(*, group_size: int | None = None, alpha: float = 0.5, n_grid: int = 1) -> list[QQQPass]:
+    """SmoothQuant baseline: smoothing with a fixed ``alpha`` (``n_grid > 1``: searched),
+    then round-to-nearest W4."""
+    return [_smooth("smoothquant", group_size, alpha=alpha, n_grid=n_grid), QuantizeRTN(), LowerW4A8()]
+
+
+@register_preset("gptq")
+def gptq_w4a8(*, group_size: int | None = None, **gptq_options: Any) -> list[QQQPass]:
+    """GPTQ baseline: GPTQ W4 weights without smoothing, per-token int8 activations."""
+    return qqq_w4a8(group_size=group_size, smoothing=None, gptq=True, gptq_options=gptq_options)
 
 
 def get_preset(name: str, **options: Any) -> list[QQQPass]:

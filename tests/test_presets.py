@@ -1,0 +1,99 @@
+"""Presets: the pass lists they build, and end-to-end compiles of a tiny model with
+the lowered W4A8 ops checked against the float model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qqq_compile as qc
+from qqq_compile.graph import info
+from qqq_compile.passes.gptq import GPTQ
+from qqq_compile.passes.lower import LowerW4A8
+from qqq_compile.passes.quantize import QuantizeRTN
+from qqq_compile.pipeline import sqnr_db
+from qqq_compile.presets import get_preset, qqq_w4a8
+from tests.conftest import tiny_calib, tiny_model
+
+W4A8 = torch.ops.qqq.w4a8_linear.default
+
+
+def _names(passes) -> list[str]:
+    return [p.name for p in passes]
+
+
+def test_preset_pass_lists():
+    assert _names(get_preset("qqq")) == ["smooth", "gptq", "quantize_rtn", "lower"]
+    assert _names(get_preset("qqq", rotation=True)) == ["rotate", "smooth", "gptq", "quantize_rtn", "lower"]
+    assert _names(get_preset("qqq", smoothing=None, gptq=False)) == ["quantize_rtn", "lower"]
+    assert _names(get_preset("gptq")) == ["gptq", "quantize_rtn", "lower"]
+    assert _names(get_preset("smoothquant")) == ["smooth", "quantize_rtn", "lower"]
+    assert _names(get_preset("rtn")) == ["quantize_rtn", "lower"]
+    p = qqq_w4a8(group_size=128, smoothing="awq", gptq_options={"damp": 0.05})
+    assert p[0].method == "awq" and p[0].group_size == 128
+    assert isinstance(p[1], GPTQ) and p[1].group_size == 128 and p[1].damp == 0.05
+    assert isinstance(p[2], QuantizeRTN) and isinstance(p[3], LowerW4A8)
+    assert get_preset("smoothquant")[0].method == "smoothquant"
+    assert get_preset("gptq", group_size=64)[0].group_size == 64
+    # Fresh lists every time: users may edit them.
+    a, b = get_preset("qqq"), get_preset("qqq")
+    assert a is not b and a[1] is not b[1]
+    assert {"qqq", "rtn", "smoothquant", "gptq"} <= set(qc.PRESETS.names())
+
+
+def test_bad_preset_options():
+    with pytest.raises(ValueError, match="smoothing"):
+        get_preset("qqq", smoothing="bogus")
+    with pytest.raises(KeyError, match="registered"):
+        get_preset("nope")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", hidden_size=96, intermediate_size=192)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return tiny_calib(8, 64)
+
+
+@pytest.fixture(scope="module")
+def reference(model, calib):
+    ids = torch.cat(calib[:2])
+    with torch.no_grad():
+        return ids, model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize(
+    "preset,quant",
+    [
+        ("qqq", {}),
+        ("qqq", {"group_size": 64}),
+        ("qqq", {"group_size": 64, "group_scale_dtype": "float16"}),
+        ("gptq", {"group_size": 64}),
+        ("smoothquant", {}),
+    ],
+)
+def test_preset_compiles_to_w4a8(model, calib, reference, preset, quant):
+    cm = qc.compile(model, calib, {"preset": preset, "quant": quant}, progress=False)
+    ops = [n for n in cm.graph_module.graph.nodes if n.target == W4A8]
+    assert len(ops) == 14  # 7 per block; lm_head stays float
+    methods = {info(n).method for n in ops}
+    assert methods == ({"rtn"} if preset == "smoothquant" else {"gptq"})
+    gs = quant.get("group_size", -1)
+    assert {n.args[5] for n in ops} == {gs}
+    ids, ref = reference
+    with torch.no_grad():
+        out = cm(ids).logits
+    assert sqnr_db(ref, out) > 15
+
+
+def test_qqq_beats_rtn_on_model_output(model, calib, reference):
+    ids, ref = reference
+    scores = {}
+    for preset in ("rtn", "qqq"):
+        cm = qc.compile(model, calib, {"preset": preset}, progress=False)
+        with torch.no_grad():
+            scores[preset] = sqnr_db(ref, cm(ids).logits)
+    assert scores["qqq"] > scores["rtn"] + 1.0, scores
