@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-from .capture import capture
+from .capture import CaptureError, capture
 from .compiled import CompiledModel, Report
 from .config import CompileConfig
 from .pipeline import CompileContext, DumpGraphs, Instrument, Pipeline, QQQPass, readable_graph
@@ -42,11 +43,18 @@ def calib_batches(
             )
         if t.is_floating_point():
             raise TypeError("calibration tensors must hold integer token ids, got a floating-point tensor")
+        if t.dim() == 0 or t.numel() == 0:
+            continue  # an empty item adds nothing; all empty is refused below
+        if t.shape[-1] < 2:
+            raise ValueError(
+                f"calibration window of {t.shape[-1]} token: windows need at least 2 tokens (attention needs a "
+                "context); use windows of 64+ tokens, e.g. qqq_compile.data.token_windows(tokenizer, text, 512)"
+            )
         rows.extend(t.reshape(-1, t.shape[-1]).split(1))
     if max_samples is not None:
         rows = rows[:max_samples]
     if not rows:
-        raise ValueError("calibration data is empty: give at least one window of token ids")
+        raise ValueError("calibration data is empty: give at least one window of token ids (e.g. a [N, T] tensor)")
     # Batch windows of equal length together; lengths may differ between batches.
     by_len: dict[int, list[torch.Tensor]] = {}
     for r in rows:
@@ -56,6 +64,68 @@ def calib_batches(
         for i in range(0, len(same), batch_size):
             batches.append({"input_ids": torch.cat(same[i : i + batch_size]).long()})
     return batches
+
+
+MIN_CALIB_TOKENS = 256
+
+
+def check_calib(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+    """Refuse token ids outside the model's vocabulary; warn when calibration is too
+    small for stable statistics (fewer than ``MIN_CALIB_TOKENS`` tokens, or fewer tokens
+    than the widest linear has inputs: its Hessian is then rank-deficient)."""
+    if not batches:
+        return
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or getattr(emb, "num_embeddings", None)
+    lo = min(int(b["input_ids"].min()) for b in batches)
+    hi = max(int(b["input_ids"].max()) for b in batches)
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"calibration token id {bad} is out of range: the model's vocabulary has {vocab} entries (ids 0.."
+            f"{(vocab or 0) - 1}), the data's ids span {lo}..{hi}. Tokenize the data with the model's own tokenizer"
+        )
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    widest = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
+    need = max(MIN_CALIB_TOKENS, widest)
+    if tokens < need:
+        why = (
+            f"the {widest} inputs of the widest linear: its GPTQ Hessian is rank-deficient below that"
+            if widest > MIN_CALIB_TOKENS
+            else "the least for usable activation ranges"
+        )
+        warnings.warn(
+            f"calibration data holds only {tokens} tokens, fewer than {need} ({why}); smoothing scales, "
+            "activation ranges and GPTQ are poorly estimated. Use more windows (the standard protocol: 128 x 512 "
+            "tokens)",
+            stacklevel=3,
+        )
+
+
+def float_weights_note(gm: torch.fx.GraphModule) -> str | None:
+    """Name every weight (float tensor, 2-D or more) the graph reads outside a linear
+    site: embeddings, convolutions, ops no pass matches (einsum → bmm...). They stay in
+    float and keep working; the report says so. (Linears kept in float are listed by
+    ``CompiledModel.linears()`` with their reason instead.)"""
+    from .graph import TRANSPARENT, get_attr, info
+
+    aten = torch.ops.aten
+    views = TRANSPARENT | {aten.t.default, aten.permute.default, aten.transpose.int, aten.unsqueeze.default}
+    views |= {aten.expand.default, aten.squeeze.dim, aten.squeeze.default}
+
+    def ends(n: torch.fx.Node) -> list[torch.fx.Node]:
+        return [e for u in n.users for e in (ends(u) if u.target in views and info(u) is None else [u])]
+
+    found = []
+    for n in gm.graph.nodes:
+        t = get_attr(gm, n.target) if n.op == "get_attr" else None
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 2:
+            continue
+        users = ends(n)
+        if users and all(info(u) is None for u in users):
+            ops = sorted({str(getattr(u.target, "overloadpacket", u.target)).removeprefix("aten.") for u in users})
+            found.append(f"{n.target} {list(t.shape)} ({', '.join(ops)})")
+    return "weights kept in float (no W4A8 rewrite for their ops): " + "; ".join(found) if found else None
 
 
 def compile(  # noqa: A001 - the public name mirrors torch.compile
@@ -69,22 +139,46 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     instruments: Sequence[Instrument] = (),
     dump_dir: str | None = None,
     progress: bool = True,
+    fallback: str = "blockwise",
 ) -> CompiledModel:
     """Quantize ``model`` to W4A8 and return a callable that behaves like it.
 
     ``config`` picks the preset and format (default: QQQ per-channel); ``passes``
     overrides the preset with an explicit pass list. The user's model is not modified.
+    ``fallback``: when ``torch.export`` cannot capture the whole model, ``"blockwise"``
+    quantizes its decoder blocks one at a time (:mod:`qqq_compile.blockwise`), ``"error"``
+    raises the :class:`CaptureError`.
     """
+    if fallback not in ("blockwise", "error"):
+        raise ValueError(f"fallback={fallback!r} is not known; use 'blockwise' or 'error'")
     if isinstance(config, dict):
         config = CompileConfig.from_dict(config)
     config = config or CompileConfig()
     batches = calib_batches(calib, tokenizer, config.calib.batch_size, config.calib.max_samples)
+    check_calib(model, batches)
     if example_inputs is None and batches:
         # Two rows (export specialises a batch of 1) and contiguous (a strided slice
         # would make export guard on the original row length).
         first = batches[0]["input_ids"][:, :16]
         example_inputs = {"input_ids": first[[0, -1]].contiguous()}
-    captured = capture(model, example_inputs)
+    try:
+        captured = capture(model, example_inputs)
+    except CaptureError as e:
+        if fallback == "error":
+            raise
+        from .blockwise import compile_blockwise
+
+        return compile_blockwise(  # type: ignore[return-value] - CompiledModel-like
+            model,
+            batches,
+            config,
+            passes=passes,
+            example_inputs=example_inputs,
+            instruments=instruments,
+            dump_dir=dump_dir,
+            progress=progress,
+            reason=e,
+        )
     gm = captured.graph_module
     source_graph = readable_graph(gm)
     pass_list = list(passes) if passes is not None else get_preset(config.preset, **config.preset_options)
@@ -92,6 +186,9 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     inst = list(instruments) + ([DumpGraphs(dump_dir)] if dump_dir else [])
     pipeline = Pipeline(pass_list, inst)
     result = pipeline.run(gm, ctx)
+    kept = float_weights_note(result.graph_module)
+    if kept:
+        ctx.note("compile", kept)
     report = Report(pipeline.records, ctx.notes, config.to_dict(), [p.name for p in pass_list])
     return CompiledModel(
         result.graph_module,

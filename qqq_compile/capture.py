@@ -55,15 +55,16 @@ def _explain(e: BaseException) -> str:
     name = type(e).__name__
     if "DynamicCache" in msg or "Cache" in name:
         hint = "pass use_cache=False (set model.config.use_cache = False)"
+    elif "data-dependent" in str(e).lower() or "GuardOnDataDependent" in name:
+        # Checked before the shape case: its message also says "guard".
+        hint = (
+            "the model branches on tensor values (data-dependent control flow); rewrite it with "
+            "torch.cond/torch.where or quantize it block by block (qqq_compile.compile(..., fallback='blockwise'))"
+        )
     elif "Constraints violated" in str(e) or "specialized" in str(e) or "guard" in msg.lower():
         hint = (
             "the model specialises on the batch or sequence length (a Python branch on a shape); "
             "use dynamic=False or make the branch shape-independent"
-        )
-    elif "data-dependent" in str(e).lower() or "GuardOnDataDependent" in name:
-        hint = (
-            "the model branches on tensor values (data-dependent control flow); rewrite it with "
-            "torch.cond/torch.where or quantize it block by block (qqq_compile.compile(..., blockwise=True))"
         )
     elif "Unsupported" in name or "not supported" in msg:
         hint = "an op or Python construct is not traceable; try strict=False or file the op name with us"
