@@ -12,7 +12,16 @@ Two implementations:
   GEMV/GEMM that reads the packed int4 bytes directly; for large ``M`` it unpacks W8 to
   int8 once per call and hands the GEMM to oneDNN through ``torch._int_mm``.
 * a pure-torch fallback, used (with a warning) when the CPU lacks AVX512-VNNI/VBMI, the
-  compiler is missing, or ``QQQ_CPU_KERNEL=torch`` is set.
+  compiler is missing, or ``QQQ_CPU_KERNEL=torch`` is set (also for group sizes that are
+  not multiples of 32, silently). It unpacks int4 in torch at every call: 10-500x slower.
+
+Why this design (single-thread CPU time, K=N=4096, int8 group scales, Zen 5; see
+``benchmarks/cpu_linear.py`` for the full table): at M=1 the packed kernel takes 0.13 ms
+(per-channel 0.10, fp16 groups 0.16) vs 0.11 ms for onnxruntime MatMulNBits and 2.7 ms for
+fp32; unpack-in-torch + ``_int_mm`` takes 24-190 ms and ``aten._dyn_quant_matmul_4bit``
+(a reference path on x86) 19 ms. At M=16: 0.8 ms vs 3.8 ms for C++ unpack + ``_int_mm``
+(oneDNN reorders the weight on every call). At M=512, oneDNN wins (23 ms vs 27 ms) and the
+C++ unpack adds only ~0.4 ms, hence the dispatch in :func:`use_packed_kernel`.
 
 No weight-dependent state is cached: the kernels need no prepacking.
 """
