@@ -115,7 +115,7 @@ class CalibConfig(ConfigBase):
 class CompileConfig(ConfigBase):
     """Top-level config for :func:`qqq_compile.compile`."""
 
-    preset: str = "rtn"
+    preset: str = "qqq"
     quant: QuantConfig = field(default_factory=QuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     preset_options: dict[str, Any] = field(default_factory=dict)
