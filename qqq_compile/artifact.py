@@ -52,6 +52,7 @@ import re
 import shutil
 import sys
 import tempfile
+import types
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ FORMAT_VERSION = "1.0"  # major bumps break old readers; minor bumps only add fi
 MANIFEST = "qqq_manifest.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
-_PACKED = "__qqq_packed__/"  # key prefix of packed weights ("/" never occurs in attribute names)
+_LINEAR = "__qqq_linear__/"  # key prefix of per-linear tensors ("/" never occurs in attribute names)
 # Structural passes that do not (yet) declare ``replay_mode`` themselves. All three are
 # deterministic given the graph, its annotations and the pass options (no calibration).
 _BUILTIN_REPLAY = {"lower": "rerun", "fuse_norm_quant": "rerun", "rotate": "rerun"}
@@ -107,8 +108,8 @@ def save(compiled: CompiledModel, path: str | os.PathLike, *, tokenizer: Any = N
             "only fully rewritten graphs can be saved"
         )
     graph_tensors = _graph_tensors(gm)
-    layers, packed = _linear_records(gm)
-    unique, aliases = _dedupe({**graph_tensors, **packed})
+    layers, linear_tensors = _linear_records(gm)
+    unique, aliases = _dedupe({**graph_tensors, **linear_tensors})
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -179,14 +180,16 @@ def _graph_tensors(gm: GraphModule, prefix: str = "") -> dict[str, torch.Tensor]
 
 
 def _linear_records(gm: GraphModule) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """The per-linear report, and the packed tensors of every quantized linear by key."""
-    layers, packed, seen = [], {}, collections.Counter()
+    """The per-linear report, and each linear's tensors (packed weight, observed input
+    ``max |x|``, smoothing record) by key."""
+    layers, extra, seen = [], {}, collections.Counter()
     for n in gm.graph.nodes:
         li = info(n)
         if not isinstance(li, LinearInfo):
             continue
         idx = seen[li.fqn]
         seen[li.fqn] += 1
+        base = f"{_LINEAR}{li.fqn}#{idx}/"
         rec: dict[str, Any] = {
             "name": li.fqn,
             "occurrence": idx,
@@ -199,12 +202,14 @@ def _linear_records(gm: GraphModule) -> tuple[list[dict[str, Any]], dict[str, to
             "lowered": li.lowered,
             "skipped": li.skipped,
             "weight_sqnr_db": li.weight_sqnr_db,
+            "act_samples": li.act_samples,
         }
+        if li.act_absmax is not None:
+            rec["act_absmax"] = extra[base + "act_absmax"] = li.act_absmax
         p = li.packed
         if p is None:
             rec.update(format="float", bits=None, group_size=None, group_scale_dtype=None, tensors=None)
         else:
-            base = f"{_PACKED}{li.fqn}#{idx}/"
             rec.update(
                 format="w4a8",
                 bits=4,
@@ -214,9 +219,21 @@ def _linear_records(gm: GraphModule) -> tuple[list[dict[str, Any]], dict[str, to
                 bits_per_weight=p.bits_per_weight(),
                 tensors={k: base + k for k in p.tensors()},
             )
-            packed.update({base + k: t for k, t in p.tensors().items()})
+            extra.update({base + k: t for k, t in p.tensors().items()})
+        sm = n.meta.get("qqq_smooth")  # smooth's per-group record, for the inspect plots
+        if dataclasses.is_dataclass(sm) and not isinstance(sm, type):
+            fields = {}
+            for f in dataclasses.fields(sm):
+                v = getattr(sm, f.name)
+                if isinstance(v, torch.Tensor):
+                    extra[f"{base}smooth/{f.name}"] = v
+                    v = {"tensor": f"{base}smooth/{f.name}"}
+                fields[f.name] = v
+            rec["smooth_record"] = {"class": f"{type(sm).__module__}.{type(sm).__qualname__}", "fields": fields}
+        if isinstance(rec.get("act_absmax"), torch.Tensor):
+            rec["act_absmax"] = base + "act_absmax"
         layers.append(rec)
-    return layers, packed
+    return layers, extra
 
 
 def _dedupe(named: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -584,7 +601,10 @@ class _Annotator:
             key = (site.name, seen[site.name])
             seen[site.name] += 1
             if key in self.records and key not in self.attached and info(site.node) is None:
-                site.node.meta["qqq"] = self.attached[key] = self._info(self.records[key])
+                rec = self.records[key]
+                site.node.meta["qqq"] = self.attached[key] = self._info(rec)
+                if rec.get("smooth_record"):
+                    site.node.meta["qqq_smooth"] = self._smooth_record(rec["smooth_record"])
         if final:
             present = {id(li) for n in gm.graph.nodes if isinstance(li := info(n), LinearInfo)}
             lost = [k for k in self.records if k not in self.attached or id(self.attached[k]) not in present]
@@ -602,10 +622,32 @@ class _Annotator:
         rng = rec.get("smooth_scale_range")
         li.smooth_scale_range = tuple(rng) if rng else None
         li.weight_sqnr_db = _float(rec.get("weight_sqnr_db"))
+        li.act_samples = int(rec.get("act_samples") or 0)
+        if rec.get("act_absmax"):
+            li.act_absmax = self.tensors[rec["act_absmax"]]
         if rec.get("tensors"):
             t = {k: self.tensors[v] for k, v in rec["tensors"].items()}
             li.packed = PackedW4(t["qweight"], t["channel_scale"], t.get("group_scale"), in_f, rec["group_size"])
         return li
+
+    def _smooth_record(self, spec: dict[str, Any]) -> Any:
+        """The smoothing record as its qqq_compile dataclass (a namespace if that class is gone)."""
+        kw = {}
+        for k, v in spec.get("fields", {}).items():
+            if isinstance(v, dict) and set(v) == {"tensor"}:
+                v = self.tensors[v["tensor"]]
+            elif v in ("inf", "-inf", "nan"):
+                v = float(v)
+            kw[k] = v
+        module, _, name = str(spec.get("class", "")).rpartition(".")
+        if module.startswith("qqq_compile."):  # only our own classes are ever imported
+            try:
+                cls = getattr(importlib.import_module(module), name)
+                names = {f.name for f in dataclasses.fields(cls)}
+                return cls(**{k: v for k, v in kw.items() if k in names})
+            except (ImportError, AttributeError, TypeError):
+                pass
+        return types.SimpleNamespace(**kw)
 
 
 def _replay_passes(manifest: dict[str, Any]) -> list[tuple[str, QQQPass | None]]:

@@ -20,7 +20,9 @@ import qqq_compile
 from qqq_compile import artifact
 from qqq_compile.artifact import MANIFEST, WEIGHTS, ArtifactError, load, load_tokenizer, save
 from qqq_compile.graph import linear_sites
+from qqq_compile.passes.calibrate import Calibrate
 from qqq_compile.passes.lower import LowerW4A8
+from qqq_compile.passes.observe import InsertObservers
 from qqq_compile.passes.quantize import QuantizeRTN
 from qqq_compile.pipeline import PassResult, QQQPass, register_pass
 from tests.conftest import tiny_calib, tiny_model
@@ -35,7 +37,7 @@ def count(gm, op) -> int:
 
 def compile_tiny(seed: int = 0, **cfg):
     model = tiny_model("llama", seed=seed, num_hidden_layers=1)
-    config = {"quant": {"group_size": 32}, **cfg}
+    config = {"preset": "rtn", "quant": {"group_size": 32}, **cfg}
     return qqq_compile.compile(model, tiny_calib(), config, progress=False)
 
 
@@ -121,7 +123,7 @@ def test_load_other_shapes_and_tokenizer(saved, loaded):
 def test_tied_conv1d_model_round_trip(tmp_path):
     # GPT-2: lm_head tied to the embedding, transposed Conv1D weights, biases
     model = tiny_model("gpt2")
-    compiled = qqq_compile.compile(model, tiny_calib(), progress=False)
+    compiled = qqq_compile.compile(model, tiny_calib(), {"preset": "rtn"}, progress=False)
     x = torch.randint(0, 256, (2, 16))
     save(compiled, tmp_path / "gpt2")
     back = load(tmp_path / "gpt2")
@@ -353,7 +355,7 @@ def test_rotation_smoothing_and_fusion_replay_bit_exact(tmp_path):
     from qqq_compile.passes.smooth import Smooth
 
     model = tiny_model("llama", num_hidden_layers=1)
-    passes = [Rotate(), Smooth(), QuantizeRTN(), LowerW4A8(), FuseNormQuant()]
+    passes = [Rotate(), Smooth(), InsertObservers(), Calibrate(), QuantizeRTN(), LowerW4A8(), FuseNormQuant()]
     compiled = qqq_compile.compile(model, tiny_calib(), passes=passes, progress=False)
     save(compiled, tmp_path / "rot")
     back = load(tmp_path / "rot")
@@ -367,6 +369,21 @@ def test_rotation_smoothing_and_fusion_replay_bit_exact(tmp_path):
     fused = torch.ops.qqq.rmsnorm_quant.default
     assert count(back.graph_module, fused) == count(compiled.graph_module, fused) == 2
     assert [li.smooth_group for li in back.linears()] == [li.smooth_group for li in compiled.linears()]
+    # what the HTML report plots survives the round trip: observed ranges and smoothing records
+    for a, b in zip(back.linears(), compiled.linears(), strict=True):
+        assert (a.act_absmax is None) == (b.act_absmax is None) and a.act_samples == b.act_samples
+        if a.act_absmax is not None:
+            assert torch.equal(a.act_absmax, b.act_absmax)
+
+    def smooth_records(gm):
+        return [n.meta["qqq_smooth"] for n in gm.graph.nodes if "qqq_smooth" in n.meta]
+
+    saved_recs, loaded_recs = smooth_records(compiled.graph_module), smooth_records(back.graph_module)
+    assert len(loaded_recs) == len(saved_recs) > 0
+    for a, b in zip(loaded_recs, saved_recs, strict=True):
+        assert type(a) is type(b) and (a.group, a.method, a.loss_after) == (b.group, b.method, b.loss_after)
+        assert (a.scales is None) == (b.scales is None) and (a.scales is None or torch.equal(a.scales, b.scales))
+    assert any(r.scales is not None for r in loaded_recs)
 
 
 # ----------------------------------------------------------------------------- real model
