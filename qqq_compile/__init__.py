@@ -2,7 +2,7 @@
 
 from . import inspect, kernels  # noqa: F401 - kernels registers torch.ops.qqq.*
 from .api import calib_batches, compile
-from .artifact import ArtifactError, load, save
+from .artifact import ArtifactError, load, load_tokenizer, save
 from .backend import qqq_backend
 from .capture import Captured, CaptureError, capture
 from .compiled import CompiledModel, Report
@@ -45,6 +45,7 @@ __all__ = [
     "export_onnx",
     "inspect",
     "load",
+    "load_tokenizer",
     "save",
     "PASSES",
     "PRESETS",

@@ -85,11 +85,11 @@ class CompiledModel(torch.nn.Module):
                 out.append(li)
         return out
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, tokenizer: Any = None) -> None:
         """Write packed weights + manifest atomically (see :mod:`qqq_compile.artifact`)."""
         from .artifact import save
 
-        save(self, path)
+        save(self, path, tokenizer=tokenizer)
 
     def weight_bytes(self) -> int:
         """Bytes of all parameters and buffers the compiled graph holds."""

@@ -34,6 +34,7 @@ class FuseNormQuant(QQQPass):
     """
 
     name = "fuse_norm_quant"
+    replay_mode = "rerun"  # load() re-runs it: it needs no calibration data
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module

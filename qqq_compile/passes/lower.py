@@ -31,6 +31,7 @@ class LowerW4A8(QQQPass):
     """
 
     name = "lower"
+    replay_mode = "rerun"  # load() re-runs it: it needs no calibration data
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module
