@@ -186,10 +186,10 @@ def _gptq(
             q_out[:, i1 + i] = q
             deq[:, i1 + i] = dq
             e = (col - dq) / hinv1[i, i]
-            row_loss += e * e / 2
             # Spread this column's error over the block's later columns.
-            w1[:, i + 1 :] -= e[:, None] * hinv1[i, i + 1 :][None, :]
+            w1[:, i + 1 :].addr_(e, hinv1[i, i + 1 :], alpha=-1.0)
             err1[:, i] = e
+        row_loss += err1.pow(2).sum(dim=1) / 2
         # ... and, lazily (GPTQ's batched update), over all columns after the block.
         if i2 < k:
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
