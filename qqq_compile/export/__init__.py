@@ -106,6 +106,18 @@ def qqq_linears(gm: GraphModule) -> list[QLinear]:
     return out
 
 
+def whole_graph(compiled: Any) -> GraphModule:
+    """The lowered graph of a model compiled whole (what the exporters read)."""
+    gm = getattr(compiled, "graph_module", None)
+    if not isinstance(gm, GraphModule):
+        raise ExportError(
+            f"{type(compiled).__name__} has no whole-model graph: the exporters read the graph that "
+            "qqq_compile.compile() returns when torch.export captures the whole model (a model quantized "
+            "block by block through the blockwise fallback cannot be exported yet)"
+        )
+    return gm
+
+
 def check_qqq_ops(gm: GraphModule, fmt: str) -> None:
     """Refuse graphs with ``torch.ops.qqq`` ops that ``fmt`` cannot express."""
     for node in gm.graph.nodes:

@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from torch.fx import GraphModule
 from ..formats import PackedW4, expand_groups
 from ..graph import get_attr
 from ..pipeline import sqnr_db
-from . import ExportError, QLinear, check_qqq_ops, qqq_linears
+from . import ExportError, QLinear, check_qqq_ops, qqq_linears, whole_graph
 
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose writer this matches
 FORMATS = ("int-quantized", "pack-quantized")
@@ -296,36 +297,74 @@ def _parse_size(size: int | str) -> int:
     return int(s)
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> list[str]:
-    """Write ``tensors`` as ``model.safetensors`` or HF-style shards plus an index."""
+@dataclass
+class Item:
+    """Tensors written together, produced on demand so that only one shard's worth of
+    converted weights is in memory at a time (the packed model itself stays as it is)."""
+
+    nbytes: int
+    make: Callable[[], dict[str, torch.Tensor]]
+
+
+def write_safetensors(items: list[Item], folder: Path, max_shard_size: int | str = "5GB") -> list[str]:
+    """Write ``items`` as ``model.safetensors`` or HF-style shards plus an index."""
     from safetensors.torch import save_file
 
     limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size, seen = 0, set()
-    for k, t in tensors.items():
-        t = t.detach().contiguous()
-        if t.data_ptr() in seen and t.numel():
-            t = t.clone()  # safetensors refuses two names for one storage
-        seen.add(t.data_ptr())
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
+    shards: list[list[Item]] = [[]]
+    size = 0
+    for it in items:
+        if shards[-1] and size + it.nbytes > limit:
+            shards.append([])
             size = 0
-        shards[-1][k] = t
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
+        shards[-1].append(it)
+        size += it.nbytes
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map, total = {}, 0
     for name, shard in zip(names, shards, strict=True):
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        tensors, seen = {}, set()
+        for it in shard:
+            for k, t in it.make().items():
+                t = t.detach().contiguous()
+                if t.numel() and t.data_ptr() in seen:
+                    t = t.clone()  # safetensors refuses two names for one storage
+                seen.add(t.data_ptr())
+                tensors[k] = t
+                total += t.numel() * t.element_size()
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return names
+
+
+def _linear_item(ql: QLinear, key: str, group_size: int, fmt: str, scale_dtype: torch.dtype, manifest: dict) -> Item:
+    p = ql.packed
+    n, k = p.out_features, p.in_features
+    g = 1 if group_size <= 0 else k // group_size
+    base = key.removesuffix("weight")
+    q_bytes = n * k if fmt == "int-quantized" else 4 * n * math.ceil(k / 8) + 16
+
+    def make() -> dict[str, torch.Tensor]:
+        w = to_ct_weight(p, group_size, scale_dtype)
+        manifest[ql.fqn] = {
+            "exact": w.exact,
+            "sqnr_db": None if math.isinf(w.sqnr_db) else round(w.sqnr_db, 2),
+            "group_size": p.group_size,
+            "group_scale_dtype": p.group_scale_dtype,
+        }
+        if fmt == "int-quantized":
+            return {key: w.q, key + "_scale": w.scale}
+        shape = torch.tensor([n, k], dtype=torch.int64)
+        return {base + "weight_packed": pack_int4_to_int32(w.q), key + "_scale": w.scale, base + "weight_shape": shape}
+
+    return Item(q_bytes + n * g * scale_dtype.itemsize, make)
 
 
 def export_compressed_tensors(
@@ -349,7 +388,7 @@ def export_compressed_tensors(
     """
     if format not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
-    gm: GraphModule = compiled.graph_module
+    gm: GraphModule = whole_graph(compiled)
     check_qqq_ops(gm, "compressed-tensors")
     linears = qqq_linears(gm)
     if not linears:
@@ -362,30 +401,18 @@ def export_compressed_tensors(
     scale_dtype = scale_dtype or model_dtype
 
     g_out = export_group_size(linears)
-    tensors: dict[str, torch.Tensor] = {}
+    items: list[Item] = []
     schemes: dict[int, list[str]] = {}
     manifest: dict[str, Any] = {}
-    state_keys = list(skeleton.state_dict(keep_vars=True))
-    for key in state_keys:
+    for key in skeleton.state_dict(keep_vars=True):
         if key in quant:
             ql = quant[key]
-            w = to_ct_weight(ql.packed, g_out if ql.packed.group_scale is not None else -1, scale_dtype)
-            if format == "int-quantized":
-                tensors[key] = w.q
-            else:
-                tensors[key.removesuffix("weight") + "weight_packed"] = pack_int4_to_int32(w.q)
-            tensors[key + "_scale"] = w.scale
-            if format == "pack-quantized":
-                tensors[key.removesuffix("weight") + "weight_shape"] = torch.tensor(list(w.q.shape), dtype=torch.int64)
-            schemes.setdefault(w.group_size, []).append(ql.fqn)
-            manifest[ql.fqn] = {
-                "exact": w.exact,
-                "sqnr_db": None if math.isinf(w.sqnr_db) else round(w.sqnr_db, 2),
-                "group_size": ql.packed.group_size,
-                "group_scale_dtype": ql.packed.group_scale_dtype,
-            }
+            g = g_out if ql.packed.group_scale is not None else -1
+            items.append(_linear_item(ql, key, g, format, scale_dtype, manifest))
+            schemes.setdefault(g, []).append(ql.fqn)
         elif key in floats:
-            tensors[key] = floats[key]
+            t = floats[key]
+            items.append(Item(t.numel() * t.element_size(), lambda key=key, t=t: {key: t}))
         elif key not in tied_aliases:
             raise ExportError(f"the compiled graph has no tensor for {key!r}; cannot write a complete checkpoint")
 
@@ -409,7 +436,7 @@ def export_compressed_tensors(
         cj.pop("torch_dtype", None)
         cj["use_cache"] = True
         (tmp / "config.json").write_text(json.dumps(cj, indent=2, sort_keys=True) + "\n")
-        write_safetensors(tensors, tmp, max_shard_size)
+        write_safetensors(items, tmp, max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         sq = [v["sqnr_db"] for v in manifest.values() if v["sqnr_db"] is not None]

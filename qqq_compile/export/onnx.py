@@ -40,7 +40,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..formats import PackedW4
-from . import ExportError, bound_args, check_qqq_ops, qqq_linears, qqq_op_name
+from . import ExportError, bound_args, check_qqq_ops, qqq_linears, qqq_op_name, whole_graph
 
 KINDS = ("matmulnbits", "dq")
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations, int32 accumulation
@@ -280,7 +280,7 @@ class _LogitsOnly(torch.nn.Module):
         return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _to_int4_initializers(path: Path, int4_buffers: dict[str, tuple[int, int]]) -> None:
+def _to_int4_initializers(path: Path, int4_buffers: dict[str, tuple[int, int]], external: bool) -> None:
     import onnx
     from onnx import numpy_helper
 
@@ -302,7 +302,11 @@ def _to_int4_initializers(path: Path, int4_buffers: dict[str, tuple[int, int]]) 
     missing = set(int4_buffers) - found
     if missing:
         raise ExportError(f"ONNX export lost the weight initializers {sorted(missing)[:3]}... (constant-folded?)")
-    onnx.save(model, str(path))
+    if external:  # a protobuf holds at most 2 GB
+        (path.parent / (path.name + ".data")).unlink(missing_ok=True)  # loaded above; onnx appends
+        onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save(model, str(path))
 
 
 def export_onnx(
@@ -318,11 +322,12 @@ def export_onnx(
 
     ``kind="matmulnbits"`` uses onnxruntime's int4 contrib op (fastest in onnxruntime);
     ``kind="dq"`` uses only standard ops. ``check`` runs ``onnx.checker`` on the result.
+    Models whose tensors exceed 1.8 GB keep them in ``<path>.data`` beside the file.
     """
     import onnx
 
     _register_onnx_schema()
-    gm, int4_buffers = onnx_graph(compiled.graph_module, kind)
+    gm, int4_buffers = onnx_graph(whole_graph(compiled), kind)
     names = list(getattr(compiled, "input_names", None) or ["input_ids"])
     vocab = int((compiled.model_config or {}).get("vocab_size", 2))
     if example_inputs is None:
@@ -345,9 +350,10 @@ def export_onnx(
             optimize=True,
             verbose=False,
         )
-    prog.save(str(path), external_data=nbytes > 1_800_000_000)
+    external = nbytes > 1_800_000_000
+    prog.save(str(path), external_data=external)
     if int4_buffers:
-        _to_int4_initializers(path, int4_buffers)
+        _to_int4_initializers(path, int4_buffers, external)
     if check:
         onnx.checker.check_model(str(path))
     return path

@@ -244,23 +244,49 @@ def test_refuses_non_linear_modules(tmp_path):
         export_compressed_tensors(compiled, tmp_path / "ct")
 
 
+@pytest.fixture(scope="module")
+def smollm2_g128(request, smollm2, wiki_splits):
+    """SmolLM2 compiled with RTN, int8 group scales of 128 (8 calibration windows). Kept on
+    the pytest config so the two export test modules compile it once per session."""
+    compiled = getattr(request.config, "_qqq_export_smollm2_g128", None)
+    if compiled is None:
+        compiled = qqq_compile.compile(smollm2[0], wiki_splits[0][:8], {"quant": {"group_size": 128}}, progress=False)
+        request.config._qqq_export_smollm2_g128 = compiled
+    return compiled
+
+
 @pytest.mark.slow
-def test_smollm2_perplexity_matches(tmp_path, smollm2, wiki_splits):
+def test_smollm2_perplexity_matches(tmp_path, smollm2, smollm2_g128, wiki_splits):
     """SmolLM2, group 128 (written as 64: K=576): perplexity of transformers +
-    compressed-tensors within 0.5% of ours (8 eval windows of BOS + 511 tokens)."""
+    compressed-tensors within 0.5% of ours (4 eval windows of BOS + 511 tokens)."""
     require_compressed_tensors()
     import transformers
 
     from qqq_compile.eval import perplexity
 
-    model, tokenizer = smollm2
-    calib, windows = wiki_splits
-    compiled = qqq_compile.compile(model, calib[:8], {"quant": {"group_size": 128}}, progress=False)
+    tokenizer, compiled, windows = smollm2[1], smollm2_g128, wiki_splits[1]
     out = export_compressed_tensors(compiled, tmp_path / "smollm2-w4a8", tokenizer)
     assert (out / "tokenizer.json").exists()
     cfg, _ = read_folder(out)
     assert cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] == 64
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ours = perplexity(compiled, windows[:8], progress=False)
-    theirs = perplexity(loaded, windows[:8], progress=False)
+    ours = perplexity(compiled, windows[:4], progress=False)
+    theirs = perplexity(loaded, windows[:4], progress=False)
     assert abs(theirs / ours - 1) < 0.005, (ours, theirs)
+
+
+def test_shards_and_index(tmp_path, llama_g32):
+    _, compiled = llama_g32
+    one = export_compressed_tensors(compiled, tmp_path / "one")
+    many = export_compressed_tensors(compiled, tmp_path / "many", max_shard_size="40KB")
+    index = json.loads((many / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and not (many / "model.safetensors").exists()
+    _, ref = read_folder(one)
+    got = {}
+    for name in shards:
+        with safe_open(str(many / name), "pt") as f:
+            got.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    assert got.keys() == ref.keys() == index["weight_map"].keys()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ref.values())

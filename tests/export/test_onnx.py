@@ -7,7 +7,6 @@ import copy
 import math
 from collections import Counter
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -170,18 +169,32 @@ def test_refuses_unknown_qqq_op(tmp_path, llama_g32):
         export_onnx(compiled, tmp_path / "m.onnx")
 
 
+@pytest.fixture(scope="module")
+def smollm2_g128(request, smollm2, wiki_splits):
+    """SmolLM2 compiled with RTN, int8 group scales of 128 (8 calibration windows). Kept on
+    the pytest config so the two export test modules compile it once per session."""
+    compiled = getattr(request.config, "_qqq_export_smollm2_g128", None)
+    if compiled is None:
+        compiled = qqq_compile.compile(smollm2[0], wiki_splits[0][:8], {"quant": {"group_size": 128}}, progress=False)
+        request.config._qqq_export_smollm2_g128 = compiled
+    return compiled
+
+
 @pytest.mark.slow
-def test_smollm2_perplexity_matches(tmp_path, smollm2, wiki_splits):
-    """SmolLM2 (group 128; K = 576 is padded to 5 blocks): onnxruntime's perplexity within
-    1% of ours on 4 eval windows of BOS + 511 tokens."""
+def test_smollm2_perplexity_matches(tmp_path, smollm2_g128, wiki_splits):
+    """SmolLM2 (group 128; K = 576 is 4.5 groups), exported with standard ops: run as
+    written, onnxruntime's perplexity is within 1% of ours (4 eval windows of BOS + 511
+    tokens); with its default DQ->MatMulNBits fusion (int8 per 128-column block, the
+    fast path) within 3%. SmolLM2's outlier activations make per-token int8 coarse, so
+    the per-block path scores *lower* (measured: -0.8%; kind="matmulnbits": -2.1%)."""
     from qqq_compile.eval import perplexity
 
-    model, _ = smollm2
-    calib, windows = wiki_splits
-    compiled = qqq_compile.compile(model, calib[:8], {"quant": {"group_size": 128}}, progress=False)
-    path = export_onnx(compiled, tmp_path / "smollm2.onnx")
-    sess = ort_session(path)
-    ours = perplexity(compiled, windows[:4], progress=False)
-    theirs = perplexity(lambda ids: run_onnx(sess, ids), windows[:4], batch_size=4, progress=False)
-    assert abs(theirs / ours - 1) < 0.01, (ours, theirs)
-    assert np.isfinite(theirs)
+    compiled, windows = smollm2_g128, wiki_splits[1][:4]
+    path = export_onnx(compiled, tmp_path / "smollm2.onnx", kind="dq")
+    ours = perplexity(compiled, windows, progress=False)
+    exact = session(path, **{"session.qdq_matmulnbits_accuracy_level": "0"})
+    fused = session(path)
+    ppl_exact = perplexity(lambda ids: run_onnx(exact, ids), windows, batch_size=4, progress=False)
+    ppl_fused = perplexity(lambda ids: run_onnx(fused, ids), windows, batch_size=4, progress=False)
+    assert abs(ppl_exact / ours - 1) < 0.01, (ours, ppl_exact)
+    assert abs(ppl_fused / ours - 1) < 0.03, (ours, ppl_fused)
