@@ -31,7 +31,7 @@ import torch.fx._pytree as fx_pytree
 from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from .api import float_weights_note
 from .capture import CaptureError, export_graph
@@ -282,36 +282,43 @@ def _tree_dims(a: Any, b: Any) -> Any:
 
 
 class LoweredBlock(nn.Module):
-    """Stands in for one block: checks the call has the recorded input structure, then
+    """Stands in for one block: checks the call matches the one recorded at export, then
     runs the lowered graph. Non-tensor inputs (``use_cache=False``, ``None`` masks) were
-    specialised at export, so different ones are refused with a clear error."""
+    specialised at export (shapes too, for a static export): other ones are refused."""
 
     def __init__(self, name: str, graph_module: GraphModule, flat: list[Any], spec: Any, dynamic: bool):
         super().__init__()
         self.name, self.graph_module, self.spec, self.dynamic = name, graph_module, spec, dynamic
+        paths = [k for k, _ in tree_flatten_with_path(tree_unflatten(flat, spec))[0]]
+        # (args, kwargs) paths as the block's argument names: "args[0]", "attention_mask"
+        self.keys = [f"args{keystr(k[1:])}" if k[0].idx == 0 else f"{k[1].key}{keystr(k[2:])}" for k in paths]
         self.constants = {i: v for i, v in enumerate(flat) if not isinstance(v, torch.Tensor)}
         self.shapes = {i: tuple(v.shape) for i, v in enumerate(flat) if isinstance(v, torch.Tensor)}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = tree_flatten((args, kwargs))
-        bad = spec != self.spec or any(
-            isinstance(flat[i], torch.Tensor) or flat[i] != v for i, v in self.constants.items()
-        )
-        if not bad and not self.dynamic:
-            bad = any(tuple(flat[i].shape) != s for i, s in self.shapes.items())
-        if bad:
+        why = None
+        if spec != self.spec:
+            why = f"other arguments ({' '.join(str(spec).split())[:160]})"
+        else:
+            for i, v in self.constants.items():
+                if isinstance(flat[i], torch.Tensor) or flat[i] != v:
+                    why = f"{self.keys[i]} = {_short(flat[i])} where it was {v!r}"
+            for i, shape in self.shapes.items():
+                if not self.dynamic and tuple(flat[i].shape) != shape:
+                    why = f"{self.keys[i]} of shape {list(flat[i].shape)} (exported for {list(shape)} only)"
+        if why is not None:
             raise TypeError(
-                f"block {self.name} was compiled for inputs {self._describe(self.spec, self.constants, self.shapes)}, "
-                f"but is called with {self._describe(spec, {}, {})}; call the compiled model as during calibration "
-                "(no cache, no padding mask" + ("" if self.dynamic else ", the calibration shapes") + ")"
+                f"block {self.name} was compiled for the call it saw during calibration, but gets {why}; call the "
+                "compiled model as during calibration (no KV cache, no padding mask"
+                + ("" if self.dynamic else ", the calibration batch shape")
+                + ")"
             )
         return self.graph_module(args=args, kwargs=kwargs)
 
-    @staticmethod
-    def _describe(spec: Any, constants: dict, shapes: dict) -> str:
-        text = str(spec).replace("\n", " ")
-        extra = [f"#{i}={v!r}" for i, v in constants.items()] + [f"#{i}:{list(s)}" for i, s in shapes.items()]
-        return f"{' '.join(text.split())[:200]}" + (f" ({', '.join(extra[:8])})" if extra else "")
+
+def _short(v: Any) -> str:
+    return f"a tensor {list(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)[:80]
 
 
 class BlockwiseCompiledModel(nn.Module):
@@ -340,32 +347,17 @@ class BlockwiseCompiledModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def linears(self) -> list[LinearInfo]:
-        """Per-linear facts in module order: block linears from their graphs, linears
-        outside the blocks (kept in float) with the reason."""
-        in_blocks = {}
-        for gm in self.blocks.values():
-            for n in gm.graph.nodes:
-                li = info(n)
-                if isinstance(li, LinearInfo):
-                    in_blocks.setdefault(li.fqn, []).append(li)
-        out: list[LinearInfo] = []
-        emitted: set[str] = set()
+        """Per-linear facts: the blocks' linears (graph order), then the linear layers
+        outside the blocks, kept in float, with the reason."""
+        out = [li for gm in self.blocks.values() for n in gm.graph.nodes if isinstance(li := info(n), LinearInfo)]
         for name, m in self.model.named_modules():
-            if isinstance(m, LoweredBlock):
-                for fqn, lis in in_blocks.items():
-                    if fqn.startswith(m.name + ".") and fqn not in emitted:
-                        out.extend(lis)
-                        emitted.add(fqn)
-                continue
             w = getattr(m, "weight", None)
-            if isinstance(m, nn.Embedding) or not isinstance(w, torch.Tensor) or w.dim() != 2:
+            if isinstance(m, (nn.Embedding, LoweredBlock)) or not isinstance(w, torch.Tensor) or w.dim() != 2:
                 continue
-            if any(name.startswith(b + ".") for b in self.blocks):
-                continue
-            n_out, k = (w.shape[0], w.shape[1]) if isinstance(m, nn.Linear) else (w.shape[1], w.shape[0])
-            li = LinearInfo(name, k, n_out)
-            li.skipped = "outside the decoder blocks: kept in float by the blockwise fallback"
-            out.append(li)
+            if not any(name.startswith(b + ".") for b in self.blocks):
+                n_out, k = w.shape if isinstance(m, nn.Linear) else w.shape[::-1]  # Conv1D stores [K, N]
+                li = LinearInfo(name, k, n_out, skipped="outside the decoder blocks: kept in float (blockwise)")
+                out.append(li)
         return out
 
     def save(self, path: str) -> None:
@@ -378,12 +370,9 @@ class BlockwiseCompiledModel(nn.Module):
         )
 
     def weight_bytes(self) -> int:
-        seen, total = set(), 0
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total
+        """Bytes of every parameter and buffer the compiled model holds (shared ones once)."""
+        tensors = {t.data_ptr(): t for t in [*self.model.parameters(), *self.model.buffers()]}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def __repr__(self) -> str:
         lin = self.linears()
@@ -430,10 +419,16 @@ def compile_blockwise(
     ``reason`` is the whole-model capture error that led here (recorded as a note)."""
     from tqdm.auto import tqdm
 
-    path, names = find_blocks(model)
+    try:
+        path, names = find_blocks(model)
+    except CaptureError as e:
+        if reason is None:
+            raise
+        raise CaptureError(f"{reason}\n  {e}") from reason
     work = _share_tensors_copy(model).eval()
-    if hasattr(work, "config") and hasattr(work.config, "to_dict"):
-        work.config.use_cache = False
+    for m in work.modules():  # blocks are exported without a KV cache (the top model's or nested ones)
+        if hasattr(getattr(m, "config", None), "use_cache"):
+            m.config.use_cache = False
     blocks = [work.get_submodule(n) for n in names]
     ex_a, ex_b = _examples(example_inputs, batches)
     rec_a, rec_b = _record(work, blocks, ex_a, names), _record(work, blocks, ex_b, names)

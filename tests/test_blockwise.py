@@ -51,11 +51,22 @@ class ValueBranchBlock(nn.Module):
         return h
 
 
-class UntraceableBlocks(nn.Module):
-    def __init__(self, vocab: int = 64, d: int = 32):
+class ShapeBranchBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.shape[1] % 2 == 0:  # specialises on the sequence length: no dynamic export
+            h = h * 0.5
+        return h + self.fc(h)
+
+
+class Stack(nn.Module):
+    def __init__(self, block: type[nn.Module], vocab: int = 64, d: int = 32):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList([ValueBranchBlock(d) for _ in range(2)])
+        self.layers = nn.ModuleList([block(d) for _ in range(2)])
         self.head = nn.Linear(d, vocab)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -139,7 +150,7 @@ def test_report_lists_float_linears_outside_blocks(compiled):
         + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     ]
     (head,) = [li for li in lin if not li.lowered]
-    assert head.fqn == "lm.lm_head" and "outside the decoder blocks" in head.skipped
+    assert head.fqn == "lm.lm_head" and "outside the decoder blocks: kept in float" in head.skipped
     assert "14/15 linears lowered" in repr(out)
     with pytest.raises(ArtifactError, match="block by block.*cannot be saved"):
         out.save("/nonexistent/never-written")
@@ -155,13 +166,13 @@ def test_lowered_block_refuses_inputs_it_was_not_compiled_for(compiled):
         model(torch.randint(1, 256, (2, 8)))
     hook.remove()
     kwargs = dict(rec["kwargs"], attention_mask=torch.zeros(2, 1, 8, 8))  # a mask where None was compiled
-    with pytest.raises(TypeError, match="lm.model.layers.0 was compiled for inputs"):
+    with pytest.raises(TypeError, match=r"layers.0 .* gets attention_mask = a tensor \[2, 1, 8, 8\] where it was None"):
         out.model.lm.model.layers[0](*rec["args"], **kwargs)
 
 
 def test_untraceable_block_names_the_module_and_construct():
     torch.manual_seed(0)
-    model = UntraceableBlocks().eval()
+    model = Stack(ValueBranchBlock).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(qc.CaptureError) as err:
         qc.compile(model, tiny_calib(4, vocab=64), progress=False)
@@ -170,6 +181,21 @@ def test_untraceable_block_names_the_module_and_construct():
     assert "data-dependent" in msg and "if h.abs().max() > 1e4" in msg
     assert "torch.where/torch.cond" in msg
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_static_export_when_dynamic_fails():
+    torch.manual_seed(0)
+    model = Stack(ShapeBranchBlock).eval()
+    out = qc.compile(model, tiny_calib(8, vocab=64), {"preset": "gptq"}, progress=False)  # one batch [8, 32]
+    assert isinstance(out, BlockwiseCompiledModel)
+    assert [gm for gm in out.blocks.values() if count(gm, W4A8) != 1] == []
+    static = [n.message for n in out.report.notes if "exported with static shapes" in n.message]
+    assert len(static) == 2 and static[0].startswith("layers.0: export with dynamic batch/sequence dims failed")
+    x = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert sqnr_db(model(x), out(x)) > 20
+    with pytest.raises(TypeError, match=r"gets args\[0\] of shape \[2, 32, 32\] \(exported for \[8, 32, 32\] only"):
+        out(x[:2])
 
 
 def test_find_blocks_takes_the_largest_list_of_identical_layers():
