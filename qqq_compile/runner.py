@@ -7,6 +7,10 @@ with one block, not with the whole model. Passes iterate over blocks, run a bloc
 with hooks and overrides (to collect statistics, try candidate scales, simulate
 quantized weights) and then let the runner advance with the block's final form, so
 the next block sees the outputs of the already-transformed block (as GPTQ does).
+
+Weights kept on disk (:mod:`qqq_compile.streaming`) are made resident for exactly the
+segment being run: a block's weights are read when the runner reaches it and go back to
+disk once the runner has advanced past it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from .graph import Block, Partition, get_attr, partition
+from .streaming import attr_targets, resident
 
 Env = dict[Node, Any]
 Override = Callable[..., Any]
@@ -103,7 +108,7 @@ class BlockState:
         nodes = self.block.nodes if nodes is None else nodes
         idx = range(len(self.envs)) if batches is None else batches
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), resident(self.runner.gm, attr_targets(nodes)):
             for i in idx:
                 env = run_nodes(self.runner.gm, nodes, dict(self.envs[i]), overrides, hooks)
                 out.append([env[o] for o in outputs])
@@ -144,7 +149,7 @@ class BlockRunner:
         if not nodes:
             return
         end = self._order[nodes[-1]]
-        with torch.no_grad():
+        with torch.no_grad(), resident(self.gm, attr_targets(nodes)):
             for env in self.envs:
                 run_nodes(self.gm, nodes, env, overrides)
                 for n in [n for n in env if self._last_use[n] <= end]:
@@ -156,10 +161,13 @@ class BlockRunner:
         self._advance(self.part.prefix)
         blocks = self.part.blocks
         for i, block in enumerate(tqdm(blocks, desc=self.desc, disable=not self.progress, leave=False)):
-            state = BlockState(self, i, block)
-            if i >= start:
-                yield state
-            self._advance(block.nodes, state.overrides)
+            # Streamed weights stay resident while the caller works on the block and the
+            # runner advances it; a weight the caller replaced is kept (on disk) after.
+            with resident(self.gm, attr_targets(block.nodes)):
+                state = BlockState(self, i, block)
+                if i >= start:
+                    yield state
+                self._advance(block.nodes, state.overrides)
 
     def suffix_state(self) -> BlockState:
         """The nodes after the last block (final norm, lm_head), as a pseudo-block."""
