@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -129,7 +130,7 @@ def float_weights_note(gm: torch.fx.GraphModule) -> str | None:
 
 
 def compile(  # noqa: A001 - the public name mirrors torch.compile
-    model: torch.nn.Module,
+    model: torch.nn.Module | str | os.PathLike,
     calib: Any = None,
     config: CompileConfig | dict | None = None,
     *,
@@ -139,18 +140,41 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     instruments: Sequence[Instrument] = (),
     dump_dir: str | None = None,
     progress: bool = True,
+    streaming: bool = False,
     fallback: str = "blockwise",
 ) -> CompiledModel:
     """Quantize ``model`` to W4A8 and return a callable that behaves like it.
 
     ``config`` picks the preset and format (default: QQQ per-channel); ``passes``
     overrides the preset with an explicit pass list. The user's model is not modified.
+    ``streaming=True`` takes the path of a ``save_pretrained`` folder instead and keeps
+    the float weights on disk, one decoder block in memory at a time
+    (:func:`qqq_compile.streaming.compile_from_disk`).
     ``fallback``: when ``torch.export`` cannot capture the whole model, ``"blockwise"``
     quantizes its decoder blocks one at a time (:mod:`qqq_compile.blockwise`), ``"error"``
     raises the :class:`CaptureError`.
     """
     if fallback not in ("blockwise", "error"):
         raise ValueError(f"fallback={fallback!r} is not known; use 'blockwise' or 'error'")
+    if streaming:
+        from .streaming import compile_from_disk
+
+        return compile_from_disk(
+            model,  # type: ignore[arg-type]
+            calib,
+            config,
+            passes=passes,
+            tokenizer=tokenizer,
+            example_inputs=example_inputs,
+            instruments=instruments,
+            dump_dir=dump_dir,
+            progress=progress,
+        )
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"compile() got the path {str(model)!r}: pass streaming=True to quantize it from disk block by "
+            "block, or load the model first (qqq_compile.models.load_model)"
+        )
     if isinstance(config, dict):
         config = CompileConfig.from_dict(config)
     config = config or CompileConfig()
