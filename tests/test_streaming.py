@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_calib, tiny_model
+from tests.conftest import tiny_calib, tiny_model
 from transformers import AutoModelForCausalLM
 
 import qqq_compile as qc
