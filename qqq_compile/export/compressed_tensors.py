@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from ..formats import PackedW4, expand_groups
-from ..graph import get_attr
+from ..graph import get_attr, linear_sites, module_fqn
 from ..pipeline import sqnr_db
 from . import ExportError, QLinear, check_qqq_ops, qqq_linears, whole_graph
 
@@ -152,6 +152,38 @@ def _users(gm: GraphModule, target: str) -> str:
     return ", ".join(names) or "nothing"
 
 
+def _online_rotation(gm: GraphModule, target: str) -> Node | None:
+    """The node a rotation pass marked as an online Hadamard that ``target`` feeds, if any."""
+    frontier = [u for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users]
+    for _ in range(6):
+        for n in frontier:
+            if "qqq_online_hadamard" in n.meta:
+                return n
+        frontier = [u for n in frontier for u in n.users]
+    return None
+
+
+def _role_keys(gm: GraphModule, state: dict[str, Any]) -> dict[str, list[str]]:
+    """HF keys of each ``get_attr`` target, by how the graph uses it: a linear's weight or
+    bias is ``<module>.weight``/``.bias``, an embedding table ``<module>.weight``. This
+    names tensors that a pass re-registered (an untied ``lm_head``) and splits a tied
+    tensor into its roles."""
+    roles: dict[str, list[str]] = {}
+
+    def add(attr: Any, key: str) -> None:
+        if isinstance(attr, Node) and attr.op == "get_attr" and key in state:
+            roles.setdefault(attr.target, []).append(key)
+
+    for site in linear_sites(gm):
+        fqn = module_fqn(site.node)
+        add(site.weight, f"{fqn}.weight")
+        add(site.bias, f"{fqn}.bias")
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target == torch.ops.aten.embedding.default:
+            add(n.args[0], f"{module_fqn(n)}.weight")
+    return roles
+
+
 def _collect(
     gm: GraphModule, skeleton: torch.nn.Module, linears: list[QLinear]
 ) -> tuple[dict[str, torch.Tensor], dict[str, QLinear]]:
@@ -159,6 +191,7 @@ def _collect(
     state = skeleton.state_dict(keep_vars=True)
     buffers = {n for n, _ in skeleton.named_buffers()}
     modules = dict(skeleton.named_modules())
+    roles = _role_keys(gm, state)
     consumed: set[str] = set()
     floats: dict[str, torch.Tensor] = {}
     quant: dict[str, QLinear] = {}
@@ -186,16 +219,23 @@ def _collect(
         if node.op != "get_attr" or node.target in consumed:
             continue
         t = node.target
-        if t in state:
-            floats[t] = get_attr(gm, t)
-        elif t in buffers or t.startswith(_CONSTANT_PREFIXES):
-            continue  # non-persistent buffer (rotary inv_freq...) or a lifted constant: HF recomputes it
-        else:
+        keys = roles.get(t) or ([t] if t in state else [])
+        for key in keys:
+            floats[key] = get_attr(gm, t)
+        if keys or t in buffers or t.startswith(_CONSTANT_PREFIXES):
+            continue  # else: non-persistent buffer (rotary inv_freq...) or lifted constant, HF recomputes it
+        rot = _online_rotation(gm, t)
+        if rot is not None:
             raise ExportError(
-                f"the compiled graph holds a tensor {t!r} that no Hugging Face {type(skeleton).__name__} has "
-                f"(used by {_users(gm, t)}): the graph computes something the model class cannot express. "
-                "Compile without the pass that added it to export this model"
+                f"the compiled graph applies an online Hadamard rotation ({rot.name}, width "
+                f"{rot.meta['qqq_online_hadamard']}) that Hugging Face's {type(skeleton).__name__} has no op for; "
+                "compile with Rotate(online_down_proj=False) to export to compressed-tensors, or use export_onnx"
             )
+        raise ExportError(
+            f"the compiled graph holds a tensor {t!r} that no Hugging Face {type(skeleton).__name__} has "
+            f"(used by {_users(gm, t)}): the graph computes something the model class cannot express. "
+            "Compile without the pass that added it to export this model"
+        )
     return floats, quant
 
 
@@ -306,9 +346,12 @@ class Item:
     make: Callable[[], dict[str, torch.Tensor]]
 
 
-def write_safetensors(items: list[Item], folder: Path, max_shard_size: int | str = "5GB") -> list[str]:
+def write_safetensors(
+    items: list[Item], folder: Path, max_shard_size: int | str = "5GB", progress: bool = False
+) -> list[str]:
     """Write ``items`` as ``model.safetensors`` or HF-style shards plus an index."""
     from safetensors.torch import save_file
+    from tqdm.auto import tqdm
 
     limit = _parse_size(max_shard_size)
     shards: list[list[Item]] = [[]]
@@ -325,9 +368,11 @@ def write_safetensors(items: list[Item], folder: Path, max_shard_size: int | str
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     weight_map, total = {}, 0
+    bar = tqdm(total=len(items), desc="Writing safetensors", unit="tensor", disable=not progress)
     for name, shard in zip(names, shards, strict=True):
         tensors, seen = {}, set()
         for it in shard:
+            bar.update(1)
             for k, t in it.make().items():
                 t = t.detach().contiguous()
                 if t.numel() and t.data_ptr() in seen:
@@ -338,6 +383,7 @@ def write_safetensors(items: list[Item], folder: Path, max_shard_size: int | str
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         del tensors
+    bar.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -376,6 +422,7 @@ def export_compressed_tensors(
     scale_dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Write ``compiled`` (a :class:`~qqq_compile.CompiledModel` of a HF causal LM) to
     ``out_dir`` as a compressed-tensors W4A8 checkpoint: config.json with
@@ -434,9 +481,9 @@ def export_compressed_tensors(
         cj["tie_word_embeddings"] = tie
         cj["dtype"] = str(model_dtype).removeprefix("torch.")
         cj.pop("torch_dtype", None)
-        cj["use_cache"] = True
+        cj["use_cache"] = True  # export ran without a KV cache; serving wants one
         (tmp / "config.json").write_text(json.dumps(cj, indent=2, sort_keys=True) + "\n")
-        write_safetensors(items, tmp, max_shard_size)
+        write_safetensors(items, tmp, max_shard_size, progress)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         sq = [v["sqnr_db"] for v in manifest.values() if v["sqnr_db"] is not None]

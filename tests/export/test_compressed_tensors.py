@@ -22,6 +22,9 @@ import qqq_compile
 from qqq_compile.compiled import CompiledModel
 from qqq_compile.export import ExportError, export_compressed_tensors, qqq_linears
 from qqq_compile.export.compressed_tensors import pack_int4_to_int32
+from qqq_compile.passes.lower import LowerW4A8
+from qqq_compile.passes.quantize import QuantizeRTN
+from qqq_compile.passes.rotate import Rotate
 from qqq_compile.pipeline import sqnr_db
 from tests.conftest import tiny_calib, tiny_model
 
@@ -216,8 +219,44 @@ def test_quantized_lm_head_unties(tmp_path):
     assert tensors["model.embed_tokens.weight"].dtype == torch.float32
 
 
-def test_refuses_computation_hf_cannot_express(tmp_path, llama_tied):
-    """An extra transform before down_proj (as an online Hadamard would be) has no HF name."""
+def compile_rotated(online: bool):
+    """Tiny LLaMA (tied embeddings, non-trivial final norm) through Rotate -> RTN -> lower."""
+    model = tiny_model(tie_word_embeddings=True)
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
+    passes = [Rotate(online_down_proj=online), QuantizeRTN(), LowerW4A8()]
+    return qqq_compile.compile(model, tiny_calib(), {"quant": {"group_size": 32}}, passes=passes, progress=False)
+
+
+def test_rotated_model_unties_and_round_trips(tmp_path):
+    """Rotation folds the final norm into lm_head and re-registers it under a qqq_ name:
+    the export finds its HF name from the graph, unties it from the embedding, and
+    transformers reproduces our logits."""
+    require_compressed_tensors()
+    import transformers
+
+    compiled = compile_rotated(online=False)
+    out = export_compressed_tensors(compiled, tmp_path / "ct")
+    cfg, tensors = read_folder(out)
+    assert cfg["tie_word_embeddings"] is False
+    assert not torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    assert torch.equal(tensors["model.norm.weight"], torch.ones(64))  # folded into lm_head
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.cat(tiny_calib(2, 24, seed=3))
+    with torch.no_grad():
+        assert sqnr_db(compiled(ids).logits, loaded(ids).logits) > 35
+
+
+def test_refuses_online_hadamard(tmp_path):
+    """An online Hadamard before down_proj has no op in the HF model class."""
+    compiled = compile_rotated(online=True)
+    with pytest.raises(ExportError, match=r"online Hadamard.*online_down_proj=False"):
+        export_compressed_tensors(compiled, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_refuses_unnamed_tensor(tmp_path, llama_tied):
+    """Any other tensor the HF class has no name for (here an extra matmul before down_proj)."""
     gm = GraphModule(llama_tied.graph_module, copy.deepcopy(llama_tied.graph_module.graph))
     compiled = CompiledModel(
         gm,
@@ -227,15 +266,14 @@ def test_refuses_computation_hf_cannot_express(tmp_path, llama_tied):
         model_class=llama_tied.model_class,
     )
     (down,) = [ql.node for ql in qqq_linears(gm) if ql.fqn == "model.layers.0.mlp.down_proj"]
-    gm.register_buffer("qqq_hadamard_0", torch.eye(160))
+    gm.register_buffer("qqq_extra_0", torch.eye(160))
     with gm.graph.inserting_before(down):
-        h = gm.graph.get_attr("qqq_hadamard_0")
+        h = gm.graph.get_attr("qqq_extra_0")
         rot = gm.graph.call_function(torch.ops.aten.matmul.default, (down.args[0], h))
     down.replace_input_with(down.args[0], rot)
     gm.recompile()
-    with pytest.raises(ExportError, match="qqq_hadamard_0.*matmul"):
+    with pytest.raises(ExportError, match="qqq_extra_0.*matmul"):
         export_compressed_tensors(compiled, tmp_path / "ct")
-    assert not (tmp_path / "ct").exists()
 
 
 def test_refuses_non_linear_modules(tmp_path):

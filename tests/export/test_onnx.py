@@ -20,6 +20,9 @@ from qqq_compile.compiled import CompiledModel
 from qqq_compile.export import ExportError, export_onnx, qqq_linears, time_onnx
 from qqq_compile.export.onnx import matmulnbits_weight, ort_session, run_onnx
 from qqq_compile.formats import PackedW4
+from qqq_compile.passes.lower import LowerW4A8
+from qqq_compile.passes.quantize import QuantizeRTN
+from qqq_compile.passes.rotate import Rotate
 from qqq_compile.pipeline import sqnr_db
 from tests.conftest import tiny_calib, tiny_model
 
@@ -153,6 +156,17 @@ def test_rmsnorm_quant_and_linear_q(tmp_path):
     assert counts[("com.microsoft", "MatMulNBits")] == 2 and counts[("ai.onnx", "ReduceMean")] == 1
     ids = torch.randint(0, 256, (3, 11), generator=torch.Generator().manual_seed(3))
     assert sqnr_db(compiled(ids), run_onnx(ort_session(path), ids)) > 35
+
+
+def test_online_hadamard_exports(tmp_path):
+    """Rotation with an online Hadamard before down_proj (plain matmuls against constant
+    factors) exports and runs like ours."""
+    model = tiny_model("llama", num_hidden_layers=1)
+    passes = [Rotate(online_down_proj=True), QuantizeRTN(), LowerW4A8()]
+    compiled = qqq_compile.compile(model, tiny_calib(), {"quant": {"group_size": 32}}, passes=passes, progress=False)
+    path = export_onnx(compiled, tmp_path / "m.onnx")
+    ids = torch.cat(tiny_calib(2, 24, seed=3))
+    assert sqnr_db(compiled(ids).logits, run_onnx(ort_session(path), ids)) > 35
 
 
 def test_refuses_unknown_qqq_op(tmp_path, llama_g32):
