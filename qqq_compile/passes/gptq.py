@@ -19,6 +19,7 @@ column is rounded to the nearest value the final format can represent (for the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -78,8 +79,11 @@ class Grid:
         self.table: torch.Tensor | None = None
         if self.gs is not None and dtype == "float16":
             codes = torch.arange(self.qmin, self.qmax + 1, dtype=torch.float32)
-            w8 = torch.round(codes[None, None, :] * self.gs.float().t()[:, :, None]).clamp(-ACT_QMAX, ACT_QMAX)
-            self.table = self.s_ch[None, :, None] * w8  # [G, N, 16]
+            w8 = torch.round(codes[None, None, :] * self.gs.float().t()[:, :, None])
+            # Codes whose q4 * gs would need clamping to ±127 (q4 = -8 in the widest groups)
+            # are never chosen: clamping only duplicates -7's value, and a kernel that got
+            # the clamp wrong would then still decode every weight right.
+            self.table = torch.where(w8.abs() <= ACT_QMAX, self.s_ch[None, :, None] * w8, math.inf)  # [G, N, 16]
         self._gsf = None if self.gs is None else self.gs.float()
 
     def col_group(self) -> torch.Tensor:

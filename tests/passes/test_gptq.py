@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qqq_compile import CompileContext, QuantConfig, calib_batches, capture
-from qqq_compile.formats import PackedW4
+from qqq_compile.formats import PackedW4, fake_quant_act
 from qqq_compile.graph import get_weight, info, linear_sites
 from qqq_compile.passes import gptq as gptq_mod
 from qqq_compile.passes.gptq import GPTQ, GPTQError, Grid, gptq_quantize
@@ -106,6 +106,9 @@ def test_gptq_core_decodes_exactly_and_beats_rtn(gs, dtype, act_order):
         # For these formats the grid needs nothing beyond the standard packing.
         ref = PackedW4.from_int4(res.q4, gptq_mod.choose_scales(w, gs, dtype), dtype)
         assert torch.equal(ref.qweight, packed.qweight) and torch.allclose(ref.dequantize(), res.deq)
+    # ... and so does the W4A8 kernel the lowered graph calls.
+    out = torch.ops.qqq.w4a8_linear(x, packed.qweight, packed.channel_scale, packed.group_scale, None, gs)
+    torch.testing.assert_close(out, fake_quant_act(x) @ res.deq.t(), rtol=1e-4, atol=1e-3)
     rtn = PackedW4.from_float(w, gs, dtype).dequantize()
     err = lambda wq: ((x @ (w - wq).t()) ** 2).sum().item()  # noqa: E731
     # Act-order matters here: the uneven channel scales are what it exploits.
