@@ -54,16 +54,18 @@ def require_compressed_tensors() -> None:
         )
 
 
-def compile_tiny(arch="llama", quant=None, **overrides):
+def compile_tiny(arch="llama", quant=None, preset="rtn", **overrides):
     model = tiny_model(arch, **overrides)
-    return model, qqq_compile.compile(model, tiny_calib(), {"quant": quant or {}}, progress=False)
+    config = {"preset": preset, "quant": quant or {}}
+    return model, qqq_compile.compile(model, tiny_calib(), config, progress=False)
 
 
 # Capture dominates these tests' time: each configuration is compiled once per module.
 @pytest.fixture(scope="module")
 def llama_g32():
-    """(float model, compiled): tiny LLaMA, int8 two-level group scales of 32 columns."""
-    return compile_tiny(quant={"group_size": 32})
+    """(float model, compiled): tiny LLaMA through the default QQQ preset (smoothing folded
+    into the norms, GPTQ), int8 two-level group scales of 32 columns."""
+    return compile_tiny(quant={"group_size": 32}, preset="qqq")
 
 
 @pytest.fixture(scope="module")
@@ -284,11 +286,13 @@ def test_refuses_non_linear_modules(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_g128(request, smollm2, wiki_splits):
-    """SmolLM2 compiled with RTN, int8 group scales of 128 (8 calibration windows). Kept on
+    """SmolLM2 compiled with RTN, int8 group scales of 128. Kept on
     the pytest config so the two export test modules compile it once per session."""
     compiled = getattr(request.config, "_qqq_export_smollm2_g128", None)
     if compiled is None:
-        compiled = qqq_compile.compile(smollm2[0], wiki_splits[0][:8], {"quant": {"group_size": 128}}, progress=False)
+        # RTN: the exporters read only the lowered graph; the QQQ preset is covered on the tiny model
+        config = {"preset": "rtn", "quant": {"group_size": 128}}
+        compiled = qqq_compile.compile(smollm2[0], wiki_splits[0][:8], config, progress=False)
         request.config._qqq_export_smollm2_g128 = compiled
     return compiled
 

@@ -74,7 +74,7 @@ def test_matmulnbits_layout_in_onnxruntime(tmp_path, group_size, gs_dtype):
 @pytest.fixture(scope="module")
 def llama_g32():
     model = tiny_model("llama", num_hidden_layers=1)
-    return qqq_compile.compile(model, tiny_calib(), {"quant": {"group_size": 32}}, progress=False)
+    return qqq_compile.compile(model, tiny_calib(), {"preset": "qqq", "quant": {"group_size": 32}}, progress=False)
 
 
 def test_matmulnbits_model_matches_our_kernels(tmp_path, llama_g32):
@@ -185,11 +185,13 @@ def test_refuses_unknown_qqq_op(tmp_path, llama_g32):
 
 @pytest.fixture(scope="module")
 def smollm2_g128(request, smollm2, wiki_splits):
-    """SmolLM2 compiled with RTN, int8 group scales of 128 (8 calibration windows). Kept on
+    """SmolLM2 compiled with RTN, int8 group scales of 128. Kept on
     the pytest config so the two export test modules compile it once per session."""
     compiled = getattr(request.config, "_qqq_export_smollm2_g128", None)
     if compiled is None:
-        compiled = qqq_compile.compile(smollm2[0], wiki_splits[0][:8], {"quant": {"group_size": 128}}, progress=False)
+        # RTN: the exporters read only the lowered graph; the QQQ preset is covered on the tiny model
+        config = {"preset": "rtn", "quant": {"group_size": 128}}
+        compiled = qqq_compile.compile(smollm2[0], wiki_splits[0][:8], config, progress=False)
         request.config._qqq_export_smollm2_g128 = compiled
     return compiled
 
