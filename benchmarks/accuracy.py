@@ -72,7 +72,8 @@ PROTOCOL = (
     "Eval: last {n_eval} windows of 512 tokens (BOS + 511); calibration: {n_calib} windows, seed 0, "
     "first 80% of the text. W4A8 = int4 weights (symmetric), dynamic per-token symmetric int8 "
     "activations; lm_head kept in float; group scales int8 two-level unless stated. "
-    "Wall time = quantization only (capture + passes), {threads} threads; peak RSS of the row's process."
+    "Quantization time = capture + passes (wall, and CPU seconds of all threads), {threads} threads; "
+    "peak RSS of the row's process."
 )
 
 
@@ -83,6 +84,13 @@ def _rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _cpu_s() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def run_own_row(name: str, data_path: str, threads: int) -> dict:
@@ -102,9 +110,11 @@ def run_own_row(name: str, data_path: str, threads: int) -> dict:
         row["quant_s"] = None
     else:
         config = {"preset": preset, "quant": quant, "preset_options": options}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         cm = qc.compile(model, list(data["calib"]), config, progress=False)
         row["quant_s"] = time.perf_counter() - t0
+        # CPU seconds (all threads): robust to other processes sharing the machine.
+        row["quant_cpu_s"] = _cpu_s() - c0
         row["passes"] = {p.name: round(p.seconds, 1) for p in cm.report.passes}
         row["notes"] = [f"{n.pass_name}: {n.message}" for n in cm.report.notes if n.level == "warning"][:10]
         row["w4a8_linears"] = sum(1 for li in cm.linears() if li.lowered)
@@ -146,17 +156,18 @@ def _run_child(cmd: list[str], result: Path, env: dict) -> dict:
 
 def _table(results: dict, fp: float | None, protocol: str) -> str:
     lines = [
-        "| row | perplexity | Δ vs FP32 | quantization time (s) | peak RSS (MB) |",
-        "|---|---|---|---|---|",
+        "| row | perplexity | Δ vs FP32 | quantization wall (s) | quantization CPU (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error'][:120]} | | | |")
+            lines.append(f"| {r['label']} | failed: {r['error'][-160:]} | | | | |")
             continue
         delta = "" if fp is None or r["row"] == "fp32" else f"{100 * (r['ppl'] / fp - 1):+.2f}%"
         qs = "" if r.get("quant_s") is None else f"{r['quant_s']:.0f}"
+        cpu = "" if r.get("quant_cpu_s") is None else f"{r['quant_cpu_s']:.0f}"
         rss = "" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"
-        lines.append(f"| {r['label']} | {r['ppl']:.3f} | {delta} | {qs} | {rss} |")
+        lines.append(f"| {r['label']} | {r['ppl']:.3f} | {delta} | {qs} | {cpu} | {rss} |")
     return "\n".join([*lines, "", protocol])
 
 
@@ -167,6 +178,7 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=40)
     ap.add_argument("--out", default=str(HERE / "results" / "accuracy.json"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table", action="store_true", help="only re-render the table of an existing --out JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -175,6 +187,13 @@ def main() -> None:
     if args.child:
         row = run_own_row(args.child, args.data, args.threads)
         Path(args.result).write_text(json.dumps(row))
+        return
+
+    if args.table:
+        results = json.loads(Path(args.out).read_text())
+        table = _table(results, results.get("fp32_ppl"), results["protocol"])
+        Path(args.out).with_suffix(".md").write_text(table + "\n")
+        print(table)
         return
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
