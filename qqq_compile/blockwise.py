@@ -20,10 +20,13 @@ construct outside the decoder stack), the decoder blocks usually still are. This
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import os
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -239,6 +242,20 @@ def _user_frame(e: BaseException) -> str:
     return f" at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
 
 
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """Silence what a failing ``torch.export`` prints (the partial graph on stderr, shape
+    warnings) while a fallback is ready to handle the failure."""
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        log.setLevel(level)
+
+
 def export_block(
     name: str, block: nn.Module, rec_a: Any, rec_b: Any, static: Callable[[], Any]
 ) -> tuple[GraphModule, bool]:
@@ -255,12 +272,14 @@ def export_block(
     }
     holder = _Holder(name, block)
     try:
-        return export_graph(holder, (), {"args": args, "kwargs": kwargs}, dyn), True
+        with quiet_export():
+            return export_graph(holder, (), {"args": args, "kwargs": kwargs}, dyn), True
     except Exception:  # noqa: BLE001 - retried with static shapes below
         pass
     args_s, kwargs_s = static()
     try:
-        return export_graph(holder, (), {"args": args_s, "kwargs": kwargs_s}, None), False
+        with quiet_export():
+            return export_graph(holder, (), {"args": args_s, "kwargs": kwargs_s}, None), False
     except Exception as e:  # noqa: BLE001 - re-raised naming the block
         first = str(e).strip().split("\n")[0][:300]
         raise CaptureError(
