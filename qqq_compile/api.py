@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -185,8 +186,11 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         # would make export guard on the original row length).
         first = batches[0]["input_ids"][:, :16]
         example_inputs = {"input_ids": first[[0, -1]].contiguous()}
+    from .blockwise import quiet_export
+
     try:
-        captured = capture(model, example_inputs)
+        with quiet_export() if fallback == "blockwise" else contextlib.nullcontext():
+            captured = capture(model, example_inputs)
     except CaptureError as e:
         if fallback == "error":
             raise
