@@ -191,11 +191,13 @@ def residual_plan(gm: GraphModule) -> ResidualPlan:
                 continue
             if u.op == "output":
                 raise NotRotatable("the residual stream is a graph output (it would come out rotated)")
-            inner = [nm for nm, nodes in norms.get(r, []) if u in nodes]
-            if inner:
-                found[inner[0].output] = inner[0]
-            elif u.target in _STREAM_VIEWS and _keeps_last_dim(u):
+            # A view of the stream stays on it even when a norm also reads it (OPT views
+            # the residual once, then both its LayerNorm and the next add read the view).
+            inner = [nm for nm, nodes in norms.get(r, []) + norms.get(through_transparent(r), []) if u in nodes]
+            if u.target in _STREAM_VIEWS and _keeps_last_dim(u):
                 stack.append(u)
+            elif inner:
+                found[inner[0].output] = inner[0]
             elif u.target in (aten.mul.Tensor, aten.mul.Scalar) and all(a is r or _numel1(a) for a in u.args):
                 stack.append(u)  # Gemma's embedding scale
             elif u.target == aten.add.Tensor and len(u.args) == 2 and all(isinstance(a, Node) for a in u.args):

@@ -14,6 +14,7 @@ The consumers' input columns absorb ``s``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from ..config import QuantConfig
-from ..formats import choose_scales, expand_groups, fake_quant_act, quantize_to_int4
+from ..formats import ACT_QMAX, choose_scales, expand_groups
 from ..graph import (
     ASSERT_OPS,
     LinearSite,
@@ -58,8 +59,9 @@ class SmoothRecord:
     act_absmax_after: torch.Tensor | None = None
     loss_before: float | None = None  # relative W4A8 fake-quant MSE with s = 1
     loss_after: float | None = None
-    param: float | None = None  # threshold t (qqq) or alpha (smoothquant, awq)
+    param: float | None = None  # threshold t (qqq) or alpha (smoothquant, awq); None: s = 1 won
     skipped: str | None = None  # why the group was not smoothed
+    n_tried: int = 0  # candidates scored besides s = 1
 
 
 @dataclass
@@ -186,26 +188,55 @@ def fold_scales(gm: GraphModule, g: SmoothGroup, s: torch.Tensor) -> None:
 
 
 def fake_quant_weight(w: torch.Tensor, quant: QuantConfig, group_size: int | None = None) -> torch.Tensor:
-    """Quantize-dequantize ``w`` ``[N, K]`` to int4 in the project's format (RTN)."""
+    """Quantize-dequantize ``w`` ``[N, K]`` to int4 in the project's format (RTN): the
+    same steps and rounding as ``choose_scales`` + ``quantize_to_int4``, computed with
+    in-place ops because the scale search calls it for every candidate. (With float16
+    group scales the kernel also rounds ``q4 * gs`` to int8; that is not modelled.)"""
     gs = quant.group_size if group_size is None else group_size
-    sc = choose_scales(w.float(), gs, quant.group_scale_dtype)
+    wf = w.float()
+    sc = choose_scales(wf, gs, quant.group_scale_dtype)
     step = expand_groups(sc.step, w.shape[1], gs) if gs > 0 else sc.step
-    return (quantize_to_int4(w, sc).float() * step).to(w.dtype)
+    q = torch.div(wf, step).round_().clamp_(sc.qmin, sc.qmax)
+    return q.mul_(step).to(w.dtype)
+
+
+def fake_quant_act_fast(x: torch.Tensor) -> torch.Tensor:
+    """:func:`~qqq_compile.formats.fake_quant_act` (per-token symmetric int8) with
+    in-place ops: identical values, fewer temporaries."""
+    xf = x.float()
+    s = xf.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-8).div_(ACT_QMAX)
+    return torch.div(xf, s).round_().clamp_(-ACT_QMAX, ACT_QMAX).mul_(s).to(x.dtype)
 
 
 def _x_index(site: LinearSite) -> int:
     return list(site.node.args).index(site.x)
 
 
-def fake_linear(site: LinearSite, w_nk: torch.Tensor, bias: torch.Tensor | None, in_scale=None, quant_act=True):
-    """An override for ``site``'s node: ``fq(x / in_scale) @ w_nk.T + bias``."""
+def fake_linear(
+    site: LinearSite,
+    w_nk: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_scale: torch.Tensor | None = None,
+    quant_act: bool = True,
+    cache: dict[tuple[int, bool], torch.Tensor] | None = None,
+):
+    """An override for ``site``'s node: ``fq(x / in_scale) @ w_nk.T + bias``. Linears
+    that share an input and a ``cache`` dict quantize that input once."""
     i = _x_index(site)
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        if in_scale is not None:
+            x = x / in_scale
+        return fake_quant_act_fast(x) if quant_act else x
 
     def run(*args: Any, **kwargs: Any) -> torch.Tensor:
         x = args[i]
-        if in_scale is not None:
-            x = x / in_scale
-        return F.linear(fake_quant_act(x) if quant_act else x, w_nk, bias)
+        if cache is None:
+            return F.linear(prep(x), w_nk, bias)
+        key = (id(x), quant_act)
+        if key not in cache:
+            cache[key] = prep(x)
+        return F.linear(cache[key], w_nk, bias)
 
     return run
 
@@ -242,8 +273,10 @@ class Smooth(QQQPass):
     of the sub-block's output (through attention / the gated MLP, up to the next
     linear) with W4A8 fake quant on the smoothed linears; ``s = 1`` is always a
     candidate, so the calibration loss never gets worse. ``n_grid <= 1`` uses ``alpha``
-    alone (classic SmoothQuant). The search runs on ``max_tokens`` tokens drawn from the
-    first ``max_batches`` calibration batches. ``group_size`` None: ``ctx.quant``'s.
+    alone (classic SmoothQuant). The grid is walked from mild to strong smoothing and
+    stops after ``patience`` candidates in a row that do not beat the best (None: score
+    all). The search runs on ``max_tokens`` tokens drawn from the first ``max_batches``
+    calibration batches. ``group_size`` None: ``ctx.quant``'s.
     """
 
     name = "smooth"
@@ -255,7 +288,8 @@ class Smooth(QQQPass):
         n_grid: int = 20,
         max_batches: int = 4,
         group_size: int | None = None,
-        max_tokens: int = 1024,
+        max_tokens: int = 512,
+        patience: int | None = 4,
     ):
         if method not in METHODS:
             raise ValueError(f"Smooth(method={method!r}) is not known; use one of {METHODS}")
@@ -263,24 +297,26 @@ class Smooth(QQQPass):
             raise ValueError("Smooth needs n_grid >= 0, max_batches >= 1 and max_tokens >= 1")
         self.method, self.alpha, self.n_grid = method, alpha, n_grid
         self.max_batches, self.group_size, self.max_tokens = max_batches, group_size, max_tokens
+        self.patience = patience
 
     # -- data
 
     def _windows(self, calib: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """About ``max_tokens`` tokens: whole rows, round-robin over the first batches
-        (so they come from different batches), regrouped into one batch per length."""
+        """About ``max_tokens`` tokens in at least two windows: rows taken round-robin
+        from the first ``max_batches`` batches (so they differ), cut to a common prefix
+        length when whole rows would exceed the budget, regrouped by length."""
         batches = calib[: self.max_batches]
         rows: list[dict[str, torch.Tensor]] = []
-        total, r = 0, 0
-        while total < self.max_tokens and any(r < b["input_ids"].shape[0] for b in batches):
-            for b in batches:
-                if r < b["input_ids"].shape[0] and total < self.max_tokens:
-                    rows.append({k: v[r : r + 1] for k, v in b.items()})
-                    total += b["input_ids"].shape[-1]
-            r += 1
+        depth = max(b["input_ids"].shape[0] for b in batches)
+        for r in range(depth):
+            rows += [{k: v[r : r + 1] for k, v in b.items()} for b in batches if r < b["input_ids"].shape[0]]
+        lengths = [row["input_ids"].shape[-1] for row in rows]
+        n = min(len(rows), max(2, math.ceil(self.max_tokens / max(lengths))))
+        cut = max(2, self.max_tokens // n)
         by_len: dict[int, list[dict[str, torch.Tensor]]] = {}
-        for row in rows:
-            by_len.setdefault(row["input_ids"].shape[-1], []).append(row)
+        for row in rows[:n]:
+            t = min(row["input_ids"].shape[-1], cut)
+            by_len.setdefault(t, []).append({k: v[:, :t] if v.dim() > 1 else v for k, v in row.items()})
         return [{k: torch.cat([x[k] for x in same]) for k in same[0]} for same in by_len.values()]
 
     # -- candidates
@@ -345,15 +381,16 @@ class Smooth(QQQPass):
         ws = {s.node: (get_weight(gm, s).float(), get_bias(gm, s)) for s in g.linears}
 
         def loss(s: torch.Tensor) -> float:
-            ov = {}
+            ov, cache = {}, {}
             for site in g.linears:
                 w, b = ws[site.node]
                 if is_skipped(site.name, quant.skip):
-                    ov[site.node] = fake_linear(site, w * s, b, s, quant_act=False)
+                    ov[site.node] = fake_linear(site, w * s, b, s, quant_act=False, cache=cache)
                 else:
-                    ov[site.node] = fake_linear(site, fake_quant_weight(w * s, quant, gsize), b, s)
+                    ov[site.node] = fake_linear(site, fake_quant_weight(w * s, quant, gsize), b, s, cache=cache)
             total = 0.0
             for env, rs, en in zip(base, refs, energy, strict=True):
+                cache.clear()  # one entry per shared input and window (q/k/v read one tensor)
                 out = run_nodes(gm, rerun, dict(env), ov)
                 err = sum((out[n].float() - r.float()).pow(2).sum().item() for n, r in zip(loss_nodes, rs, strict=True))
                 total += err / en
@@ -361,14 +398,21 @@ class Smooth(QQQPass):
 
         ones = torch.ones_like(a)
         best = (loss(ones), None, ones)
-        loss_before = best[0]
+        loss_before, path_best, worse, tried = best[0], math.inf, 0, 0
         for param, s in self._candidates(g, gm, a, mean):
-            if not torch.isfinite(s).all():
+            if not torch.isfinite(s).all() or torch.equal(s, ones):
                 continue
             val = loss(s)
+            tried += 1
+            worse = 0 if val < path_best else worse + 1
+            path_best = min(path_best, val)
             if val < best[0]:
                 best = (val, param, s)
-        return best, loss_before, a
+            # Each grid moves monotonically (t falls, alpha rises) and the loss is nearly
+            # always unimodal along it: stop once it has risen for a while.
+            if self.patience and worse >= self.patience:
+                break
+        return best, loss_before, a, tried
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module
@@ -392,8 +436,8 @@ class Smooth(QQQPass):
         with torch.no_grad():
             for st in runner.blocks():
                 for g in by_block.get(st.block.name, []):
-                    (val, param, s), before, a = self._search(gm, st, g, ctx.quant, gsize)
-                    rec = SmoothRecord(g.name, self.method, s, a, a / s, before, val, param)
+                    (val, param, s), before, a, tried = self._search(gm, st, g, ctx.quant, gsize)
+                    rec = SmoothRecord(g.name, self.method, s, a, a / s, before, val, param, n_tried=tried)
                     if param is not None:
                         fold_scales(gm, g, s)
                         modified = True

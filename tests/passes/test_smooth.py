@@ -146,14 +146,11 @@ def test_smoothing_lowers_w4a8_error_on_a_model_with_outliers(method):
 
 def test_no_candidate_is_kept_unless_it_beats_no_smoothing():
     gm = graph("llama", outliers=False)
-    Smooth(n_grid=4)(gm, CompileContext(calib=CALIB, progress=False))
-    recs = {
-        s.node.meta["qqq_smooth"].group: s.node.meta["qqq_smooth"]
-        for s in linear_sites(gm)
-        if "qqq_smooth" in s.node.meta
-    }
-    for rec in recs.values():
+    Smooth(n_grid=4, patience=None)(gm, CompileContext(calib=CALIB, progress=False))
+    recs = [s.node.meta["qqq_smooth"] for s in linear_sites(gm) if "qqq_smooth" in s.node.meta]
+    for rec in recs:
         if rec.skipped is None:
+            assert rec.n_tried == 4  # without patience the whole grid is scored
             assert rec.loss_after <= rec.loss_before
             if rec.param is None:  # s = 1 won: nothing folded, nothing annotated
                 assert torch.equal(rec.scales, torch.ones_like(rec.scales))
@@ -227,7 +224,7 @@ def test_unknown_method_is_refused():
         Smooth(method="bogus")
 
 
-@settings(max_examples=24, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     arch=st.sampled_from(["llama_mha", "gemma", "opt"]),
     seed=st.integers(0, 2**16),
