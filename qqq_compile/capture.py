@@ -50,6 +50,27 @@ def _example_inputs(model: torch.nn.Module, example_inputs: Any) -> dict[str, to
     )
 
 
+def _widen(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Grow size-1 batch and sequence dims of the example to 2 by repetition.
+
+    torch.export specialises a dim whose example size is 0 or 1 (and then reports the
+    dynamic dim as violated), so a ``(1, seq)`` example would fail. Repeating rows or
+    tokens changes nothing about the traced program, only the example's sizes.
+    """
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            if v.dim() >= 2 and v.shape[0] == 1:
+                v = v.repeat(2, *([1] * (v.dim() - 1)))
+            seq_dim = 1 if v.dim() >= 2 else 0
+            if v.shape[seq_dim] == 1:
+                reps = [1] * v.dim()
+                reps[seq_dim] = 2
+                v = v.repeat(*reps)
+        out[k] = v
+    return out
+
+
 def _explain(e: BaseException) -> str:
     msg = str(e).split("\n")[0][:400]
     name = type(e).__name__
@@ -88,7 +109,7 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
     inputs = _example_inputs(model, example_inputs)
-    kwargs: dict[str, Any] = dict(inputs)
+    kwargs: dict[str, Any] = _widen(inputs) if dynamic else dict(inputs)
     hf = _is_hf(model)
     dyn: dict[str, Any] | None = None
     if dynamic:

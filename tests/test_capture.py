@@ -30,6 +30,16 @@ def test_capture_matches_model_at_new_shapes(arch):
     assert len(partition(gm).blocks) == 2
 
 
+@pytest.mark.parametrize("example_shape", [(1, 8), (1, 1), (2, 1)])
+def test_capture_from_a_single_row_or_token_example_stays_dynamic(example_shape):
+    # export specialises size-1 example dims; capture widens the example instead of failing
+    model = tiny_model("llama")
+    gm = capture(model, torch.randint(0, 256, example_shape)).graph_module
+    x = torch.randint(0, 256, (3, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(input_ids=x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_capture_keeps_qualified_names():
     cap = capture(tiny_model("llama"), torch.randint(0, 256, (2, 8)))
     names = [s.name for s in linear_sites(cap.graph_module)]

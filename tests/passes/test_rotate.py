@@ -175,3 +175,18 @@ def test_rotate_smooth_quantize_lower_pipeline():
     with torch.no_grad():
         ref = model(**EVAL).logits
         assert sqnr_db(ref, compiled(**EVAL).logits) > 10
+
+
+@pytest.mark.slow
+def test_smollm2_rotation_is_float_equivalent_and_unties_lm_head(smollm2, wiki_splits):
+    model, _ = smollm2
+    x = {"input_ids": wiki_splits[1][0]}
+    gm = capture(model, torch.randint(0, 1000, (2, 16))).graph_module
+    ref = first_tensor(gm(**x)).detach()
+    ctx = CompileContext(progress=False)
+    Rotate()(gm, ctx)
+    assert sqnr_db(ref, first_tensor(gm(**x))) > 60
+    assert "hadamard 12·12·4" in ctx.notes[-1].message  # hidden 576
+    assert "online Hadamard before 30" in ctx.notes[-1].message  # intermediate 1536 = 12·128
+    head = next(s for s in linear_sites(gm) if s.name == "lm_head")
+    assert head.weight.target.startswith("qqq_untied_")  # SmolLM2 ties lm_head to embed_tokens

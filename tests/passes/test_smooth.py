@@ -254,4 +254,5 @@ def test_smollm2_groups_and_float_equivalence(smollm2, wiki_splits):
     ctx = CompileContext(calib=calib_batches(calib), progress=False)
     assert Smooth()(gm, ctx).modified
     assert sqnr_db(ref, first_tensor(gm(**x))) > 60
-    assert sum(info(s.node).smooth_group is not None for s in linear_sites(gm)) > 100
+    smoothed = [s for s in linear_sites(gm) if info(s.node) is not None and info(s.node).smooth_group]
+    assert len(smoothed) > 150  # of 180 (q/k/v, gate/up, down in 30 layers); measured 87 of 90 groups
