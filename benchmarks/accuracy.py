@@ -154,6 +154,12 @@ def _run_child(cmd: list[str], result: Path, env: dict) -> dict:
     return out
 
 
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic: a crash never leaves half a results file
+
+
 def _table(results: dict, fp: float | None, protocol: str) -> str:
     lines = [
         "| row | perplexity | Δ vs FP32 | quantization wall (s) | quantization CPU (s) | peak RSS (MB) |",
@@ -178,6 +184,11 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=40)
     ap.add_argument("--out", default=str(HERE / "results" / "accuracy.json"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows of an existing --out JSON (same protocol); re-run rows replace theirs",
+    )
     ap.add_argument("--table", action="store_true", help="only re-render the table of an existing --out JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -204,6 +215,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     protocol = PROTOCOL.format(n_eval=args.n_eval, n_calib=args.n_calib, threads=args.threads)
     results = {"protocol": protocol, "n_calib": args.n_calib, "n_eval": args.n_eval, "rows": []}
+    if args.append and out.exists():
+        old = json.loads(out.read_text())
+        if (old.get("n_calib"), old.get("n_eval")) != (args.n_calib, args.n_eval):
+            was = f"{old.get('n_calib')}/{old.get('n_eval')}"
+            sys.exit(f"--append: {out} was measured with another protocol ({was} calibration/evaluation windows)")
+        results["rows"] = [r for r in old["rows"] if r["row"] not in rows]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     with tempfile.TemporaryDirectory(prefix="qqq_acc_") as tmp:
         data = Path(tmp) / "windows.pt"
@@ -227,16 +244,16 @@ def main() -> None:
             row = _run_child(cmd, result, env)
             row.setdefault("row", name)
             row.setdefault("label", label)
-            results["rows"].append(row)
+            results["rows"] = [r for r in results["rows"] if r["row"] != name] + [row]
             fp = next((r["ppl"] for r in results["rows"] if r["row"] == "fp32" and "ppl" in r), None)
             msg = row.get("error") or f"ppl {row['ppl']:.3f}" + (
                 f" ({100 * (row['ppl'] / fp - 1):+.2f}% vs FP32)" if fp and name != "fp32" else ""
             )
             print(f"[done] {name}: {msg}  [{row['row_wall_s']:.0f} s]", flush=True)
             results["fp32_ppl"] = fp
-            out.write_text(json.dumps(results, indent=2))  # partial results survive a crash
+            _write(out, json.dumps(results, indent=2))  # partial results survive a crash
     table = _table(results, results.get("fp32_ppl"), protocol)
-    out.with_suffix(".md").write_text(table + "\n")
+    _write(out.with_suffix(".md"), table + "\n")
     print()
     print(table)
 

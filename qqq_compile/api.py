@@ -210,6 +210,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     gm = captured.graph_module
     source_graph = readable_graph(gm)
     pass_list = list(passes) if passes is not None else get_preset(config.preset, **config.preset_options)
+    if config.quant.float_weight_dtype and not any(p.name == "cast_float" for p in pass_list):
+        from .passes.cast_float import CastFloatWeights
+
+        pass_list.append(CastFloatWeights())  # the config asks for it; runs after lowering
     ctx = CompileContext(calib=batches, quant=config.quant, calib_config=config.calib, progress=progress)
     inst = list(instruments) + ([DumpGraphs(dump_dir)] if dump_dir else [])
     pipeline = Pipeline(pass_list, inst)

@@ -116,7 +116,7 @@ def save(compiled: CompiledModel, path: str | os.PathLike, *, tokenizer: Any = N
         "versions": _versions(),
         "model_class": compiled.model_class,
         "model_config": compiled.model_config,
-        "model_dtype": _model_dtype(graph_tensors),
+        "model_dtype": _model_dtype(gm, graph_tensors),
         "input_names": compiled.input_names,
         "output_kind": compiled.output_kind,
         "compile_config": compiled.report.config,
@@ -256,11 +256,20 @@ def _dedupe(named: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return unique, aliases
 
 
-def _model_dtype(graph_tensors: dict[str, torch.Tensor]) -> str:
-    """The float dtype holding most elements (the dtype the model was captured in)."""
+def _model_dtype(gm: GraphModule, graph_tensors: dict[str, torch.Tensor]) -> str:
+    """The float dtype holding most elements (the dtype the model was captured in).
+
+    Weights ``cast_float`` stored in another dtype do not count: the skeleton must be
+    built in the dtype the graph computes in, not in the storage dtype of lm_head.
+    """
+    cast = {
+        n.target
+        for n in gm.graph.nodes
+        if n.op == "get_attr" and n.users and all(u.meta.get("qqq_float_cast") for u in n.users)
+    }
     by_dtype: collections.Counter[str] = collections.Counter()
-    for t in graph_tensors.values():
-        if t.is_floating_point():
+    for name, t in graph_tensors.items():
+        if t.is_floating_point() and name not in cast:
             by_dtype[_dtype_name(t.dtype)] += t.numel()
     return by_dtype.most_common(1)[0][0] if by_dtype else "float32"
 

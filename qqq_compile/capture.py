@@ -46,7 +46,8 @@ def _example_inputs(model: torch.nn.Module, example_inputs: Any) -> dict[str, to
     if isinstance(example_inputs, Mapping):
         return dict(example_inputs)
     raise CaptureError(
-        f"example_inputs must be a tensor of token ids or a dict of keyword tensors, got {type(example_inputs).__name__}"
+        "example_inputs must be a tensor of token ids or a dict of keyword tensors, "
+        f"got {type(example_inputs).__name__}"
     )
 
 

@@ -203,15 +203,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from . import compile as qcompile
     from .artifact import save
-    from .config import CalibConfig, CompileConfig, QuantConfig
     from .models import load_model
 
     _check_preset(args.preset)
     for name in ("n_calib", "seq_len", "batch_size"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
-    config = CompileConfig(
-        preset=args.preset, quant=QuantConfig(group_size=args.group_size), calib=CalibConfig(batch_size=args.batch_size)
-    )
+    config = _compile_config(args)
     steps = Steps(4, args.quiet)
     torch.manual_seed(args.seed)
     with steps(f"loading model {args.model}"):
@@ -305,7 +302,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from . import compile as qcompile
-    from .config import CalibConfig, CompileConfig, QuantConfig
     from .data import standard_splits
     from .eval import perplexity
     from .models import load_model
@@ -322,9 +318,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         calib, evals = standard_splits(tokenizer, None, args.seq_len, args.n_calib, args.n_eval, args.seed)
     with steps("perplexity of the FP32 model"):
         fp_ppl = perplexity(model, evals, args.batch_size, progress=bar)
-    config = CompileConfig(
-        preset=args.preset, quant=QuantConfig(group_size=args.group_size), calib=CalibConfig(batch_size=args.batch_size)
-    )
+    config = _compile_config(args)
     with steps(f"compiling to W4A8 with preset '{args.preset}'"):
         compiled = qcompile(model, calib, config, progress=bar)
     with steps("perplexity of the W4A8 model"):
@@ -420,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=512, metavar="N", help="tokens per window incl. BOS (default: 512)")
     q.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per calibration batch (default: 8)")
     q.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write (replaced atomically)")
+    _add_float_weight_dtype(q)
     q.set_defaults(func=cmd_quantize)
 
     e = add(
@@ -486,8 +481,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default: 8)")
     d.add_argument("--out", metavar="DIR", help="also save the W4A8 model as an artifact folder")
     d.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+    _add_float_weight_dtype(d)
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def _compile_config(args: argparse.Namespace) -> Any:
+    from .config import CalibConfig, CompileConfig, QuantConfig
+
+    quant = QuantConfig(group_size=args.group_size, float_weight_dtype=args.float_weight_dtype)
+    return CompileConfig(preset=args.preset, quant=quant, calib=CalibConfig(batch_size=args.batch_size))
+
+
+def _add_float_weight_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--float-weight-dtype",
+        choices=("bfloat16", "float16"),
+        default=None,
+        help="store the weights left unquantized (lm_head, embeddings) in this dtype (default: the model's)",
+    )
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:

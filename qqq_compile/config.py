@@ -86,21 +86,25 @@ class QuantConfig(ConfigBase):
     * ``group_scale_dtype``: ``"int8"`` (small-integer group scales, exact int8 GEMM) or
       ``"float16"`` (QQQ's storage; the kernel rounds ``q4 * gs`` to int8).
     * ``skip``: fnmatch patterns of linear module names kept in full precision.
+    * ``float_weight_dtype``: storage of the weights that stay in float after lowering
+      (``lm_head``, embeddings): None keeps the model's dtype; ``"bfloat16"`` or
+      ``"float16"`` halves their memory (the ``cast_float`` pass).
     """
 
     group_size: int = -1
     group_scale_dtype: str = "int8"
     skip: tuple[str, ...] = ("lm_head", "*.lm_head")
+    float_weight_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        if self.float_weight_dtype not in (None, "bfloat16", "float16"):
+            raise ConfigError(
+                f"float_weight_dtype must be None, 'bfloat16' or 'float16', got {self.float_weight_dtype!r}"
+            )
         if self.group_size == 0 or self.group_size < -1 or (self.group_size > 0 and self.group_size % 2):
-            raise ConfigError(
-                f"group_size must be -1 (per channel) or a positive even number, got {self.group_size}"
-            )
+            raise ConfigError(f"group_size must be -1 (per channel) or a positive even number, got {self.group_size}")
         if self.group_scale_dtype not in ("int8", "float16"):
-            raise ConfigError(
-                f"group_scale_dtype must be 'int8' or 'float16', got {self.group_scale_dtype!r}"
-            )
+            raise ConfigError(f"group_scale_dtype must be 'int8' or 'float16', got {self.group_scale_dtype!r}")
 
 
 @dataclass(frozen=True)

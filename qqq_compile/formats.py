@@ -101,9 +101,7 @@ class WeightScales:
     qmax: int
 
 
-def choose_scales(
-    w: torch.Tensor, group_size: int = -1, group_scale_dtype: GroupScaleDtype = "int8"
-) -> WeightScales:
+def choose_scales(w: torch.Tensor, group_size: int = -1, group_scale_dtype: GroupScaleDtype = "int8") -> WeightScales:
     """Symmetric absmax scales for ``w`` ``[N, K]`` in the requested format."""
     w = w.float()
     amax = group_absmax(w, group_size).clamp_min(1e-8)
@@ -194,9 +192,7 @@ class PackedW4:
         return 8.0 * self.nbytes() / (self.out_features * self.in_features)
 
     @classmethod
-    def from_int4(
-        cls, q4: torch.Tensor, scales: WeightScales, group_scale_dtype: GroupScaleDtype = "int8"
-    ) -> PackedW4:
+    def from_int4(cls, q4: torch.Tensor, scales: WeightScales, group_scale_dtype: GroupScaleDtype = "int8") -> PackedW4:
         """Pack int4 codes that were rounded against ``scales`` (RTN or GPTQ output)."""
         k = q4.shape[1]
         if scales.group_size <= 0:
@@ -212,9 +208,7 @@ class PackedW4:
         return cls(pack_int4(q4), s_ch.float().contiguous(), gs.contiguous(), k, scales.group_size)
 
     @classmethod
-    def from_float(
-        cls, w: torch.Tensor, group_size: int = -1, group_scale_dtype: GroupScaleDtype = "int8"
-    ) -> PackedW4:
+    def from_float(cls, w: torch.Tensor, group_size: int = -1, group_scale_dtype: GroupScaleDtype = "int8") -> PackedW4:
         """Round-to-nearest quantization of a float weight ``[N, K]``."""
         scales = choose_scales(w, group_size, group_scale_dtype)
         return cls.from_int4(quantize_to_int4(w, scales), scales, group_scale_dtype)

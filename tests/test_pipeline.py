@@ -83,7 +83,7 @@ def test_diff_shows_the_rewrite(gm, tmp_path):
         for s in linear_sites(gm)[:1]:
             with gm.graph.inserting_after(s.node):
                 r = gm.graph.call_function(torch.ops.aten.relu.default, (s.node,))
-            s.node.replace_all_uses_with(r, delete_user_cb=lambda u: u is not r)
+            s.node.replace_all_uses_with(r, delete_user_cb=lambda u, r=r: u is not r)
         gm.recompile()
         return PassResult(gm, True)
 

@@ -23,7 +23,7 @@ def test_blockwise_equals_whole_graph_and_overrides_apply():
         outs = st.run(outputs=[downs[0].node], batches=[0])
         assert outs[0][0].shape == (2, 32, 64)
     runner._advance(runner.part.suffix)
-    for b, env in zip(batches, runner.envs):
+    for b, env in zip(batches, runner.envs, strict=True):
         with torch.no_grad():
             ref = model(b["input_ids"]).logits
         torch.testing.assert_close(env[lm_head.node], ref, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import tiny_calib, tiny_model
 from transformers import AutoModelForCausalLM
 
 import qqq_compile as qc
@@ -26,6 +25,7 @@ from qqq_compile.streaming import (
     read_tensor,
     weight_sources,
 )
+from tests.conftest import tiny_calib, tiny_model
 
 W4A8 = torch.ops.qqq.w4a8_linear.default
 

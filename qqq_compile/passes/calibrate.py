@@ -28,9 +28,7 @@ class Calibrate(QQQPass):
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module
-        obs_nodes = [
-            n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(OBSERVER_PREFIX)
-        ]
+        obs_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(OBSERVER_PREFIX)]
         if not obs_nodes:
             return PassResult(gm, False)
         runner = BlockRunner(gm, ctx.require_calib(self.name), progress=ctx.progress, desc="calibrate")

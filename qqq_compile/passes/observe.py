@@ -54,9 +54,7 @@ class InsertObservers(QQQPass):
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module
         observers: dict[torch.fx.Node, torch.fx.Node] = {}
-        count = sum(
-            1 for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(OBSERVER_PREFIX)
-        )
+        count = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(OBSERVER_PREFIX))
         for site in linear_sites(gm):
             w = get_weight(gm, site)
             if info(site.node) is None:
