@@ -184,3 +184,26 @@ def test_load_failure_warns(monkeypatch: pytest.MonkeyPatch) -> None:
         assert cpu._load_extension() is None
     monkeypatch.setenv("QQQ_CPU_KERNEL", "torch")
     assert cpu._load_extension() is None
+
+
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_fp16_group_scales_saturate_with_the_sign_kept(m: int) -> None:
+    """|q4 * gs| > 127 clamps to ±127 (the sign kept), as ``int8_weight`` does.
+
+    ``from_int4`` never produces such products, but a PackedW4 built by hand or imported
+    (QQQ's fp16 group scales reach 127/7 ≈ 18.1) can; -8 * 18 must give -127, not +127.
+    """
+    from qqq_compile.formats import pack_int4
+
+    n, k, gsz = 40, 256, 64
+    g = torch.Generator().manual_seed(m)
+    q4 = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    q4[:, 0] = -8
+    q4[:, 1] = 7
+    gs = (torch.rand(n, k // gsz, generator=g) * 4 + 15).to(torch.float16)  # 15..19: some saturate
+    p = PackedW4(pack_int4(q4), torch.rand(n, generator=g) + 0.5, gs, k, gsz)
+    w8 = p.int8_weight()
+    assert int(w8.min()) == -127 and int(w8.max()) == 127
+    q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    out = cpu.w4a8_linear_q(q, torch.ones(m, 1), p.qweight, torch.ones(n), p.group_scale, None, gsz, torch.float32)
+    assert torch.equal(out, _exact_acc(q, p).float())

@@ -162,8 +162,10 @@ inline __m512i lut_fp16_f32(__m512 gs, int offset) {
   const __m512 q = _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0);  // kQ4
   // q4 * gs is exact in fp32 (4 x 11 significant bits), and clamping to the integer bounds
   // commutes with rounding, so this equals clamp(torch.round(q4.float() * gs.float()), ±127).
-  // vrangeps imm 6: min(|x|, 127) with x's sign, i.e. the symmetric clamp in one op.
-  const __m512 w = _mm512_range_ps(_mm512_mul_ps(q, gs), _mm512_set1_ps(127.0f), 6);
+  // vrangeps imm 2 (bits 1:0 = 10, min of the absolute values; bits 3:2 = 00, sign of x):
+  // min(|x|, 127) with x's sign, the symmetric clamp in one op. (Sign bits 01 would take the
+  // sign of the selected operand: -145 would clamp to +127.)
+  const __m512 w = _mm512_range_ps(_mm512_mul_ps(q, gs), _mm512_set1_ps(127.0f), 2);
   const __m512i wi = _mm512_add_epi32(_mm512_cvt_roundps_epi32(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
                                       _mm512_set1_epi32(offset));
   // Low byte of each int32 (vpmovdb), replicated to all lanes; measured faster than one
