@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("artifact", metavar="DIR", help="artifact folder")
     x.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="output format")
     x.add_argument("--out", required=True, metavar="PATH", help="output folder (compressed-tensors) or .onnx file")
-    x.add_argument("--onnx-kind", choices=("matmulnbits", "dq"), default="matmulnbits", help="ONNX weight ops")
+    x.add_argument("--onnx-kind", choices=("matmulnbits", "matmulnbits_blockwise", "dq"), default="matmulnbits", help="ONNX weight ops")
     x.add_argument("--overwrite", action="store_true", help="replace an existing compressed-tensors folder")
     x.set_defaults(func=cmd_export)
 
