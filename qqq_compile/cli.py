@@ -211,19 +211,33 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = _compile_config(args)
     steps = Steps(4, args.quiet)
     torch.manual_seed(args.seed)
-    with steps(f"loading model {args.model}"):
-        model, tokenizer = load_model(args.model)
+    if args.streaming:
+        folder = Path(args.model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ValueError(
+                f"--streaming reads a save_pretrained folder (config.json + *.safetensors); {args.model} is not one. "
+                "Convert it once with transformers' save_pretrained, or drop --streaming"
+            )
+        with steps(f"reading the tokenizer of {folder} (weights stay on disk)"):
+            from transformers import AutoTokenizer
+
+            model, tokenizer = folder, AutoTokenizer.from_pretrained(folder)
+    else:
+        with steps(f"loading model {args.model}"):
+            model, tokenizer = load_model(args.model)
     with steps(f"tokenizing {args.n_calib} calibration windows of {args.seq_len} tokens from {args.calib}"):
         windows = _calib_windows(tokenizer, args.calib, args.n_calib, args.seq_len, args.seed)
-    with steps(f"compiling with preset '{args.preset}' (group size {args.group_size})"):
-        compiled = qcompile(model, windows, config, progress=not args.quiet)
+    how = "streaming from disk, " if args.streaming else ""
+    with steps(f"compiling with preset '{args.preset}' ({how}group size {args.group_size})"):
+        compiled = qcompile(model, windows, config, progress=not args.quiet, streaming=args.streaming)
     with steps(f"saving to {args.out}"):
         save(compiled, args.out, tokenizer=tokenizer)
     lin = compiled.linears()
     low = sum(1 for li in lin if li.lowered)
+    fp = sum(f.stat().st_size for f in model.glob("*.safetensors")) if args.streaming else _float_bytes(model)
     print(
-        f"saved {args.out}: {low}/{len(lin)} linears W4A8, weights {_mb(compiled.weight_bytes())} "
-        f"(float model {_mb(_float_bytes(model))})"
+        f"saved {args.out}: {low}/{len(lin)} linears W4A8, "
+        f"weights {_mb(compiled.weight_bytes())} (float model {_mb(fp)})"
     )
     return 0
 
@@ -414,6 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=512, metavar="N", help="tokens per window incl. BOS (default: 512)")
     q.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per calibration batch (default: 8)")
     q.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write (replaced atomically)")
+    q.add_argument(
+        "--streaming",
+        action="store_true",
+        help="keep the float weights on disk, one decoder block in memory at a time (MODEL: a save_pretrained folder)",
+    )
     _add_float_weight_dtype(q)
     q.set_defaults(func=cmd_quantize)
 
@@ -451,7 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("artifact", metavar="DIR", help="artifact folder")
     x.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="output format")
     x.add_argument("--out", required=True, metavar="PATH", help="output folder (compressed-tensors) or .onnx file")
-    x.add_argument("--onnx-kind", choices=("matmulnbits", "matmulnbits_blockwise", "dq"), default="matmulnbits", help="ONNX weight ops")
+    x.add_argument(
+        "--onnx-kind",
+        choices=("matmulnbits", "matmulnbits_blockwise", "dq"),
+        default="matmulnbits",
+        help="ONNX weight ops",
+    )
     x.add_argument("--overwrite", action="store_true", help="replace an existing compressed-tensors folder")
     x.set_defaults(func=cmd_export)
 

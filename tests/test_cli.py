@@ -8,6 +8,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from qqq_compile import cli
 from qqq_compile.artifact import load
@@ -99,6 +100,23 @@ def test_quantize_writes_an_artifact_with_tokenizer(artifact, capsys):
     assert manifest["compile_config"]["quant"]["group_size"] == 32
     assert sum(r["format"] == "w4a8" for r in manifest["layers"]) == 7
     assert (artifact / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_quantize_streaming_matches_in_memory(artifact, files, tmp_path):
+    out = tmp_path / "streamed"
+    argv = ["quantize", str(files / "model"), "--calib", str(files / "text.txt"), "--preset", "rtn", "--streaming"]
+    argv += ["--group-size", "32", "--n-calib", "8", "--seq-len", "32", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    x = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load(out)(x).logits, load(artifact)(x).logits, rtol=0, atol=1e-5)
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_quantize_streaming_needs_a_model_folder(files, tmp_path, capsys):
+    argv = ["quantize", str(files / "text.txt"), "--streaming", "--out", str(tmp_path / "x"), "--quiet"]
+    assert main(argv) == 2  # a usage error, like every bad argument
+    assert "--streaming reads a save_pretrained folder" in capsys.readouterr().err
 
 
 def test_eval_matches_perplexity_of_the_loaded_artifact(artifact, files, tmp_path, capsys):

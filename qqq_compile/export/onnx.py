@@ -334,7 +334,8 @@ def export_onnx(
 
     ``kind="matmulnbits"`` uses onnxruntime's int4 contrib op after our per-token int8
     activation step; ``"matmulnbits_blockwise"`` leaves the activations to onnxruntime's
-    block-wise int8; ``kind="dq"`` uses only standard ops (see the module docstring). ``check`` runs ``onnx.checker`` on the result.
+    block-wise int8; ``kind="dq"`` uses only standard ops (see the module docstring).
+    ``check`` runs ``onnx.checker`` on the result.
     Models whose tensors exceed 1.8 GB keep them in ``<path>.data`` beside the file.
     """
     import onnx
