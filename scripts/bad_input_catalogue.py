@@ -29,6 +29,8 @@ import qqq_compile as qc  # noqa: E402
 from qqq_compile.artifact import MANIFEST, WEIGHTS, load  # noqa: E402
 from qqq_compile.pipeline import sqnr_db  # noqa: E402
 from tests.conftest import tiny_calib, tiny_model  # noqa: E402
+from tests.test_blockwise import Branchy, Stack, ValueBranchBlock  # noqa: E402
+from tests.test_reliability import Odd  # noqa: E402
 
 CALIBRATE = {"preset": "rtn", "preset_options": {"calibrate": True}}
 
@@ -40,44 +42,6 @@ def llama(**kw) -> nn.Module:
 def with_token(calib: list[torch.Tensor], i: int, j: int, value: int) -> list[torch.Tensor]:
     calib[i][0, j] = value
     return calib
-
-
-class ValueBranchBlock(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.fc(h)
-        if h.abs().max() > 1e4:  # a Python branch on a tensor value
-            h = h / 2
-        return h
-
-
-class Branchy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lm = tiny_model("llama")
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.lm(input_ids=input_ids).logits
-        if bool((input_ids == 0).any()):
-            logits = logits.clone()
-        return logits
-
-
-class Stack(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(64, 32)
-        self.layers = nn.ModuleList([ValueBranchBlock(32) for _ in range(2)])
-        self.head = nn.Linear(32, 64)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(input_ids)
-        for layer in self.layers:
-            h = layer(h)
-        return self.head(h)
 
 
 def nan_model() -> nn.Module:
@@ -115,35 +79,6 @@ def lowered(model: nn.Module, group: int) -> str:
     with torch.no_grad():
         db = sqnr_db(model(x).logits, compiled(x).logits)
     return f"{n} of {len(compiled.linears())} linears lowered to W4A8 (lm_head kept); logits SQNR {db:.1f} dB"
-
-
-class Mix(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(d, d) / d**0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("btk,nk->btn", x, self.w)
-
-
-class Odd(nn.Module):
-    def __init__(self, vocab: int = 64, d: int = 32):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.conv = nn.Conv2d(1, 1, 3, padding=1)
-        self.mix = Mix(d)
-        self.fc = nn.Linear(d, d)
-        self.k2 = nn.Linear(2, d)
-        self.n1 = nn.Linear(d, 1)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(input_ids)
-        h = h + self.conv(h.unsqueeze(1)).squeeze(1)
-        h = h + self.mix(h)
-        h = h + self.fc(h)
-        h = h + self.k2(h[..., :2]) + self.n1(h)
-        return self.head(h)
 
 
 def odd_layers() -> str:
@@ -235,7 +170,7 @@ def cases(root: Path) -> list[tuple[str, Callable[[], object]]]:
         ("model torch.export cannot capture whole (a branch on token values)", branchy),
         (
             "a decoder block that cannot be exported either",
-            lambda: qc.compile(Stack().eval(), tiny_calib(16, vocab=64), progress=False),
+            lambda: qc.compile(Stack(ValueBranchBlock).eval(), tiny_calib(16, vocab=64), progress=False),
         ),
         ("layers with no W4A8 rewrite (embedding, Conv2d, einsum), K=2 and N=1 linears", odd_layers),
         ("hidden size not a multiple of the group (K=96, g=64)", lambda: lowered(llama(hidden_size=96), 64)),
