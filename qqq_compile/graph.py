@@ -69,6 +69,15 @@ def info(node: Node) -> LinearInfo | None:
 # ----------------------------------------------------------------------------- params
 
 
+def ensure_info(gm: GraphModule, site: LinearSite) -> LinearInfo:
+    """The site's :class:`LinearInfo`, created (name and shape only) on first use."""
+    li = info(site.node)
+    if li is None:
+        w = get_weight(gm, site)
+        li = site.node.meta["qqq"] = LinearInfo(site.name, w.shape[1], w.shape[0])
+    return li
+
+
 def get_attr(gm: GraphModule, target: str) -> torch.Tensor:
     obj: Any = gm
     for part in target.split("."):

@@ -36,10 +36,9 @@ from ..formats import (
     fake_quant_act,
     pack_int4,
 )
-from ..graph import LinearSite, get_weight, info, is_skipped, linear_sites
+from ..graph import LinearSite, ensure_info, get_weight, info, is_skipped, linear_sites
 from ..pipeline import CompileContext, PassResult, QQQPass, register_pass, sqnr_db
 from ..runner import BlockRunner, run_node
-from .quantize import ensure_info
 
 aten = torch.ops.aten
 MAX_RETRIES = 4  # damping grows 10x per retry: 1% → 10% → 100% → 1000% → 10000% of mean diag

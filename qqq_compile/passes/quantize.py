@@ -5,16 +5,8 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from ..formats import PackedW4
-from ..graph import LinearInfo, get_weight, info, is_skipped, linear_sites
+from ..graph import ensure_info, get_weight, is_skipped, linear_sites
 from ..pipeline import CompileContext, PassResult, QQQPass, register_pass, sqnr_db
-
-
-def ensure_info(gm: GraphModule, site) -> LinearInfo:
-    li = info(site.node)
-    if li is None:
-        w = get_weight(gm, site)
-        li = site.node.meta["qqq"] = LinearInfo(site.name, w.shape[1], w.shape[0])
-    return li
 
 
 @register_pass("quantize_rtn")

@@ -29,6 +29,7 @@ from ..graph import (
     LinearSite,
     NormInfo,
     downstream_linears,
+    ensure_info,
     get_attr,
     get_bias,
     get_weight,
@@ -42,7 +43,6 @@ from ..graph import (
 )
 from ..pipeline import CompileContext, PassResult, QQQPass, register_pass
 from ..runner import BlockRunner, run_nodes
-from .quantize import ensure_info
 
 METHODS = ("qqq", "smoothquant", "awq")
 
