@@ -5,9 +5,9 @@ accuracy benchmark compares it with. Every preset returns a fresh ``list[QQQPass
 that users may edit (insert their own passes, drop one) before running it.
 
 ``group_size=None`` (the default everywhere) lets every pass follow
-``CompileConfig.quant.group_size``; an explicit value is passed to the calibrating
-passes (``smooth``, ``gptq``). ``quantize_rtn`` and ``lower`` always follow
-``ctx.quant`` (``lower`` reads the format off each packed weight, so mixing is safe).
+``CompileConfig.quant.group_size``; an explicit value is passed to ``smooth``, ``gptq``
+and ``quantize_rtn``. ``lower`` reads the format off each packed weight, so mixing
+formats in one model is safe.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ SMOOTHING = ("qqq", "smoothquant", "awq")
 
 
 @register_preset("rtn")
-def rtn_w4a8(*, calibrate: bool = False) -> list[QQQPass]:
+def rtn_w4a8(*, group_size: int | None = None, calibrate: bool = False) -> list[QQQPass]:
     """Round-to-nearest W4 weights, dynamic per-token int8 activations."""
     head: list[QQQPass] = [InsertObservers(), Calibrate()] if calibrate else []
-    return [*head, QuantizeRTN(), LowerW4A8()]
+    return [*head, QuantizeRTN(group_size), LowerW4A8()]
 
 
 def _smooth(method: str, group_size: int | None, **options: Any) -> QQQPass:
@@ -72,14 +72,14 @@ def qqq_w4a8(
         passes.append(_smooth(smoothing, group_size, **(smooth_options or {})))
     if gptq:
         passes.append(GPTQ(group_size=group_size, **(gptq_options or {})))
-    return [*passes, QuantizeRTN(), LowerW4A8()]
+    return [*passes, QuantizeRTN(group_size), LowerW4A8()]
 
 
 @register_preset("smoothquant")
 def smoothquant_w4a8(*, group_size: int | None = None, alpha: float = 0.5, n_grid: int = 1) -> list[QQQPass]:
     """SmoothQuant baseline: smoothing with a fixed ``alpha`` (``n_grid > 1``: searched),
     then round-to-nearest W4."""
-    return [_smooth("smoothquant", group_size, alpha=alpha, n_grid=n_grid), QuantizeRTN(), LowerW4A8()]
+    return [_smooth("smoothquant", group_size, alpha=alpha, n_grid=n_grid), QuantizeRTN(group_size), LowerW4A8()]
 
 
 @register_preset("gptq")

@@ -13,6 +13,7 @@ from ..pipeline import CompileContext, PassResult, QQQPass, register_pass, sqnr_
 class QuantizeRTN(QQQPass):
     """Quantize every linear weight to int4 by rounding to nearest, in ``ctx.quant``'s
     format, and store the :class:`~qqq_compile.formats.PackedW4` in ``meta["qqq"]``.
+    ``group_size`` None follows ``ctx.quant.group_size`` (like ``smooth`` and ``gptq``).
 
     Annotation only: the graph still computes in float until ``lower`` rewrites it, so
     ``modified`` is False. Position: after smoothing/rotation, before ``lower``. Linears
@@ -21,8 +22,14 @@ class QuantizeRTN(QQQPass):
 
     name = "quantize_rtn"
 
+    def __init__(self, group_size: int | None = None):
+        if group_size is not None and (group_size == 0 or group_size < -1 or (group_size > 0 and group_size % 2)):
+            raise ValueError(f"group_size must be None, -1 or a positive even number, got {group_size}")
+        self.group_size = group_size
+
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module
+        group_size = ctx.quant.group_size if self.group_size is None else self.group_size
         for site in linear_sites(gm):
             li = ensure_info(gm, site)
             if li.packed is not None or is_skipped(site.name, ctx.quant.skip):
@@ -30,7 +37,7 @@ class QuantizeRTN(QQQPass):
                     li.skipped = li.skipped or "matches QuantConfig.skip (kept in full precision)"
                 continue
             w = get_weight(gm, site).float()
-            li.packed = PackedW4.from_float(w, ctx.quant.group_size, ctx.quant.group_scale_dtype)
+            li.packed = PackedW4.from_float(w, group_size, ctx.quant.group_scale_dtype)
             li.method = "rtn"
             li.weight_sqnr_db = sqnr_db(w, li.packed.dequantize())
         return PassResult(gm, False)

@@ -26,3 +26,13 @@ def test_rtn_annotates_every_linear_but_lm_head(gs, dtype):
         q4 = quantize_to_int4(w, choose_scales(w, gs, dtype))
         assert torch.equal(li.packed.int4(), q4)
         assert li.weight_sqnr_db > 14
+
+
+def test_group_size_option_overrides_the_config():
+    gm = capture(tiny_model("llama"), torch.randint(0, 256, (2, 8))).graph_module
+    ctx = CompileContext(quant=QuantConfig(group_size=-1))
+    QuantizeRTN(group_size=32)(gm, ctx)
+    packed = [info(s.node).packed for s in linear_sites(gm) if info(s.node).packed is not None]
+    assert packed and all(p.group_size == 32 for p in packed)
+    with pytest.raises(ValueError, match="group_size"):
+        QuantizeRTN(group_size=3)
