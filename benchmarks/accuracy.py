@@ -167,7 +167,10 @@ def _table(results: dict, fp: float | None, protocol: str) -> str:
     ]
     for r in results["rows"]:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error'][-160:]} | | | | |")
+            # the last line of a traceback is the message; "|" would break the table
+            # (child errors arrive with their lines joined by " | ")
+            last = [ln for ln in r["error"].replace(" | ", "\n").splitlines() if ln.strip()][-1:] or ["?"]
+            lines.append(f"| {r['label']} | failed: {last[0][-160:].replace('|', '/')} | | | | |")
             continue
         delta = "" if fp is None or r["row"] == "fp32" else f"{100 * (r['ppl'] / fp - 1):+.2f}%"
         qs = "" if r.get("quant_s") is None else f"{r['quant_s']:.0f}"

@@ -324,7 +324,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name in ("n_calib", "n_eval", "seq_len", "batch_size"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     torch.manual_seed(args.seed)
-    steps = Steps(6 + bool(args.out), args.quiet)
+    # the round-to-nearest row shows what the method buys; pointless when it *is* the method
+    baseline = args.baseline and args.preset != "rtn"
+    steps = Steps(6 + 2 * baseline + bool(args.out), args.quiet)
     bar = not args.quiet
     with steps("loading SmolLM2-135M-Instruct (demo)"):
         model, tokenizer = load_model("demo")
@@ -332,6 +334,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         calib, evals = standard_splits(tokenizer, None, args.seq_len, args.n_calib, args.n_eval, args.seed)
     with steps("perplexity of the FP32 model"):
         fp_ppl = perplexity(model, evals, args.batch_size, progress=bar)
+    rtn_ppl = None
+    if baseline:
+        with steps("baseline: round-to-nearest W4A8 (same format, no smoothing or GPTQ)"):
+            rtn = qcompile(model, calib, _compile_config(args, preset="rtn"), progress=bar)
+        with steps("perplexity of the round-to-nearest W4A8 model"):
+            rtn_ppl = perplexity(rtn, evals, args.batch_size, progress=bar)
+        del rtn
     config = _compile_config(args)
     with steps(f"compiling to W4A8 with preset '{args.preset}'"):
         compiled = qcompile(model, calib, config, progress=bar)
@@ -348,16 +357,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
             save(compiled, args.out, tokenizer=tokenizer)
     fp_mem, q_mem = _float_bytes(model), compiled.weight_bytes()
     gs = "per-channel" if args.group_size == -1 else f"group {args.group_size}"
-    rows = [
-        ("FP32", f"{fp_ppl:.3f}", "", _mb(fp_mem), f"{fp_tps:.0f}"),
+    rows = [("FP32", f"{fp_ppl:.3f}", "", _mb(fp_mem), f"{fp_tps:.0f}")]
+    if rtn_ppl is not None:
+        rows.append((f"W4A8 (rtn, {gs})", f"{rtn_ppl:.3f}", f"{100 * (rtn_ppl / fp_ppl - 1):+.2f}%", "", ""))
+    rows.append(
         (
             f"W4A8 ({args.preset}, {gs})",
             f"{q_ppl:.3f}",
             f"{100 * (q_ppl / fp_ppl - 1):+.2f}%",
             f"{_mb(q_mem)} ({q_mem / fp_mem:.0%})",
             f"{q_tps:.0f} ({q_tps / fp_tps:.2f}x)",
-        ),
-    ]
+        )
+    )
     header = ("model", "perplexity", "Δ ppl", "weight memory", f"prefill tokens/s ({ids.shape[1]})")
     print(_table(header, rows))
     print(PROTOCOL.format(body=args.seq_len - 1, seed=args.seed, n_eval=args.n_eval) + f", {args.n_calib} calib")
@@ -372,6 +383,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "n_eval": args.n_eval,
             "seq_len": args.seq_len,
             "fp_ppl": fp_ppl,
+            "rtn_w4a8_ppl": rtn_ppl,
             "w4a8_ppl": q_ppl,
             "fp_weight_bytes": fp_mem,
             "w4a8_weight_bytes": q_mem,
@@ -505,16 +517,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default: 8)")
     d.add_argument("--out", metavar="DIR", help="also save the W4A8 model as an artifact folder")
     d.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+    d.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the round-to-nearest W4A8 row (about 1.5 min) shown for comparison",
+    )
     _add_float_weight_dtype(d)
     d.set_defaults(func=cmd_demo)
     return p
 
 
-def _compile_config(args: argparse.Namespace) -> Any:
+def _compile_config(args: argparse.Namespace, preset: str | None = None) -> Any:
     from .config import CalibConfig, CompileConfig, QuantConfig
 
     quant = QuantConfig(group_size=args.group_size, float_weight_dtype=args.float_weight_dtype)
-    return CompileConfig(preset=args.preset, quant=quant, calib=CalibConfig(batch_size=args.batch_size))
+    return CompileConfig(preset=preset or args.preset, quant=quant, calib=CalibConfig(batch_size=args.batch_size))
 
 
 def _add_float_weight_dtype(p: argparse.ArgumentParser) -> None:

@@ -233,3 +233,16 @@ def test_demo_compares_fp32_and_w4a8(tmp_path, capsys):
     assert 1 < res["fp_ppl"] < res["w4a8_ppl"] < 10 * res["fp_ppl"]
     assert res["w4a8_weight_bytes"] < 0.4 * res["fp_weight_bytes"]
     assert res["fp_prefill_tokens_per_s"] > 0 and res["w4a8_prefill_tokens_per_s"] > 0
+    assert res["rtn_w4a8_ppl"] is None  # the baseline row is the method itself here
+
+
+@pytest.mark.slow
+def test_demo_shows_the_round_to_nearest_baseline(tmp_path, capsys):
+    out_json = tmp_path / "demo.json"
+    argv = ["demo", "--preset", "smoothquant", "--n-calib", "2", "--n-eval", "2", "--seq-len", "128"]
+    assert main([*argv, "--json", str(out_json), "--quiet"]) == 0
+    res = json.loads(out_json.read_text())
+    table = capsys.readouterr().out
+    assert "| W4A8 (rtn, per-channel) |" in table and "| W4A8 (smoothquant, per-channel) |" in table
+    assert 1 < res["fp_ppl"] < res["rtn_w4a8_ppl"] < 10 * res["fp_ppl"]
+    assert res["rtn_w4a8_ppl"] != res["w4a8_ppl"]  # two different models were evaluated
