@@ -165,7 +165,9 @@ def _table(results: dict, fp: float | None, protocol: str) -> str:
         "| row | perplexity | Δ vs FP32 | quantization wall (s) | quantization CPU (s) | peak RSS (MB) |",
         "|---|---|---|---|---|---|",
     ]
-    for r in results["rows"]:
+    order = {name: i for i, name in enumerate([*OWN_ROWS, *PEER_ROWS])}
+    # the script's own row order, however the rows were (re-)run with --append
+    for r in sorted(results["rows"], key=lambda r: order.get(r["row"], len(order))):
         if "error" in r:
             # the last line of a traceback is the message; "|" would break the table
             # (child errors arrive with their lines joined by " | ")

@@ -14,21 +14,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.utils.benchmark as tb
 
 HERE = Path(__file__).resolve().parent
 
 
-def timeit(fn, min_run_time: float) -> float:
-    """Median seconds per call."""
-    fn()  # warm-up (and first-use compilation of the CPU extension)
-    return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each ``fn``, timed round-robin.
+
+    One prefill takes about a second, so timing each model in its own block gives one or
+    two samples each, taken minutes apart: any drift of a shared machine (another
+    process, page-cache pressure) then lands on one model only. Round-robin spreads it
+    over all of them, so the ratios stay honest.
+    """
+    for fn in fns.values():
+        fn()  # warm-up (and first-use compilation of the CPU extension)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def state_bytes(module: torch.nn.Module) -> int:
@@ -68,34 +83,31 @@ def end_to_end(args: argparse.Namespace) -> dict:
         progress=False,
     )
     variants = {
-        "HF fp32": model,
+        # no KV cache: the compiled model does not build one either
+        "HF fp32": lambda x: model(input_ids=x, use_cache=False),
         "qqq W4A8": compiled,
         "qqq W4A8 + fused norm-quant": compiled_fused,
         "qqq W4A8 + bf16 lm_head/embedding": compiled_bf16,
     }
-    rows = {}
-    with torch.inference_mode():
-        for name, fn in variants.items():
-            t_pre = timeit(lambda fn=fn: fn(prefill), args.min_run_time)
-            t_one = timeit(lambda fn=fn: fn(one), args.min_run_time)
-            rows[name] = {"prefill_tok_s": args.seq_len / t_pre, "m1_ms": t_one * 1e3}
+    compiled_models = {k: v for k, v in variants.items() if k != "HF fp32"}
+    with tempfile.TemporaryDirectory() as d:
+        try:  # optional row, timed in the same rounds as the others
+            from qqq_compile.export.onnx import export_onnx, ort_session, run_onnx
+
+            sess = ort_session(export_onnx(compiled, Path(d) / "model.onnx"), args.threads)
+            variants["onnxruntime (our ONNX export)"] = lambda x: run_onnx(sess, x)
+        except Exception as e:  # noqa: BLE001
+            print(f"(onnxruntime row skipped: {type(e).__name__}: {e})", file=sys.stderr)
+        with torch.inference_mode():
+            t_pre = interleaved({k: (lambda fn=fn: fn(prefill)) for k, fn in variants.items()}, args.rounds)
+            t_one = interleaved({k: (lambda fn=fn: fn(one)) for k, fn in variants.items()}, 10 * args.rounds)
+    rows = {k: {"prefill_tok_s": args.seq_len / t_pre[k], "m1_ms": t_one[k] * 1e3} for k in variants}
     rows["HF fp32"]["weights_mb"] = state_bytes(model) / 2**20
-    for name, cm in variants.items():
-        if name != "HF fp32":
-            rows[name]["weights_mb"] = cm.weight_bytes() / 2**20
+    for name, cm in compiled_models.items():
+        rows[name]["weights_mb"] = cm.weight_bytes() / 2**20
     lin = compiled.linears()
     rows["qqq W4A8"]["linear_weights_mb"] = sum(li.packed.nbytes() for li in lin if li.lowered) / 2**20
     rows["HF fp32"]["linear_weights_mb"] = sum(li.in_features * li.out_features * 4 for li in lin if li.lowered) / 2**20
-    try:
-        from qqq_compile.export.onnx import export_onnx, time_onnx
-
-        with tempfile.TemporaryDirectory() as d:
-            path = export_onnx(compiled, Path(d) / "model.onnx")
-            t_pre = time_onnx(path, prefill, runs=5, threads=args.threads).median_ms / 1e3
-            t_one = time_onnx(path, one, runs=20, threads=args.threads).median_ms / 1e3
-            rows["onnxruntime (our ONNX export)"] = {"prefill_tok_s": args.seq_len / t_pre, "m1_ms": t_one * 1e3}
-    except Exception as e:  # noqa: BLE001 - optional row
-        print(f"(onnxruntime row skipped: {type(e).__name__}: {e})", file=sys.stderr)
     return rows
 
 
@@ -124,7 +136,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--min-run-time", type=float, default=2.0)
+    ap.add_argument(
+        "--rounds", type=int, default=7, help="end to end: prefill rounds (M=1: 10x as many), all models per round"
+    )
     ap.add_argument("--e2e-only", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the end-to-end rows here")
     args = ap.parse_args()
