@@ -228,10 +228,6 @@ def test_biases_reach_the_kernel(arch, biased):
 
 # ----------------------------------------------------------------------------- dtypes
 
-HALF_SMOOTH_BUG = pytest.mark.xfail(
-    raises=PipelineError, strict=True, reason="passes/smooth.py mixes fp32 with fp16/bf16 weights (matmul dtype)"
-)
-
 
 @pytest.mark.parametrize(
     "dtype,preset",
@@ -242,8 +238,8 @@ HALF_SMOOTH_BUG = pytest.mark.xfail(
         (torch.float16, {"preset": "gptq"}),
         (torch.bfloat16, {"preset": "gptq"}),
         (torch.float32, {"preset": "qqq"}),
-        pytest.param(torch.float16, {"preset": "qqq"}, marks=HALF_SMOOTH_BUG),
-        pytest.param(torch.bfloat16, {"preset": "qqq"}, marks=HALF_SMOOTH_BUG),
+        (torch.float16, {"preset": "qqq"}),
+        (torch.bfloat16, {"preset": "qqq"}),
     ],
     ids=lambda v: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v["preset"],
 )

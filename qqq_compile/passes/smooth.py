@@ -232,11 +232,16 @@ def fake_linear(
     def run(*args: Any, **kwargs: Any) -> torch.Tensor:
         x = args[i]
         if cache is None:
-            return F.linear(prep(x), w_nk, bias)
-        key = (id(x), quant_act)
-        if key not in cache:
-            cache[key] = prep(x)
-        return F.linear(cache[key], w_nk, bias)
+            xq = prep(x)
+        else:
+            key = (id(x), quant_act)
+            if key not in cache:
+                cache[key] = prep(x)
+            xq = cache[key]
+        # The search holds weights in fp32 whatever the model's dtype (fp16/bf16 models
+        # too): compute in fp32 and hand the graph back its own dtype.
+        b = None if bias is None else bias.float()
+        return F.linear(xq.float(), w_nk.float(), b).to(x.dtype)
 
     return run
 
