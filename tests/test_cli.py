@@ -222,13 +222,17 @@ def test_bench_runs_the_script_or_explains(tmp_path, monkeypatch, capfd):
 # ----------------------------------------------------------------------------- demo on the real model
 
 
+def run_demo(tmp_path, capsys, preset: str) -> tuple[dict, str]:
+    """The demo on 2 short calibration and evaluation windows: (its JSON, its printed table)."""
+    out_json = tmp_path / "demo.json"
+    argv = ["demo", "--preset", preset, "--n-calib", "2", "--n-eval", "2", "--seq-len", "128"]
+    assert main([*argv, "--json", str(out_json), "--quiet"]) == 0
+    return json.loads(out_json.read_text()), capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_demo_compares_fp32_and_w4a8(tmp_path, capsys):
-    out_json = tmp_path / "demo.json"
-    argv = ["demo", "--preset", "rtn", "--n-calib", "2", "--n-eval", "2", "--seq-len", "128"]
-    assert main([*argv, "--json", str(out_json), "--quiet"]) == 0
-    res = json.loads(out_json.read_text())
-    table = capsys.readouterr().out
+    res, table = run_demo(tmp_path, capsys, "rtn")
     assert "| FP32 |" in table and "| W4A8 (rtn, per-channel) |" in table
     assert 1 < res["fp_ppl"] < res["w4a8_ppl"] < 10 * res["fp_ppl"]
     assert res["w4a8_weight_bytes"] < 0.4 * res["fp_weight_bytes"]
@@ -238,11 +242,7 @@ def test_demo_compares_fp32_and_w4a8(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_shows_the_round_to_nearest_baseline(tmp_path, capsys):
-    out_json = tmp_path / "demo.json"
-    argv = ["demo", "--preset", "smoothquant", "--n-calib", "2", "--n-eval", "2", "--seq-len", "128"]
-    assert main([*argv, "--json", str(out_json), "--quiet"]) == 0
-    res = json.loads(out_json.read_text())
-    table = capsys.readouterr().out
+    res, table = run_demo(tmp_path, capsys, "smoothquant")
     assert "| W4A8 (rtn, per-channel) |" in table and "| W4A8 (smoothquant, per-channel) |" in table
     assert 1 < res["fp_ppl"] < res["rtn_w4a8_ppl"] < 10 * res["fp_ppl"]
     assert res["rtn_w4a8_ppl"] != res["w4a8_ppl"]  # two different models were evaluated
