@@ -148,7 +148,7 @@ def _run_child(cmd: list[str], result: Path, env: dict) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not result.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
-        return {"error": f"exit {proc.returncode}: " + " | ".join(tail), "row_wall_s": wall}
+        return {"error": f"exit {proc.returncode}:\n" + "\n".join(tail), "row_wall_s": wall}
     out = json.loads(result.read_text())
     out["row_wall_s"] = wall
     return out
@@ -170,8 +170,7 @@ def _table(results: dict, fp: float | None, protocol: str) -> str:
     for r in sorted(results["rows"], key=lambda r: order.get(r["row"], len(order))):
         if "error" in r:
             # the last line of a traceback is the message; "|" would break the table
-            # (child errors arrive with their lines joined by " | ")
-            last = [ln for ln in r["error"].replace(" | ", "\n").splitlines() if ln.strip()][-1:] or ["?"]
+            last = [ln for ln in r["error"].splitlines() if ln.strip()][-1:] or ["?"]
             lines.append(f"| {r['label']} | failed: {last[0][-160:].replace('|', '/')} | | | | |")
             continue
         delta = "" if fp is None or r["row"] == "fp32" else f"{100 * (r['ppl'] / fp - 1):+.2f}%"
