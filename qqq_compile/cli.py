@@ -525,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_float_weight_dtype(d)
     d.set_defaults(func=cmd_demo)
+    from .cli_generate import add_commands
+
+    add_commands(add)
     return p
 
 

@@ -57,6 +57,8 @@ class CompiledModel(torch.nn.Module):
         self.model_config = model_config
         self.model_class = model_class
         self.source_graph = source_graph  # readable graph before the pipeline (for reports)
+        self._step: Any = None  # the generation step (prepare_generation / generate)
+        self._step_explicit = False
 
     def forward(self, input_ids: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         kwargs.pop("use_cache", None)
@@ -75,6 +77,110 @@ class CompiledModel(torch.nn.Module):
         if missing:
             raise TypeError(f"missing input(s) {missing}")
         return self.graph_module(**inputs)
+
+    # ------------------------------------------------------------------ generation
+
+    def prepare_generation(
+        self,
+        max_batch: int = 1,
+        max_len: int | None = None,
+        runtime: str = "auto",
+        package_dir: str | None = None,
+        progress: bool = True,
+    ) -> Any:
+        """Build the KV-cache decode step that :meth:`generate` uses (see :mod:`qqq_compile.runtime`).
+
+        ``max_len`` (prompt + new tokens) defaults to the model's context capped at 2048.
+        ``runtime``: ``"eager"`` (FX, the reference), ``"aot"`` (AOTInductor, C++, cached on
+        disk) or ``"auto"`` (AOT, falling back to eager with a report note if it cannot be
+        built). A step prepared here is kept as built: requests that do not fit are refused."""
+        self._step = self._build_step(max_batch, max_len, runtime, package_dir, progress)
+        self._step_explicit = True
+        return self._step
+
+    def _build_step(
+        self, max_batch: int, max_len: int | None, runtime: str, package_dir: str | None = None, progress: bool = True
+    ) -> Any:
+        from .generation import context_limit
+        from .runtime import RUNTIMES, build_step
+
+        if runtime not in (*RUNTIMES, "auto"):
+            raise ValueError(f"runtime={runtime!r} is not known; use 'auto', 'eager' or 'aot'")
+        limit = context_limit(self.model_config)
+        max_len = max_len or min(limit or 2048, 2048)
+        if limit is not None and max_len > limit:
+            raise ValueError(
+                f"max_len={max_len} exceeds this model's usable context of {limit} positions "
+                f"(max_position_embeddings or its sliding window); use max_len <= {limit}"
+            )
+        choice = "aot" if runtime == "auto" else runtime
+        kw = {"max_batch": max_batch, "max_len": max_len, "package_dir": package_dir, "progress": progress}
+        try:
+            step = build_step(self.graph_module, runtime=choice, **kw)
+        except Exception as e:  # noqa: BLE001 - auto falls back to the reference path
+            if runtime != "auto" or isinstance(e, ValueError):
+                raise
+            step = build_step(self.graph_module, runtime="eager", **kw)
+            step.notes.append(f"AOT compile failed ({type(e).__name__}: {str(e)[:200]}); running eager")
+        for msg in [f"generation runtime: {step.runtime}", *step.notes]:
+            self.report.notes.append(Note("generate", msg))
+        return step
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        streamer: Any = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        runtime: str | None = None,
+        return_dict_in_generate: bool = False,
+    ) -> Any:
+        """Generate like transformers' ``generate()``: returns ``[B, T + new]`` token ids
+        (a :class:`~qqq_compile.generation.GenerateOutput` with timings when
+        ``return_dict_in_generate``). Uses the step from :meth:`prepare_generation`, or
+        builds one on first use (``runtime``, default ``"auto"``: see there), rebuilt larger
+        when a request outgrows it."""
+        from .generation import GenerationError, SamplingConfig
+        from .generation import generate as _generate
+
+        meta = self.model_config or {}
+        eos = eos_token_id if eos_token_id is not None else meta.get("eos_token_id")
+        pad = pad_token_id if pad_token_id is not None else meta.get("pad_token_id")
+        cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos, pad)
+        cfg.validate()
+        if not isinstance(input_ids, torch.Tensor):
+            raise GenerationError(
+                "input_ids must be a LongTensor [batch, tokens] (tokenizer(..., return_tensors='pt'))"
+            )
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+            attention_mask = attention_mask[None] if attention_mask is not None else None
+        step = self._step
+        rows, need = input_ids.shape[0], input_ids.shape[-1] + max_new_tokens
+        if step is None or (runtime is not None and step.runtime != runtime):
+            step = None
+        elif not self._step_explicit and (step.spec.max_len < need or step.spec.max_batch < rows):
+            step = None
+        if step is None:
+            base = self._step.spec if self._step is not None else None
+            size = max(need, base.max_len if base else 0)
+            limit = min(max(size, 512), 2048) if size <= 2048 else size
+            step = self._build_step(max(rows, base.max_batch if base else 1), limit, runtime or "auto")
+            self._step, self._step_explicit = step, False
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        out = _generate(step, input_ids, attention_mask, cfg, streamer=streamer, generator=generator)
+        return out if return_dict_in_generate else out.sequences
 
     def linears(self) -> list[LinearInfo]:
         """Per-linear facts (name, shape, format, method), in graph order."""

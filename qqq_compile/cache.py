@@ -1,0 +1,274 @@
+"""The KV-cache rewrite: turn a full-sequence causal-LM graph into a prefill/decode step.
+
+``add_kv_cache(gm, max_batch, max_len)`` works from the graph alone, on any graph the
+pipeline produced (float, rotated, lowered to W4A8): the passes stay unchanged and the
+perplexity of the model that generates is the perplexity of the graph ``compile()`` returns.
+
+What it finds and rewrites:
+
+* **Attention**: every ``aten.scaled_dot_product_attention`` node. Its K and V inputs
+  are traced back through Hugging Face's ``repeat_kv`` chain (unsqueeze / expand / clone /
+  view) to the per-KV-head tensors ``[B, Hkv, T, D]``; those are written into static
+  buffers ``[max_batch, Hkv, max_len, D]`` at ``cache_position`` (``index_copy_``, the
+  ExecuTorch pattern), and SDPA reads the first ``L`` slots back with ``enable_gqa`` (no
+  repeated copy of the cache per step).
+* **Positions**: every ``arange(0, T)`` over the token axis becomes ``cache_position``
+  (rotary embeddings, absolute position embeddings).
+* **Mask**: built once from positions, never ``is_causal`` (SDPA's ``is_causal`` is
+  top-left aligned: one query against many keys would see key 0 only). Key slot ``j`` is
+  visible to the query at position ``p`` when ``j <= p`` and ``attention_mask[b, j]`` is
+  set; every query also sees its own slot, so a left-padding row stays finite.
+* **Logits**: optionally only the last position's (what generation needs; prefill then
+  skips ``T - 1`` rows of the lm_head GEMM).
+
+The step takes ``(input_ids [B, T], attention_mask [B, L], cache_position [T])`` with
+``L = past + T`` (transformers' convention) and returns logits. One graph serves prefill
+(``T > 1``) and decode (``T = 1``). Batch rows share positions: rows of a left-padded
+batch are shifted copies, which rotary attention does not see (it depends on position
+differences only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+aten = torch.ops.aten
+
+# Ops of transformers' repeat_kv chain (and layout no-ops) between the per-KV-head K/V
+# and SDPA. Walking back through them finds the tensor to cache.
+_KV_CHAIN = {
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.clone.default,
+    aten.expand.default,
+    aten.unsqueeze.default,
+    aten.slice.Tensor,
+    aten.contiguous.default,
+}
+_ARANGES = {aten.arange.start_step, aten.arange.start, aten.arange.default}
+# Ops that may sit between the lm_head matmul and the output (softcapping, casts).
+_LOGIT_EPILOGUE = {aten.div.Tensor, aten.tanh.default, aten.mul.Tensor, aten._to_copy.default, aten.to.dtype}
+_LINEAR_NAMES = ("linear", "w4a8_linear", "w4a8_linear_q", "w8a8_linear", "addmm", "mm", "matmul")
+_MAX = 2**63 - 1
+
+
+class CacheError(ValueError):
+    """The graph cannot take a KV cache; the message names what is missing and the way out."""
+
+
+@dataclass
+class CacheSpec:
+    """What the rewrite built: where the cache lives and how big it is."""
+
+    max_batch: int
+    max_len: int
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per SDPA: name, kv heads, head dim, dtype
+    positions_replaced: int = 0
+    last_logits_only: bool = True
+
+    def cache_bytes(self) -> int:
+        return sum(
+            2 * self.max_batch * layer["kv_heads"] * self.max_len * layer["head_dim"] * layer["itemsize"]
+            for layer in self.layers
+        )
+
+
+def _val(n: Any) -> Any:
+    return n.meta.get("val") if isinstance(n, Node) else None
+
+
+def _sdpa_arg(n: Node, i: int, name: str, default: Any = None) -> Any:
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
+def _is_full_slice(n: Node) -> bool:
+    args = list(n.args) + [None] * 4
+    start, end = args[2] if len(n.args) > 2 else 0, args[3] if len(n.args) > 3 else _MAX
+    return start in (0, None) and (end is None or end == _MAX) and n.kwargs.get("step", 1) == 1
+
+
+def _kv_source(n: Node, seq: Any) -> Node:
+    """Walk from SDPA's K/V input back to the per-KV-head ``[B, Hkv, T, D]`` tensor."""
+    cur, best = n, n
+    while isinstance(cur, Node) and cur.op == "call_function" and cur.target in _KV_CHAIN:
+        if cur.target is aten.slice.Tensor and not _is_full_slice(cur):
+            break
+        cur = cur.args[0]
+        v = _val(cur)
+        if isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[2] == seq:
+            best = cur
+    return best
+
+
+def _position_aranges(graph: Graph, seq_nodes: set[Node]) -> list[Node]:
+    out = []
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target not in _ARANGES:
+            continue
+        if n.target is aten.arange.default:
+            start, end = 0, n.args[0]
+        else:
+            start, end = n.args[0], n.args[1]
+        step = n.args[2] if n.target is aten.arange.start_step and len(n.args) > 2 else 1
+        if start == 0 and step == 1 and end in seq_nodes:
+            out.append(n)
+    return out
+
+
+def _lm_head(out: Node) -> tuple[Node, int] | None:
+    """The lm_head node and the index of its activation argument, found from the logits output."""
+    cur = out
+    while isinstance(cur, Node) and cur.op == "call_function":
+        name = getattr(cur.target, "__name__", str(cur.target)).split(".")[0]
+        if name in _LINEAR_NAMES:
+            return cur, 1 if cur.target is aten.addmm.default else 0
+        if cur.target not in _LOGIT_EPILOGUE:
+            return None
+        cur = cur.args[0]
+    return None
+
+
+def add_kv_cache(
+    gm: GraphModule,
+    *,
+    max_batch: int,
+    max_len: int,
+    input_name: str = "input_ids",
+    last_logits_only: bool = True,
+) -> tuple[GraphModule, CacheSpec]:
+    """A new GraphModule ``(input_ids, attention_mask, cache_position) -> logits`` with a
+    static KV cache in its buffers. ``gm`` is left as it was; weights are shared, not copied."""
+    if max_batch < 1 or max_len < 2:
+        raise CacheError(f"max_batch must be >= 1 and max_len >= 2, got {max_batch} and {max_len}")
+    graph = Graph()
+    out_val = graph.graph_copy(gm.graph, {})
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    ids = next((p for p in placeholders if p.target == input_name), None)
+    if ids is None or len(placeholders) != 1:
+        names = [p.target for p in placeholders]
+        raise CacheError(
+            f"the KV-cache rewrite needs a graph whose only input is {input_name!r}, got inputs {names}; "
+            "compile the causal LM with token-id example inputs"
+        )
+    sdpa_op = aten.scaled_dot_product_attention.default
+    sdpas = [n for n in graph.nodes if n.op == "call_function" and n.target is sdpa_op]
+    if not sdpas:
+        raise CacheError(
+            "the graph has no scaled_dot_product_attention node, so there is no attention to cache: "
+            "load the model with attn_implementation='sdpa' (transformers' default) before compile()"
+        )
+    seq_nodes = {
+        n
+        for n in graph.nodes
+        if n.op == "call_function" and n.target is aten.sym_size.int and n.args[0] is ids and n.args[1] == 1
+    }
+    ids_val = _val(ids)
+    seq_sym = ids_val.shape[1] if isinstance(ids_val, torch.Tensor) else None
+
+    # New inputs and the shared mask [B, 1, T, L], built once before the first computation.
+    first = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+    with graph.inserting_before(first):
+        mask_in = graph.placeholder("attention_mask")
+        pos_in = graph.placeholder("cache_position")
+        batch = graph.call_function(aten.sym_size.int, (ids, 0))
+        kv_len = graph.call_function(aten.sym_size.int, (mask_in, 1))
+        slots = graph.call_function(aten.arange.default, (kv_len,), {"dtype": torch.long})
+        key_row = graph.call_function(aten.unsqueeze.default, (slots, 0))  # [1, L]
+        q_col = graph.call_function(aten.unsqueeze.default, (pos_in, 1))  # [T, 1]
+        causal = graph.call_function(aten.le.Tensor, (key_row, q_col))  # [T, L]
+        own = graph.call_function(aten.eq.Tensor, (key_row, q_col))
+        valid = graph.call_function(aten.ne.Scalar, (mask_in, 0))  # [B, L]
+        valid4 = graph.call_function(aten.view.default, (valid, [batch, 1, 1, kv_len]))
+        seen = graph.call_function(aten.bitwise_and.Tensor, (causal, valid4))  # [B, 1, T, L]
+        mask = graph.call_function(aten.bitwise_or.Tensor, (seen, own))
+
+    aranges = _position_aranges(graph, seq_nodes)
+    for a in aranges:
+        a.replace_all_uses_with(pos_in)
+        graph.erase_node(a)
+
+    spec = CacheSpec(max_batch, max_len, positions_replaced=len(aranges), last_logits_only=last_logits_only)
+    buffers: dict[str, torch.Tensor] = {}
+    for i, sd in enumerate(sdpas):
+        q, k, v = sd.args[0], sd.args[1], sd.args[2]
+        qv = _val(q)
+        if not isinstance(qv, torch.Tensor) or qv.dim() != 4:
+            raise CacheError(f"{sd.name}: expected a 4-D query [B, H, T, D]")
+        if float(_sdpa_arg(sd, 4, "dropout_p", 0.0) or 0.0) != 0.0:
+            raise CacheError(f"{sd.name}: attention dropout is on; call model.eval() before compile()")
+        seq = qv.shape[2] if seq_sym is None else seq_sym
+        new_kv, shapes = [], []
+        for which, src in (("k", k), ("v", v)):
+            base = _kv_source(src, seq)
+            bv = _val(base)
+            if not isinstance(bv, torch.Tensor) or bv.dim() != 4 or qv.shape[1] % bv.shape[1]:
+                raise CacheError(f"{sd.name}: could not find the per-head {which.upper()} tensor [B, Hkv, T, D]")
+            shapes.append(bv)
+            name = f"qqq_{which}_cache_{i}"
+            # One spare slot: a read of all max_len slots is then never the whole (contiguous)
+            # buffer, so export does not specialise the kernel choice on L == max_len.
+            buffers[name] = torch.zeros(max_batch, int(bv.shape[1]), max_len + 1, int(bv.shape[3]), dtype=bv.dtype)
+            with graph.inserting_before(sd):
+                buf = graph.get_attr(name)
+                rows = graph.call_function(aten.narrow.default, (buf, 0, 0, batch))
+                written = graph.call_function(aten.index_copy_.default, (rows, 2, pos_in, base))
+                new_kv.append(graph.call_function(aten.narrow.default, (written, 2, 0, kv_len)))
+        kv_heads, head_dim = int(shapes[0].shape[1]), int(shapes[0].shape[3])
+        itemsize = shapes[0].element_size()
+        spec.layers.append({"sdpa": sd.name, "kv_heads": kv_heads, "head_dim": head_dim, "itemsize": itemsize})
+        scale = _sdpa_arg(sd, 6, "scale")
+        with graph.inserting_before(sd):
+            new = graph.call_function(
+                aten.scaled_dot_product_attention.default,
+                (q, new_kv[0], new_kv[1], mask, 0.0, False),
+                {"scale": scale, "enable_gqa": int(qv.shape[1]) != kv_heads},
+            )
+        new.meta.update(sd.meta)
+        sd.replace_all_uses_with(new)
+        graph.erase_node(sd)
+
+    # Logits: the first output, optionally only the last position's.
+    logits = out_val[0] if isinstance(out_val, (tuple, list)) else out_val
+    while isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    if last_logits_only:
+        found = _lm_head(logits)
+        if found is not None:
+            head, idx = found
+            head_in = head.args[idx]
+            with graph.inserting_before(head):
+                last = graph.call_function(aten.slice.Tensor, (head_in, 1, -1, _MAX))
+            head.update_arg(idx, last)
+        else:
+            logits = graph.call_function(aten.slice.Tensor, (logits, 1, -1, _MAX))
+    graph.output(logits)
+    for n in [n for n in graph.nodes if n.target is aten._assert_tensor_metadata.default]:
+        graph.erase_node(n)  # export-time dtype checks; they keep the dead causal-mask code alive
+    graph.set_codegen(torch.fx.graph.CodeGen())
+    graph.eliminate_dead_code()
+    # A shallow root that sees gm's modules and tensors plus the new buffers: the new
+    # GraphModule shares the weights and gm itself is not touched.
+    root = torch.nn.Module()
+    root._modules = dict(gm._modules)
+    root._parameters = dict(gm._parameters)
+    root._buffers = {**gm._buffers, **buffers}
+    root.__dict__.update({k: v for k, v in gm.__dict__.items() if isinstance(v, torch.Tensor)})
+    new_gm = GraphModule(root, graph, class_name="QQQCachedLM")
+    new_gm.meta.update(getattr(gm, "meta", {}))
+    new_gm.recompile()
+    return new_gm, spec
+
+
+def reset_cache(gm: GraphModule) -> None:
+    """Zero every KV buffer (not needed for correctness: stale slots are masked out)."""
+    for name, buf in gm.named_buffers():
+        if name.startswith(("qqq_k_cache_", "qqq_v_cache_")):
+            buf.zero_()
+
+
+__all__ = ["CacheError", "CacheSpec", "add_kv_cache", "reset_cache"]
