@@ -50,6 +50,7 @@ PROTOCOL = (
     "protocol: windows of BOS + {body} tokens; calibration windows drawn (seed {seed}) from the first 80% "
     "of the text, evaluation = the last {n_eval} windows of the text"
 )
+DEMO_PROMPT = "The history of the printing press began"
 DEMO_CAVEAT = (
     "note: the demo model ships as GGUF Q4_1; dequantized, its weights already lie on a 4-bit grid, "
     "so the quantization error measured on it is understated"
@@ -147,18 +148,62 @@ def _float_bytes(model: Any) -> int:
     return total
 
 
-def _prefill_tokens_per_s(fn: Callable[[Any], Any], ids: Any, repeats: int = 3) -> float:
-    """Tokens/s of one forward pass over ``ids`` (median of ``repeats`` after a warm-up)."""
+def _prefill_tokens_per_s(fns: dict[str, Callable[[Any], Any]], ids: Any, repeats: int = 3) -> dict[str, float]:
+    """Tokens/s of one forward pass over ``ids`` for each model: one warm-up each, then
+    ``repeats`` rounds timing every model in turn (round-robin, so load on the machine
+    hits all models alike and cannot flip a ratio); the median per model."""
     import torch
 
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
-        fn(ids)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+        for fn in fns.values():
             fn(ids)
-            times.append(time.perf_counter() - t0)
-    return ids.numel() / statistics.median(times)
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(ids)
+                times[name].append(time.perf_counter() - t0)
+    return {name: ids.numel() / statistics.median(t) for name, t in times.items()}
+
+
+def _continuations(model: Any, compiled: Any, tokenizer: Any, prompt: str, new: int, runtime: str) -> list[tuple]:
+    """Greedy continuations of ``prompt`` from the float model (transformers' generate with
+    its KV cache) and the W4A8 model, each with its decode tokens/s; the two decodes are
+    timed alternately, twice, and the faster run of each is kept."""
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    compiled.prepare_generation(max_batch=1, max_len=ids.shape[1] + new, runtime=runtime)
+    best: dict[str, tuple[float, Any]] = {}
+
+    class Clock:  # a streamer: time from the first new token to the last
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.stamps.append(time.perf_counter())
+
+        def end(self) -> None: ...
+
+    for _ in range(2):
+        for name in ("FP32", "W4A8"):
+            clock = Clock()
+            with torch.inference_mode():
+                if name == "FP32":
+                    out = model.generate(
+                        ids, max_new_tokens=new, do_sample=False, use_cache=True, streamer=clock,
+                        pad_token_id=tokenizer.eos_token_id, eos_token_id=None, min_new_tokens=new,
+                    )
+                else:
+                    out = compiled.generate(ids, max_new_tokens=new, eos_token_id=[], streamer=clock)
+            tps = (len(clock.stamps) - 2) / (clock.stamps[-1] - clock.stamps[1])
+            if name not in best or tps > best[name][0]:
+                best[name] = (tps, out)
+    rows = []
+    for name, (tps, out) in best.items():
+        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        rows.append((name, " ".join(text.split()), tps))
+    return rows
 
 
 def _call(fn: Callable[..., Any], *args: Any, **optional: Any) -> Any:
@@ -326,7 +371,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     # the round-to-nearest row shows what the method buys; pointless when it *is* the method
     baseline = args.baseline and args.preset != "rtn"
-    steps = Steps(6 + 2 * baseline + bool(args.out), args.quiet)
+    steps = Steps(6 + 2 * baseline + bool(args.out) + (args.continuation > 0), args.quiet)
     bar = not args.quiet
     with steps("loading SmolLM2-135M-Instruct (demo)"):
         model, tokenizer = load_model("demo")
@@ -346,10 +391,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         compiled = qcompile(model, calib, config, progress=bar)
     with steps("perplexity of the W4A8 model"):
         q_ppl = perplexity(compiled, evals, args.batch_size, progress=bar)
-    with steps(f"prefill speed, one window of {args.seq_len} tokens"):
+    with steps(f"prefill speed, one window of {args.seq_len} tokens (round-robin)"):
         ids = evals[0]
-        fp_tps = _prefill_tokens_per_s(lambda x: model(input_ids=x, use_cache=False), ids)
-        q_tps = _prefill_tokens_per_s(compiled, ids)
+        speed = _prefill_tokens_per_s({"fp": lambda x: model(input_ids=x, use_cache=False), "q": compiled}, ids)
+        fp_tps, q_tps = speed["fp"], speed["q"]
+    gen_rows = []
+    if args.continuation > 0:
+        with steps(f"greedy continuation, {args.continuation} tokens each (decode step: {args.runtime})"):
+            gen_rows = _continuations(model, compiled, tokenizer, DEMO_PROMPT, args.continuation, args.runtime)
     if args.out:
         from .artifact import save
 
@@ -371,6 +420,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     header = ("model", "perplexity", "Δ ppl", "weight memory", f"prefill tokens/s ({ids.shape[1]})")
     print(_table(header, rows))
+    if gen_rows:
+        print(f"\nprompt: {DEMO_PROMPT!r}")
+        gen_table = [(name, text, f"{tps:.1f}") for name, text, tps in gen_rows]
+        print(_table(("model", "greedy continuation", "decode tokens/s"), gen_table))
     print(PROTOCOL.format(body=args.seq_len - 1, seed=args.seed, n_eval=args.n_eval) + f", {args.n_calib} calib")
     print(DEMO_CAVEAT)
     print(f"threads: {torch.get_num_threads()}; speeds on a shared machine are indicative")
@@ -389,6 +442,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "w4a8_weight_bytes": q_mem,
             "fp_prefill_tokens_per_s": fp_tps,
             "w4a8_prefill_tokens_per_s": q_tps,
+            "continuations": [{"model": n, "text": t, "decode_tokens_per_s": v} for n, t, v in gen_rows],
         },
     )
     return 0
@@ -524,6 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the round-to-nearest W4A8 row (about 1.5 min) shown for comparison",
     )
     _add_float_weight_dtype(d)
+    d.add_argument("--continuation", type=int, default=32, metavar="N",
+                   help="greedy tokens generated by both models (default: 32; 0 skips)")
+    d.add_argument("--runtime", choices=("auto", "eager", "aot"), default="auto",
+                   help="W4A8 decode step: auto (default; AOTInductor, cached), eager FX, or aot")
     d.set_defaults(func=cmd_demo)
     from .cli_generate import add_commands
 

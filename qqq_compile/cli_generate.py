@@ -79,6 +79,14 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
     return compiled, tok
 
 
+def _require_template(tok: Any) -> None:
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat template: use 'generate' without --chat-template, or pass "
+            "--tokenizer MODEL with a tokenizer that has one"
+        )
+
+
 def _speed_line(out: Any) -> str:
     return (
         f"[{out.prompt_tokens} prompt tokens, {out.new_tokens} new; prefill {out.prefill_tokens_per_s:.1f} tok/s, "
@@ -91,6 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     compiled, tok = _prepare(args)
     if args.chat_template:
+        _require_template(tok)
         ids = tok.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt"
         )
@@ -107,6 +116,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     compiled, tok = _prepare(args)
+    _require_template(tok)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     print("chat: type a message; an empty line or Ctrl-D ends", file=sys.stderr)

@@ -226,6 +226,7 @@ def run_demo(tmp_path, capsys, preset: str) -> tuple[dict, str]:
     """The demo on 2 short calibration and evaluation windows: (its JSON, its printed table)."""
     out_json = tmp_path / "demo.json"
     argv = ["demo", "--preset", preset, "--n-calib", "2", "--n-eval", "2", "--seq-len", "128"]
+    argv += ["--continuation", "6", "--runtime", "eager"]
     assert main([*argv, "--json", str(out_json), "--quiet"]) == 0
     return json.loads(out_json.read_text()), capsys.readouterr().out
 
@@ -238,6 +239,8 @@ def test_demo_compares_fp32_and_w4a8(tmp_path, capsys):
     assert res["w4a8_weight_bytes"] < 0.4 * res["fp_weight_bytes"]
     assert res["fp_prefill_tokens_per_s"] > 0 and res["w4a8_prefill_tokens_per_s"] > 0
     assert res["rtn_w4a8_ppl"] is None  # the baseline row is the method itself here
+    assert "greedy continuation" in table and [c["model"] for c in res["continuations"]] == ["FP32", "W4A8"]
+    assert all(c["decode_tokens_per_s"] > 0 and c["text"] for c in res["continuations"])
 
 
 @pytest.mark.slow
