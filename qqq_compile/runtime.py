@@ -108,7 +108,12 @@ def _aot_compile(
         print(f"qqq_compile: AOT-compiling the decode step (once; cached at {path}) ...", flush=True)
     with torch.no_grad():
         ep = torch.export.export(cached, example, dynamic_shapes=dyn, strict=False)
-        ep = ep.run_decompositions()  # KV writes become buffer mutations AOTInductor performs in place
+        # Functionalise: KV writes become buffer mutations AOTInductor performs in place. SDPA
+        # stays whole: its CPU flash kernel reads the KV heads directly (GQA), where the math
+        # decomposition would copy the cache into every query head each step.
+        table = torch.export.default_decompositions()
+        table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
+        ep = ep.run_decompositions(table)
         tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # must still end in .pt2
         torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
     os.replace(tmp, path)  # atomic: a killed compile never leaves a half-written package
