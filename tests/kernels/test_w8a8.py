@@ -41,16 +41,20 @@ def test_matches_reference(k: int, n: int) -> None:
     g = torch.Generator().manual_seed(k * 1000 + n)
     w8, scale = quantize_int8_per_row(torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g))
     bias = torch.randn(n, generator=g)
-    # M = 1, 2, 3, 5 walk every token tile (1x16, 2x8, 4x4 and tails); 40 and 300 the _int_mm path.
+    # M = 1, 2, 3, 5 walk every token tile (1x16, 2x8, 4x4 and tails); both paths run at every M
+    # (the op's rule: VNNI below 16 tokens, then _int_mm; K = 1 always VNNI: _int_mm is wrong there).
     for m in (1, 2, 3, 5, 16, 40, 300):
         x = torch.randn(m, k, generator=g) * 3
         for dtype in DTYPES:
             b = bias if m % 2 else None
             xd = x.to(dtype)
+            ref = _reference(xd, w8, scale, b)
             out = _call(xd, w8, scale, b)
             assert out.dtype == dtype and out.shape == (m, n)
-            assert torch.equal(out, _reference(xd, w8, scale, b)), (m, dtype)
-    assert cpu.use_packed_kernel(5, k) and cpu.use_packed_kernel(300, k) == (k < 2)  # K = 1: never _int_mm
+            assert torch.equal(out, ref), (m, dtype)
+            for path in (0, 1):  # 0: torch._int_mm + epilogue, 1: the VNNI kernel
+                assert torch.equal(torch.ops.qqq_cpu.w8a8_linear_path(xd, w8, scale, b, path), ref), (m, dtype, path)
+    assert torch.ops.qqq_cpu.use_packed_w8(15, k) and torch.ops.qqq_cpu.use_packed_w8(16, k) == (k < 2)
 
 
 @pytest.mark.parametrize("m", [1, 4, 7, 200])

@@ -186,14 +186,21 @@ at::Tensor w4a8_linear_q_op(const at::Tensor& xq, const at::Tensor& xscale, cons
   return y.view(with_last(xq.sizes(), N));
 }
 
-at::Tensor w8a8_linear_op(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scale,
-                          const c10::optional<at::Tensor>& bias) {
+// path: -1 the dispatch rule, 0 torch._int_mm, 1 the VNNI kernel (qqq_cpu::w8a8_linear_path,
+// for tests and benchmarks of both paths at any M).
+at::Tensor w8a8_linear_path_op(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scale,
+                               const c10::optional<at::Tensor>& bias, int64_t path) {
   count(kW8A8Linear);
   check_float(x);
   const int64_t K = x.size(-1);
   const int64_t N = check_w8_args(K, w8, scale, bias);
-  at::Tensor y = w8a8_linear_2d(x.reshape({-1, K}), w8, scale, bias);
+  at::Tensor y = w8a8_linear_2d(x.reshape({-1, K}), w8, scale, bias, path);
   return y.view(with_last(x.sizes(), N));
+}
+
+at::Tensor w8a8_linear_op(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scale,
+                          const c10::optional<at::Tensor>& bias) {
+  return w8a8_linear_path_op(x, w8, scale, bias, -1);
 }
 
 }  // namespace
@@ -223,4 +230,6 @@ TORCH_LIBRARY(qqq_cpu, m) {
   // 2-D building blocks, for tests and benchmarks.
   m.def("unpack_w8", &qqq::unpack_w8);
   m.def("use_packed", &qqq::use_packed);
+  m.def("use_packed_w8", &qqq::use_packed_w8);
+  m.def("w8a8_linear_path", &qqq::w8a8_linear_path_op);
 }

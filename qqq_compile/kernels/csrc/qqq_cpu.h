@@ -37,8 +37,11 @@ at::Tensor unpack_w8(const at::Tensor& qweight, const c10::optional<at::Tensor>&
                      int64_t group_size);
 
 // w8a8_cpu.cpp
-// x float [M, K], w8 int8 [N, K], scale f32 [N] -> [M, N] in x's dtype.
+// x float [M, K], w8 int8 [N, K], scale f32 [N] -> [M, N] in x's dtype. path: -1 the rule
+// below, 0 torch._int_mm, 1 the VNNI kernel (K < 2 always takes VNNI).
 at::Tensor w8a8_linear_2d(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scale,
-                          const c10::optional<at::Tensor>& bias);
+                          const c10::optional<at::Tensor>& bias, int64_t path = -1);
+// Whether M tokens take the VNNI kernel rather than torch._int_mm (the rule for path -1).
+bool use_packed_w8(int64_t M, int64_t K);
 
 }  // namespace qqq
