@@ -21,6 +21,7 @@ from qqq_compile.kernels.ops import (
     w4a8_linear_q_triton,
     w4a8_linear_triton,
     w8a8_linear,
+    w8a8_linear_triton,
 )
 from qqq_compile.kernels.w4a8_gemm import (
     CONFIGS,
@@ -52,4 +53,5 @@ __all__ = [
     "w4a8_linear_q_triton",
     "w4a8_linear_triton",
     "w8a8_linear",
+    "w8a8_linear_triton",
 ]

@@ -7,8 +7,7 @@ a fake (meta) kernel, so it traces under ``torch.export`` (dynamic leading dims 
 * ``CPU``: the C++ extension's own dispatcher registration (``TORCH_LIBRARY_IMPL(qqq, CPU)``
   in ``csrc/ops_cpu.cpp``), once :func:`qqq_compile.kernels.cpu.ensure_cpp_kernels` loaded
   it. No Python runs per call, so AOTInductor packages call it from C++.
-* ``CUDA``: the Triton kernels (:mod:`.act_quant`, :mod:`.w4a8_gemm`); ``w8a8_linear`` uses
-  the torch reference there.
+* ``CUDA``: the Triton kernels (:mod:`.act_quant`, :mod:`.w4a8_gemm`, :mod:`.w8a8_gemm`).
 * ``CompositeExplicitAutograd`` (any device without a kernel of its own): the pure-torch
   reference of :mod:`.cpu`. A CPU tensor reaches it only while no C++ CPU kernel is
   registered; the first such call tries to load the extension (so eager users never need
@@ -28,8 +27,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qqq_compile.kernels import act_quant, cpu, w4a8_gemm
+from qqq_compile.kernels import act_quant, cpu, w4a8_gemm, w8a8_gemm
 from qqq_compile.kernels.w4a8_gemm import OUT_DTYPES, check_act_args, check_weight_args
+from qqq_compile.kernels.w8a8_gemm import check_w8_args
 
 FLOAT_DTYPES = act_quant.FLOAT_DTYPES
 
@@ -55,18 +55,6 @@ def _check_norm(x: Tensor, weight: Tensor) -> None:
 def _check_out_dtype(dtype: torch.dtype) -> None:
     if dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {dtype}")
-
-
-def check_w8_args(k: int, w8: Tensor, scale: Tensor, bias: Tensor | None) -> int:
-    """Validate the W8A8 weight tensors against ``K = k``; return ``N`` (symbolic-safe)."""
-    if w8.dtype != torch.int8 or w8.dim() != 2 or w8.shape[1] != k:
-        raise ValueError(f"w8 must be a 2-D int8 tensor of shape (N, {k}), got {w8.dtype} {tuple(w8.shape)}")
-    n = w8.shape[0]
-    if scale.dtype != torch.float32 or tuple(scale.shape) != (n,):
-        raise ValueError(f"scale must be float32 of shape ({n},), got {scale.dtype} {tuple(scale.shape)}")
-    if bias is not None and (not bias.dtype.is_floating_point or tuple(bias.shape) != (n,)):
-        raise ValueError(f"bias must be a float tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
-    return n
 
 
 # --------------------------------------------------------------------------- Triton path
@@ -284,7 +272,14 @@ def _w8a8_linear_ref(x: Tensor, w8: Tensor, scale: Tensor, bias: Tensor | None) 
     return kernel(x, w8, scale, bias) if kernel else cpu.w8a8_linear_torch(x, w8, scale, bias)
 
 
-_register("w8a8_linear", _w8a8_linear_ref)
+def w8a8_linear_triton(x: Tensor, w8: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """W8A8 linear with Triton: per-token quantization, then the int8 GEMM (the CUDA implementation)."""
+    _check_float(x)
+    check_w8_args(x.shape[-1], w8, scale, bias)
+    return w8a8_gemm.w8a8_linear_triton(x, w8, scale, bias)
+
+
+_register("w8a8_linear", _w8a8_linear_ref, w8a8_linear_triton)
 
 
 @torch.library.register_fake("qqq::w8a8_linear")
@@ -313,4 +308,5 @@ __all__ = [
     "w4a8_linear_q_triton",
     "w4a8_linear_triton",
     "w8a8_linear",
+    "w8a8_linear_triton",
 ]

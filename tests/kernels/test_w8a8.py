@@ -1,7 +1,8 @@
 """``qqq::w8a8_linear``: int8 weights (per-channel scale) x per-token int8 activations.
 
-The C++ kernel (VNNI GEMV/GEMM for small M, oneDNN ``_int_mm`` for large M) must equal the
-exact reference bit for bit: int32 accumulator, then ``((acc * s_tok) * s_ch) + bias`` in fp32.
+The C++ kernel (VNNI GEMV/GEMM for small M, oneDNN ``_int_mm`` for large M) and the Triton
+kernel (run in the interpreter here) must equal the exact reference bit for bit: int32
+accumulator, then ``((acc * s_tok) * s_ch) + bias`` in fp32.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import torch
 from torch.export import Dim
 
 from qqq_compile.formats import quantize_act_per_token, quantize_int8_per_row
-from qqq_compile.kernels import cpu
+from qqq_compile.kernels import cpu, ops
+from qqq_compile.kernels.w4a8_gemm import GemmConfig
 
 qqq = torch.ops.qqq
-pytestmark = pytest.mark.usefixtures("cpp_kernels")
+cpp = pytest.mark.usefixtures("cpp_kernels")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -35,6 +37,7 @@ def _call(x, w8, scale, bias=None):
     return y
 
 
+@cpp
 @pytest.mark.parametrize("k", [1, 63, 64, 100, 576])
 @pytest.mark.parametrize("n", [1, 17, 100])
 def test_matches_reference(k: int, n: int) -> None:
@@ -57,6 +60,7 @@ def test_matches_reference(k: int, n: int) -> None:
     assert torch.ops.qqq_cpu.use_packed_w8(15, k) and torch.ops.qqq_cpu.use_packed_w8(16, k) == (k < 2)
 
 
+@cpp
 @pytest.mark.parametrize("m", [1, 4, 7, 200])
 def test_int32_accumulator_is_exact(m: int) -> None:
     """Tokens holding a +-127 entry quantize with s = 1 to themselves; with unit channel scales
@@ -74,6 +78,7 @@ def test_int32_accumulator_is_exact(m: int) -> None:
     assert int(acc[0, 0]) == 127 * 127 * k
 
 
+@cpp
 def test_leading_dims_one_dim_and_empty() -> None:
     w8, scale = quantize_int8_per_row(torch.randn(9, 48))
     x = torch.randn(2, 3, 48, dtype=torch.bfloat16)
@@ -95,6 +100,7 @@ def test_quantize_int8_per_row() -> None:
     assert bool((err <= s / 2 * (1 + 1e-6)).all())  # round to nearest: half a step at most
 
 
+@cpp
 def test_export_and_compile() -> None:
     class Head(torch.nn.Module):
         def __init__(self) -> None:
@@ -114,3 +120,25 @@ def test_export_and_compile() -> None:
     torch._dynamo.reset()
     compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), head(x))
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 576, 100), (5, 100, 33), (40, 64, 17)])
+def test_triton_matches_reference(m: int, k: int, n: int) -> None:
+    """The CUDA kernel, in the Triton interpreter: quantization + int8 tl.dot + epilogue."""
+    g = torch.Generator().manual_seed(m)
+    w8, scale = quantize_int8_per_row(torch.randn(n, k, generator=g))
+    bias = torch.randn(n, generator=g)
+    cfg = GemmConfig(64, 64, 64, num_warps=4, num_stages=1)  # few programs: the interpreter is slow
+    for dtype in DTYPES:
+        x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+        for b in (bias, None):
+            out = ops.w8a8_gemm.w8a8_linear_triton(x, w8, scale, b, config=cfg)
+            ref = _reference(x, w8, scale, b)
+            if dtype == torch.float32:
+                assert torch.equal(out, ref), b is None
+            else:  # the interpreter's fp32 -> 16-bit cast may truncate: one ulp (GPUs round to nearest)
+                torch.testing.assert_close(out.float(), ref.float(), rtol=torch.finfo(dtype).eps, atol=1e-6)
+    x = torch.randn(2, 3, k, generator=g)
+    assert torch.equal(ops.w8a8_linear_triton(x, w8, scale, None), _reference(x, w8, scale, None))
+    with pytest.raises(ValueError, match="scale must be"):
+        ops.w8a8_linear_triton(x, w8, scale[:-1], None)
