@@ -197,3 +197,34 @@ def test_fp16_group_scales_saturate_with_the_sign_kept(m: int) -> None:
     q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
     out = _call_q(q, torch.ones(m, 1), p, torch.ones(n), None, torch.float32)
     assert torch.equal(out, _exact_acc(q, p).float())
+
+
+_FIRST_CALL = r"""
+import torch
+from qqq_compile.formats import PackedW4
+from qqq_compile.kernels import cpu
+p = PackedW4.from_float(torch.randn(40, 128), 64, "int8")
+x = torch.randn(3, 128)
+args = (p.qweight, p.channel_scale, p.group_scale, None, 64)
+before = cpu.cpu_kernel_source("w4a8_linear")
+y1 = torch.ops.qqq.w4a8_linear(x, *args)  # the torch-registered kernel loads the extension
+after = cpu.cpu_kernel_source("w4a8_linear")
+y2 = torch.ops.qqq.w4a8_linear(x, *args)  # straight to C++
+ref = cpu.w4a8_linear_torch(x, *args)
+print(before, after, cpu.cpp_call_counts()["w4a8_linear"], torch.equal(y1, y2), torch.equal(y1, ref))
+"""
+
+
+def test_first_cpu_call_loads_and_registers_the_extension() -> None:
+    """In a fresh process nothing needs ``ensure_cpp_kernels``: the first CPU call builds/loads
+    the extension (registering its kernels) and already runs C++; later calls reach C++ directly."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env.pop("QQQ_CPU_KERNEL", None)
+    proc = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["torch", "cpp", "2", "True", "True"]
