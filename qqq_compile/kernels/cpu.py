@@ -15,7 +15,8 @@ Two implementations:
   time, then cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``; a
   cached load takes about a second). For small ``M`` it runs a GEMV/GEMM that reads the
   packed bytes directly; for large ``M`` it unpacks W8 once per call and hands the GEMM to
-  oneDNN through ``torch._int_mm``.
+  oneDNN through ``torch._int_mm`` (W8A8: the VNNI kernel below 16 tokens, else ``_int_mm``
+  on the int8 weight as stored; ``torch.ops.qqq_cpu.w8a8_linear_path`` forces either).
 * the pure-torch reference (``*_torch`` below), registered by :mod:`.ops` for every device
   as the ops' ``CompositeExplicitAutograd`` kernel. A CPU tensor only reaches it when no
   C++ CPU kernel is registered: before the first call has loaded the extension (it then

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
 from torch.fx import Interpreter
@@ -26,13 +29,19 @@ def count(gm, op):
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == op)
 
 
-def graph(tied: bool, lower: bool = True):
+@functools.cache
+def _graph(tied: bool, lower: bool):
     gm = capture(tiny_model("llama", tie_word_embeddings=tied), torch.randint(0, 256, (2, 8))).graph_module
-    ctx = CompileContext(quant=QuantConfig(group_size=32))
     if lower:
+        ctx = CompileContext(quant=QuantConfig(group_size=32))
         QuantizeRTN()(gm, ctx)
         LowerW4A8()(gm, ctx)
-    return gm, ctx
+    return gm
+
+
+def graph(tied: bool, lower: bool = True):
+    """A fresh copy of the (captured once) tiny LLaMA graph, lowered to W4A8 unless ``lower=False``."""
+    return copy.deepcopy(_graph(tied, lower)), CompileContext(quant=QuantConfig(group_size=32))
 
 
 def logits(gm):
