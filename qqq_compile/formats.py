@@ -226,3 +226,23 @@ def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize activations per token (used in calibration losses)."""
     q, s = quantize_act_per_token(x)
     return (q.float() * s).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- int8 weights
+
+WEIGHT8_QMAX = 127  # symmetric int8 weights use [-127, 127], like the activations
+
+
+def quantize_int8_per_row(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest int8 per row: ``w ≈ q * s[:, None]``.
+
+    ``w`` float ``[N, K]`` -> ``(q int8 [N, K], s float32 [N])``. Rows are output channels
+    of a linear (the W8A8 ``qqq::w8a8_linear`` format) or the rows of an embedding table,
+    which is the same thing for an lm_head tied to its embedding.
+    """
+    if w.dim() != 2 or not w.is_floating_point():
+        raise FormatError(f"quantize_int8_per_row expects a 2-D float tensor, got {w.dtype} {tuple(w.shape)}")
+    wf = w.detach().float()
+    s = wf.abs().amax(dim=1).clamp_min(1e-8) / WEIGHT8_QMAX
+    q = torch.clamp(torch.round(wf / s[:, None]), -WEIGHT8_QMAX, WEIGHT8_QMAX).to(torch.int8)
+    return q, s.contiguous()

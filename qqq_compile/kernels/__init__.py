@@ -1,13 +1,16 @@
 """W4A8 kernels: Triton (GPU), the CPU path, and the ``torch.ops.qqq.*`` custom ops.
 
-Importing this package registers the ops. ``qqq::*`` ops send CUDA tensors to the Triton
-kernels and CPU tensors to :mod:`qqq_compile.kernels.cpu`.
+Importing this package defines the ops. ``qqq::*`` ops send CUDA tensors to the Triton
+kernels and CPU tensors to the C++ extension of :mod:`qqq_compile.kernels.cpu`, which
+registers itself with the dispatcher when loaded (lazily, on the first CPU call, or by
+:func:`ensure_cpp_kernels`; call that before ``torch._inductor.aoti_load_package``).
 
 The Triton GEMM wrapper itself is ``qqq_compile.kernels.w4a8_gemm.w4a8_gemm``; it is not
 re-exported here because the name would shadow its module.
 """
 
 from qqq_compile.kernels.act_quant import quantize_act_ref, rmsnorm_quant_ref
+from qqq_compile.kernels.cpu import cpp_call_counts, cpu_kernel_source, ensure_cpp_kernels
 from qqq_compile.kernels.ops import (
     quantize_act,
     quantize_act_triton,
@@ -17,6 +20,8 @@ from qqq_compile.kernels.ops import (
     w4a8_linear_q,
     w4a8_linear_q_triton,
     w4a8_linear_triton,
+    w8a8_linear,
+    w8a8_linear_triton,
 )
 from qqq_compile.kernels.w4a8_gemm import (
     CONFIGS,
@@ -30,6 +35,9 @@ from qqq_compile.kernels.w4a8_gemm import (
 __all__ = [
     "CONFIGS",
     "GemmConfig",
+    "cpp_call_counts",
+    "cpu_kernel_source",
+    "ensure_cpp_kernels",
     "pick_config",
     "quantize_act",
     "quantize_act_ref",
@@ -44,4 +52,6 @@ __all__ = [
     "w4a8_linear_q",
     "w4a8_linear_q_triton",
     "w4a8_linear_triton",
+    "w8a8_linear",
+    "w8a8_linear_triton",
 ]

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from qqq_compile.formats import PackedW4  # noqa: E402
-from qqq_compile.kernels import act_quant  # noqa: E402
+from qqq_compile.kernels import act_quant, cpu  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,6 +43,21 @@ def _make_act(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.
     x = torch.randn(shape, generator=g)
     x[..., :: max(1, shape[-1] // 7)] *= 20.0
     return x.to(dtype)
+
+
+@pytest.fixture(scope="session")
+def cpp_kernels() -> None:
+    """The C++ CPU kernels, registered with the dispatcher; tests that need them must not pass
+    on the torch fallback by accident: on a CPU that can run them, a failed build FAILS here."""
+    if not cpu.cpu_supports_kernels():
+        pytest.skip("this CPU lacks AVX512-VNNI/VBMI: the C++ kernels cannot run here")
+    if not cpu.ensure_cpp_kernels():
+        pytest.fail(
+            "this CPU supports the C++ kernels but they are not active: the extension did not build or load "
+            "(see the warning above), or QQQ_CPU_KERNEL=torch is set (unset it; the fallback has its own tests)"
+        )
+    for op in cpu.OP_NAMES:
+        assert cpu.cpu_kernel_source(op) == "cpp", torch._C._dispatch_dump(f"qqq::{op}")
 
 
 # Session-scoped fixtures handing out the factories (hypothesis rejects function-scoped

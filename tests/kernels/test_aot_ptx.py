@@ -32,11 +32,11 @@ PTX_LOCAL = re.compile(r"\.local\b|\bld\.local|\bst\.local")
 
 def compile_all(capabilities: tuple[int, ...] = CAPABILITIES) -> list[dict]:
     """Compile every shipped configuration; returns one summary dict per (config, target)."""
-    from qqq_compile.kernels import act_quant, w4a8_gemm
+    from qqq_compile.kernels import act_quant, w4a8_gemm, w8a8_gemm
 
     results = []
     for cap in capabilities:
-        for spec in w4a8_gemm.aot_specs() + act_quant.aot_specs():
+        for spec in w4a8_gemm.aot_specs() + w8a8_gemm.aot_specs() + act_quant.aot_specs():
             r = act_quant.aot_compile(spec, cap)
             ptx = r.pop("ptx")
             r["mma_s8"] = sorted(set(m.group(0) for m in MMA_S8.finditer(ptx)))
@@ -58,9 +58,9 @@ def format_table(results: list[dict]) -> str:
 
 
 def expected_names() -> set[str]:
-    from qqq_compile.kernels import act_quant, w4a8_gemm
+    from qqq_compile.kernels import act_quant, w4a8_gemm, w8a8_gemm
 
-    return {s["name"] for s in w4a8_gemm.aot_specs() + act_quant.aot_specs()}
+    return {s["name"] for s in w4a8_gemm.aot_specs() + w8a8_gemm.aot_specs() + act_quant.aot_specs()}
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,8 @@ def test_every_shipped_config_compiles_for_each_target(aot_results):
 
 
 def test_gemms_use_int8_tensor_cores(aot_results):
-    gemms = [r for r in aot_results if r["name"].startswith("w4a8_gemm")]
-    assert gemms
+    gemms = [r for r in aot_results if r["name"].startswith(("w4a8_gemm", "w8a8_gemm"))]
+    assert {r["name"][:9] for r in gemms} == {"w4a8_gemm", "w8a8_gemm"}
     for r in gemms:
         assert r["mma_s8"], f"no .s8 mma in the PTX of {r['name']} for sm_{r['capability']}"
     # Hopper runs the warpgroup MMA once a tile is at least 64 rows.

@@ -1,17 +1,24 @@
-"""The CPU W4A8 path agrees bit for bit with the pure-torch reference.
+"""The C++ CPU W4A8 kernels agree bit for bit with the pure-torch reference.
 
 The reference is ``PackedW4.int8_weight()`` + an int32 matmul and the epilogue
-``((acc * s_tok) * s_ch) + bias`` in fp32. The first test to run builds the C++ extension
-(about a minute, then cached).
+``((acc * s_tok) * s_ch) + bias`` in fp32. Every test here calls the ops through the
+dispatcher and checks (call counters) that the C++ kernel ran; the ``cpp_kernels`` fixture
+fails them when this CPU could run the extension but it did not build. The first test to
+run builds the C++ extension (about a minute, then cached).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 from qqq_compile.formats import PackedW4, quantize_act_per_token
 from qqq_compile.kernels import cpu
+
+qqq = torch.ops.qqq
+pytestmark = pytest.mark.usefixtures("cpp_kernels")
 
 FORMATS = [(-1, "int8"), (128, "int8"), (128, "float16")]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -41,24 +48,29 @@ def _reference(
     return acc, y.to(out_dtype).reshape(*x.shape[:-1], -1)
 
 
+@contextlib.contextmanager
+def cpp_calls(**expected: int):
+    """Assert that the block ran each named C++ kernel exactly that many times."""
+    before = cpu.cpp_call_counts()
+    yield
+    after = cpu.cpp_call_counts()
+    got = {op: after[op] - before[op] for op in expected}
+    assert got == expected, f"C++ kernel calls {got}, expected {expected}"
+
+
 def _call(x: torch.Tensor, p: PackedW4, bias: torch.Tensor | None) -> torch.Tensor:
-    return cpu.w4a8_linear(x, p.qweight, p.channel_scale, p.group_scale, bias, p.group_size)
+    with cpp_calls(w4a8_linear=1):
+        return qqq.w4a8_linear(x, p.qweight, p.channel_scale, p.group_scale, bias, p.group_size)
 
 
-@pytest.fixture(scope="module")
-def ext_on() -> bool:
-    return cpu.extension_available()
-
-
-@pytest.fixture
-def torch_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Force the pure-torch fallback."""
-    monkeypatch.setitem(cpu._ext_state, "mod", None)
+def _call_q(q: torch.Tensor, s: torch.Tensor, p: PackedW4, scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:
+    with cpp_calls(w4a8_linear_q=1):
+        return qqq.w4a8_linear_q(q, s, p.qweight, scale, p.group_scale, bias, p.group_size, out_dtype)
 
 
 @pytest.mark.parametrize("k", [576, 1536, 4096])
 @pytest.mark.parametrize("fmt", FORMATS, ids=["channel", "g128-int8", "g128-fp16"])
-def test_linear_matches_reference(k: int, fmt: tuple[int, str], ext_on: bool) -> None:
+def test_linear_matches_reference(k: int, fmt: tuple[int, str]) -> None:
     n = 100  # not a multiple of 16 or 64: exercises the row tail of every tile shape
     p = _packed(n, k, *fmt)
     bias = torch.randn(n)
@@ -82,8 +94,7 @@ def test_int32_accumulator_is_exact(fmt: tuple[int, str], m: int) -> None:
     q = torch.randint(-127, 128, (m, k), dtype=torch.int8)
     q[0, :] = 127  # a saturated token: the largest accumulators
     acc = _exact_acc(q, p)
-    ones_n = torch.ones(n)
-    out = cpu.w4a8_linear_q(q, torch.ones(m, 1), p.qweight, ones_n, p.group_scale, None, p.group_size, torch.float32)
+    out = _call_q(q, torch.ones(m, 1), p, torch.ones(n), None, torch.float32)
     assert torch.equal(out, acc.float())
 
 
@@ -107,10 +118,10 @@ def test_linear_q_and_leading_dims() -> None:
     bias = torch.randn(72, dtype=torch.bfloat16)
     _, ref = _reference(x, p, bias, torch.bfloat16)
     assert torch.equal(_call(x, p, bias), ref)
-    q, s = cpu.quantize_act(x)
+    with cpp_calls(quantize_act=1):
+        q, s = qqq.quantize_act(x)
     assert q.shape == x.shape and s.shape == (2, 9, 1)
-    out = cpu.w4a8_linear_q(q, s, p.qweight, p.channel_scale, p.group_scale, bias, 128, torch.bfloat16)
-    assert torch.equal(out, ref)
+    assert torch.equal(_call_q(q, s, p, p.channel_scale, bias, torch.bfloat16), ref)
 
 
 def test_empty_inputs() -> None:
@@ -118,9 +129,8 @@ def test_empty_inputs() -> None:
     for shape in [(0, 64), (2, 0, 64)]:
         x = torch.randn(*shape)
         assert _call(x, p, None).shape == (*shape[:-1], 8)
-        q, s = cpu.quantize_act(x)
-        out = cpu.w4a8_linear_q(q, s, p.qweight, p.channel_scale, p.group_scale, None, 32, torch.float32)
-        assert out.shape == (*shape[:-1], 8)
+        q, s = qqq.quantize_act(x)
+        assert _call_q(q, s, p, p.channel_scale, None, torch.float32).shape == (*shape[:-1], 8)
 
 
 def test_quantize_act_matches_format() -> None:
@@ -129,7 +139,8 @@ def test_quantize_act_matches_format() -> None:
     x[5, 7] = 1e4  # outlier
     for dtype in DTYPES:
         xd = x.to(dtype)
-        q, s = cpu.quantize_act(xd)
+        with cpp_calls(quantize_act=1):
+            q, s = qqq.quantize_act(xd)
         qr, sr = quantize_act_per_token(xd)
         assert q.dtype == torch.int8 and s.dtype == torch.float32
         assert torch.equal(q, qr) and torch.equal(s, sr), dtype
@@ -139,7 +150,8 @@ def test_rmsnorm_quant_close_to_torch() -> None:
     x = torch.randn(64, 576) * 3
     w = torch.rand(576) + 0.5
     eps = 1e-5
-    q, s = cpu.rmsnorm_quant(x, w, eps)
+    with cpp_calls(rmsnorm_quant=1):
+        q, s = qqq.rmsnorm_quant(x, w, eps)
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * w
     qr, sr = quantize_act_per_token(y)
@@ -148,42 +160,20 @@ def test_rmsnorm_quant_close_to_torch() -> None:
     torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
     diff = (q.int() - qr.int()).abs()
     assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= q.numel() // 1000
-    qb, sb = cpu.rmsnorm_quant(x.to(torch.bfloat16).view(8, 8, 576), w.to(torch.bfloat16), eps)
+    qb, sb = qqq.rmsnorm_quant(x.to(torch.bfloat16).view(8, 8, 576), w.to(torch.bfloat16), eps)
     assert qb.shape == (8, 8, 576) and sb.shape == (8, 8, 1)
 
 
-def test_fallback_path_matches(torch_only: None) -> None:
-    assert not cpu.extension_available()
-    for fmt in FORMATS + [(48, "int8")]:
-        p = _packed(50, 576, *fmt)
-        for m in (1, 16, 100):
-            x = torch.randn(m, 576, dtype=torch.bfloat16)
-            _, ref = _reference(x, p, None, torch.bfloat16)
-            assert torch.equal(_call(x, p, None), ref)
-    x = torch.randn(4, 576)
-    q, s = cpu.quantize_act(x)
-    qr, sr = quantize_act_per_token(x)
-    assert torch.equal(q, qr) and torch.equal(s, sr)
-
-
-def test_unsupported_group_size_falls_back(ext_on: bool) -> None:
-    """group_size % 32 != 0 has no fast path: the torch path handles it, same numbers."""
-    p = _packed(24, 300, 48, "float16")
-    x = torch.randn(5, 300)
+@pytest.mark.parametrize("fmt", [(48, "float16"), (48, "int8"), (20, "float16")])
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_group_size_without_simd_path(fmt: tuple[int, str], m: int) -> None:
+    """group_size % 32 != 0 has no LUT kernel: C++ unpacks W8 (scalar) for _int_mm, same numbers."""
+    p = _packed(24, 300, *fmt)
+    x = torch.randn(m, 300)
     _, ref = _reference(x, p, None, torch.float32)
     assert torch.equal(_call(x, p, None), ref)
-
-
-def test_load_failure_warns(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cpu, "_cpu_flags", lambda: set())
-    with pytest.warns(UserWarning, match="pure-torch"):
-        assert cpu._load_extension() is None
-    monkeypatch.setattr(cpu, "_cpu_flags", lambda: set(cpu._REQUIRED_FLAGS))
-    monkeypatch.setattr(cpu, "_CSRC", cpu._CSRC.with_name("does_not_exist.cpp"))
-    with pytest.warns(UserWarning, match="could not build"):
-        assert cpu._load_extension() is None
-    monkeypatch.setenv("QQQ_CPU_KERNEL", "torch")
-    assert cpu._load_extension() is None
+    q, _ = quantize_act_per_token(x)
+    assert torch.equal(_call_q(q, torch.ones(m, 1), p, torch.ones(24), None, torch.float32), _exact_acc(q, p).float())
 
 
 @pytest.mark.parametrize("m", [1, 16, 300])
@@ -205,5 +195,36 @@ def test_fp16_group_scales_saturate_with_the_sign_kept(m: int) -> None:
     w8 = p.int8_weight()
     assert int(w8.min()) == -127 and int(w8.max()) == 127
     q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
-    out = cpu.w4a8_linear_q(q, torch.ones(m, 1), p.qweight, torch.ones(n), p.group_scale, None, gsz, torch.float32)
+    out = _call_q(q, torch.ones(m, 1), p, torch.ones(n), None, torch.float32)
     assert torch.equal(out, _exact_acc(q, p).float())
+
+
+_FIRST_CALL = r"""
+import torch
+from qqq_compile.formats import PackedW4
+from qqq_compile.kernels import cpu
+p = PackedW4.from_float(torch.randn(40, 128), 64, "int8")
+x = torch.randn(3, 128)
+args = (p.qweight, p.channel_scale, p.group_scale, None, 64)
+before = cpu.cpu_kernel_source("w4a8_linear")
+y1 = torch.ops.qqq.w4a8_linear(x, *args)  # the torch-registered kernel loads the extension
+after = cpu.cpu_kernel_source("w4a8_linear")
+y2 = torch.ops.qqq.w4a8_linear(x, *args)  # straight to C++
+ref = cpu.w4a8_linear_torch(x, *args)
+print(before, after, cpu.cpp_call_counts()["w4a8_linear"], torch.equal(y1, y2), torch.equal(y1, ref))
+"""
+
+
+def test_first_cpu_call_loads_and_registers_the_extension() -> None:
+    """In a fresh process nothing needs ``ensure_cpp_kernels``: the first CPU call builds/loads
+    the extension (registering its kernels) and already runs C++; later calls reach C++ directly."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env.pop("QQQ_CPU_KERNEL", None)
+    proc = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["torch", "cpp", "2", "True", "True"]

@@ -1,5 +1,6 @@
 """The ``torch.ops.qqq.*`` custom ops: CPU dispatch, the Triton path (interpreter), fake
-kernels, ``torch.export`` with dynamic shapes and ``torch.compile(fullgraph=True)``."""
+kernels, ``torch.export`` with dynamic shapes and ``torch.compile(fullgraph=True)``, and
+input validation (the C++ kernels raise the Python implementations' messages)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 
-from qqq_compile.kernels import act_quant, ops
+from qqq_compile.formats import quantize_int8_per_row
+from qqq_compile.kernels import act_quant, cpu, ops
 from qqq_compile.kernels import w4a8_gemm as gemm
 
 MODES = ("per_channel", "group_int8", "group_fp16")
@@ -77,10 +79,13 @@ def test_one_dim_linear(make_weight):
     close_to_rounding(y, linear_ref(x[None], p, None)[0])
 
 
-def test_cuda_kernels_registered():
-    for name in ("quantize_act", "rmsnorm_quant", "w4a8_linear", "w4a8_linear_q"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qqq::{name}", "CUDA")
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qqq::{name}", "CPU")
+def test_kernels_registered(cpp_kernels):
+    for name in cpu.OP_NAMES:
+        assert str(getattr(qqq, name).default._schema) == f"qqq::{ops.SCHEMAS[name]}"
+        has = lambda key, name=name: torch._C._dispatch_has_kernel_for_dispatch_key(f"qqq::{name}", key)
+        assert has("CPU") and has("Meta") and has("CompositeExplicitAutograd")
+        assert has("CUDA")
+        assert cpu.cpu_kernel_source(name) == "cpp"
 
 
 def test_fake_kernels_shapes(make_weight):
@@ -95,6 +100,8 @@ def test_fake_kernels_shapes(make_weight):
         assert y.shape == (2, 7, 48) and y.dtype == torch.float16
         y = qqq.w4a8_linear_q(q, s, *weight_args(p), torch.bfloat16)
         assert y.shape == (2, 7, 48) and y.dtype == torch.bfloat16
+        y = qqq.w8a8_linear(x, torch.empty(40, 128, dtype=torch.int8), torch.empty(40), None)
+        assert y.shape == (2, 7, 40) and y.dtype == torch.float16
 
 
 @pytest.mark.parametrize("mode", ("per_channel", "group_fp16"))
@@ -107,6 +114,7 @@ def test_opcheck(mode, make_weight, make_act):
         (qqq.rmsnorm_quant.default, (x, torch.rand(128) + 0.5, 1e-6)),
         (qqq.w4a8_linear.default, (x, *weight_args(p, torch.randn(32)))),
         (qqq.w4a8_linear_q.default, (q, s, *weight_args(p), torch.float16)),
+        (qqq.w8a8_linear.default, (x, *quantize_int8_per_row(torch.randn(24, 128)), torch.randn(24))),
     ]
     for op, args in checks:
         torch.library.opcheck(op, args)
@@ -162,27 +170,58 @@ def test_compile_fullgraph(block):
         torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "call, match",
-    [
-        (lambda p: qqq.quantize_act(torch.ones(2, 4, dtype=torch.int32)), "float32, float16 or bfloat16"),
-        (lambda p: qqq.rmsnorm_quant(torch.ones(2, 128), torch.ones(5), 1e-6), r"shape \(128,\)"),
-        (lambda p: qqq.w4a8_linear(torch.ones(2, 100), *weight_args(p)), "bytes per row"),
-        (
-            lambda p: qqq.w4a8_linear_q(
-                torch.ones(2, 128, dtype=torch.int8), torch.ones(2), *weight_args(p), torch.half
-            ),
-            "xscale",
+def _w8(n=8, k=128):
+    return quantize_int8_per_row(torch.randn(n, k))
+
+
+# (call, message fragment): every op's checks, in the order each implementation runs them.
+BAD_INPUTS = [
+    (lambda p: qqq.quantize_act(torch.ones(2, 4, dtype=torch.int32)), "float32, float16 or bfloat16"),
+    (lambda p: qqq.quantize_act(torch.ones(2, 0)), "non-empty last dimension"),
+    (lambda p: qqq.rmsnorm_quant(torch.ones(2, 128), torch.ones(5), 1e-6), r"shape \(128,\)"),
+    (lambda p: qqq.rmsnorm_quant(torch.ones(2, 128), torch.ones(128, dtype=torch.int64), 1e-6), "torch.int64"),
+    (lambda p: qqq.w4a8_linear(torch.ones(2, 100), *weight_args(p)), "bytes per row"),
+    (lambda p: qqq.w4a8_linear(torch.ones(2, 128), p.qweight.view(torch.int8), *weight_args(p)[1:]), "uint8"),
+    (lambda p: qqq.w4a8_linear(torch.ones(128), p.qweight, p.channel_scale[:3], None, None, -1), "channel_scale"),
+    (lambda p: qqq.w4a8_linear(torch.ones(2, 128), *weight_args(p)[:4], 64), "exactly when"),
+    (
+        lambda p: qqq.w4a8_linear(torch.ones(2, 128), p.qweight, p.channel_scale, torch.ones(8, 3).half(), None, 64),
+        r"shape \(8, 2\)",
+    ),
+    (lambda p: qqq.w4a8_linear(torch.ones(2, 128), *weight_args(p, torch.ones(8, dtype=torch.int32))), "bias"),
+    (
+        lambda p: qqq.w4a8_linear_q(torch.ones(2, 128, dtype=torch.int8), torch.ones(2), *weight_args(p), torch.half),
+        "xscale",
+    ),
+    (lambda p: qqq.w4a8_linear_q(torch.ones(2, 128), torch.ones(2, 1), *weight_args(p), torch.half), "xq must be"),
+    (
+        lambda p: qqq.w4a8_linear_q(
+            torch.ones(2, 128, dtype=torch.int8), torch.ones(2, 1), *weight_args(p), torch.int32
         ),
-        (
-            lambda p: qqq.w4a8_linear_q(
-                torch.ones(2, 128, dtype=torch.int8), torch.ones(2, 1), *weight_args(p), torch.int32
-            ),
-            "out_dtype",
-        ),
-    ],
-)
+        "out_dtype",
+    ),
+    (lambda p: qqq.w8a8_linear(torch.ones(3, 64), *_w8(), None), r"shape \(N, 64\)"),
+    (lambda p: qqq.w8a8_linear(torch.ones(3, 128), _w8()[0], torch.ones(8).double(), None), "scale must be"),
+    (lambda p: qqq.w8a8_linear(torch.ones(3, 128), *_w8(), torch.ones(9)), r"bias must .* shape \(8,\)"),
+]
+
+
+@pytest.mark.parametrize("call, match", BAD_INPUTS)
 def test_ops_raise_value_error(call, match, make_weight):
     p = make_weight(8, 128, "per_channel")
     with pytest.raises(ValueError, match=match):
         call(p)
+
+
+@pytest.mark.parametrize("call, match", BAD_INPUTS)
+def test_cpp_and_python_messages_identical(call, match, make_weight, cpp_kernels):
+    """The C++ kernel (real tensors) and the Python checks (fake tensors, the same functions the
+    torch reference runs) reject a bad input with the very same message."""
+    p = make_weight(8, 128, "per_channel")
+    before = cpu.cpp_call_counts()
+    with pytest.raises(ValueError) as cpp_err:
+        call(p)
+    assert sum(cpu.cpp_call_counts().values()) == sum(before.values()) + 1  # C++ raised it
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError) as py_err:
+        call(p)
+    assert str(cpp_err.value) == str(py_err.value)

@@ -14,123 +14,14 @@
 // 128-wide k chunk is stored as [64 even k | 64 odd k], so the low nibbles of 64 packed
 // bytes line up with the first half and the high nibbles with the second.
 //
-// Build flags: -ffp-contract=off so the epilogue rounds exactly like the torch reference.
+// Group sizes that are not a multiple of 32 (a 128-bit LUT lane covers 32 consecutive k) take
+// a scalar unpack to W8 and torch._int_mm, with the same numbers.
 
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <immintrin.h>
-#include <torch/extension.h>
+#include "qqq_cpu.h"
+#include "simd.h"
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <type_traits>
-#include <vector>
-
+namespace qqq {
 namespace {
-
-constexpr int64_t KC = 128;  // k per chunk = 64 packed bytes = one zmm
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// ---------------------------------------------------------------- loads / stores
-
-template <typename T>
-inline __m512 load16(const T* p, __mmask16 m);
-template <>
-inline __m512 load16<float>(const float* p, __mmask16 m) {
-  return _mm512_maskz_loadu_ps(m, p);
-}
-template <>
-inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p, __mmask16 m) {
-  __m256i v = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-template <>
-inline __m512 load16<c10::Half>(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-
-inline __mmask16 mask16(int64_t rem) {
-  return rem >= 16 ? (__mmask16)0xFFFF : rem <= 0 ? (__mmask16)0 : (__mmask16)((1u << rem) - 1);
-}
-inline __mmask64 mask64(int64_t rem) { return rem >= 64 ? ~0ULL : rem <= 0 ? 0ULL : ((1ULL << rem) - 1); }
-
-template <typename T>
-inline void store_out(T* p, float v) {
-  p[0] = static_cast<T>(v);  // c10 conversions round to nearest even, like Tensor.to()
-}
-
-// ---------------------------------------------------------------- activation quantization
-
-// Quantize one row of K floats: q = clamp(round(x / s), ±127), s = max(absmax, 1e-8) / 127.
-// Division (not a reciprocal multiply) so q matches torch bit for bit. Writes int8 in natural
-// order to `q` (K bytes); returns s and the row sum of q.
-template <typename T>
-inline void quant_row(const T* x, int64_t K, int8_t* q, float* s_out, int32_t* sum_out) {
-  __m512 mx = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m512 v = load16(x + k, mask16(K - k));
-    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
-  }
-  float amax = std::max(_mm512_reduce_max_ps(mx), 1e-8f);
-  const float s = amax / 127.0f;
-  const __m512 sv = _mm512_set1_ps(s);
-  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  __m512i sum = _mm512_setzero_si512();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = mask16(K - k);
-    __m512 v = _mm512_div_ps(load16(x + k, m), sv);
-    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-    __m512i qi = _mm512_maskz_cvtps_epi32(m, v);
-    sum = _mm512_add_epi32(sum, qi);
-    _mm512_mask_cvtepi32_storeu_epi8(q + k, m, qi);
-  }
-  *s_out = s;
-  *sum_out = _mm512_reduce_add_epi32(sum);
-}
-
-// Natural int8 row (K) -> permuted, zero-padded row (Kp = chunks * 128): per chunk
-// [even k (64) | odd k (64)].
-inline void permute_row(const int8_t* q, int64_t K, int8_t* out, int64_t Kp) {
-  static const __m512i idx_even = [] {
-    alignas(64) uint8_t e[64];
-    for (int i = 0; i < 64; ++i) e[i] = static_cast<uint8_t>(2 * i);
-    return _mm512_load_si512(e);
-  }();
-  static const __m512i idx_odd = _mm512_add_epi8(idx_even, _mm512_set1_epi8(1));
-  for (int64_t k = 0; k < Kp; k += KC) {
-    __m512i a = _mm512_maskz_loadu_epi8(mask64(K - k), q + k);
-    __m512i b = K - k - 64 > 0 ? _mm512_maskz_loadu_epi8(mask64(K - k - 64), q + k + 64) : _mm512_setzero_si512();
-    _mm512_storeu_si512(out + k, _mm512_permutex2var_epi8(a, idx_even, b));
-    _mm512_storeu_si512(out + k + 64, _mm512_permutex2var_epi8(a, idx_odd, b));
-  }
-}
-
-inline int32_t row_sum_i8(const int8_t* q, int64_t K) {
-  const __m512i ones = _mm512_set1_epi8(1);
-  __m512i acc = _mm512_setzero_si512();
-  for (int64_t k = 0; k < K; k += 64)
-    acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(mask64(K - k), q + k));
-  return _mm512_reduce_add_epi32(acc);
-}
-
-template <typename T>
-void quantize_impl(const T* x, int64_t M, int64_t K, int8_t* q, int64_t q_stride, bool permute,
-                   float* s, int32_t* asum) {
-  const int64_t Kp = ceil_div(K, KC) * KC;
-  at::parallel_for(0, M, M * K >= (1 << 16) ? 1 : M, [&](int64_t m0, int64_t m1) {
-    std::vector<int8_t> tmp(permute ? Kp : 0);
-    for (int64_t m = m0; m < m1; ++m) {
-      int8_t* dst = permute ? tmp.data() : q + m * q_stride;
-      quant_row(x + m * K, K, dst, s + m, asum + m);
-      if (permute) permute_row(dst, K, q + m * q_stride, Kp);
-    }
-  });
-}
 
 // ---------------------------------------------------------------- nibble lookup tables
 
@@ -240,97 +131,6 @@ inline __m512i chunk_lut(const WeightView& w, int64_t n, const ChunkGroups& cg, 
     r = _mm512_inserti32x4(r, lut_group<MODE>(w, n, cg.g[3], offset), 3);
     return r;
   }
-}
-
-// ---------------------------------------------------------------- GEMM on packed weights
-
-struct ActView {
-  const int8_t* q;  // [M, Kp] permuted
-  int64_t Kp;
-  const int32_t* asum;  // [M]
-  const float* s;       // [M]
-};
-
-struct Epilogue {
-  const float* sch;   // [N]
-  const float* bias;  // [N] or null
-  void* out;          // [M, N]
-  int64_t N;
-  int kind;  // 0 f32, 1 bf16, 2 f16
-};
-
-inline void write_out(const Epilogue& e, int64_t m, int64_t n, int32_t acc, float xs) {
-  // Same op order as the torch reference: ((acc * s_tok) * s_ch) + bias, each rounded in fp32.
-  float y = static_cast<float>(acc) * xs;
-  y = y * e.sch[n];
-  if (e.bias) y = y + e.bias[n];
-  const int64_t i = m * e.N + n;
-  if (e.kind == 0)
-    store_out(static_cast<float*>(e.out) + i, y);
-  else if (e.kind == 1)
-    store_out(static_cast<c10::BFloat16*>(e.out) + i, y);
-  else
-    store_out(static_cast<c10::Half*>(e.out) + i, y);
-}
-
-// fp32 -> bf16 bits with round-to-nearest-even and NaN -> 0x7FC0, exactly like c10::BFloat16.
-inline __m256i cvt_bf16(__m512 y) {
-  const __m512i b = _mm512_castps_si512(y);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-// Store 16 fp32 results as out dtype: row i of the tile is lanes [i*NT, (i+1)*NT).
-template <int MT, int NT>
-inline void store_tile(const Epilogue& e, int64_t m0, int64_t n0, __m512 y) {
-  alignas(64) uint8_t tmp[64];
-  int esz = 4;
-  if (e.kind == 0) {
-    _mm512_store_ps(reinterpret_cast<float*>(tmp), y);
-  } else {
-    esz = 2;
-    const __m256i h = e.kind == 1 ? cvt_bf16(y) : _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), h);
-  }
-  char* out = static_cast<char*>(e.out);
-  for (int i = 0; i < MT; ++i)
-    std::memcpy(out + ((m0 + i) * e.N + n0) * esz, tmp + i * NT * esz, static_cast<size_t>(NT * esz));
-}
-
-// Epilogue of a full 16-accumulator tile, vectorized; lane l is (token l / NT, row l % NT).
-template <int MT, int NT>
-inline void finish_tile(const ActView& a, const Epilogue& e, int64_t m0, int64_t n0, __m512i sums) {
-  static_assert(MT * NT == 16, "one zmm of results");
-  alignas(64) int32_t ti[16], tj[16];
-  for (int l = 0; l < 16; ++l) {
-    ti[l] = l / NT;
-    tj[l] = l % NT;
-  }
-  const __m512i ii = _mm512_load_si512(ti), jj = _mm512_load_si512(tj);
-  const __mmask16 mm = static_cast<__mmask16>((1u << MT) - 1), mn = static_cast<__mmask16>((1u << NT) - 1);
-  const __m512 xs = _mm512_permutexvar_ps(ii, _mm512_maskz_loadu_ps(mm, a.s + m0));
-  const __m512i corr = _mm512_slli_epi32(_mm512_permutexvar_epi32(ii, _mm512_maskz_loadu_epi32(mm, a.asum + m0)), 7);
-  const __m512 sch = _mm512_permutexvar_ps(jj, _mm512_maskz_loadu_ps(mn, e.sch + n0));
-  // Same op order as the torch reference: ((acc * s_tok) * s_ch) + bias, each rounded in fp32.
-  __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums, corr)), xs), sch);
-  if (e.bias) y = _mm512_add_ps(y, _mm512_permutexvar_ps(jj, _mm512_maskz_loadu_ps(mn, e.bias + n0)));
-  store_tile<MT, NT>(e, m0, n0, y);
-}
-
-// Horizontal sums of 16 vectors at once: lane i of the result is sum(v[i]). About 3 ops per
-// vector instead of ~8 for separate reductions, which matters when K is only a few chunks.
-inline __m512i reduce16(const __m512i* v) {
-  __m512i a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [v0+v2, w0+w2, v1+v3, w1+w3]
-    a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i)  // per 128-bit lane: the lane sums of 4 vectors
-    b[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi64(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 2; ++i)  // fold the four 128-bit lanes pairwise
-    c[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0x88),
-                            _mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0xDD));
-  return _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
 }
 
 // MT tokens x NT rows, one zmm accumulator per (token, row) holding 16 partial sums.
@@ -530,7 +330,7 @@ void unpack_impl(const WeightView& w, int64_t N, int8_t* out) {
   });
 }
 
-// ---------------------------------------------------------------- python bindings
+// ---------------------------------------------------------------- weight views
 
 WeightView make_weight_view(const at::Tensor& qweight, const c10::optional<at::Tensor>& group_scale, int64_t K,
                             int64_t group_size, int* mode, bool* wide) {
@@ -571,91 +371,39 @@ WeightView make_weight_view(const at::Tensor& qweight, const c10::optional<at::T
       FN<kGroupF16, false>(__VA_ARGS__);                      \
   } while (0)
 
-int out_kind(at::ScalarType t) {
-  if (t == at::kFloat) return 0;
-  if (t == at::kBFloat16) return 1;
-  TORCH_CHECK(t == at::kHalf, "out_dtype must be float32, bfloat16 or float16");
-  return 2;
+// Whether the SIMD LUT kernels can take this group size.
+inline bool simd_groups(const c10::optional<at::Tensor>& group_scale, int64_t group_size) {
+  return !group_scale.has_value() || (group_size > 0 && group_size % 32 == 0);
 }
 
-// x [M, K] float/bf16/f16 -> (q int8 [M, K] natural or [M, Kp] permuted, s f32 [M], asum int32 [M])
-std::vector<at::Tensor> quantize(const at::Tensor& x_in, bool permute) {
-  at::Tensor x = x_in.contiguous();
-  TORCH_CHECK(x.dim() == 2, "quantize expects [M, K]");
-  const int64_t M = x.size(0), K = x.size(1);
-  const int64_t Kp = ceil_div(K, KC) * KC;
-  at::Tensor q = at::empty({M, permute ? Kp : K}, x.options().dtype(at::kChar));
-  at::Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
-  at::Tensor asum = at::empty({M}, x.options().dtype(at::kInt));
-  auto run = [&](auto* ptr) {
-    quantize_impl(ptr, M, K, q.data_ptr<int8_t>(), q.size(1), permute, s.data_ptr<float>(), asum.data_ptr<int32_t>());
-  };
-  if (x.scalar_type() == at::kFloat)
-    run(x.data_ptr<float>());
-  else if (x.scalar_type() == at::kBFloat16)
-    run(x.data_ptr<c10::BFloat16>());
-  else if (x.scalar_type() == at::kHalf)
-    run(x.data_ptr<c10::Half>());
-  else
-    TORCH_CHECK(false, "quantize: unsupported dtype ", x.scalar_type());
-  return {q, s, asum};
-}
-
-// Natural int8 [M, K] -> (permuted [M, Kp], asum int32 [M]).
-std::vector<at::Tensor> permute_act(const at::Tensor& q_in) {
-  at::Tensor q = q_in.contiguous();
-  TORCH_CHECK(q.dtype() == at::kChar && q.dim() == 2, "permute_act expects int8 [M, K]");
-  const int64_t M = q.size(0), K = q.size(1), Kp = ceil_div(K, KC) * KC;
-  at::Tensor out = at::empty({M, Kp}, q.options());
-  at::Tensor asum = at::empty({M}, q.options().dtype(at::kInt));
-  const int8_t* src = q.data_ptr<int8_t>();
-  int8_t* dst = out.data_ptr<int8_t>();
-  int32_t* as = asum.data_ptr<int32_t>();
-  at::parallel_for(0, M, M * K >= (1 << 16) ? 1 : M, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      permute_row(src + m * K, K, dst + m * Kp, Kp);
-      as[m] = row_sum_i8(src + m * K, K);
-    }
-  });
-  return {out, asum};
-}
-
-// RMSNorm in fp32 then per-token int8 (natural order): (q [M, K], s f32 [M]).
-std::vector<at::Tensor> rmsnorm_quant(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
-  at::Tensor x = x_in.contiguous().to(at::kFloat);
-  at::Tensor wt = weight_in.contiguous().to(at::kFloat);
-  TORCH_CHECK(x.dim() == 2 && wt.numel() == x.size(1), "rmsnorm_quant expects x [M, K], weight [K]");
-  const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor s = at::empty({M}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = wt.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = s.data_ptr<float>();
-  const float feps = static_cast<float>(eps);
-  at::parallel_for(0, M, M * K >= (1 << 16) ? 1 : M, [&](int64_t m0, int64_t m1) {
-    std::vector<float> y(K);
-    for (int64_t m = m0; m < m1; ++m) {
-      const float* xr = xp + m * K;
-      __m512 ss = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 16) {
-        __m512 v = _mm512_maskz_loadu_ps(mask16(K - k), xr + k);
-        ss = _mm512_add_ps(ss, _mm512_mul_ps(v, v));
+// Scalar W8 = f(q4, gs) for any group size, exactly as PackedW4.int8_weight (reference path).
+at::Tensor unpack_w8_scalar(const at::Tensor& qweight, const at::Tensor& gs, int64_t K, int64_t group_size) {
+  const int64_t N = qweight.size(0), Kb = qweight.size(1), G = gs.size(1);
+  at::Tensor out = at::empty({N, K}, qweight.options().dtype(at::kChar));
+  const uint8_t* qw = qweight.data_ptr<uint8_t>();
+  int8_t* o = out.data_ptr<int8_t>();
+  const bool i8 = gs.scalar_type() == at::kChar;
+  const int8_t* g8 = i8 ? gs.data_ptr<int8_t>() : nullptr;
+  const c10::Half* g16 = i8 ? nullptr : gs.data_ptr<c10::Half>();
+  at::parallel_for(0, N, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const uint8_t b = qw[n * Kb + k / 2];
+        const int q4 = kQ4[(k & 1) ? (b >> 4) : (b & 0xF)];
+        const int64_t g = k / group_size;
+        if (i8) {
+          o[n * K + k] = static_cast<int8_t>(static_cast<int16_t>(q4 * g8[n * G + g]));  // wraps like torch
+        } else {
+          // q4 * gs is exact in fp32; nearbyint rounds half to even like torch.round.
+          const float w = std::nearbyint(static_cast<float>(q4) * static_cast<float>(g16[n * G + g]));
+          o[n * K + k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, w)));
+        }
       }
-      const float mean = _mm512_reduce_add_ps(ss) / static_cast<float>(K);
-      const float r = 1.0f / std::sqrt(mean + feps);
-      const __m512 rv = _mm512_set1_ps(r);
-      for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 mk = mask16(K - k);
-        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), rv);
-        _mm512_mask_storeu_ps(y.data() + k, mk, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, wp + k)));
-      }
-      int32_t unused;
-      quant_row(y.data(), K, qp + m * K, sp + m, &unused);
-    }
   });
-  return {q, s};
+  return out;
 }
+
+}  // namespace
 
 // y [M, N] = ((xq @ W8.T) - nothing) * s * channel_scale + bias, reading packed int4 directly.
 at::Tensor gemm_packed(const at::Tensor& qperm, const at::Tensor& asum, const at::Tensor& xs, const at::Tensor& qweight,
@@ -682,6 +430,7 @@ at::Tensor gemm_packed(const at::Tensor& qperm, const at::Tensor& asum, const at
 // W8 int8 [N, K] from the packed format (for the large-M path through torch._int_mm).
 at::Tensor unpack_w8(const at::Tensor& qweight, const c10::optional<at::Tensor>& group_scale, int64_t K,
                      int64_t group_size) {
+  if (!simd_groups(group_scale, group_size)) return unpack_w8_scalar(qweight.contiguous(), group_scale->contiguous(), K, group_size);
   int mode;
   bool wide;
   WeightView w = make_weight_view(qweight, group_scale, K, group_size, &mode, &wide);
@@ -690,45 +439,7 @@ at::Tensor unpack_w8(const at::Tensor& qweight, const c10::optional<at::Tensor>&
   return out;
 }
 
-// y [M, N] = acc * s * channel_scale + bias in out_dtype (epilogue of the _int_mm path).
-at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& xs, const at::Tensor& channel_scale,
-                    const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
-  at::Tensor acc = acc_in.contiguous();
-  TORCH_CHECK(acc.dtype() == at::kInt && acc.dim() == 2, "acc must be int32 [M, N]");
-  const int64_t M = acc.size(0), N = acc.size(1);
-  at::Tensor sch = channel_scale.contiguous().to(at::kFloat);
-  at::Tensor xsf = xs.contiguous().to(at::kFloat);
-  c10::optional<at::Tensor> b;
-  if (bias.has_value()) b = bias->contiguous().to(at::kFloat);
-  at::Tensor out = at::empty({M, N}, acc.options().dtype(out_dtype));
-  Epilogue e{sch.data_ptr<float>(), b ? b->data_ptr<float>() : nullptr, out.data_ptr(), N, out_kind(out_dtype)};
-  const int32_t* ap = acc.data_ptr<int32_t>();
-  const float* sp = xsf.data_ptr<float>();
-  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const __m512 sv = _mm512_set1_ps(sp[m]);
-      for (int64_t n = 0; n < N; n += 16) {
-        const __mmask16 mk = mask16(N - n);
-        __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, ap + m * N + n)), sv);
-        y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mk, e.sch + n));
-        if (e.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, e.bias + n));
-        if (e.kind == 0)
-          _mm512_mask_storeu_ps(static_cast<float*>(e.out) + m * N + n, mk, y);
-        else
-          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(e.out) + m * N + n, mk,
-                                   e.kind == 1 ? cvt_bf16(y) : _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      }
-    }
-  });
-  return out;
-}
-
-// Dispatch rule (mirrored by cpu.use_packed_kernel): oneDNN's int8 GEMM wins for many
-// tokens, but each call pays for unpacking W8 and reordering it (~K*N), which the packed
-// kernel never does; the measured crossover grows with K. torch._int_mm is wrong for K == 1.
-bool use_packed(int64_t M, int64_t K) { return K < 2 || M < std::max<int64_t>(16, std::min<int64_t>(K / 32, 128)); }
-
-at::Tensor linear_2d(const at::Tensor& x, const at::Tensor& xq_nat, const at::Tensor& xs, const at::Tensor& qweight,
+at::Tensor w4a8_linear_2d(const at::Tensor& x, const at::Tensor& xq_nat, const at::Tensor& xs, const at::Tensor& qweight,
                      const at::Tensor& channel_scale, const c10::optional<at::Tensor>& group_scale,
                      const c10::optional<at::Tensor>& bias, int64_t group_size, at::ScalarType out_dtype) {
   // Either x (float, quantized here) or xq_nat/xs (already int8) is defined.
@@ -736,7 +447,7 @@ at::Tensor linear_2d(const at::Tensor& x, const at::Tensor& xq_nat, const at::Te
   const int64_t M = have_q ? xq_nat.size(0) : x.size(0), K = have_q ? xq_nat.size(1) : x.size(1);
   const c10::optional<at::Tensor> gs = group_scale.has_value() ? c10::optional<at::Tensor>(group_scale->contiguous()) : group_scale;
   const at::Tensor qw = qweight.contiguous();
-  if (use_packed(M, K)) {
+  if (use_packed(M, K) && simd_groups(gs, group_size)) {
     std::vector<at::Tensor> qa = have_q ? permute_act(xq_nat) : quantize(x, true);
     if (have_q) return gemm_packed(qa[0], qa[1], xs, qw, channel_scale, gs, bias, K, group_size, out_dtype);
     return gemm_packed(qa[0], qa[2], qa[1], qw, channel_scale, gs, bias, K, group_size, out_dtype);
@@ -747,45 +458,8 @@ at::Tensor linear_2d(const at::Tensor& x, const at::Tensor& xq_nat, const at::Te
     q = qa[0];
     s = qa[1];
   }
-  at::Tensor acc = at::_int_mm(q.contiguous(), unpack_w8(qw, gs, K, group_size).t());
+  at::Tensor acc = int_mm(q.contiguous(), unpack_w8(qw, gs, K, group_size));
   return epilogue(acc, s, channel_scale, bias, out_dtype);
 }
 
-// Whole W4A8 linear in one call (keeps per-call overhead low for decode): x [..., K] float.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& channel_scale,
-                  const c10::optional<at::Tensor>& group_scale, const c10::optional<at::Tensor>& bias,
-                  int64_t group_size) {
-  const int64_t K = x.size(-1);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = qweight.size(0);
-  at::Tensor y = linear_2d(x.reshape({-1, K}), at::Tensor(), at::Tensor(), qweight, channel_scale, group_scale, bias,
-                           group_size, x.scalar_type());
-  return y.view(shape);
-}
-
-// Same for int8 activations xq [..., K] with scales xs [..., 1].
-at::Tensor linear_q(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& qweight,
-                    const at::Tensor& channel_scale, const c10::optional<at::Tensor>& group_scale,
-                    const c10::optional<at::Tensor>& bias, int64_t group_size, at::ScalarType out_dtype) {
-  const int64_t K = xq.size(-1);
-  TORCH_CHECK(xq.dtype() == at::kChar, "xq must be int8");
-  std::vector<int64_t> shape(xq.sizes().begin(), xq.sizes().end());
-  shape.back() = qweight.size(0);
-  at::Tensor y = linear_2d(at::Tensor(), xq.reshape({-1, K}), xs.reshape({-1}), qweight, channel_scale, group_scale,
-                           bias, group_size, out_dtype);
-  return y.view(shape);
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quantize", &quantize, "per-token int8 quantization (optionally permuted for gemm_packed)");
-  m.def("permute_act", &permute_act, "natural int8 activations -> permuted layout and row sums");
-  m.def("rmsnorm_quant", &rmsnorm_quant, "fp32 RMSNorm + per-token int8");
-  m.def("gemm_packed", &gemm_packed, "W4A8 GEMM reading packed int4 weights (AVX512-VNNI)");
-  m.def("unpack_w8", &unpack_w8, "packed int4 -> W8 int8 [N, K]");
-  m.def("epilogue", &epilogue, "int32 acc -> scaled output");
-  m.def("use_packed", &use_packed, "whether M tokens take the packed kernel (else unpack + _int_mm)");
-  m.def("linear", &linear, "W4A8 linear on float activations");
-  m.def("linear_q", &linear_q, "W4A8 linear on int8 activations");
-}
+}  // namespace qqq

@@ -1,0 +1,47 @@
+// Entry points shared by the qqq CPU translation units (2-D, already validated inputs).
+// The dispatcher-facing ops (validation, leading dims, registration) live in ops_cpu.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace qqq {
+
+// act_cpu.cpp
+// x [M, K] float/bf16/f16 -> (q int8 [M, K] natural or [M, Kp] permuted, s f32 [M], asum int32 [M]).
+std::vector<at::Tensor> quantize(const at::Tensor& x, bool permute);
+// Natural int8 [M, K] -> (permuted [M, Kp], asum int32 [M]).
+std::vector<at::Tensor> permute_act(const at::Tensor& q);
+// fp32 RMSNorm then per-token int8 (natural order): (q [M, K], s f32 [M]).
+std::vector<at::Tensor> rmsnorm_quant(const at::Tensor& x, const at::Tensor& weight, double eps);
+// y [M, N] = ((acc * s_tok) * s_ch) + bias in out_dtype, from an int32 accumulator.
+at::Tensor epilogue(const at::Tensor& acc, const at::Tensor& xs, const at::Tensor& channel_scale,
+                    const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype);
+// Exact int32 a [M, K] @ w8 [N, K].T (torch._int_mm, which is wrong on CPU when K == 1).
+at::Tensor int_mm(const at::Tensor& a, const at::Tensor& w8);
+// Whether M tokens take the VNNI GEMV/GEMM (else int8 unpack + oneDNN through _int_mm).
+bool use_packed(int64_t M, int64_t K);
+
+// w4a8_cpu.cpp
+// Either x (float [M, K], quantized here) or xq/xs (int8 [M, K], f32 [M]) is defined.
+at::Tensor w4a8_linear_2d(const at::Tensor& x, const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& qweight,
+                          const at::Tensor& channel_scale, const c10::optional<at::Tensor>& group_scale,
+                          const c10::optional<at::Tensor>& bias, int64_t group_size, at::ScalarType out_dtype);
+at::Tensor gemm_packed(const at::Tensor& qperm, const at::Tensor& asum, const at::Tensor& xs, const at::Tensor& qweight,
+                       const at::Tensor& channel_scale, const c10::optional<at::Tensor>& group_scale,
+                       const c10::optional<at::Tensor>& bias, int64_t K, int64_t group_size, at::ScalarType out_dtype);
+// W8 int8 [N, K] from the packed format, any group size.
+at::Tensor unpack_w8(const at::Tensor& qweight, const c10::optional<at::Tensor>& group_scale, int64_t K,
+                     int64_t group_size);
+
+// w8a8_cpu.cpp
+// x float [M, K], w8 int8 [N, K], scale f32 [N] -> [M, N] in x's dtype. path: -1 the rule
+// below, 0 torch._int_mm, 1 the VNNI kernel (K < 2 always takes VNNI).
+at::Tensor w8a8_linear_2d(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scale,
+                          const c10::optional<at::Tensor>& bias, int64_t path = -1);
+// Whether M tokens take the VNNI kernel rather than torch._int_mm (the rule for path -1).
+bool use_packed_w8(int64_t M, int64_t K);
+
+}  // namespace qqq
