@@ -81,12 +81,10 @@ class DecodeStep:
 
 def _ensure_cpp_kernels() -> bool:
     """Load the C++ W4A8 kernels before a compiled package runs (it calls them through
-    the dispatcher). Absent (an older kernels module, a CPU without VNNI): the torch ops
-    still run, through their registered Python kernels."""
-    from .kernels import cpu
+    the dispatcher). Without them (a CPU without VNNI) the ops run their torch reference."""
+    from .kernels import ensure_cpp_kernels
 
-    fn = getattr(cpu, "ensure_cpp_kernels", None)
-    return bool(fn()) if fn is not None else cpu.extension_available()
+    return ensure_cpp_kernels()
 
 
 def _aot_compile(

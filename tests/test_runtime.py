@@ -39,11 +39,29 @@ def test_aot_step_matches_eager_prefill_and_decode(w4a8, aot_step):
     assert sqnr_db(want, got) > 100
 
 
-def test_aot_step_has_no_python_per_op(aot_step):
+def test_aot_step_runs_the_cpp_kernels_without_python_per_op(aot_step):
+    import sys
+
+    from qqq_compile.kernels import cpp_call_counts
+
     step, _ = aot_step
-    assert step.runtime == "aot" and step.package_path.endswith(".pt2")
-    # The loaded package is one compiled callable, not an FX graph walked in Python.
-    assert not isinstance(step.fn, torch.fx.GraphModule)
+    assert step.runtime == "aot" and not isinstance(step.fn, torch.fx.GraphModule)
+    before = cpp_call_counts()["w4a8_linear"]
+    entered: list[str] = []
+
+    def spy(frame, event, arg):
+        if event == "call" and "qqq_compile" in frame.f_code.co_filename:
+            entered.append(frame.f_code.co_name)
+
+    ids = torch.randint(0, 256, (1, 1))
+    sys.setprofile(spy)
+    try:
+        step.fn(ids, torch.ones(1, 5, dtype=torch.long), torch.tensor([4]))
+    finally:
+        sys.setprofile(None)
+    # 2 layers x 7 projections, each one C++ kernel call, and no Python of ours in between.
+    assert cpp_call_counts()["w4a8_linear"] - before == 14
+    assert entered == []
 
 
 def test_aot_package_is_reused_and_keyed_by_torch_and_cpu(w4a8, aot_step, monkeypatch):
