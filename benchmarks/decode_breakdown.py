@@ -91,8 +91,9 @@ def parts(gm: torch.fx.GraphModule, ctx: int):
             hkv = int(n.args[1].meta["val"].shape[1])
             qq, kk, vv = torch.randn(1, h, 1, d), torch.randn(1, hkv, ctx, d), torch.randn(1, hkv, ctx, d)
             m = torch.ones(1, 1, 1, ctx, dtype=torch.bool)
-            sdpas.append(lambda qq=qq, kk=kk, vv=vv, m=m: F.scaled_dot_product_attention(
-                qq, kk, vv, attn_mask=m, enable_gqa=h != hkv))
+            gqa = h != hkv
+            sdpas.append(lambda qq=qq, kk=kk, vv=vv, m=m, gqa=gqa: F.scaled_dot_product_attention(
+                qq, kk, vv, attn_mask=m, enable_gqa=gqa))
             read += 2 * hkv * ctx * d * 4
     return linears, head, sdpas, read
 
