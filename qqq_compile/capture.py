@@ -38,6 +38,8 @@ from torch.export import Dim
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .graph import static_size
+
 
 class CaptureError(RuntimeError):
     """The model could not be exported; the message names the cause and the way out."""
@@ -90,9 +92,9 @@ class Captured:
         for p, v in zip(placeholders, flat, strict=True):
             want = p.meta.get("val")
             if isinstance(want, torch.Tensor) and isinstance(v, torch.Tensor):
-                fixed = [(d, s) for d, s in enumerate(want.shape) if isinstance(s, int)]
-                if v.dim() != want.dim() or any(v.shape[d] != s for d, s in fixed):
-                    shape = [s if isinstance(s, int) else "*" for s in want.shape]
+                sizes = [static_size(s) for s in want.shape]
+                if v.dim() != want.dim() or any(s is not None and v.shape[d] != s for d, s in enumerate(sizes)):
+                    shape = ["*" if s is None else s for s in sizes]
                     raise ValueError(
                         f"calibration input '{p.target}' has shape {list(v.shape)}, but the graph takes {shape} "
                         f"('*' = dynamic; {self.dynamic}). Give calibration calls shaped like example_inputs, or "
@@ -239,8 +241,9 @@ def describe_dims(gm: GraphModule) -> str:
     for n in gm.graph.nodes:
         v = n.meta.get("val") if n.op == "placeholder" else None
         if isinstance(v, torch.Tensor):
-            dims = [str(d) for d in v.shape]
-            any_dyn |= any(not isinstance(d, int) for d in v.shape)
+            sizes = [static_size(d) for d in v.shape]
+            dims = [str(d) if s is None else str(s) for d, s in zip(v.shape, sizes, strict=True)]
+            any_dyn |= None in sizes
             parts.append(f"{n.target} [{', '.join(dims)}]")
     kind = "dynamic dims" if any_dyn else "static shapes (only inputs of exactly these shapes run)"
     return f"{kind}: {'; '.join(parts)}"
@@ -248,7 +251,7 @@ def describe_dims(gm: GraphModule) -> str:
 
 def _has_dynamic(gm: GraphModule) -> bool:
     return any(
-        isinstance(v := n.meta.get("val"), torch.Tensor) and any(not isinstance(d, int) for d in v.shape)
+        isinstance(v := n.meta.get("val"), torch.Tensor) and any(static_size(d) is None for d in v.shape)
         for n in gm.graph.nodes
         if n.op == "placeholder"
     )

@@ -48,6 +48,7 @@ from .sites import (
     module_path,
     set_attr,
     set_weight,
+    static_size,
     through_transparent,
 )
 
@@ -92,6 +93,7 @@ __all__ = [
     "partition_nodes",
     "set_attr",
     "set_weight",
+    "static_size",
     "through_transparent",
     "to_networkx",
 ]

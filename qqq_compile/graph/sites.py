@@ -189,6 +189,15 @@ def is_skipped(name: str, patterns: tuple[str, ...]) -> bool:
 # ----------------------------------------------------------------------------- module names
 
 
+def static_size(d: Any) -> int | None:
+    """The size of a dim as an int, or None when it is dynamic. A placeholder's fake value
+    keeps the SymInt of a dim that export later specialised; that one counts as static."""
+    if isinstance(d, int):
+        return d
+    value = d.node.maybe_as_int() if isinstance(d, torch.SymInt) else None
+    return value if isinstance(value, int) else None
+
+
 def module_fqn(node: Node) -> str:
     """Qualified name of the innermost module that produced ``node`` ('' if unknown)."""
     stack = node.meta.get("nn_module_stack")

@@ -33,6 +33,7 @@ from ..graph import (
     get_weight,
     is_skipped,
     linear_sites,
+    static_size,
 )
 from ..pipeline import CompileContext, PassResult, QQQPass, register_pass
 from ..runner import BlockRunner, run_nodes
@@ -345,7 +346,7 @@ class Smooth(QQQPass):
 def _batch_dim_dynamic(gm: GraphModule) -> bool:
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     tensors = [v for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1]
-    return bool(tensors) and all(not isinstance(v.shape[0], int) for v in tensors)
+    return bool(tensors) and all(static_size(v.shape[0]) is None for v in tensors)
 
 
 def _rows(batch: dict[str, Any]) -> int:
