@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .calib import MIN_CALIB_TOKENS, calib_batches, check_calib, example_call  # noqa: F401 - re-exported
-from .capture import CaptureError, capture
+from .capture import CaptureError, bind_names, capture, split_call
 from .compiled import CompiledModel, Report
 from .config import CompileConfig
 from .pipeline import CompileContext, DumpGraphs, Instrument, Pipeline, QQQPass, readable_graph
@@ -115,6 +115,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
             raise  # the blockwise fallback drives token-id models only
         from .blockwise import compile_blockwise
 
+        if example_inputs is not None:  # the fallback takes keyword inputs: {"input_ids": ...}
+            example_inputs = bind_names(model, *split_call(example_inputs))
         return compile_blockwise(  # type: ignore[return-value] - CompiledModel-like
             model,
             batches,

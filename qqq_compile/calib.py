@@ -26,10 +26,40 @@ from typing import Any
 
 import torch
 
-from .capture import CaptureError, is_token_model, split_call
-
 Batch = dict[Any, Any]  # str keys: keyword inputs; int keys: positional inputs
 MIN_CALIB_TOKENS = 256
+
+
+def is_hf(model: torch.nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "to_dict")
+
+
+def is_token_model(model: torch.nn.Module) -> bool:
+    """A Hugging Face model with a vocabulary whose ``input_ids`` are token ids."""
+    return is_hf(model) and getattr(model.config, "vocab_size", None) is not None
+
+
+def split_call(call: Any) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` of one forward call given as a tensor (the first positional
+    argument), a tuple of positional arguments, a dict of keyword arguments or
+    ``(args, kwargs)``, the forms ``torch.export`` takes. Raises TypeError otherwise."""
+    if isinstance(call, torch.Tensor):
+        return (call,), {}
+    if isinstance(call, Mapping):
+        return (), dict(call)
+    if (
+        isinstance(call, tuple)
+        and len(call) == 2
+        and isinstance(call[0], (tuple, list))
+        and isinstance(call[1], Mapping)
+    ):
+        return tuple(call[0]), dict(call[1])
+    if isinstance(call, tuple):
+        return call, {}
+    raise TypeError(
+        "must be a tensor, a tuple of positional arguments, a dict of keyword arguments or (args, kwargs), as "
+        f"torch.export takes them; got {type(call).__name__}"
+    )
 
 
 def takes_token_ids(model: torch.nn.Module | None, calib: Any) -> bool:
@@ -127,7 +157,7 @@ def _call_batches(calib: Any, max_samples: int | None) -> list[Batch]:
             break
         try:
             args, kwargs = split_call(item)
-        except CaptureError:
+        except TypeError:
             raise TypeError(
                 f"calibration item {i} is a {type(item).__name__}: each item is one forward call, given as a "
                 "tensor, a tuple of positional arguments, a dict of keyword arguments or (args, kwargs)"

@@ -38,6 +38,9 @@ from torch.export import Dim
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .calib import is_hf as _is_hf
+from .calib import is_token_model
+from .calib import split_call as _split_call
 from .graph import static_size
 
 
@@ -103,36 +106,18 @@ class Captured:
         return {p.target: v for p, v in zip(placeholders, flat, strict=True)}
 
 
-def _is_hf(model: torch.nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model.config, "to_dict")
-
-
 def is_causal_lm(model: torch.nn.Module) -> bool:
     """A Hugging Face model that generates text (``can_generate()``): a decoder LM."""
     can = getattr(model, "can_generate", None)
     return _is_hf(model) and callable(can) and bool(can())
 
 
-def is_token_model(model: torch.nn.Module) -> bool:
-    """A Hugging Face model with a vocabulary whose ``input_ids`` are token ids."""
-    return _is_hf(model) and getattr(model.config, "vocab_size", None) is not None
-
-
 def split_call(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
-    """``(args, kwargs)`` of an example call (see the module docstring for the forms)."""
-    x = example_inputs
-    if isinstance(x, torch.Tensor):
-        return (x,), {}
-    if isinstance(x, Mapping):
-        return (), dict(x)
-    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], (tuple, list)) and isinstance(x[1], Mapping):
-        return tuple(x[0]), dict(x[1])
-    if isinstance(x, tuple):
-        return x, {}
-    raise CaptureError(
-        "example_inputs must be a tensor, a tuple of positional arguments, a dict of keyword arguments or "
-        f"(args, kwargs), as torch.export takes them; got {type(x).__name__}"
-    )
+    """:func:`qqq_compile.calib.split_call`, refusing with a :class:`CaptureError`."""
+    try:
+        return _split_call(example_inputs)
+    except TypeError as e:
+        raise CaptureError(f"example_inputs {e}") from None
 
 
 def _signature(model: torch.nn.Module) -> inspect.Signature:
