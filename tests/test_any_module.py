@@ -38,7 +38,7 @@ def test_mlp_from_float_calibration():
     assert count(out.graph_module) == 1
     x = torch.randn(5, 512)  # another batch size: dim 0 was captured dynamic
     with torch.no_grad():
-        assert sqnr_db(mlp(x), out(x)) > 21.0  # measured 23.1
+        assert sqnr_db(mlp(x), out(x)) > 22.0  # measured 23.1
     assert "dynamic dims: input [s" in notes(out)
 
 
@@ -49,7 +49,7 @@ def test_mlp_from_example_inputs_alone():
     assert count(out.graph_module) == 1
     x = torch.randn(3, 512)
     with torch.no_grad():
-        assert sqnr_db(mlp(x), out(x)) > 21.0  # measured 23.1
+        assert sqnr_db(mlp(x), out(x)) > 22.0  # measured 23.2
         torch.testing.assert_close(out(input=x), out(x))  # by keyword too
 
 
@@ -76,8 +76,8 @@ def test_ln_gelu_mlp_qqq_smooths_into_layernorm_and_explains_the_gelu():
     with torch.no_grad():
         ref = mlp(x)
         s_qqq, s_rtn = sqnr_db(ref, out(x)), sqnr_db(ref, rtn(x))
-    assert s_qqq > 18.0  # measured 19.7
-    assert s_qqq > s_rtn  # measured 19.7 vs 17.3
+    assert s_qqq > 20.0  # measured 20.9
+    assert s_qqq > s_rtn  # measured 20.9 vs 19.5
 
 
 def test_positional_and_keyword_inputs():
@@ -96,7 +96,7 @@ def test_positional_and_keyword_inputs():
     out = qc.compile(model, calib=calib, config=RTN, progress=False)
     assert out.input_names == ["x", "mask"] and count(out.graph_module) == 1
     with torch.no_grad():
-        assert sqnr_db(model(x, mask=m), out(x, mask=m)) > 20.0  # measured 23
+        assert sqnr_db(model(x, mask=m), out(x, mask=m)) > 22.5  # measured 23.5
         torch.testing.assert_close(out(x, m), out(x, mask=m))
 
 
@@ -148,7 +148,7 @@ def bert():
     return tf.BertModel(cfg).eval()
 
 
-@pytest.mark.parametrize("preset,floor", [("rtn", 42.0), ("qqq", 48.0)])  # measured 45.3, 51.6
+@pytest.mark.parametrize("preset,floor", [("rtn", 44.0), ("qqq", 50.5)])  # measured 45.1, 51.7
 def test_bert_encoder(bert, preset, floor):
     calib = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(0))
     out = qc.compile(bert, calib=calib, config=qc.CompileConfig(preset=preset), progress=False)
@@ -182,7 +182,7 @@ def vit():
     return tf.ViTForImageClassification(cfg).eval()
 
 
-@pytest.mark.parametrize("preset,floor", [("rtn", 14.5), ("qqq", 18.5)])  # measured 16.0, 20.1
+@pytest.mark.parametrize("preset,floor", [("rtn", 14.5), ("qqq", 19.5)])  # measured 15.3, 20.4
 def test_vit_from_pixels(vit, preset, floor):
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(4)]
@@ -201,7 +201,7 @@ def test_vit_from_pixels(vit, preset, floor):
 # ----------------------------------------------------------------------------- GPT-2 Conv1D
 
 
-@pytest.mark.parametrize("preset,floor", [("rtn", 18.0), ("qqq", 21.5)])  # measured 19.9, 23.8
+@pytest.mark.parametrize("preset,floor", [("rtn", 19.0), ("qqq", 22.5)])  # measured 19.9, 23.4
 def test_gpt2_conv1d_addmm_is_lowered(preset, floor):
     model = tiny_model("gpt2")
     captured = qc.capture(model, torch.randint(0, 256, (2, 8)))
