@@ -60,7 +60,7 @@ def build(args):
     return qc.compile(model, calib=calib, passes=passes, progress=False)
 
 
-def parts(gm: torch.fx.GraphModule, ctx: int):
+def parts(gm: torch.fx.GraphModule, spec, ctx: int):
     """Callables for each W4A8 linear, the lm_head and each SDPA at the decode shapes."""
     def get(n):
         return functools.reduce(getattr, n.target.split("."), gm) if getattr(n, "op", None) == "get_attr" else n
@@ -88,7 +88,7 @@ def parts(gm: torch.fx.GraphModule, ctx: int):
         elif n.target is aten.scaled_dot_product_attention.default:
             q = n.args[0].meta["val"]
             h, d = int(q.shape[1]), int(q.shape[3])
-            hkv = int(n.args[1].meta["val"].shape[1])
+            hkv = int(spec.layers[len(sdpas)]["kv_heads"])
             qq, kk, vv = torch.randn(1, h, 1, d), torch.randn(1, hkv, ctx, d), torch.randn(1, hkv, ctx, d)
             m = torch.ones(1, 1, 1, ctx, dtype=torch.bool)
             gqa = h != hkv
@@ -104,17 +104,18 @@ def main() -> None:
     p.add_argument("--int8-head", action="store_true", help="int8 lm_head and embedding (Int8Head(embedding=True))")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-len", type=int, default=1024, help="KV cache positions of the compiled step")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", default="benchmarks/results/decode_breakdown.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     compiled = build(args)
-    step = compiled.prepare_generation(max_batch=1, max_len=args.context + 64, runtime="aot")
+    step = compiled.prepare_generation(max_batch=1, max_len=args.max_len, runtime="aot")
     ctx = args.context
     ids = torch.randint(0, 1000, (1, ctx))
     step(ids, torch.ones(1, ctx, dtype=torch.long), torch.arange(ctx))
     one, mask, pos = ids[:, :1], torch.ones(1, ctx + 1, dtype=torch.long), torch.tensor([ctx])
-    linears, head, sdpas, read = parts(step.graph_module, ctx)
+    linears, head, sdpas, read = parts(step.graph_module, step.spec, ctx)
     rows = {"step": [], "w4a8 linears": [], "lm_head": [], "sdpa": []}
     with torch.no_grad():
         for _ in range(args.rounds):  # round-robin: every row once per round

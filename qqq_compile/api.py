@@ -4,104 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .capture import CaptureError, capture
+from .calib import MIN_CALIB_TOKENS, calib_batches, check_calib, example_call  # noqa: F401 - re-exported
+from .capture import CaptureError, bind_names, capture, split_call
 from .compiled import CompiledModel, Report
 from .config import CompileConfig
 from .pipeline import CompileContext, DumpGraphs, Instrument, Pipeline, QQQPass, readable_graph
 from .presets import get_preset
-
-
-def calib_batches(
-    calib: Any, tokenizer: Any = None, batch_size: int = 8, max_samples: int | None = None, seq_len: int = 512
-) -> list[dict[str, torch.Tensor]]:
-    """Normalise calibration input to a list of ``{"input_ids": [B, T]}`` batches.
-
-    ``calib`` may be a text source name or path (needs ``tokenizer``), a tensor
-    ``[N, T]``, or an iterable of token-id tensors ``[T]``/``[1, T]``/``[B, T]`` or of
-    dicts with ``input_ids``.
-    """
-    if calib is None:
-        return []
-    if isinstance(calib, str):
-        if tokenizer is None:
-            raise ValueError(f"calib={calib!r} is a text source: pass tokenizer=... so it can be tokenized")
-        from .data import load_text, token_windows
-
-        calib = token_windows(tokenizer, load_text(calib), seq_len, region=(0.0, 0.8), n=max_samples or 128)
-    if isinstance(calib, torch.Tensor):
-        calib = list(calib.unsqueeze(0) if calib.dim() == 1 else calib.split(1))
-    rows: list[torch.Tensor] = []
-    for item in calib if isinstance(calib, Iterable) else [calib]:
-        t = item["input_ids"] if isinstance(item, dict) else item
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(
-                f"calibration items must be token-id tensors or dicts with input_ids, got {type(t).__name__}"
-            )
-        if t.is_floating_point():
-            raise TypeError("calibration tensors must hold integer token ids, got a floating-point tensor")
-        if t.dim() == 0 or t.numel() == 0:
-            continue  # an empty item adds nothing; all empty is refused below
-        if t.shape[-1] < 2:
-            raise ValueError(
-                f"calibration window of {t.shape[-1]} token: windows need at least 2 tokens (attention needs a "
-                "context); use windows of 64+ tokens, e.g. qqq_compile.data.token_windows(tokenizer, text, 512)"
-            )
-        rows.extend(t.reshape(-1, t.shape[-1]).split(1))
-    if max_samples is not None:
-        rows = rows[:max_samples]
-    if not rows:
-        raise ValueError("calibration data is empty: give at least one window of token ids (e.g. a [N, T] tensor)")
-    # Batch windows of equal length together; lengths may differ between batches.
-    by_len: dict[int, list[torch.Tensor]] = {}
-    for r in rows:
-        by_len.setdefault(r.shape[-1], []).append(r)
-    batches = []
-    for same in by_len.values():
-        for i in range(0, len(same), batch_size):
-            batches.append({"input_ids": torch.cat(same[i : i + batch_size]).long()})
-    return batches
-
-
-MIN_CALIB_TOKENS = 256
-
-
-def check_calib(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
-    """Refuse token ids outside the model's vocabulary; warn when calibration is too
-    small for stable statistics (fewer than ``MIN_CALIB_TOKENS`` tokens, or fewer tokens
-    than the widest linear has inputs: its Hessian is then rank-deficient)."""
-    if not batches:
-        return
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or getattr(emb, "num_embeddings", None)
-    lo = min(int(b["input_ids"].min()) for b in batches)
-    hi = max(int(b["input_ids"].max()) for b in batches)
-    if lo < 0 or (vocab is not None and hi >= vocab):
-        bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"calibration token id {bad} is out of range: the model's vocabulary has {vocab} entries (ids 0.."
-            f"{(vocab or 0) - 1}), the data's ids span {lo}..{hi}. Tokenize the data with the model's own tokenizer"
-        )
-    tokens = sum(b["input_ids"].numel() for b in batches)
-    widest = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
-    need = max(MIN_CALIB_TOKENS, widest)
-    if tokens < need:
-        why = (
-            f"the {widest} inputs of the widest linear: its GPTQ Hessian is rank-deficient below that"
-            if widest > MIN_CALIB_TOKENS
-            else "the least for usable activation ranges"
-        )
-        warnings.warn(
-            f"calibration data holds only {tokens} tokens, fewer than {need} ({why}); smoothing scales, "
-            "activation ranges and GPTQ are poorly estimated. Use more windows (the standard protocol: 128 x 512 "
-            "tokens)",
-            stacklevel=3,
-        )
 
 
 def float_weights_note(gm: torch.fx.GraphModule) -> str | None:
@@ -138,6 +51,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     passes: Sequence[QQQPass] | None = None,
     tokenizer: Any = None,
     example_inputs: Any = None,
+    dynamic_shapes: Any = None,
     instruments: Sequence[Instrument] = (),
     dump_dir: str | None = None,
     progress: bool = True,
@@ -152,8 +66,15 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     the float weights on disk, one decoder block in memory at a time
     (:func:`qqq_compile.streaming.compile_from_disk`).
     ``fallback``: when ``torch.export`` cannot capture the whole model, ``"blockwise"``
-    quantizes its decoder blocks one at a time (:mod:`qqq_compile.blockwise`), ``"error"``
-    raises the :class:`CaptureError`.
+    quantizes its decoder blocks one at a time (:mod:`qqq_compile.blockwise`; token-id
+    models only), ``"error"`` raises the :class:`CaptureError`.
+
+    Any module ``torch.export`` can capture works: ``calib`` holds token ids for language
+    models and forward calls (tensors, tuples, dicts) for other modules
+    (:mod:`qqq_compile.calib`); ``example_inputs`` is a call as torch.export takes one
+    (``(x,)``, ``{"input_ids": ...}``, ``((x,), {"mask": m})``; default: from the first
+    calibration batch) and ``dynamic_shapes`` is torch.export's own format (default:
+    :func:`qqq_compile.capture.capture`'s rule). The compiled model takes the same call.
     """
     if fallback not in ("blockwise", "error"):
         raise ValueError(f"fallback={fallback!r} is not known; use 'blockwise' or 'error'")
@@ -179,23 +100,23 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     if isinstance(config, dict):
         config = CompileConfig.from_dict(config)
     config = config or CompileConfig()
-    batches = calib_batches(calib, tokenizer, config.calib.batch_size, config.calib.max_samples)
+    batches = calib_batches(calib, tokenizer, config.calib.batch_size, config.calib.max_samples, model=model)
     check_calib(model, batches)
+    tokens = not batches or set(batches[0]) == {"input_ids"}
     if example_inputs is None and batches:
-        # Two rows (export specialises a batch of 1) and contiguous (a strided slice
-        # would make export guard on the original row length).
-        first = batches[0]["input_ids"][:, :16]
-        example_inputs = {"input_ids": first[[0, -1]].contiguous()}
+        example_inputs = example_call(batches)
     from .blockwise import quiet_export
 
     try:
-        with quiet_export() if fallback == "blockwise" else contextlib.nullcontext():
-            captured = capture(model, example_inputs)
+        with quiet_export() if fallback == "blockwise" and tokens else contextlib.nullcontext():
+            captured = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
     except CaptureError as e:
-        if fallback == "error":
-            raise
+        if fallback == "error" or not tokens:
+            raise  # the blockwise fallback drives token-id models only
         from .blockwise import compile_blockwise
 
+        if example_inputs is not None:  # the fallback takes keyword inputs: {"input_ids": ...}
+            example_inputs = bind_names(model, *split_call(example_inputs))
         return compile_blockwise(  # type: ignore[return-value] - CompiledModel-like
             model,
             batches,
@@ -214,7 +135,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         from .passes.cast_float import CastFloatWeights
 
         pass_list.append(CastFloatWeights())  # the config asks for it; runs after lowering
-    ctx = CompileContext(calib=batches, quant=config.quant, calib_config=config.calib, progress=progress)
+    graph_batches = [captured.graph_inputs(b) for b in batches]
+    ctx = CompileContext(calib=graph_batches, quant=config.quant, calib_config=config.calib, progress=progress)
+    if not captured.dynamic.startswith("dynamic") or not tokens:
+        ctx.note("capture", f"captured with {captured.dynamic}")
     inst = list(instruments) + ([DumpGraphs(dump_dir)] if dump_dir else [])
     pipeline = Pipeline(pass_list, inst)
     result = pipeline.run(gm, ctx)

@@ -3,8 +3,9 @@
 When the whole forward is not traceable (data-dependent control flow, an untraceable
 construct outside the decoder stack), the decoder blocks usually still are. This module:
 
-1. finds the blocks from the ``nn.Module`` tree: the largest ``nn.ModuleList`` whose
-   children are all of one class and hold a linear layer (no per-model code);
+1. finds the blocks from the ``nn.Module`` tree with the rule every graph pass uses
+   (:func:`qqq_compile.graph.blocks.block_stack`: numbered children holding linears, the
+   container with the most linear weight; no per-model code);
 2. records each block's inputs (args and kwargs: hidden states, rotary tables, masks...)
    with forward pre-hooks on eager forwards of a copy of the model;
 3. exports every block alone (dynamic batch/sequence dims, found by comparing two
@@ -40,7 +41,7 @@ from .api import float_weights_note
 from .capture import CaptureError, export_graph
 from .compiled import Report
 from .config import CompileConfig
-from .graph import LinearInfo, info
+from .graph import LinearInfo, info, module_block_stack
 from .pipeline import CompileContext, DumpGraphs, Instrument, Note, PassRecord, Pipeline, PipelineError, QQQPass
 from .presets import get_preset
 
@@ -51,38 +52,17 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 # ----------------------------------------------------------------------------- finding blocks
 
 
-def _holds_linear(m: nn.Module) -> bool:
-    """True when ``m`` contains a linear layer: ``nn.Linear`` or a module with a 2-D
-    weight that is not an embedding (GPT-2's ``Conv1D``)."""
-    for sub in m.modules():
-        if isinstance(sub, nn.Linear):
-            return True
-        w = getattr(sub, "weight", None)
-        if isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(sub, nn.Embedding):
-            return True
-    return False
-
-
 def find_blocks(model: nn.Module) -> tuple[str, list[str]]:
-    """``(list path, [qualified block names])`` of the decoder stack: the
-    ``nn.ModuleList`` with the most parameters whose children all share one class and
-    hold a linear layer. Raises :class:`CaptureError` when there is none."""
-    best: tuple[int, int, str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if len({type(c) for c in mod}) != 1 or not all(_holds_linear(c) for c in mod):
-            continue
-        key = (sum(p.numel() for p in mod.parameters()), len(mod), name, mod)
-        if best is None or key[:2] > best[:2]:
-            best = key
-    if best is None:
+    """``(container path, [qualified block names])`` of the decoder stack, by the same rule
+    the graph passes use (:func:`qqq_compile.graph.blocks.block_stack`, applied to the
+    module tree's linear layers). Raises :class:`CaptureError` when there is none."""
+    stack = module_block_stack(model)
+    if stack is None:
         raise CaptureError(
-            "the blockwise fallback found no decoder blocks: no nn.ModuleList whose children share one class "
-            "and hold nn.Linear layers. Make the model exportable as a whole (see the export error above)"
+            "the blockwise fallback found no decoder blocks: no container whose numbered children (0..n-1) "
+            "hold linear layers. Make the model exportable as a whole (see the export error above)"
         )
-    path = best[2]
-    return path, [f"{path}.{i}" if path else str(i) for i in range(len(best[3]))]
+    return stack.path, list(stack.names)
 
 
 # ----------------------------------------------------------------------------- recording inputs

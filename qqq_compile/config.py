@@ -77,6 +77,16 @@ def _config_type(hint: Any) -> type[ConfigBase] | None:
     return None
 
 
+def check_group_size(group_size: int | None, owner: str = "group_size", allow_none: bool = False) -> None:
+    """The one group-size rule: -1 (per output channel) or a positive even number (two
+    int4 codes per byte never straddle a group); None where the caller allows "inherit"."""
+    if group_size is None and allow_none:
+        return
+    if not isinstance(group_size, int) or group_size == 0 or group_size < -1 or (group_size > 0 and group_size % 2):
+        what = "None, -1" if allow_none else "-1"
+        raise ConfigError(f"{owner} must be {what} (per channel) or a positive even number, got {group_size}")
+
+
 @dataclass(frozen=True)
 class QuantConfig(ConfigBase):
     """The W4A8 format: what every quantizing pass and the lowering agree on.
@@ -101,8 +111,7 @@ class QuantConfig(ConfigBase):
             raise ConfigError(
                 f"float_weight_dtype must be None, 'bfloat16' or 'float16', got {self.float_weight_dtype!r}"
             )
-        if self.group_size == 0 or self.group_size < -1 or (self.group_size > 0 and self.group_size % 2):
-            raise ConfigError(f"group_size must be -1 (per channel) or a positive even number, got {self.group_size}")
+        check_group_size(self.group_size)
         if self.group_scale_dtype not in ("int8", "float16"):
             raise ConfigError(f"group_scale_dtype must be 'int8' or 'float16', got {self.group_scale_dtype!r}")
 

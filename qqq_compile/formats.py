@@ -122,6 +122,37 @@ def _integer_two_level(sg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s_ch, gs.to(torch.int8)
 
 
+def build_w8(q4: torch.Tensor, gs: torch.Tensor | None = None) -> torch.Tensor:
+    """The int8 weight the kernels multiply: the one definition of the W8 build.
+
+    ``q4``: int4 codes (int8, or float holding integers); ``gs``: two-level group scales
+    broadcast to ``q4`` (None: per-channel). Per-channel: ``q4 << 4``; int8 scales:
+    ``q4 * gs`` exactly; float16 scales: ``round(q4 * gs)`` clamped to ``[-127, 127]``.
+    Integer codes give int8, float codes give float32 holding the same integers.
+    """
+    exact = not q4.is_floating_point()
+    if gs is None:
+        return q4 * 16 if exact else q4.float() * 16
+    if gs.dtype == torch.int8:
+        w8 = q4.to(torch.int16) * gs.to(torch.int16) if exact else q4.float() * gs.float()
+    else:
+        w8 = torch.round(q4.float() * gs.float()).clamp_(-ACT_QMAX, ACT_QMAX)
+    return w8.to(torch.int8) if exact else w8.float()
+
+
+def fake_quant_weight(
+    w: torch.Tensor, group_size: int = -1, group_scale_dtype: GroupScaleDtype = "int8"
+) -> torch.Tensor:
+    """Round-to-nearest quantize-dequantize of ``w`` ``[N, K]`` on the format's grid (the
+    values of :func:`choose_scales` + :func:`quantize_to_int4` times the step), in ``w``'s
+    dtype, with in-place ops: the smoothing search calls it for every candidate. (With
+    float16 group scales the kernel also rounds ``q4 * gs`` to int8; that is not modelled.)"""
+    wf = w.float()
+    sc = choose_scales(wf, group_size, group_scale_dtype)
+    step = expand_groups(sc.step, w.shape[1], group_size) if group_size > 0 else sc.step
+    return torch.div(wf, step).round_().clamp_(sc.qmin, sc.qmax).mul_(step).to(w.dtype)
+
+
 def quantize_to_int4(w: torch.Tensor, scales: WeightScales) -> torch.Tensor:
     """Round ``w`` ``[N, K]`` to int4 codes (int8 tensor) against ``scales``."""
     step = expand_groups(scales.step, w.shape[1], scales.group_size) if scales.group_size > 0 else scales.step
@@ -167,14 +198,8 @@ class PackedW4:
 
     def int8_weight(self) -> torch.Tensor:
         """``W8`` ``[N, K]`` exactly as the kernels build it from the packed data."""
-        q4 = self.int4()
-        if self.group_scale is None:
-            return q4 << 4
-        gs = expand_groups(self.group_scale, self.in_features, self.group_size)
-        if gs.dtype == torch.int8:
-            return (q4.to(torch.int16) * gs.to(torch.int16)).to(torch.int8)
-        w8 = torch.round(q4.float() * gs.float())
-        return w8.clamp(-ACT_QMAX, ACT_QMAX).to(torch.int8)
+        gs = None if self.group_scale is None else expand_groups(self.group_scale, self.in_features, self.group_size)
+        return build_w8(self.int4(), gs)
 
     def dequantize(self) -> torch.Tensor:
         return self.channel_scale[:, None] * self.int8_weight().float()
@@ -214,18 +239,24 @@ class PackedW4:
         return cls.from_int4(quantize_to_int4(w, scales), scales, group_scale_dtype)
 
 
+def act_scale(x: torch.Tensor) -> torch.Tensor:
+    """The per-token symmetric int8 step ``max|x| / 127`` (float32 ``[..., 1]``): the one
+    definition of the activation quantizer's scale."""
+    return x.float().abs().amax(dim=-1, keepdim=True).clamp_min_(1e-8).div_(ACT_QMAX)
+
+
 def quantize_act_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token symmetric int8: ``x ≈ q * s`` with ``s`` ``[..., 1]`` float32."""
-    xf = x.float()
-    s = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / ACT_QMAX
-    q = torch.clamp(torch.round(xf / s), -ACT_QMAX, ACT_QMAX).to(torch.int8)
+    s = act_scale(x)
+    q = torch.div(x.float(), s).round_().clamp_(-ACT_QMAX, ACT_QMAX).to(torch.int8)
     return q, s
 
 
 def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize activations per token (used in calibration losses)."""
-    q, s = quantize_act_per_token(x)
-    return (q.float() * s).to(x.dtype)
+    """Quantize-dequantize activations per token (calibration losses, GPTQ, smoothing):
+    the values of :func:`quantize_act_per_token`, with in-place ops and no int8 copy."""
+    s = act_scale(x)
+    return torch.div(x.float(), s).round_().clamp_(-ACT_QMAX, ACT_QMAX).mul_(s).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- int8 weights

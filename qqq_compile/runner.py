@@ -1,6 +1,8 @@
 """Block-by-block execution of a captured graph over calibration batches.
 
-The graph is cut (by :func:`graph.partition`) into prefix, decoder blocks and suffix.
+The graph is cut (by :func:`graph.partition`) into prefix, decoder blocks and suffix; a
+graph without decoder blocks (an MLP, a module with no numbered layers) runs as one
+block holding every node, so block-driven passes (smoothing, GPTQ) still see its linears.
 :class:`BlockRunner` keeps, per calibration batch, only the values that later
 segments still read (the residual stream, rotary tables, masks), so peak memory grows
 with one block, not with the whole model. Passes iterate over blocks, run a block
@@ -81,6 +83,31 @@ def run_nodes(
     return env
 
 
+def whole_graph(part: Partition) -> Partition:
+    """A partition whose only block holds every node (for graphs without decoder blocks)."""
+    return Partition([], [Block("graph", [*part.prefix, *[n for b in part.blocks for n in b.nodes], *part.suffix])], [])
+
+
+def graph_env(gm: GraphModule, batch: dict[str | int, Any]) -> Env:
+    """The placeholder values of one calibration batch: a dict keyed by graph input name
+    (placeholder target or node name), or by position for positional inputs (``0`` is the
+    first placeholder, as ``calib_batches`` writes them before the graph is known)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    env: Env = {}
+    for i, p in enumerate(placeholders):
+        for key in (p.target, p.name, i):
+            if key in batch:
+                env[p] = batch[key]
+                break
+        else:
+            have = sorted(map(str, batch))
+            raise ValueError(
+                f"calibration batch is missing input '{p.target}' (it has {have}; the graph's inputs are "
+                f"{[q.target for q in placeholders]})"
+            )
+    return env
+
+
 class BlockState:
     """What a pass sees for one block: the block and the live inputs of every batch."""
 
@@ -129,21 +156,14 @@ class BlockRunner:
     ):
         self.gm = gm
         self.part = part or partition(gm)
+        if not self.part.blocks:
+            self.part = whole_graph(self.part)
         self.progress = progress
         self.desc = desc
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self._last_use = {n: max((order[u] for u in n.users), default=-1) for n in gm.graph.nodes}
         self._order = order
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.envs: list[Env] = []
-        for b in batches:
-            env: Env = {}
-            for p in placeholders:
-                key = p.target if p.target in b else p.name
-                if key not in b:
-                    raise ValueError(f"calibration batch is missing input '{p.target}' (has {sorted(b)})")
-                env[p] = b[key]
-            self.envs.append(env)
+        self.envs: list[Env] = [graph_env(gm, b) for b in batches]
 
     def _advance(self, nodes: Sequence[Node], overrides: dict[Node, Override] | None = None) -> None:
         if not nodes:

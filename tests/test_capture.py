@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.export import Dim
 
 from qqq_compile import CaptureError, capture
 from qqq_compile.graph import linear_sites, partition
@@ -91,3 +92,86 @@ def test_capture_real_smollm2(smollm2):
     x = torch.randint(0, 49152, (2, 33))
     with torch.no_grad():
         torch.testing.assert_close(cap.graph_module(input_ids=x).logits, model(x).logits, rtol=1e-4, atol=2e-4)
+
+
+# ----------------------------------------------------------------------------- any module
+
+
+def placeholder_shapes(gm):
+    from qqq_compile.graph import static_size
+
+    return {
+        n.target: ["*" if static_size(d) is None else static_size(d) for d in n.meta["val"].shape]
+        for n in gm.graph.nodes
+        if n.op == "placeholder"
+    }
+
+
+@pytest.mark.parametrize(
+    "example",
+    [torch.randn(3, 16), (torch.randn(3, 16),), {"input": torch.randn(3, 16)}, ((torch.randn(3, 16),), {})],
+)
+def test_float_example_in_every_call_form_keeps_features_static(example):
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    cap = capture(mlp, example)
+    assert cap.input_names == ["input"]
+    assert placeholder_shapes(cap.graph_module) == {"input": ["*", 16]}  # batch dynamic, features not
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(cap.graph_module(input=x), mlp(x))
+
+
+def test_single_row_float_example_still_gets_a_dynamic_batch():
+    cap = capture(torch.nn.Sequential(torch.nn.Linear(16, 8)), (torch.randn(1, 16),))
+    assert placeholder_shapes(cap.graph_module) == {"input": ["*", 16]}
+
+
+def test_user_dynamic_shapes_in_both_torch_export_forms():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x, y):
+            return self.fc(x) + y
+
+    x, y = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    seq = Dim("seq")
+    as_dict = capture(Two(), (x, y), dynamic_shapes={"x": {1: seq}, "y": {1: seq}})
+    as_tuple = capture(Two(), ((x,), {"y": y}), dynamic_shapes=({1: seq}, {1: seq}))
+    for cap in (as_dict, as_tuple):
+        assert placeholder_shapes(cap.graph_module) == {"x": [3, "*", 4], "y": [3, "*", 4]}
+    with pytest.raises(CaptureError, match="one entry per input"):
+        capture(Two(), (x, y), dynamic_shapes=({1: seq},))
+
+
+def test_hf_encoder_sequence_is_dynamic_within_its_position_table():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+    )
+    bert = tf.BertModel(cfg).eval()
+    cap = capture(bert, {"input_ids": torch.randint(0, 64, (2, 8))})  # Dim("seq") unbounded would fail here
+    assert placeholder_shapes(cap.graph_module) == {"input_ids": ["*", "*"]}
+    x = torch.randint(0, 64, (3, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(cap.graph_module(input_ids=x).last_hidden_state, bert(x).last_hidden_state)
+
+
+def test_example_that_does_not_fit_forward_names_the_signature():
+    with pytest.raises(CaptureError, match=r"do not match Sequential.forward\(input\)"):
+        capture(torch.nn.Sequential(torch.nn.Linear(2, 2)), (torch.randn(2, 2), torch.randn(2, 2)))
+
+    class PosOnly(torch.nn.Module):
+        def forward(self, x, /):
+            return x
+
+    with pytest.raises(CaptureError, match="positionally only"):
+        capture(PosOnly(), (torch.randn(2, 2),))

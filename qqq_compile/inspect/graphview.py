@@ -13,7 +13,6 @@ so that the report needs no ``dot`` binary and no JavaScript library.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from html import escape
@@ -22,11 +21,10 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from ..graph import LinearInfo, info, module_fqn, module_path
+from ..graph import BlockIO, LinearInfo, analysis, info, module_fqn
 
 NODE_W, NODE_H, H_GAP, V_GAP, PAD = 138, 34, 14, 26, 12
 CHUNK = 150  # nodes per segment when the graph has no repeated blocks
-_INDEXED = re.compile(r"^(.*)\.(\d+)$")
 _HIDDEN_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
 
 
@@ -34,6 +32,7 @@ _HIDDEN_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
 class Segment:
     title: str
     nodes: list[Node] = field(default_factory=list)
+    io: BlockIO | None = None  # for decoder blocks: inputs, exit and outputs (dominator tree)
 
 
 def node_kind(n: Node) -> str:
@@ -58,43 +57,22 @@ def _visible(n: Node) -> bool:
     return not (n.op == "call_function" and isinstance(n.meta.get("val"), (torch.SymInt, int)))
 
 
-def _block_parent(nodes: list[Node]) -> str | None:
-    """The ModuleList path with the most numbered children on the module stacks
-    (``model.layers``); read off the graph, not per model."""
-    idx: dict[str, set[str]] = defaultdict(set)
-    for n in nodes:
-        for p in module_path(n):
-            m = _INDEXED.match(p)
-            if m:
-                idx[m.group(1)].add(m.group(2))
-    best = [(-len(v), len(k), k) for k, v in idx.items() if len(v) >= 2]
-    return min(best)[2] if best else None
-
-
 def segments(gm: GraphModule) -> list[Segment]:
-    """Cut the graph, in node order, into prefix / one segment per block / suffix."""
+    """Cut the graph, in node order, into prefix / one segment per block / suffix, with the
+    block rule every pass uses (:func:`qqq_compile.graph.partition`)."""
     nodes = list(gm.graph.nodes)
-    parent = _block_parent(nodes)
-    if parent is None:
+    an = analysis(gm)
+    part = an.partition
+    if not part.blocks:
         return [
             Segment(f"nodes {i}–{min(i + CHUNK, len(nodes)) - 1}", nodes[i : i + CHUNK])
             for i in range(0, len(nodes), CHUNK)
         ]
-    pat = re.compile(re.escape(parent) + r"\.\d+$")
-
-    def owner(n: Node) -> str | None:
-        return next((p for p in module_path(n) if pat.match(p)), None)
-
-    owners = [owner(n) for n in nodes]
-    owned = [i for i, o in enumerate(owners) if o is not None]
-    first, last = owned[0], owned[-1]
-    segs = [Segment("prefix (inputs, embeddings, masks, positions)", nodes[:first])]
-    for n, o in zip(nodes[first : last + 1], owners[first : last + 1], strict=True):
-        # Unowned nodes inside the block range (e.g. packed-weight get_attrs) stay with the block before.
-        if o is not None and segs[-1].title != o:
-            segs.append(Segment(o))
-        segs[-1].nodes.append(n)
-    segs.append(Segment("suffix (final norm, head, outputs)", nodes[last + 1 :]))
+    ins = [n for n in nodes if n.op == "placeholder"]
+    outs = [n for n in nodes if n.op == "output"]
+    segs = [Segment("prefix (inputs, embeddings, masks, positions)", ins + part.prefix)]
+    segs += [Segment(b.name, b.nodes, an.block_io(b)) for b in part.blocks]
+    segs.append(Segment("suffix (final norm, head, outputs)", part.suffix + outs))
     return [s for s in segs if any(_visible(n) for n in s.nodes)]
 
 
@@ -244,7 +222,16 @@ def segment_svg(seg: Segment) -> str:
 def segment_summary(seg: Segment) -> dict[str, Any]:
     visible = [n for n in seg.nodes if _visible(n)]
     kinds = [node_kind(n) for n in visible]
-    return {"nodes": len(visible), "qqq": kinds.count("qqq"), "float_linears": kinds.count("float-linear")}
+    out: dict[str, Any] = {
+        "nodes": len(visible),
+        "qqq": kinds.count("qqq"),
+        "float_linears": kinds.count("float-linear"),
+    }
+    if seg.io is not None:
+        out["inputs"] = [n.name for n in seg.io.inputs]
+        out["exit"] = seg.io.exit.name if seg.io.exit is not None else None
+        out["side_outputs"] = [n.name for n in seg.io.outputs if n is not seg.io.exit]
+    return out
 
 
 def graph_view_html(gm: GraphModule) -> str:
@@ -258,6 +245,12 @@ def graph_view_html(gm: GraphModule) -> str:
         if s["float_linears"]:
             plural = "s" if s["float_linears"] > 1 else ""
             tags += f', <span class="tag float-linear">{s["float_linears"]} float linear{plural}</span>'
+        if seg.io is not None:
+            tags += f", reads {len(s['inputs'])} earlier value{'s' if len(s['inputs']) != 1 else ''}"
+            if s["exit"]:
+                tags += f", result leaves through <code>{escape(s['exit'])}</code>"
+            if s["side_outputs"]:
+                tags += f" (also hands on {escape(', '.join(s['side_outputs'][:4]))})"
         parts.append(
             f'<details class="segment"><summary><code>{escape(seg.title)}</code> — {tags}</summary>'
             f'<div class="svgwrap">{segment_svg(seg)}</div></details>'

@@ -27,11 +27,13 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from ..config import check_group_size
 from ..formats import (
     ACT_QMAX,
     GROUP_QMAX,
     GroupScaleDtype,
     PackedW4,
+    build_w8,
     choose_scales,
     fake_quant_act,
     pack_int4,
@@ -83,7 +85,6 @@ class Grid:
             # are never chosen: clamping only duplicates -7's value, and a kernel that got
             # the clamp wrong would then still decode every weight right.
             self.table = torch.where(w8.abs() <= ACT_QMAX, self.s_ch[None, :, None] * w8, math.inf)  # [G, N, 16]
-        self._gsf = None if self.gs is None else self.gs.float()
 
     def col_group(self) -> torch.Tensor:
         idx = torch.arange(self.k)
@@ -96,7 +97,7 @@ class Grid:
             idx = (col[:, None] - t).abs().argmin(dim=1, keepdim=True)
             return (idx[:, 0] + self.qmin).float(), t.gather(1, idx)[:, 0]
         q = torch.clamp(torch.round(col / self.step[:, g]), self.qmin, self.qmax)
-        w8 = q * 16 if self.gs is None else q * self._gsf[:, g]  # exact small integers
+        w8 = build_w8(q, None if self.gs is None else self.gs[:, g])  # exact small integers
         return q, self.s_ch * w8
 
     def pack(self, q4: torch.Tensor, rows: slice = slice(None)) -> PackedW4:
@@ -291,8 +292,7 @@ class GPTQ(QQQPass):
             raise ValueError(f"damp must be >= 0 (a fraction of mean diag(H), e.g. 0.01), got {damp}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if group_size is not None and (group_size == 0 or group_size < -1 or (group_size > 0 and group_size % 2)):
-            raise ValueError(f"group_size must be None, -1 or a positive even number, got {group_size}")
+        check_group_size(group_size, "GPTQ(group_size)", allow_none=True)
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be None or >= 1, got {max_batches}")
         self.damp, self.block_size, self.act_order = damp, block_size, act_order

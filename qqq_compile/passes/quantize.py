@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
+from ..config import check_group_size
 from ..formats import PackedW4
 from ..graph import ensure_info, get_weight, is_skipped, linear_sites
 from ..pipeline import CompileContext, PassResult, QQQPass, register_pass, sqnr_db
@@ -23,8 +24,7 @@ class QuantizeRTN(QQQPass):
     name = "quantize_rtn"
 
     def __init__(self, group_size: int | None = None):
-        if group_size is not None and (group_size == 0 or group_size < -1 or (group_size > 0 and group_size % 2)):
-            raise ValueError(f"group_size must be None, -1 or a positive even number, got {group_size}")
+        check_group_size(group_size, "QuantizeRTN(group_size)", allow_none=True)
         self.group_size = group_size
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import reduce
 
 import torch
@@ -166,7 +166,9 @@ def _norm_index(gm: GraphModule) -> dict[Node, list[tuple[NormInfo, set[Node]]]]
 def residual_plan(gm: GraphModule) -> ResidualPlan:
     """Follow the residual stream from the token embedding; raise :class:`NotRotatable`
     when anything other than RMSNorms reads it or anything but linears writes it."""
-    sites = {s.node: s for s in linear_sites(gm)}
+    # Copies: the plan's sites are re-pointed at untied weights later, and the graph
+    # analysis shares its own site objects with every other caller.
+    sites = {s.node: replace(s) for s in linear_sites(gm)}
     plan = ResidualPlan()
     plan.embeddings = [
         n

@@ -22,27 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from ..config import QuantConfig
-from ..formats import ACT_QMAX, choose_scales, expand_groups
+from .. import formats
+from ..config import QuantConfig, check_group_size
+from ..formats import fake_quant_act
 from ..graph import (
-    ASSERT_OPS,
     LinearSite,
-    NormInfo,
     downstream_linears,
     ensure_info,
-    get_attr,
     get_bias,
     get_weight,
     is_skipped,
-    linear_pairs,
     linear_sites,
-    module_fqn,
-    norm_groups,
-    set_attr,
-    set_weight,
+    static_size,
 )
 from ..pipeline import CompileContext, PassResult, QQQPass, register_pass
 from ..runner import BlockRunner, run_nodes
+from .smooth_groups import SmoothGroup, fold_scales, smoothing_groups, unsmoothable
 
 METHODS = ("qqq", "smoothquant", "awq")
 
@@ -64,148 +59,14 @@ class SmoothRecord:
     n_tried: int = 0  # candidates scored besides s = 1
 
 
-@dataclass
-class SmoothGroup:
-    """A set of linears whose shared input channels can be rescaled, and where the
-    ``1/s`` goes: a norm's affine parameters or a producer linear's output rows."""
-
-    name: str
-    linears: list[LinearSite]
-    norm: NormInfo | None = None
-    producer: LinearSite | None = None
-    unsafe: str | None = None
-
-
-# ----------------------------------------------------------------------------- groups
-
-
-def _short(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
-def _shared_attrs(gm: GraphModule) -> dict[str, list[str]]:
-    """Attribute name → other attribute names that share its storage (tied weights)."""
-    by_ptr: dict[int, list[str]] = {}
-    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-        by_ptr.setdefault(t.untyped_storage().data_ptr(), []).append(name)
-    return {n: [m for m in names if m != n] for names in by_ptr.values() for n in names}
-
-
-def _attr_shared(gm: GraphModule, attr: Node, owners: set[Node], shared: dict[str, list[str]]) -> str | None:
-    """Why the tensor behind ``attr`` is used outside ``owners`` (None if it is not)."""
-    if shared.get(attr.target):
-        return f"{attr.target} shares storage with {shared[attr.target][0]}"
-    for n in attr.graph.nodes:
-        if n.op == "get_attr" and n.target == attr.target:
-            for u in n.users:
-                if u.op == "call_function" and u.target in ASSERT_OPS:
-                    continue
-                if u not in owners:
-                    return f"{attr.target} is also read by {module_fqn(u) or u.name}"
-    return None
-
-
-def _norm_nodes(norm: NormInfo) -> set[Node]:
-    """The nodes between the norm's weight and its output (Gemma's ``1 + w`` add)."""
-    out, stack = set(), [norm.output]
-    while stack:
-        n = stack.pop()
-        if n in out:
-            continue
-        out.add(n)
-        stack.extend(a for a in n.all_input_nodes if a is not norm.input and a.op != "placeholder")
-    return out
-
-
-def _linear_nodes(site: LinearSite) -> set[Node]:
-    """The linear node and any transpose between it and its weight."""
-    return {site.node} | {a for a in site.node.all_input_nodes if a is not site.x and a.op == "call_function"}
-
-
-def smoothing_groups(gm: GraphModule) -> list[SmoothGroup]:
-    """Every smoothing group of the graph, in graph order, with ``unsafe`` set (and the
-    reason) where folding would change the model or another tensor."""
-    shared = _shared_attrs(gm)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    groups: list[SmoothGroup] = []
-
-    def tied(site: LinearSite) -> str | None:
-        for attr in (site.weight, site.bias):
-            if attr is not None and (why := _attr_shared(gm, attr, _linear_nodes(site), shared)):
-                return f"{site.name}'s weight is tied: {why}"
-        return None
-
-    for g in norm_groups(gm):
-        if not g.sites:
-            continue
-        sites = sorted(g.sites, key=lambda s: order[s.node])
-        norm_name = module_fqn(g.norm.output) or g.norm.weight.target
-        name = f"{norm_name}→" + ",".join(_short(s.name) for s in sites)
-        unsafe = None
-        if g.other_users:
-            users = ", ".join(module_fqn(u) or u.name for u in g.other_users)
-            unsafe = f"the norm output also feeds {users}, which is not a linear"
-        for attr in (g.norm.weight, g.norm.bias):
-            if unsafe is None and attr is not None:
-                why = _attr_shared(gm, attr, _norm_nodes(g.norm), shared)
-                unsafe = f"the norm's parameter is shared: {why}" if why else None
-        for s in sites:
-            unsafe = unsafe or tied(s)
-        groups.append(SmoothGroup(name, sites, norm=g.norm, unsafe=unsafe))
-    for p in linear_pairs(gm):
-        name = f"{p.producer.name}→" + ",".join(_short(c.name) for c in p.consumers)
-        unsafe = tied(p.producer)
-        for c in p.consumers:
-            unsafe = unsafe or tied(c)
-        groups.append(SmoothGroup(name, list(p.consumers), producer=p.producer, unsafe=unsafe))
-    return sorted(groups, key=lambda g: min(order[s.node] for s in g.linears))
-
-
-def fold_scales(gm: GraphModule, g: SmoothGroup, s: torch.Tensor) -> None:
-    """Fold ``s`` into the graph: the norm's weight/bias or the producer's rows absorb
-    ``1/s``, the group's linears' input columns ``s`` (new tensors, never in place)."""
-    if g.norm is not None:
-        w = get_attr(gm, g.norm.weight.target)
-        sw = s.to(w.dtype)
-        new = (1 + w) / sw - 1 if g.norm.kind == "rmsnorm_plus_one" else w / sw
-        set_attr(gm, g.norm.weight.target, new.detach().clone())
-        if g.norm.bias is not None:
-            b = get_attr(gm, g.norm.bias.target)
-            set_attr(gm, g.norm.bias.target, (b / s.to(b.dtype)).detach().clone())
-    else:
-        p = g.producer
-        w = get_weight(gm, p)
-        set_weight(gm, p, w / s.to(w.dtype)[:, None])
-        if p.bias is not None:
-            b = get_bias(gm, p)
-            set_attr(gm, p.bias.target, (b / s.to(b.dtype)).clone())
-    for site in g.linears:
-        w = get_weight(gm, site)
-        set_weight(gm, site, w * s.to(w.dtype)[None, :])
-
-
 # ----------------------------------------------------------------------------- fake quant
 
 
 def fake_quant_weight(w: torch.Tensor, quant: QuantConfig, group_size: int | None = None) -> torch.Tensor:
-    """Quantize-dequantize ``w`` ``[N, K]`` to int4 in the project's format (RTN): the
-    same steps and rounding as ``choose_scales`` + ``quantize_to_int4``, computed with
-    in-place ops because the scale search calls it for every candidate. (With float16
-    group scales the kernel also rounds ``q4 * gs`` to int8; that is not modelled.)"""
+    """:func:`qqq_compile.formats.fake_quant_weight` in ``quant``'s format (``group_size``
+    None: ``quant.group_size``)."""
     gs = quant.group_size if group_size is None else group_size
-    wf = w.float()
-    sc = choose_scales(wf, gs, quant.group_scale_dtype)
-    step = expand_groups(sc.step, w.shape[1], gs) if gs > 0 else sc.step
-    q = torch.div(wf, step).round_().clamp_(sc.qmin, sc.qmax)
-    return q.mul_(step).to(w.dtype)
-
-
-def fake_quant_act_fast(x: torch.Tensor) -> torch.Tensor:
-    """:func:`~qqq_compile.formats.fake_quant_act` (per-token symmetric int8) with
-    in-place ops: identical values, fewer temporaries."""
-    xf = x.float()
-    s = xf.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-8).div_(ACT_QMAX)
-    return torch.div(xf, s).round_().clamp_(-ACT_QMAX, ACT_QMAX).mul_(s).to(x.dtype)
+    return formats.fake_quant_weight(w, gs, quant.group_scale_dtype)
 
 
 def _x_index(site: LinearSite) -> int:
@@ -227,7 +88,7 @@ def fake_linear(
     def prep(x: torch.Tensor) -> torch.Tensor:
         if in_scale is not None:
             x = x / in_scale
-        return fake_quant_act_fast(x) if quant_act else x
+        return fake_quant_act(x) if quant_act else x
 
     def run(*args: Any, **kwargs: Any) -> torch.Tensor:
         x = args[i]
@@ -305,29 +166,41 @@ class Smooth(QQQPass):
             raise ValueError(f"Smooth(method={method!r}) is not known; use one of {METHODS}")
         if n_grid < 0 or max_batches < 1 or max_tokens < 1:
             raise ValueError("Smooth needs n_grid >= 0, max_batches >= 1 and max_tokens >= 1")
+        check_group_size(group_size, "Smooth(group_size)", allow_none=True)
         self.method, self.alpha, self.n_grid = method, alpha, n_grid
         self.max_batches, self.group_size, self.max_tokens = max_batches, group_size, max_tokens
         self.patience = patience
 
     # -- data
 
-    def _windows(self, calib: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    def _windows(self, gm: GraphModule, calib: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """About ``max_tokens`` tokens in at least two windows: rows taken round-robin
         from the first ``max_batches`` batches (so they differ), cut to a common prefix
-        length when whole rows would exceed the budget, regrouped by length."""
+        length when whole token rows would exceed the budget, regrouped by shape.
+
+        Rows are split along dim 0 only when every graph input's dim 0 is dynamic (a
+        static graph runs only its own batch size: its batches are used whole). A row of
+        a token batch holds ``T`` tokens; of any other input, ``numel / last dim`` of its
+        first tensor (``[B, D]``: 1, ``[B, T, D]``: T) stands in for its token count."""
         batches = calib[: self.max_batches]
-        rows: list[dict[str, torch.Tensor]] = []
-        depth = max(b["input_ids"].shape[0] for b in batches)
+        if not _batch_dim_dynamic(gm):
+            return batches
+        tokens = all(isinstance(b.get("input_ids"), torch.Tensor) and b["input_ids"].dim() == 2 for b in batches)
+        rows: list[dict[str, Any]] = []
+        depth = max(_rows(b) for b in batches)
         for r in range(depth):
-            rows += [{k: v[r : r + 1] for k, v in b.items()} for b in batches if r < b["input_ids"].shape[0]]
-        lengths = [row["input_ids"].shape[-1] for row in rows]
-        n = min(len(rows), max(2, math.ceil(self.max_tokens / max(lengths))))
-        cut = max(2, self.max_tokens // n)
-        by_len: dict[int, list[dict[str, torch.Tensor]]] = {}
+            rows += [{k: _row(v, r) for k, v in b.items()} for b in batches if r < _rows(b)]
+        per_row = max(_tokens_per_row(row) for row in rows)
+        n = min(len(rows), max(2, math.ceil(self.max_tokens / per_row)))
+        cut = max(2, self.max_tokens // n) if tokens else None
+        by_shape: dict[tuple, list[dict[str, Any]]] = {}
         for row in rows[:n]:
-            t = min(row["input_ids"].shape[-1], cut)
-            by_len.setdefault(t, []).append({k: v[:, :t] if v.dim() > 1 else v for k, v in row.items()})
-        return [{k: torch.cat([x[k] for x in same]) for k in same[0]} for same in by_len.values()]
+            if cut is not None:
+                t = min(row["input_ids"].shape[-1], cut)
+                row = {k: v[:, :t] if isinstance(v, torch.Tensor) and v.dim() > 1 else v for k, v in row.items()}
+            key = tuple((k, tuple(v.shape)) for k, v in row.items() if isinstance(v, torch.Tensor))
+            by_shape.setdefault(key, []).append(row)
+        return [{k: _cat([x[k] for x in same]) for k in same[0]} for same in by_shape.values()]
 
     # -- candidates
 
@@ -429,7 +302,7 @@ class Smooth(QQQPass):
         calib = ctx.require_calib(self.name)
         gsize = ctx.quant.group_size if self.group_size is None else self.group_size
         groups = smoothing_groups(gm)
-        runner = BlockRunner(gm, self._windows(calib), progress=ctx.progress, desc="smooth")
+        runner = BlockRunner(gm, self._windows(gm, calib), progress=ctx.progress, desc="smooth")
         by_block: dict[str, list[SmoothGroup]] = {}
         block_of = {n: b.name for b in runner.part.blocks for n in b.nodes}
         for g in groups:
@@ -442,6 +315,11 @@ class Smooth(QQQPass):
                 g.unsafe = g.unsafe or "its linears are not inside one decoder block"
                 self._annotate(gm, g, SmoothRecord(g.name, self.method, skipped=g.unsafe))
                 ctx.note(self.name, f"not smoothing {g.name}: {g.unsafe}", g.name)
+        why_not = unsmoothable(gm, groups, ctx.quant.skip)
+        if why_not:
+            parts = [f"{', '.join(n[:4])}{', ...' if len(n) > 4 else ''}: {why}" for why, n in why_not.items()]
+            count = sum(map(len, why_not.values()))
+            ctx.note(self.name, f"inputs of {count} linear(s) have no smoothing pattern: " + "; ".join(parts))
         modified = False
         with torch.no_grad():
             for st in runner.blocks():
@@ -465,6 +343,33 @@ class Smooth(QQQPass):
                 li.smooth_scale_range = (float(rec.scales.min()), float(rec.scales.max()))
 
 
+def _batch_dim_dynamic(gm: GraphModule) -> bool:
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    tensors = [v for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1]
+    return bool(tensors) and all(static_size(v.shape[0]) is None for v in tensors)
+
+
+def _rows(batch: dict[str, Any]) -> int:
+    return max((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() >= 1), default=1)
+
+
+def _row(v: Any, r: int) -> Any:
+    return v[r : r + 1] if isinstance(v, torch.Tensor) and v.dim() >= 1 else v
+
+
+def _tokens_per_row(row: dict[str, Any]) -> int:
+    t = next((v for v in row.values() if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
+    if t is None:
+        return 1
+    if not t.is_floating_point():  # token ids [1, T]
+        return max(1, t.numel())
+    return max(1, t.numel() // (t.shape[-1] if t.dim() >= 2 else 1))
+
+
+def _cat(vs: list[Any]) -> Any:
+    return torch.cat(vs) if isinstance(vs[0], torch.Tensor) and vs[0].dim() >= 1 else vs[0]
+
+
 def _ancestors(nodes: list[Node]) -> set[Node]:
     seen, stack = set(), list(nodes)
     while stack:
@@ -485,4 +390,5 @@ __all__ = [
     "fold_scales",
     "run_w4a8_fake",
     "smoothing_groups",
+    "unsmoothable",
 ]

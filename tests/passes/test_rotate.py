@@ -190,3 +190,27 @@ def test_smollm2_rotation_is_float_equivalent_and_unties_lm_head(smollm2, wiki_s
     assert "online Hadamard before 30" in ctx.notes[-1].message  # intermediate 1536 = 12·128
     head = next(s for s in linear_sites(gm) if s.name == "lm_head")
     assert head.weight.target.startswith("qqq_untied_")  # SmolLM2 ties lm_head to embed_tokens
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+def test_modules_without_a_token_stream_are_skipped_with_a_note(kind):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 16)).eval()
+        example = (torch.randn(2, 16),)
+    else:
+        cfg = tf.ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=16,
+            patch_size=8,
+        )
+        model, example = tf.ViTModel(cfg).eval(), (torch.randn(2, 3, 16, 16),)
+    gm = capture(model, example).graph_module
+    ctx = CompileContext(progress=False)
+    assert not Rotate()(gm, ctx).modified
+    assert "rotation skipped: no token embedding" in ctx.notes[-1].message
