@@ -16,9 +16,7 @@ import torch
 from torch.export import Dim
 from torch.fx import GraphModule
 
-
-class CaptureError(RuntimeError):
-    """The model could not be exported; the message names the cause and the way out."""
+from .errors import CaptureError  # noqa: F401 - defined in errors, re-exported here
 
 
 @dataclass

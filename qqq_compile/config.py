@@ -9,11 +9,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .errors import ConfigError
+
 T = TypeVar("T", bound="ConfigBase")
 
-
-class ConfigError(ValueError):
-    """A config dict has unknown keys or values of the wrong kind."""
+__all__ = ["CalibConfig", "CompileConfig", "ConfigBase", "ConfigError", "QuantConfig"]
 
 
 class ConfigBase:
@@ -58,6 +58,13 @@ class ConfigBase:
 
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def check_group_size(group_size: int | None, owner: str) -> None:
+    """A pass's ``group_size`` option: None (follow ``QuantConfig.group_size``), -1 (per
+    channel) or a positive even number."""
+    if group_size is not None and (group_size == 0 or group_size < -1 or (group_size > 0 and group_size % 2)):
+        raise ConfigError(f"{owner}: group_size must be None, -1 or a positive even number, got {group_size}")
 
 
 def _plain(v: Any) -> Any:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from ..config import QuantConfig
+from ..config import ConfigError, QuantConfig, check_group_size
 from ..formats import ACT_QMAX, choose_scales, expand_groups
 from ..graph import (
     ASSERT_OPS,
@@ -41,7 +41,7 @@ from ..graph import (
     set_attr,
     set_weight,
 )
-from ..pipeline import CompileContext, PassResult, QQQPass, register_pass
+from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
 from ..runner import BlockRunner, run_nodes
 
 METHODS = ("qqq", "smoothquant", "awq")
@@ -265,6 +265,26 @@ def run_w4a8_fake(gm: GraphModule, inputs: dict[str, torch.Tensor], quant: Quant
 # ----------------------------------------------------------------------------- the pass
 
 
+@dataclass(frozen=True)
+class SmoothConfig(PassConfig):
+    """Options of :class:`Smooth` (see its docstring)."""
+
+    method: str = "qqq"
+    alpha: float = 0.5
+    n_grid: int = 20
+    max_batches: int = 4
+    group_size: int | None = None
+    max_tokens: int = 1024
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"Smooth(method={self.method!r}) is not known; use one of {METHODS}")
+        if self.n_grid < 0 or self.max_batches < 1 or self.max_tokens < 1:
+            raise ConfigError("Smooth needs n_grid >= 0, max_batches >= 1 and max_tokens >= 1")
+        check_group_size(self.group_size, "Smooth")
+
+
 @register_pass("smooth")
 class Smooth(QQQPass):
     """Search per-channel smoothing scales for every group and fold them.
@@ -290,6 +310,9 @@ class Smooth(QQQPass):
     """
 
     name = "smooth"
+    config_class = SmoothConfig
+    requires = ("calib",)
+    replay_mode = "tensors"  # folds scales into weights (saved tensors); the graph keeps its shape
 
     def __init__(
         self,
@@ -301,13 +324,7 @@ class Smooth(QQQPass):
         max_tokens: int = 1024,
         patience: int | None = None,
     ):
-        if method not in METHODS:
-            raise ValueError(f"Smooth(method={method!r}) is not known; use one of {METHODS}")
-        if n_grid < 0 or max_batches < 1 or max_tokens < 1:
-            raise ValueError("Smooth needs n_grid >= 0, max_batches >= 1 and max_tokens >= 1")
-        self.method, self.alpha, self.n_grid = method, alpha, n_grid
-        self.max_batches, self.group_size, self.max_tokens = max_batches, group_size, max_tokens
-        self.patience = patience
+        super().__init__(SmoothConfig(method, alpha, n_grid, max_batches, group_size, max_tokens, patience))
 
     # -- data
 
