@@ -167,11 +167,17 @@ class QQQPass:
             object.__setattr__(self, key, value)
 
     def __eq__(self, other: object) -> bool:
+        # Passes are data: equal when of one class with the same state (options, and e.g. the
+        # function a FunctionPass wraps).
         if type(other) is not type(self):
             return NotImplemented
-        return self.name == other.name and self.__dict__.get("config") == other.__dict__.get("config")
+        return self.name == other.name and self.__dict__ == other.__dict__
 
-    __hash__ = object.__hash__
+    def __hash__(self) -> int:
+        try:
+            return hash((type(self), self.name, self.__dict__.get("config")))
+        except TypeError:  # a user config with unhashable fields
+            return id(self)
 
     def __repr__(self) -> str:
         opts = self.options

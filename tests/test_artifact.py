@@ -562,3 +562,34 @@ def test_format_1_0_with_pass_options_says_how_to_save_again(every_pass, tmp_pat
     as_format_1_0(tmp_path / "old")
     with pytest.raises(ArtifactError, match=r"format 1\.0, which stored pass names only.*compile the model again"):
         load(tmp_path / "old")
+
+
+def test_annotation_codec_round_trips_every_linear(rotated):
+    """One codec for the manifest, the graph file and reports: decode(encode(x)) == x."""
+    from qqq_compile.annotations import decode_linear, encode_linear, node_annotation
+
+    compiled, _ = rotated
+    n_smoothed = 0
+    for n in compiled.graph_module.graph.nodes:
+        ann = node_annotation(n)
+        if ann.linear is None:
+            continue
+        tensors: dict[str, torch.Tensor] = {}
+        rec = json.loads(json.dumps(encode_linear(ann.linear, "k/", tensors, ann.smooth)))
+        li, smooth = decode_linear(rec, tensors)
+        a, b = vars(li), vars(ann.linear)
+        for k in a:
+            if k == "hessian":
+                continue  # not kept: only GPTQ needs it, while compiling
+            if isinstance(b[k], torch.Tensor):
+                assert torch.equal(a[k], b[k]), k
+            elif k == "packed" and b[k] is not None:
+                ta, tb = a[k].tensors(), b[k].tensors()
+                assert ta.keys() == tb.keys() and all(torch.equal(ta[t], tb[t]) for t in ta)
+                assert (a[k].group_size, a[k].in_features) == (b[k].group_size, b[k].in_features)
+            else:
+                assert a[k] == b[k], k
+        if ann.smooth is not None:
+            n_smoothed += 1
+            assert type(smooth) is type(ann.smooth) and torch.equal(smooth.scales, ann.smooth.scales)
+    assert n_smoothed > 0

@@ -22,7 +22,6 @@ from qqq_compile.passes.quantize import QuantizeRTN
 from qqq_compile.passes.rotate import Rotate
 from qqq_compile.passes.smooth import Smooth
 from qqq_compile.pipeline import PASSES, CompileContext, PassConfig, QQQPass, pass_from_dict
-from qqq_compile.report import sqnr_db
 from tests.conftest import tiny_calib, tiny_model
 
 BF16 = {"quant": {"float_weight_dtype": "bfloat16"}}
@@ -147,4 +146,4 @@ def test_compile_and_backend_both_honour_float_weight_dtype():
         out, ref = fn(x).logits, compiled(x).logits
     assert backend.last_report.pipeline[-1] == "cast_float"
     assert any(t.dtype == torch.bfloat16 for t in backend.last_graph.buffers())
-    assert sqnr_db(ref, out) > 40  # the same pipeline as compile(): only export details differ
+    assert torch.equal(ref, out)  # the same pipeline as compile(), so the same numbers (measured: identical)
