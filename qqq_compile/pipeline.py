@@ -93,9 +93,10 @@ class QQQPass:
     ``replay_mode``, and implement :meth:`call`.
 
     Options live in ``self.config`` (a :class:`PassConfig`); they also read (and write,
-    re-validated) as attributes: ``GPTQ().damp is GPTQ().config.damp``. A pass built as
-    ``cls(**config.to_dict())`` equals the original, so a pipeline can be stored as JSON
-    (:meth:`to_dict`) and rebuilt exactly (:func:`pass_from_dict`).
+    re-validated) as attributes: ``p.damp`` is ``p.config.damp``. A pass rebuilt from its
+    config (:meth:`from_config`) equals the original, so a pipeline can be stored as JSON
+    (:meth:`to_dict`) and rebuilt exactly (:func:`pass_from_dict`). The constructor's
+    keyword arguments are the config's fields.
     The docstring of each pass states its preconditions and where it sits in the order.
     """
 
@@ -181,7 +182,7 @@ class QQQPass:
 
     def __repr__(self) -> str:
         opts = self.options
-        if opts is None:
+        if not opts:
             return f"{type(self).__name__}(name={self.name!r})"
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in opts.items())})"
 

@@ -503,7 +503,7 @@ def test_load_reads_the_graph_file_without_capturing(saved, monkeypatch):
     back = load(path)
     assert back.rebuilt_by == "graph" and torch.equal(back(x).logits, ref)
     assert back.source_graph == compiled.source_graph
-    # shapes come back as export leaves them (exporters read dtypes and sizes off them)
+    # shapes come back (exporters read dtypes and sizes off them): static at the example size, same ranks
     for a, b in zip(compiled.graph_module.graph.nodes, back.graph_module.graph.nodes, strict=True):
         assert a.name == b.name and a.meta.get("nn_module_stack") == b.meta.get("nn_module_stack")
         va, vb = a.meta.get("val"), b.meta.get("val")

@@ -240,18 +240,17 @@ def decode_graph(d: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[G
 
 
 def restore_shapes(gm: GraphModule, example: dict[str, torch.Tensor]) -> None:
-    """Set ``node.meta["val"]`` (fake tensors with symbolic batch/sequence sizes), as
-    capture leaves it: exporters and passes read shapes and dtypes from it."""
+    """Set ``node.meta["val"]`` (fake tensors) by propagating ``example`` through the graph.
+
+    Sizes are those of the example (static), where capture leaves symbolic batch and
+    sequence sizes: dtypes, ranks and the model's own dims (hidden size, heads...) are the
+    same, which is what exporters and passes read. Symbolic propagation gives the exact
+    captured metadata but takes ten times longer (12.8 s against 1.3 s for SmolLM2).
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    fakes = []
-    for name in placeholders:
-        t = example[name]
-        ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * t.dim())
-        fakes.append(mode.from_tensor(t, symbolic_context=ctx))
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = [mode.from_tensor(example[n.target]) for n in gm.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
