@@ -1,28 +1,32 @@
 """qqq_compile: compile PyTorch / Hugging Face language models to W4A8 with QQQ."""
 
 from . import inspect, kernels  # noqa: F401 - kernels registers torch.ops.qqq.*
-from .api import calib_batches, compile
-from .artifact import ArtifactError, load, load_tokenizer, save
+from .api import calib_batches, compile, compile_from_disk
+from .artifact import load, load_tokenizer, save
 from .backend import qqq_backend
-from .capture import Captured, CaptureError, capture
-from .compiled import CompiledModel, Report
-from .config import CalibConfig, CompileConfig, ConfigError, QuantConfig
+from .capture import Captured, capture
+from .compiled import CompiledModel
+from .config import CalibConfig, CompileConfig, QuantConfig
+from .driver import build_passes, run_pipeline
+from .errors import ArtifactError, CaptureError, ConfigError, PipelineError, QQQError, StreamingError
 from .pipeline import (
     PASSES,
     PRESETS,
     CompileContext,
     DumpGraphs,
     FunctionPass,
+    PassConfig,
     PassResult,
     Pipeline,
-    PipelineError,
     PrintAfterPass,
     QQQPass,
     TimePasses,
+    pass_from_dict,
     register_pass,
     register_preset,
 )
 from .presets import get_preset, rtn_w4a8
+from .report import Report
 
 
 def export_onnx(compiled, path, **kwargs):
@@ -41,6 +45,13 @@ def export_compressed_tensors(compiled, out_dir, **kwargs):
 
 __all__ = [
     "ArtifactError",
+    "QQQError",
+    "StreamingError",
+    "PassConfig",
+    "build_passes",
+    "compile_from_disk",
+    "pass_from_dict",
+    "run_pipeline",
     "export_compressed_tensors",
     "export_onnx",
     "inspect",

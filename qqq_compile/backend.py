@@ -3,8 +3,9 @@
 Dynamo hands the backend a torch-level FX graph whose parameters are graph inputs
 (real tensors in ``example_inputs``). The backend freezes those parameters into a
 module tree named after their original qualified names, exports that frozen graph to
-ATen, runs a qqq pipeline on it and returns the lowered graph. The default backend
-uses round-to-nearest W4 (no calibration needed); :func:`qqq_backend` builds one with
+ATen, runs the pipeline the driver builds from the config (the same as ``compile()``,
+``cast_float`` included) and returns the lowered graph. The default backend uses
+round-to-nearest W4 (no calibration needed); :func:`qqq_backend` builds one with
 calibration data and any preset.
 """
 
@@ -17,10 +18,12 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from .api import calib_batches
 from .capture import export_graph
 from .config import CompileConfig
-from .pipeline import CompileContext, Pipeline, QQQPass
-from .presets import get_preset
+from .driver import PassSpec, as_config, build_passes, run_pipeline
+from .pipeline import CompileContext
+from .report import Report
 
 _PART = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]")
 
@@ -78,15 +81,17 @@ class QQQBackend:
     def __init__(
         self,
         calib: Any = None,
-        config: CompileConfig | None = None,
-        passes: Callable[[], Sequence[QQQPass]] | None = None,
+        config: CompileConfig | dict | None = None,
+        passes: Callable[[], Sequence[PassSpec]] | None = None,
         progress: bool = False,
     ):
         self.calib = calib
-        self.config = config or CompileConfig(preset="rtn")
+        self.config = CompileConfig(preset="rtn") if config is None else as_config(config)
         self.passes = passes
         self.progress = progress
+        build_passes(self.config, passes() if passes else None)  # bad options fail here, not inside dynamo
         self.last_graph: GraphModule | None = None  # for inspection and tests
+        self.last_report: Report | None = None
 
     def __call__(self, gm: GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -122,26 +127,24 @@ class QQQBackend:
         names = [n.target for n in ep_gm.graph.nodes if n.op == "placeholder"]
         batches = []
         if self.calib is not None:
-            from .api import calib_batches
-
             tensor_inputs = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
             if len(tensor_inputs) != 1:
                 raise ValueError("qqq_backend(calib=...) supports graphs with a single token-id tensor input")
             for b in calib_batches(self.calib, batch_size=self.config.calib.batch_size):
                 batches.append({names[tensor_inputs[0]]: b["input_ids"]})
-        passes = list(self.passes()) if self.passes else get_preset(self.config.preset, **self.config.preset_options)
+        pass_list = build_passes(self.config, self.passes() if self.passes else None)
         ctx = CompileContext(
             calib=batches, quant=self.config.quant, calib_config=self.config.calib, progress=self.progress
         )
-        out = Pipeline(passes).run(ep_gm, ctx).graph_module
+        out, self.last_report = run_pipeline(ep_gm, ctx, pass_list, config=self.config)
         self.last_graph = out
         return out
 
 
 def qqq_backend(
     calib: Any = None,
-    config: CompileConfig | None = None,
-    passes: Callable[[], Sequence[QQQPass]] | None = None,
+    config: CompileConfig | dict | None = None,
+    passes: Callable[[], Sequence[PassSpec]] | None = None,
     progress: bool = False,
 ) -> QQQBackend:
     """A ``torch.compile`` backend with calibration data and a chosen preset.

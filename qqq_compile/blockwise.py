@@ -7,11 +7,14 @@ construct outside the decoder stack), the decoder blocks usually still are. This
    (:func:`qqq_compile.graph.blocks.block_stack`: numbered children holding linears, the
    container with the most linear weight; no per-model code);
 2. records each block's inputs (args and kwargs: hidden states, rotary tables, masks...)
-   with forward pre-hooks on eager forwards of a copy of the model;
+   with forward pre-hooks on eager forwards of a copy of the model
+   (:mod:`qqq_compile.capture_blocks`);
 3. exports every block alone (dynamic batch/sequence dims, found by comparing two
    recordings of different shapes; static shapes with a note when that fails);
-4. runs the usual pass pipeline on each block graph, in order, calibrating block ``i``
-   on the outputs of the already-quantized blocks ``0..i-1`` (sequential, as GPTQ does);
+4. runs the pipeline the driver builds (:func:`qqq_compile.driver.build_passes`, the
+   same as the whole-model path, ``cast_float`` included) on each block graph, in order,
+   calibrating block ``i`` on the outputs of the already-quantized blocks ``0..i-1``
+   (sequential, as GPTQ does);
 5. returns a :class:`BlockwiseCompiledModel`: a copy of the model whose blocks call the
    lowered block graphs. Everything outside the blocks (embeddings, final norm, lm_head)
    stays eager float. The user's model is never modified (the copy shares its weight
@@ -21,32 +24,27 @@ construct outside the decoder stack), the decoder blocks usually still are. This
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 import os
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx._pytree as fx_pytree
 from torch import nn
-from torch.export import Dim
 from torch.fx import GraphModule
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
-from .api import float_weights_note
-from .capture import CaptureError, export_graph
-from .compiled import Report
+from .capture import CaptureError
+from .capture_blocks import example_pair, export_block, first_tensor_index, record_block_inputs
 from .config import CompileConfig
+from .driver import PassSpec, build_passes, run_pipeline
+from .errors import ArtifactError
 from .graph import LinearInfo, info, module_block_stack
-from .pipeline import CompileContext, DumpGraphs, Instrument, Note, PassRecord, Pipeline, PipelineError, QQQPass
-from .presets import get_preset
+from .pipeline import CompileContext, Instrument
+from .report import Note, PassRecord, Report
 
 PASS_NAME = "blockwise"
-_TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 # ----------------------------------------------------------------------------- finding blocks
@@ -63,218 +61,6 @@ def find_blocks(model: nn.Module) -> tuple[str, list[str]]:
             "hold linear layers. Make the model exportable as a whole (see the export error above)"
         )
     return stack.path, list(stack.names)
-
-
-# ----------------------------------------------------------------------------- recording inputs
-
-
-class _Stop(Exception):
-    """Raised by a hook to end an eager forward once the last block has run."""
-
-
-def _first_tensor_index(flat: Sequence[Any]) -> int | None:
-    return next((i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)), None)
-
-
-def _record(
-    model: nn.Module, blocks: list[nn.Module], inputs: dict[str, Any], names: list[str], keep_stream: bool = True
-) -> list[tuple[list[Any], Any, int]]:
-    """Run ``model(**inputs)`` eagerly and return, per block, ``(flat inputs, spec, stream
-    index)`` of its call; stops after the last block (lm_head is not run).
-
-    The *stream* is the block's first tensor input (the hidden states). It must be the
-    previous block's first tensor output, unchanged, or blocks cannot be calibrated in
-    sequence on quantized outputs. With ``keep_stream=False`` the flat inputs of blocks
-    after the first hold None there (the float hidden states are not kept).
-    """
-    recs: list[Any] = [None] * len(blocks)
-    calls = [0] * len(blocks)
-    prev_out: list[torch.Tensor | None] = [None]
-    handles = []
-
-    def pre(i: int):
-        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls[i] += 1
-            if calls[i] > 1:
-                raise CaptureError(
-                    f"the blockwise fallback needs each block to run once per forward, but {names[i]} runs "
-                    "more than once (shared layers); make the model exportable as a whole"
-                )
-            flat, spec = tree_flatten((args, kwargs))
-            s = _first_tensor_index(flat)
-            if s is None:
-                raise CaptureError(f"{names[i]} receives no tensor input; the blockwise fallback cannot drive it")
-            if i > 0:
-                stream, prev = flat[s], prev_out[0]
-                if prev is None or not (stream is prev or (stream.shape == prev.shape and torch.equal(stream, prev))):
-                    raise CaptureError(
-                        f"the blockwise fallback needs each block's first tensor input to be the previous block's "
-                        f"first output, but {names[i]} receives something else (the model transforms the hidden "
-                        "states between blocks); make the model exportable as a whole"
-                    )
-                if not keep_stream:
-                    flat = list(flat)
-                    flat[s] = None
-            recs[i] = (list(flat), spec, s)
-
-        return hook
-
-    def post(i: int):
-        def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
-            flat, _ = tree_flatten(out)
-            j = _first_tensor_index(flat)
-            prev_out[0] = None if j is None else flat[j]
-            if i == len(blocks) - 1:
-                raise _Stop
-
-        return hook
-
-    for i, b in enumerate(blocks):
-        handles.append(b.register_forward_pre_hook(pre(i), with_kwargs=True))
-        handles.append(b.register_forward_hook(post(i)))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [names[i] for i, r in enumerate(recs) if r is None]
-    if missing:
-        raise CaptureError(f"the blockwise fallback found blocks the forward never calls: {missing[:3]}")
-    return recs
-
-
-def _resize(t: Any, rows: int, seq: int) -> Any:
-    """``t`` with ``rows`` rows (dim 0) and ``seq`` positions (dim 1), reusing its values."""
-    if not isinstance(t, torch.Tensor) or t.dim() == 0:
-        return t
-    if t.dim() >= 2:
-        idx = torch.arange(rows) % t.shape[0]
-        t = t[idx]
-    d = t.dim() - 1 if t.dim() == 1 else 1
-    pos = torch.arange(seq) % t.shape[d]
-    return t.index_select(d, pos).contiguous()
-
-
-def _examples(example_inputs: Any, batches: list[dict[str, torch.Tensor]]) -> tuple[dict, dict]:
-    """Two model inputs of different shapes, ``[2, 16]`` and ``[3, 17]``: dims of block
-    inputs that follow them are the batch and sequence dims."""
-    if example_inputs is None:
-        if not batches:
-            raise CaptureError("the blockwise fallback needs calib=... or example_inputs=... to run the model")
-        example_inputs = {"input_ids": batches[0]["input_ids"]}
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = {"input_ids": example_inputs}
-    return (
-        {k: _resize(v, 2, 16) for k, v in example_inputs.items()},
-        {k: _resize(v, 3, 17) for k, v in example_inputs.items()},
-    )
-
-
-# ----------------------------------------------------------------------------- export one block
-
-
-class _Holder(nn.Module):
-    """Holds a block at its qualified path, so the exported graph names weights and
-    ``nn_module_stack`` entries as in the full model (``model.layers.3.mlp.up_proj``) and
-    :func:`graph.partition` sees one block. Takes ``(args, kwargs)`` as two arguments:
-    export's ``dynamic_shapes`` cannot address ``*args``/``**kwargs``."""
-
-    def __init__(self, path: str, block: nn.Module):
-        super().__init__()
-        self.path = path
-        *parents, last = path.split(".")
-        cur: nn.Module = self
-        for p in parents:
-            nxt = nn.Module()
-            cur.add_module(p, nxt)
-            cur = nxt
-        cur.add_module(last, block)
-
-    def forward(self, args: tuple, kwargs: dict) -> Any:
-        return self.get_submodule(self.path)(*args, **kwargs)
-
-
-def _dims(a: Any, b: Any) -> dict[int, Dim] | None:
-    """Batch/seq dims of one input tensor, from its shapes at ``[2, 16]`` and ``[3, 17]``."""
-    if not isinstance(a, torch.Tensor) or a.dim() != b.dim():
-        return None
-    out = {}
-    for d, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)):
-        if (x, y) == (2, 3):
-            out[d] = _BATCH
-        elif (x, y) == (16, 17):
-            out[d] = _SEQ
-    return out or None
-
-
-_BATCH, _SEQ = Dim("batch", min=1), Dim("seq", min=2)
-
-
-def _user_frame(e: BaseException) -> str:
-    """``file:line in fn: source`` of the innermost traceback frame outside torch."""
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
-
-
-@contextlib.contextmanager
-def quiet_export() -> Iterator[None]:
-    """Silence what a failing ``torch.export`` prints (the partial graph on stderr, shape
-    warnings) while a fallback is ready to handle the failure."""
-    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        log.setLevel(level)
-
-
-def export_block(
-    name: str, block: nn.Module, rec_a: Any, rec_b: Any, static: Callable[[], Any]
-) -> tuple[GraphModule, bool]:
-    """Export one block with dynamic batch/seq dims; returns ``(graph, dynamic)``.
-
-    ``rec_a``/``rec_b`` are the block's ``(args, kwargs)`` at model inputs ``[2, 16]`` and
-    ``[3, 17]``. When the dynamic export fails, exports with static shapes at the
-    ``(args, kwargs)`` that ``static()`` returns; if that fails too, raises
-    :class:`CaptureError` naming the block and the construct export stopped at."""
-    (args, kwargs), (args_b, kwargs_b) = rec_a, rec_b
-    dyn = {
-        "args": tuple(_tree_dims(x, y) for x, y in zip(args, args_b, strict=True)),
-        "kwargs": {k: _tree_dims(v, kwargs_b[k]) for k, v in kwargs.items()},
-    }
-    holder = _Holder(name, block)
-    try:
-        with quiet_export():
-            return export_graph(holder, (), {"args": args, "kwargs": kwargs}, dyn), True
-    except Exception:  # noqa: BLE001 - retried with static shapes below
-        pass
-    args_s, kwargs_s = static()
-    try:
-        with quiet_export():
-            return export_graph(holder, (), {"args": args_s, "kwargs": kwargs_s}, None), False
-    except Exception as e:  # noqa: BLE001 - re-raised naming the block
-        first = str(e).strip().split("\n")[0][:300]
-        raise CaptureError(
-            f"the blockwise fallback could not export block {name} ({type(block).__name__}): "
-            f"{type(e).__name__}: {first}{_user_frame(e)}\n  way out: make {type(block).__name__}.forward traceable "
-            "(no Python branches on tensor values: use torch.where/torch.cond), or keep this model in float"
-        ) from e
-
-
-def _tree_dims(a: Any, b: Any) -> Any:
-    if isinstance(a, (tuple, list)):
-        return type(a)(_tree_dims(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return {k: _tree_dims(v, b[k]) for k, v in a.items()}
-    return _dims(a, b)
 
 
 # ----------------------------------------------------------------------------- the result
@@ -360,8 +146,6 @@ class BlockwiseCompiledModel(nn.Module):
         return out
 
     def save(self, path: str) -> None:
-        from .artifact import ArtifactError
-
         raise ArtifactError(
             "models compiled block by block (the whole model could not be exported) cannot be saved as artifacts "
             "yet: load() rebuilds the model by exporting it whole. Keep the compiled object, or make the model "
@@ -406,7 +190,7 @@ def compile_blockwise(
     batches: list[dict[str, torch.Tensor]],
     config: CompileConfig,
     *,
-    passes: Sequence[QQQPass] | None = None,
+    passes: Sequence[PassSpec] | None = None,
     example_inputs: Any = None,
     instruments: Sequence[Instrument] = (),
     dump_dir: str | None = None,
@@ -429,8 +213,8 @@ def compile_blockwise(
         if hasattr(getattr(m, "config", None), "use_cache"):
             m.config.use_cache = False
     blocks = [work.get_submodule(n) for n in names]
-    ex_a, ex_b = _examples(example_inputs, batches)
-    rec_a, rec_b = _record(work, blocks, ex_a, names), _record(work, blocks, ex_b, names)
+    ex_a, ex_b = example_pair(example_inputs, batches)
+    rec_a, rec_b = record_block_inputs(work, blocks, ex_a, names), record_block_inputs(work, blocks, ex_b, names)
     notes: list[Note] = []
     if reason is not None:
         notes.append(
@@ -446,7 +230,7 @@ def compile_blockwise(
 
     def static_inputs(i: int) -> tuple[tuple, dict]:
         if not static_rec:  # only when a dynamic export failed: one more eager forward
-            static_rec.extend(_record(work, blocks, batches[0] if batches else ex_a, names))
+            static_rec.extend(record_block_inputs(work, blocks, batches[0] if batches else ex_a, names))
         return _unflat(static_rec[i])
 
     exported: list[tuple[GraphModule, bool]] = []
@@ -466,11 +250,11 @@ def compile_blockwise(
     del rec_b
     # Inputs of every block for every calibration batch, from one float forward per batch
     # (hidden states dropped after block 0: they come from the quantized blocks below).
-    calib = [_record(work, blocks, b, names, keep_stream=False) for b in batches]
+    calib = [record_block_inputs(work, blocks, b, names, keep_stream=False) for b in batches]
     streams: list[torch.Tensor | None] = [rec[0][0][rec[0][2]] for rec in calib]
     records: list[PassRecord] = []
     graphs: dict[str, GraphModule] = {}
-    pass_names: list[str] = []
+    pass_configs: list[dict[str, Any]] = []
     for i, name in enumerate(tqdm(names, desc="blockwise", disable=not progress, leave=False)):
         gm, dynamic = exported[i]
         ref = rec_a[i] if dynamic else static_rec[i]
@@ -497,25 +281,20 @@ def compile_blockwise(
                 f"block {name} was exported with static shapes and no calibration batch has them; "
                 "give calibration batches of one shape (equal-length windows, a batch size that divides their count)"
             )
-        pass_list = list(passes) if passes is not None else get_preset(config.preset, **config.preset_options)
-        pass_names = [p.name for p in pass_list]
-        inst = list(instruments) + ([DumpGraphs(os.path.join(dump_dir, name))] if dump_dir else [])
-        pipeline = Pipeline(pass_list, inst)
-        try:
-            gm = pipeline.run(gm, ctx).graph_module
-        except PipelineError as e:
-            raise PipelineError(e.pass_name, e.index, e.before, f"in block {name}: {e.__cause__ or e}") from e
-        records.extend(PassRecord(f"{r.name} [{name}]", r.modified, r.seconds, r.sqnr_db) for r in pipeline.records)
-        notes.extend(ctx.notes)
-        kept = float_weights_note(gm)
-        if kept:
-            notes.append(Note(PASS_NAME, f"{name}: {kept}", name))
+        pass_list = build_passes(config, passes)  # fresh pass objects per block (presets)
+        block_dump = os.path.join(dump_dir, name) if dump_dir else None
+        gm, block_report = run_pipeline(
+            gm, ctx, pass_list, instruments, config=config, dump_dir=block_dump, scope=f"block {name}"
+        )
+        pass_configs = block_report.pass_configs
+        records.extend(PassRecord(f"{r.name} [{name}]", r.modified, r.seconds, r.sqnr_db) for r in block_report.passes)
+        notes.extend(block_report.notes)
         graphs[name] = gm
         lowered = LoweredBlock(name, gm, ref[0], ref[1], dynamic)
         with torch.no_grad():
             for b, (args, kwargs) in inputs:  # the next block calibrates on these outputs
                 out, _ = tree_flatten(lowered(*args, **kwargs))
-                streams[b] = out[_first_tensor_index(out)]
+                streams[b] = out[first_tensor_index(out)]
         _set_module(work, name, lowered)
     outside = [
         n
@@ -524,7 +303,7 @@ def compile_blockwise(
     ]
     if outside:
         notes.append(Note(PASS_NAME, f"modules kept in float (outside the decoder blocks): {', '.join(outside)}"))
-    report = Report(records, notes, config.to_dict(), pass_names)
+    report = Report(records, notes, config.to_dict(), [p["name"] for p in pass_configs], pass_configs)
     return BlockwiseCompiledModel(work, graphs, report, path)
 
 

@@ -41,11 +41,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .calib import is_hf as _is_hf
 from .calib import is_token_model
 from .calib import split_call as _split_call
+from .errors import CaptureError  # noqa: F401 - defined in errors, re-exported here
 from .graph import static_size
-
-
-class CaptureError(RuntimeError):
-    """The model could not be exported; the message names the cause and the way out."""
 
 
 @dataclass

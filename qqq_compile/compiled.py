@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.fx import GraphModule
 
 from .graph import LinearInfo, info
-from .pipeline import Note, PassRecord
-
-
-@dataclass
-class Report:
-    """What the pipeline did: per-pass records, notes, per-linear facts."""
-
-    passes: list[PassRecord] = field(default_factory=list)
-    notes: list[Note] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
-    pipeline: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config,
-            "pipeline": self.pipeline,
-            "passes": [vars(p) for p in self.passes],
-            "notes": [vars(n) for n in self.notes],
-        }
+from .report import Note, Report
 
 
 class CompiledModel(torch.nn.Module):

@@ -9,11 +9,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .errors import ConfigError
+
 T = TypeVar("T", bound="ConfigBase")
 
-
-class ConfigError(ValueError):
-    """A config dict has unknown keys or values of the wrong kind."""
+__all__ = ["CalibConfig", "CompileConfig", "ConfigBase", "ConfigError", "QuantConfig"]
 
 
 class ConfigBase:

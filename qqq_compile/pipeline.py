@@ -1,44 +1,45 @@
-"""Pass infrastructure: ``QQQPass``, ``PassResult``, ``Pipeline``, instruments, registry.
+"""Pass infrastructure: ``QQQPass``, ``PassConfig``, ``PassResult``, ``Pipeline``, instruments,
+registries and the ``Report`` a pipeline leaves.
 
-A pass is an object whose ``call(graph_module, ctx)`` returns
+A pass is data plus a handler: its options are a :class:`PassConfig` dataclass that
+round-trips to a dict (unknown keys rejected), and its ``call(graph_module, ctx)`` returns
 ``PassResult(graph_module, modified)``. Passes see only the GraphModule and a
-:class:`CompileContext`; they never see the original ``nn.Module``.
+:class:`CompileContext`; they never see the original ``nn.Module``. Each pass class
+declares what it ``requires`` (calibration data, passes that must run before it) and its
+``replay_mode``: how ``load()`` rebuilds what it did (run it again, replay a recorded
+state, or nothing: its effect is restored from the saved tensors).
 
-Instruments (print-after-pass, dump graphs with diffs, timing) belong to the
-:class:`Pipeline`, never to individual passes.
+The :class:`Pipeline` lints and recompiles the graph after every pass, and runs the
+instruments (print-after-pass, dump graphs with diffs, timing); passes do neither.
+Pipelines are assembled by :mod:`qqq_compile.driver`, the one place that turns a config
+into a pass list.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch.fx import GraphModule
 
-from .config import CalibConfig, QuantConfig
+from .config import CalibConfig, ConfigBase, ConfigError, QuantConfig
+from .errors import PipelineError
+from .report import Note, PassRecord, Report, first_tensor, sqnr_db  # noqa: F401 - re-exported
+
+P = TypeVar("P", bound="QQQPass")
 
 
 @dataclass
 class PassResult:
     graph_module: GraphModule
     modified: bool
-
-
-@dataclass
-class Note:
-    """Something a pass wants the user to know (a skipped fold, a damping retry...)."""
-
-    pass_name: str
-    message: str
-    target: str | None = None
-    level: str = "info"
 
 
 @dataclass
@@ -72,30 +73,144 @@ class CompileContext:
         return self.calib
 
 
-class QQQPass:
-    """Base class for passes. Subclasses set ``name`` and implement :meth:`call`.
+@dataclass(frozen=True)
+class PassConfig(ConfigBase):
+    """Options of a pass (this base: none). Subclasses are frozen dataclasses whose fields
+    are the pass constructor's keyword arguments; invalid values raise :class:`ConfigError`."""
 
+
+#: How ``load()`` rebuilds what a pass did (``QQQPass.replay_mode``):
+#: ``"rerun"``: ``call()`` again, with no calibration data (deterministic given the graph,
+#: its annotations and the pass config); ``"state"``: ``replay(gm, ctx, state)`` with what
+#: the pass recorded (:func:`qqq_compile.annotations.set_replay_state`); ``"tensors"``:
+#: nothing to rebuild, the pass only annotated or changed tensor values, which the
+#: artifact stores.
+REPLAY_MODES = ("rerun", "state", "tensors")
+
+
+class QQQPass:
+    """Base class for passes. Subclasses set ``name``, ``config_class``, ``requires`` and
+    ``replay_mode``, and implement :meth:`call`.
+
+    Options live in ``self.config`` (a :class:`PassConfig`); they also read (and write,
+    re-validated) as attributes: ``p.damp`` is ``p.config.damp``. A pass rebuilt from its
+    config (:meth:`from_config`) equals the original, so a pipeline can be stored as JSON
+    (:meth:`to_dict`) and rebuilt exactly (:func:`pass_from_dict`). The constructor's
+    keyword arguments are the config's fields.
     The docstring of each pass states its preconditions and where it sits in the order.
     """
 
     name: str = "unnamed"
+    config_class: ClassVar[type[PassConfig]] = PassConfig
+    #: ``"calib"`` (calibration data) and/or names of passes that must run earlier.
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: One of :data:`REPLAY_MODES`; None: ``"state"`` when the class has ``replay()``,
+    #: else ``"tensors"``.
+    replay_mode: ClassVar[str | None] = None
+
+    def __init__(self, config: PassConfig | None = None):
+        cls = type(self)
+        if config is None:
+            config = cls.config_class()
+        if not isinstance(config, cls.config_class):
+            raise ConfigError(f"{cls.__name__} takes a {cls.config_class.__name__}, got {type(config).__name__}")
+        object.__setattr__(self, "config", config)
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         raise NotImplementedError
 
     def __call__(self, graph_module: GraphModule, ctx: CompileContext | None = None) -> PassResult:
-        return self.call(graph_module, ctx if ctx is not None else CompileContext())
+        """Run the pass alone: like one step of a :class:`Pipeline` (lint, recompile)."""
+        result = self.call(graph_module, ctx if ctx is not None else CompileContext())
+        finish_graph(result)
+        return result
+
+    # -- options as data
+
+    @property
+    def options(self) -> dict[str, Any] | None:
+        """The config as a plain dict (None for a pass without a config: a user pass that
+        never called ``QQQPass.__init__``)."""
+        cfg = self.__dict__.get("config")
+        return cfg.to_dict() if cfg is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., "options": {...}}``: what a manifest stores to rebuild this pass."""
+        return {"name": self.name, "options": self.options}
+
+    @classmethod
+    def from_config(cls: type[P], config: PassConfig | dict[str, Any] | None) -> P:
+        """The pass with these options (a config object or its dict)."""
+        if isinstance(config, dict):
+            config = cls.config_class.from_dict(config)
+        if config is None:
+            return cls()
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+
+    def effective_replay_mode(self) -> str:
+        mode = self.replay_mode or ("state" if callable(getattr(self, "replay", None)) else "tensors")
+        if mode not in REPLAY_MODES:
+            raise ConfigError(f"pass '{self.name}' declares replay_mode={mode!r}; use one of {REPLAY_MODES}")
+        return mode
+
+    def __getattr__(self, key: str) -> Any:
+        # Only reached when normal lookup fails: options read as attributes.
+        cfg = self.__dict__.get("config")
+        if cfg is not None and key in _field_names(cfg):
+            return getattr(cfg, key)
+        raise AttributeError(f"{type(self).__name__!s} object has no attribute {key!r}")
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        cfg = self.__dict__.get("config")
+        if cfg is not None and key in _field_names(cfg):  # re-validated, and the manifest stays true
+            object.__setattr__(self, "config", dataclasses.replace(cfg, **{key: value}))
+        else:
+            object.__setattr__(self, key, value)
+
+    def __eq__(self, other: object) -> bool:
+        # Passes are data: equal when of one class with the same state (options, and e.g. the
+        # function a FunctionPass wraps).
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.name == other.name and self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        try:
+            return hash((type(self), self.name, self.__dict__.get("config")))
+        except TypeError:  # a user config with unhashable fields
+            return id(self)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r})"
+        opts = self.options
+        if not opts:
+            return f"{type(self).__name__}(name={self.name!r})"
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in opts.items())})"
+
+
+def _field_names(cfg: PassConfig) -> set[str]:
+    return {f.name for f in dataclasses.fields(cfg)}
+
+
+def finish_graph(result: PassResult) -> None:
+    """What the pipeline does after every pass: lint the graph, regenerate its code if
+    the pass changed it."""
+    if not isinstance(result, PassResult):
+        raise TypeError(f"call() returned {type(result).__name__}, expected PassResult")
+    result.graph_module.graph.lint()
+    if result.modified:
+        result.graph_module.recompile()
 
 
 class FunctionPass(QQQPass):
     """Wraps ``fn(gm, ctx) -> PassResult | bool`` as a pass (for quick user passes)."""
 
     def __init__(self, fn: Callable[[GraphModule, CompileContext], Any], name: str | None = None):
+        super().__init__()
         self.fn = fn
         self.name = name or fn.__name__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "options": None}  # a function is not data: load() cannot rebuild it
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         out = self.fn(graph_module, ctx)
@@ -135,6 +250,9 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
 
 PASSES = Registry("pass")
 PRESETS = Registry("preset")
@@ -149,6 +267,17 @@ def register_preset(name: str) -> Callable[[Callable[..., Any]], Callable[..., A
     return PRESETS.register(name)
 
 
+def pass_from_dict(spec: dict[str, Any]) -> QQQPass:
+    """Rebuild a registered pass from ``QQQPass.to_dict()`` output. Raises ``KeyError``
+    for an unregistered name and :class:`ConfigError` for options its config rejects."""
+    if not isinstance(spec, dict) or set(spec) - {"name", "options"} or "name" not in spec:
+        raise ConfigError(f"a pass spec is {{'name': ..., 'options': {{...}}}}, got {spec!r}")
+    cls = PASSES.get(spec["name"])
+    if not (isinstance(cls, type) and issubclass(cls, QQQPass)):
+        return cls(**(spec.get("options") or {}))  # a registered factory function
+    return cls.from_config(spec.get("options"))
+
+
 # ----------------------------------------------------------------------------- instruments
 
 
@@ -156,6 +285,8 @@ class Instrument:
     """Hooks the pipeline calls around each pass. Override what you need."""
 
     def before_pipeline(self, gm: GraphModule) -> None: ...
+
+    def before_pass(self, index: int, pass_: QQQPass, gm: GraphModule) -> None: ...
 
     def after_pass(self, index: int, pass_: QQQPass, result: PassResult, seconds: float) -> None: ...
 
@@ -220,23 +351,6 @@ def readable_graph(gm: GraphModule) -> str:
 # ----------------------------------------------------------------------------- pipeline
 
 
-class PipelineError(RuntimeError):
-    """A pass failed (or broke the graph); names the pass and those that ran before it."""
-
-    def __init__(self, pass_name: str, index: int, before: Sequence[str], cause: BaseException | str):
-        self.pass_name, self.index, self.before = pass_name, index, list(before)
-        ran = ", ".join(self.before) if self.before else "none"
-        super().__init__(f"pass #{index} '{pass_name}' failed (passes run before it: {ran}): {cause}")
-
-
-@dataclass
-class PassRecord:
-    name: str
-    modified: bool
-    seconds: float
-    sqnr_db: float | None = None
-
-
 @dataclass
 class NumericCheck:
     """After each modifying pass, run ``inputs`` and compare with the previous step.
@@ -249,30 +363,10 @@ class NumericCheck:
     min_sqnr_db: float | None = None
 
 
-def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf for identical tensors)."""
-    ref, test = ref.detach().double(), test.detach().double()
-    noise = (ref - test).pow(2).sum().item()
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(max(ref.pow(2).sum().item(), 1e-30) / noise)
-
-
-def first_tensor(out: Any) -> torch.Tensor:
-    """The main output tensor of a graph call (``.logits`` for HF outputs)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, dict):
-        return first_tensor(next(iter(out.values())))
-    if isinstance(out, (list, tuple)):
-        return first_tensor(out[0])
-    raise TypeError(f"cannot find an output tensor in {type(out).__name__}")
-
-
 class Pipeline:
-    """Runs passes in order, lints after each, optionally checks numerics, calls instruments."""
+    """Runs passes in order, lints (and recompiles) after each, optionally checks numerics, calls
+    instruments. Build one through :func:`qqq_compile.driver.run_pipeline` unless you hold
+    the pass list yourself."""
 
     def __init__(
         self,
@@ -298,12 +392,12 @@ class Pipeline:
         any_modified = False
         for i, p in enumerate(self.passes):
             before = [q.name for q in self.passes[:i]]
+            for ins in self.instruments:
+                ins.before_pass(i, p, gm)
             t0 = time.perf_counter()
             try:
                 result = p.call(gm, ctx)
-                if not isinstance(result, PassResult):
-                    raise TypeError(f"call() returned {type(result).__name__}, expected PassResult")
-                result.graph_module.graph.lint()
+                finish_graph(result)
             except KeyboardInterrupt:
                 raise
             except Exception as e:

@@ -1,8 +1,10 @@
-"""Named pipelines, as plain lists of passes.
+"""Named pipelines, as plain lists of passes built from their configs.
 
 ``qqq_w4a8`` is the method this project exists for; the others are the baselines the
 accuracy benchmark compares it with. Every preset returns a fresh ``list[QQQPass]``
-that users may edit (insert their own passes, drop one) before running it.
+that users may edit (insert their own passes, drop one) before running it; each pass is
+built from its config dataclass (``GPTQConfig``, ``SmoothConfig``...), so the list is
+data (``[p.to_dict() for p in preset]``) and option typos fail with the valid keys.
 
 ``group_size=None`` (the default everywhere) lets every pass follow
 ``CompileConfig.quant.group_size``; an explicit value is passed to ``smooth``, ``gptq``
@@ -15,10 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 from .passes.calibrate import Calibrate
-from .passes.gptq import GPTQ
+from .passes.gptq import GPTQ, GPTQConfig
 from .passes.lower import LowerW4A8
 from .passes.observe import InsertObservers
-from .passes.quantize import QuantizeRTN
+from .passes.quantize import QuantizeRTN, QuantizeRTNConfig
 from .pipeline import PRESETS, QQQPass, register_preset
 
 SMOOTHING = ("qqq", "smoothquant", "awq")
@@ -28,20 +30,28 @@ SMOOTHING = ("qqq", "smoothquant", "awq")
 def rtn_w4a8(*, group_size: int | None = None, calibrate: bool = False) -> list[QQQPass]:
     """Round-to-nearest W4 weights, dynamic per-token int8 activations."""
     head: list[QQQPass] = [InsertObservers(), Calibrate()] if calibrate else []
-    return [*head, QuantizeRTN(group_size), LowerW4A8()]
+    return [*head, _rtn(group_size), LowerW4A8()]
+
+
+def _rtn(group_size: int | None) -> QQQPass:
+    return QuantizeRTN.from_config(QuantizeRTNConfig(group_size))
 
 
 def _smooth(method: str, group_size: int | None, **options: Any) -> QQQPass:
     # Imported here: smoothing is optional in every preset but ``qqq``.
-    from .passes.smooth import Smooth
+    from .passes.smooth import Smooth, SmoothConfig
 
-    return Smooth(method=method, group_size=group_size, **options)
+    return Smooth.from_config(SmoothConfig.from_dict({**options, "method": method, "group_size": group_size}))
 
 
 def _rotate(**options: Any) -> QQQPass:
-    from .passes.rotate import Rotate
+    from .passes.rotate import Rotate, RotateConfig
 
-    return Rotate(**options)
+    return Rotate.from_config(RotateConfig.from_dict(options))
+
+
+def _gptq(group_size: int | None, **options: Any) -> QQQPass:
+    return GPTQ.from_config(GPTQConfig.from_dict({**options, "group_size": group_size}))
 
 
 @register_preset("qqq")
@@ -71,15 +81,15 @@ def qqq_w4a8(
     if smoothing is not None:
         passes.append(_smooth(smoothing, group_size, **(smooth_options or {})))
     if gptq:
-        passes.append(GPTQ(group_size=group_size, **(gptq_options or {})))
-    return [*passes, QuantizeRTN(group_size), LowerW4A8()]
+        passes.append(_gptq(group_size, **(gptq_options or {})))
+    return [*passes, _rtn(group_size), LowerW4A8()]
 
 
 @register_preset("smoothquant")
 def smoothquant_w4a8(*, group_size: int | None = None, alpha: float = 0.5, n_grid: int = 1) -> list[QQQPass]:
     """SmoothQuant baseline: smoothing with a fixed ``alpha`` (``n_grid > 1``: searched),
     then round-to-nearest W4."""
-    return [_smooth("smoothquant", group_size, alpha=alpha, n_grid=n_grid), QuantizeRTN(group_size), LowerW4A8()]
+    return [_smooth("smoothquant", group_size, alpha=alpha, n_grid=n_grid), _rtn(group_size), LowerW4A8()]
 
 
 @register_preset("gptq")

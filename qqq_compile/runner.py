@@ -10,7 +10,7 @@ with hooks and overrides (to collect statistics, try candidate scales, simulate
 quantized weights) and then let the runner advance with the block's final form, so
 the next block sees the outputs of the already-transformed block (as GPTQ does).
 
-Weights kept on disk (:mod:`qqq_compile.streaming`) are made resident for exactly the
+Weights kept on disk (:mod:`qqq_compile.residency`, used by streaming) are made resident for exactly the
 segment being run: a block's weights are read when the runner reaches it and go back to
 disk once the runner has advanced past it.
 """
@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from .graph import Block, Partition, get_attr, partition
-from .streaming import attr_targets, resident
+from .residency import attr_targets, resident
 
 Env = dict[Node, Any]
 Override = Callable[..., Any]

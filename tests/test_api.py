@@ -20,7 +20,7 @@ def test_compile_behaves_like_the_model():
     assert isinstance(out, CausalLMOutputWithPast)
     assert out.logits.shape == ref.logits.shape
     torch.testing.assert_close(out_kw.logits, out.logits)
-    assert sqnr_db(ref.logits, out.logits) > 10
+    assert sqnr_db(ref.logits, out.logits) > 16.5  # measured 18.1 dB (rtn, per channel)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} was modified"
     assert compiled.report.pipeline == ["quantize_rtn", "lower"]

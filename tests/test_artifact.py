@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import qqq_compile
 from qqq_compile import artifact
+from qqq_compile.annotations import replay_states, set_replay_state
 from qqq_compile.artifact import MANIFEST, WEIGHTS, ArtifactError, load, load_tokenizer, save
 from qqq_compile.graph import linear_sites
 from qqq_compile.passes.calibrate import Calibrate
@@ -82,7 +83,7 @@ def copy(saved, tmp_path):
 def test_manifest_records_config_pipeline_and_layers(saved):
     compiled, path, _, _ = saved
     m = json.loads((path / MANIFEST).read_text())
-    assert (m["format"], m["format_version"]) == ("qqq_compile.artifact", "1.0")
+    assert (m["format"], m["format_version"]) == ("qqq_compile.artifact", "1.1")
     assert m["pipeline"] == ["quantize_rtn", "lower"]
     assert m["compile_config"]["quant"]["group_size"] == 32
     assert m["model_class"] == "LlamaForCausalLM" and m["model_config"]["hidden_size"] == 64
@@ -162,8 +163,9 @@ KILLED_SAVE = textwrap.dedent(
     from pathlib import Path
     import torch
     from qqq_compile import CompiledModel, artifact
+    from qqq_compile.artifact import files
 
-    real = artifact.save_file
+    real = files.save_file
 
     def slow_writer(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
@@ -172,7 +174,7 @@ KILLED_SAVE = textwrap.dedent(
         Path(sys.argv[2]).write_text("writing")
         time.sleep(600)
 
-    artifact.save_file = slow_writer
+    files.save_file = slow_writer
     # What is saved does not matter here, only how: a small traced graph is enough.
     gm = torch.fx.symbolic_trace(torch.nn.Linear(64, 64))
     compiled = CompiledModel(gm, input_names=["x"], output_kind="tensor", model_config={"x": 1}, model_class="M")
@@ -320,8 +322,8 @@ class HalveChosen(QQQPass):
     def call(self, gm, ctx):
         sites = linear_sites(gm)
         i = int(ctx.calib[0]["input_ids"].sum()) % len(sites)
-        gm.meta.setdefault("qqq_replay", {})[self.name] = {"site": sites[i].name}
-        return self.replay(gm, ctx, gm.meta["qqq_replay"][self.name])
+        set_replay_state(gm, self.name, {"site": sites[i].name})
+        return self.replay(gm, ctx, replay_states(gm)[self.name])
 
     def replay(self, gm, ctx, state):
         site = next(s for s in linear_sites(gm) if s.name == state["site"])
@@ -339,17 +341,20 @@ def test_structural_passes_are_replayed(tmp_path, monkeypatch):
     compiled = qqq_compile.compile(model, tiny_calib(), passes=passes, progress=False)
     save(compiled, tmp_path / "a")
     x = torch.randint(0, 256, (2, 16))
-    back = load(tmp_path / "a")
-    assert torch.equal(back(x).logits, compiled(x).logits)
     mul = torch.ops.aten.mul.Tensor
-    assert count(back.graph_module, mul) == count(compiled.graph_module, mul)
-    # The same rewrite without a replay declaration cannot be rebuilt: a clear error, not wrong logits.
+    for how in ("replay", "graph"):
+        back = load(tmp_path / "a", rebuild=how)
+        assert torch.equal(back(x).logits, compiled(x).logits)
+        assert count(back.graph_module, mul) == count(compiled.graph_module, mul)
+    # The same rewrite without a replay declaration cannot be replayed: a clear error, not wrong logits.
     monkeypatch.setattr(InsertGain, "replay_mode", None)
     with pytest.raises(ArtifactError, match="differs from the saved one.*test_artifact_gain.*replay_mode"):
-        load(tmp_path / "a")
+        load(tmp_path / "a", rebuild="replay")
+    assert load(tmp_path / "a").rebuilt_by == "graph"  # the saved graph needs no declaration
 
 
-def test_rotation_smoothing_and_fusion_replay_bit_exact(tmp_path):
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory):
     from qqq_compile.passes.fuse_norm_quant import FuseNormQuant
     from qqq_compile.passes.rotate import Rotate
     from qqq_compile.passes.smooth import Smooth
@@ -357,8 +362,15 @@ def test_rotation_smoothing_and_fusion_replay_bit_exact(tmp_path):
     model = tiny_model("llama", num_hidden_layers=1)
     passes = [Rotate(), Smooth(), InsertObservers(), Calibrate(), QuantizeRTN(), LowerW4A8(), FuseNormQuant()]
     compiled = qqq_compile.compile(model, tiny_calib(), passes=passes, progress=False)
-    save(compiled, tmp_path / "rot")
-    back = load(tmp_path / "rot")
+    path = tmp_path_factory.mktemp("rot") / "rot"
+    save(compiled, path)
+    return compiled, path
+
+
+@pytest.mark.parametrize("how", ["graph", "replay"])
+def test_rotation_smoothing_and_fusion_round_trip_bit_exact(rotated, how):
+    compiled, path = rotated
+    back = load(path, rebuild=how)
     x = torch.randint(0, 256, (2, 16))
     assert torch.equal(back(x).logits, compiled(x).logits)
 
@@ -405,3 +417,179 @@ def test_smollm2_rtn_round_trip(smollm2, wiki_splits, tmp_path):
     assert count(back.graph_module, W4A8) == 210  # 30 layers x 7 projections; lm_head stays float
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert (tmp_path / "smollm2" / WEIGHTS).stat().st_size < 0.4 * float_bytes
+
+
+# ----------------------------------------------------------------------------- passes as data, graph file
+
+
+def every_pass_non_default():
+    """One pipeline holding every built-in pass, each with options other than its defaults."""
+    from qqq_compile.passes.cast_float import CastFloatWeights
+    from qqq_compile.passes.fuse_norm_quant import FuseNormQuant
+    from qqq_compile.passes.gptq import GPTQ
+    from qqq_compile.passes.rotate import Rotate
+    from qqq_compile.passes.smooth import Smooth
+
+    return [
+        Rotate(online_down_proj=False, seed=3),
+        Smooth(method="smoothquant", alpha=0.6, n_grid=3, max_batches=2, group_size=32, max_tokens=256, patience=2),
+        InsertObservers(hessian=True),
+        Calibrate(),
+        GPTQ(damp=0.02, block_size=32, act_order=False, sequential=False, group_size=32, max_batches=2),
+        QuantizeRTN(group_size=16),
+        LowerW4A8(),
+        FuseNormQuant(),
+        CastFloatWeights("bfloat16"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def every_pass(tmp_path_factory):
+    model = tiny_model("llama", num_hidden_layers=1)
+    compiled = qqq_compile.compile(model, tiny_calib(), passes=every_pass_non_default(), progress=False)
+    path = tmp_path_factory.mktemp("every") / "a"
+    save(compiled, path)
+    return compiled, path
+
+
+def test_every_registered_pass_saves_and_loads_with_its_options(every_pass):
+    from tests.test_driver import builtin_pass_classes
+
+    compiled, path = every_pass
+    passes = every_pass_non_default()
+    assert {p.name for p in passes} == set(builtin_pass_classes())  # a new pass must join this test
+    for p in passes:
+        assert p.options is not None and (p.options == {} or p.config != type(p.config)()), p
+    m = json.loads((path / MANIFEST).read_text())
+    assert m["pass_configs"] == [p.to_dict() for p in passes]
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = compiled(x).logits
+    for how in ("graph", "replay"):
+        back = load(path, rebuild=how)
+        assert back.rebuilt_by == how
+        assert [qqq_compile.pass_from_dict(s) for s in back.report.pass_configs] == passes
+        with torch.no_grad():
+            assert torch.equal(back(x).logits, ref), how
+        for op in (W4A8, torch.ops.qqq.rmsnorm_quant.default, torch.ops.aten._to_copy.default):
+            assert count(back.graph_module, op) == count(compiled.graph_module, op), (how, op)
+
+
+@pytest.mark.parametrize("how", ["graph", "replay"])
+def test_rotation_options_survive_the_round_trip(tmp_path, how):
+    """Issue #10: Rotate(online_down_proj=False) was replayed as Rotate() and load() failed
+    with 'tensors the artifact lacks: [qqq_hadamard_256]'."""
+    from qqq_compile.passes.rotate import Rotate
+
+    model = tiny_model("llama", num_hidden_layers=1)
+    passes = [Rotate(online_down_proj=False), QuantizeRTN(), LowerW4A8()]
+    compiled = qqq_compile.compile(model, tiny_calib(), passes=passes, progress=False)
+    save(compiled, tmp_path / "rot")
+    back = load(tmp_path / "rot", rebuild=how)
+    x = torch.randint(0, 256, (2, 16))
+    assert torch.equal(back(x).logits, compiled(x).logits)
+    assert not any("hadamard" in n.target for n in back.graph_module.graph.nodes if n.op == "get_attr")
+
+
+def test_load_reads_the_graph_file_without_capturing(saved, monkeypatch):
+    from qqq_compile.artifact import replay
+
+    compiled, path, x, ref = saved
+
+    def no_capture(*a, **k):
+        raise AssertionError("load() captured the model although the graph file is readable")
+
+    monkeypatch.setattr(replay, "capture", no_capture)
+    back = load(path)
+    assert back.rebuilt_by == "graph" and torch.equal(back(x).logits, ref)
+    assert back.source_graph == compiled.source_graph
+    # shapes come back (exporters read dtypes and sizes off them): static at the example size, same ranks
+    for a, b in zip(compiled.graph_module.graph.nodes, back.graph_module.graph.nodes, strict=True):
+        assert a.name == b.name and a.meta.get("nn_module_stack") == b.meta.get("nn_module_stack")
+        va, vb = a.meta.get("val"), b.meta.get("val")
+        if isinstance(va, torch.Tensor):
+            assert isinstance(vb, torch.Tensor) and (va.dtype, va.dim()) == (vb.dtype, vb.dim()), a.name
+    # a different batch and sequence length still runs (dynamic dims kept)
+    assert back(torch.randint(0, 256, (3, 5))).logits.shape == (3, 5, 256)
+
+
+def test_graph_from_another_torch_release_is_rebuilt_by_replay(saved, copy):
+    _, _, x, ref = saved
+    m = json.loads((copy / MANIFEST).read_text())
+    m["graph_file"]["torch"] = "1.0.0"
+    (copy / MANIFEST).write_text(json.dumps(m))
+    back = load(copy)
+    assert back.rebuilt_by == "replay" and "torch 1.0.0" in back.rebuild_note
+    assert torch.equal(back(x).logits, ref)
+    with pytest.raises(ArtifactError, match="torch 1.0.0.*rebuild='replay'"):
+        load(copy, rebuild="graph")
+
+
+def test_corrupt_graph_file_fails_the_checksum(copy):
+    text = (copy / artifact.GRAPH).read_text()
+    edited = text.replace('"aten::mul.Tensor"', '"aten::add.Tensor"', 1)
+    assert edited != text
+    (copy / artifact.GRAPH).write_text(edited)
+    with pytest.raises(ArtifactError, match="graph.json does not match the checksum"):
+        load(copy)
+
+
+def as_format_1_0(path: Path) -> None:
+    """Strip what format 1.1 added: the artifact looks as qqq_compile 0.1 wrote it."""
+    m = json.loads((path / MANIFEST).read_text())
+    for k in ("pass_configs", "graph_file", "source_graph_file"):
+        m.pop(k, None)
+    m["format_version"] = "1.0"
+    m["replay_state"] = {}
+    (path / MANIFEST).write_text(json.dumps(m))
+    (path / artifact.GRAPH).unlink()
+    (path / artifact.SOURCE_GRAPH).unlink()
+
+
+def test_format_1_0_artifacts_still_load(saved, copy):
+    _, _, x, ref = saved
+    as_format_1_0(copy)
+    back = load(copy)
+    assert back.rebuilt_by == "replay" and torch.equal(back(x).logits, ref)
+    assert back.report.pass_configs == [
+        {"name": "quantize_rtn", "options": {"group_size": None}},
+        {"name": "lower", "options": {}},
+    ]
+
+
+def test_format_1_0_with_pass_options_says_how_to_save_again(every_pass, tmp_path):
+    shutil.copytree(every_pass[1], tmp_path / "old")
+    as_format_1_0(tmp_path / "old")
+    with pytest.raises(ArtifactError, match=r"format 1\.0, which stored pass names only.*compile the model again"):
+        load(tmp_path / "old")
+
+
+def test_annotation_codec_round_trips_every_linear(rotated):
+    """One codec for the manifest, the graph file and reports: decode(encode(x)) == x."""
+    from qqq_compile.annotations import decode_linear, encode_linear, node_annotation
+
+    compiled, _ = rotated
+    n_smoothed = 0
+    for n in compiled.graph_module.graph.nodes:
+        ann = node_annotation(n)
+        if ann.linear is None:
+            continue
+        tensors: dict[str, torch.Tensor] = {}
+        rec = json.loads(json.dumps(encode_linear(ann.linear, "k/", tensors, ann.smooth)))
+        li, smooth = decode_linear(rec, tensors)
+        a, b = vars(li), vars(ann.linear)
+        for k in a:
+            if k == "hessian":
+                continue  # not kept: only GPTQ needs it, while compiling
+            if isinstance(b[k], torch.Tensor):
+                assert torch.equal(a[k], b[k]), k
+            elif k == "packed" and b[k] is not None:
+                ta, tb = a[k].tensors(), b[k].tensors()
+                assert ta.keys() == tb.keys() and all(torch.equal(ta[t], tb[t]) for t in ta)
+                assert (a[k].group_size, a[k].in_features) == (b[k].group_size, b[k].in_features)
+            else:
+                assert a[k] == b[k], k
+        if ann.smooth is not None:
+            n_smoothed += 1
+            assert type(smooth) is type(ann.smooth) and torch.equal(smooth.scales, ann.smooth.scales)
+    assert n_smoothed > 0

@@ -22,7 +22,7 @@ def test_backend_by_name_no_graph_breaks():
     compiled = torch.compile(model, backend="qqq", fullgraph=True)
     with torch.no_grad():
         out, ref = compiled(x).logits, model(x).logits
-    assert 10 < sqnr_db(ref, out) < 60  # quantized: close but not equal
+    assert 15.5 < sqnr_db(ref, out) < 30  # quantized: close but not equal (measured 17.1 dB)
 
 
 def test_backend_factory_with_calibration_and_recompile():
@@ -35,7 +35,7 @@ def test_backend_factory_with_calibration_and_recompile():
     with torch.no_grad():
         for shape in [(2, 10), (1, 7)]:
             x = torch.randint(0, 256, shape)
-            assert sqnr_db(model(x).logits, compiled(x).logits) > 10
+            assert sqnr_db(model(x).logits, compiled(x).logits) > 16.5  # measured 17.9 and 18.5 dB
     ops = _ops(backend.last_graph)
     assert ops.count(W4A8) == 14  # 2 layers x 7 projections; lm_head float
     packed = [n for n in backend.last_graph.graph.nodes if n.target == W4A8]

@@ -9,6 +9,7 @@ from torch import nn
 import qqq_compile as qc
 from qqq_compile.artifact import ArtifactError
 from qqq_compile.blockwise import BlockwiseCompiledModel, LoweredBlock, find_blocks
+from qqq_compile.graph import get_attr, linear_sites
 from qqq_compile.passes.calibrate import Calibrate
 from qqq_compile.passes.lower import LowerW4A8
 from qqq_compile.passes.observe import InsertObservers
@@ -117,7 +118,7 @@ def test_logits_match_the_float_model_at_new_shapes(compiled):
         with torch.no_grad():
             ref, got = model(x), out(x)
         assert got.shape == ref.shape
-        assert sqnr_db(ref, got) > 14, shape  # per-channel W4A8 RTN on random weights: ~18 dB
+        assert sqnr_db(ref, got) > 15, shape  # per-channel W4A8 RTN on random weights: 16.4-19.4 dB measured
 
 
 def test_block_calibrates_on_the_quantized_outputs_of_the_block_before(compiled):
@@ -137,7 +138,7 @@ def test_block_calibrates_on_the_quantized_outputs_of_the_block_before(compiled)
         float1 = model.lm.model.layers[0](*rec["args"], **rec["kwargs"])
         quant1 = out.model.lm.model.layers[0](*rec["args"], **rec["kwargs"])
     assert torch.equal(stream1, quant1)  # block 1 saw block 0's W4A8 outputs ...
-    assert not torch.equal(stream1, float1) and sqnr_db(float1, stream1) > 15  # ... not its float ones
+    assert not torch.equal(stream1, float1) and sqnr_db(float1, stream1) > 21.5  # ... not its float ones (23.4 dB)
 
 
 def test_report_lists_float_linears_outside_blocks(compiled):
@@ -193,7 +194,7 @@ def test_static_export_when_dynamic_fails():
     assert len(static) == 2 and static[0].startswith("layers.0: export with dynamic batch/sequence dims failed")
     x = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert sqnr_db(model(x), out(x)) > 20
+        assert sqnr_db(model(x), out(x)) > 27.5  # measured 29.4 dB
     with pytest.raises(TypeError, match=r"gets args\[0\] of shape \[2, 32, 32\] \(exported for \[8, 32, 32\] only"):
         out(x[:2])
 
@@ -215,3 +216,21 @@ def test_find_blocks_takes_the_largest_list_of_identical_layers():
 def test_unknown_fallback_is_refused():
     with pytest.raises(ValueError, match="fallback='blocks' is not known"):
         qc.compile(tiny_model("llama"), tiny_calib(2), fallback="blocks")
+
+
+def test_blocks_run_the_same_driver_as_the_whole_model_path():
+    """Issue #10: the blockwise path built its own pass list and ignored float_weight_dtype."""
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    config = {"preset": "rtn", "quant": {"float_weight_dtype": "bfloat16", "skip": ["*.mlp.down_proj", "*lm_head"]}}
+    out = qc.compile(model, tiny_calib(2), config, progress=False)
+    assert isinstance(out, BlockwiseCompiledModel)
+    assert out.report.pipeline == ["quantize_rtn", "lower", "cast_float"]
+    assert [s["name"] for s in out.report.pass_configs] == out.report.pipeline
+    for name, gm in out.blocks.items():
+        down = next(s for s in linear_sites(gm) if s.name.endswith("mlp.down_proj"))
+        assert get_attr(gm, down.weight.target).dtype == torch.bfloat16, name  # kept in float, stored in bf16
+        assert count(gm, W4A8) == 6
+    x = torch.randint(1, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert out(x).dtype == torch.float32 and sqnr_db(model(x), out(x)) > 15  # measured 16.6 dB

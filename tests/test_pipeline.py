@@ -97,7 +97,7 @@ def test_numeric_check_records_and_enforces_floor(gm):
     pipe = Pipeline([scale_weights(1.0), scale_weights(1.001)], numeric_check=NumericCheck(x))
     pipe.run(gm, CompileContext())
     assert pipe.records[0].sqnr_db == float("inf")
-    assert 20 < pipe.records[1].sqnr_db < 200
+    assert 50 < pipe.records[1].sqnr_db < 60  # weights x1.001: measured 54.9 dB
     with pytest.raises(PipelineError, match="scale_0.0.*SQNR"):
         Pipeline([scale_weights(0.0)], numeric_check=NumericCheck(x, min_sqnr_db=10)).run(gm, CompileContext())
 

@@ -66,16 +66,16 @@ def reference(model, calib):
 
 
 @pytest.mark.parametrize(
-    "preset,quant",
+    "preset,quant,floor",  # floors 1.2-1.7 dB under the measured logits SQNR
     [
-        ("qqq", {}),
-        ("qqq", {"group_size": 64}),
-        ("qqq", {"group_size": 64, "group_scale_dtype": "float16"}),
-        ("gptq", {"group_size": 64}),
-        ("smoothquant", {}),
+        ("qqq", {}, 20.0),  # 21.3 dB
+        ("qqq", {"group_size": 64}, 20.0),  # 21.6 dB
+        ("qqq", {"group_size": 64, "group_scale_dtype": "float16"}, 20.0),  # 21.8 dB
+        ("gptq", {"group_size": 64}, 20.5),  # 22.0 dB
+        ("smoothquant", {}, 15.5),  # 17.2 dB
     ],
 )
-def test_preset_compiles_to_w4a8(model, calib, reference, preset, quant):
+def test_preset_compiles_to_w4a8(model, calib, reference, preset, quant, floor):
     cm = qc.compile(model, calib, {"preset": preset, "quant": quant}, progress=False)
     ops = [n for n in cm.graph_module.graph.nodes if n.target == W4A8]
     assert len(ops) == 14  # 7 per block; lm_head stays float
@@ -86,7 +86,7 @@ def test_preset_compiles_to_w4a8(model, calib, reference, preset, quant):
     ids, ref = reference
     with torch.no_grad():
         out = cm(ids).logits
-    assert sqnr_db(ref, out) > 15
+    assert sqnr_db(ref, out) > floor
 
 
 def test_qqq_beats_rtn_on_model_output(model, calib, reference):
@@ -96,4 +96,4 @@ def test_qqq_beats_rtn_on_model_output(model, calib, reference):
         cm = qc.compile(model, calib, {"preset": preset}, progress=False)
         with torch.no_grad():
             scores[preset] = sqnr_db(ref, cm(ids).logits)
-    assert scores["qqq"] > scores["rtn"] + 1.0, scores
+    assert scores["qqq"] > scores["rtn"] + 3.0, scores  # measured +4.0 dB (21.3 vs 17.2)

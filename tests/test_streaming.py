@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import qqq_compile as qc
+from qqq_compile.api import compile_from_disk
 from qqq_compile.capture import capture
 from qqq_compile.graph import get_attr, linear_sites, set_attr
 from qqq_compile.runner import BlockRunner
@@ -20,7 +21,6 @@ from qqq_compile.streaming import (
     StreamWeights,
     attr_targets,
     build_skeleton,
-    compile_from_disk,
     index_folder,
     read_tensor,
     weight_sources,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
+from ..errors import CalibrationDataError
 from ..graph import info, linear_sites
+from ..observers import OBSERVER_PREFIX, ActObserver
 from ..pipeline import CompileContext, PassResult, QQQPass, register_pass
 from ..runner import BlockRunner
-from .observe import OBSERVER_PREFIX, ActObserver
 
-
-class CalibrationDataError(ValueError):
-    """Calibration data contains NaN/Inf or is otherwise unusable."""
+__all__ = ["Calibrate", "CalibrationDataError"]
 
 
 @register_pass("calibrate")
@@ -25,6 +24,8 @@ class Calibrate(QQQPass):
     """
 
     name = "calibrate"
+    requires = ("calib", "observe")
+    replay_mode = "tensors"  # its net effect on the graph is none; the statistics are saved tensors
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module
@@ -54,6 +55,4 @@ class Calibrate(QQQPass):
             n.replace_all_uses_with(n.args[0])
             gm.graph.erase_node(n)
             gm.delete_submodule(n.target)
-        gm.graph.lint()
-        gm.recompile()
         return PassResult(gm, True)

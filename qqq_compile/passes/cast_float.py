@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.fx import GraphModule, Node
 
+from ..config import ConfigError
 from ..graph import get_attr, info, linear_sites, set_attr
-from ..pipeline import CompileContext, PassResult, QQQPass, register_pass
+from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _EMBEDDING = torch.ops.aten.embedding.default
 _CAST = torch.ops.aten._to_copy.default
 _DONE = "qqq_float_cast"  # node.meta flag: this consumer already reads the cast weight
+
+
+@dataclass(frozen=True)
+class CastFloatConfig(PassConfig):
+    """``dtype``: ``"bfloat16"``, ``"float16"`` or None (follow ``ctx.quant.float_weight_dtype``)."""
+
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(
+                f"CastFloatWeights(dtype={self.dtype!r}) is not supported; use one of {list(DTYPES)} or None"
+            )
 
 
 @register_pass("cast_float")
@@ -34,12 +50,12 @@ class CastFloatWeights(QQQPass):
     """
 
     name = "cast_float"
+    config_class = CastFloatConfig
+    requires = ("lower",)
     replay_mode = "rerun"  # load() re-runs it; casting an already-cast weight is a no-op
 
     def __init__(self, dtype: str | None = None):
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"CastFloatWeights(dtype={dtype!r}) is not supported; use one of {list(DTYPES)} or None")
-        self.dtype = dtype
+        super().__init__(CastFloatConfig(dtype))
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module
@@ -77,8 +93,6 @@ class CastFloatWeights(QQQPass):
             modified = True
         if modified:
             ctx.note(self.name, f"{len(cast_attrs)} float weight(s) stored as {name}: {sorted(cast_attrs)[:4]}")
-        gm.graph.lint()
-        gm.recompile()
         return PassResult(gm, modified)
 
 

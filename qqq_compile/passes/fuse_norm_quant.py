@@ -34,6 +34,7 @@ class FuseNormQuant(QQQPass):
     """
 
     name = "fuse_norm_quant"
+    requires = ("lower",)
     replay_mode = "rerun"  # load() re-runs it: it needs no calibration data
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
@@ -75,6 +76,4 @@ class FuseNormQuant(QQQPass):
             modified = True
         if modified:
             g.eliminate_dead_code()
-        g.lint()
-        gm.recompile()
         return PassResult(gm, modified)

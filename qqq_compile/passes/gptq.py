@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from ..config import check_group_size
+from ..config import ConfigError, check_group_size
 from ..formats import (
     ACT_QMAX,
     GROUP_QMAX,
@@ -39,7 +39,7 @@ from ..formats import (
     pack_int4,
 )
 from ..graph import LinearSite, ensure_info, get_weight, info, is_skipped, linear_sites
-from ..pipeline import CompileContext, PassResult, QQQPass, register_pass, sqnr_db
+from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass, sqnr_db
 from ..runner import BlockRunner, run_node
 
 aten = torch.ops.aten
@@ -249,6 +249,28 @@ def quantized_override(site: LinearSite, w_deq: torch.Tensor) -> Callable[..., A
     return run
 
 
+@dataclass(frozen=True)
+class GPTQConfig(PassConfig):
+    """Options of :class:`GPTQ` (see its docstring)."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    static_groups: bool = True
+    sequential: bool = True
+    group_size: int | None = None
+    max_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.damp >= 0:
+            raise ConfigError(f"damp must be >= 0 (a fraction of mean diag(H), e.g. 0.01), got {self.damp}")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        check_group_size(self.group_size, "GPTQ(group_size)", allow_none=True)
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ConfigError(f"max_batches must be None or >= 1, got {self.max_batches}")
+
+
 @register_pass("gptq")
 class GPTQ(QQQPass):
     """GPTQ W4 weights for every linear inside the decoder blocks.
@@ -277,6 +299,9 @@ class GPTQ(QQQPass):
     """
 
     name = "gptq"
+    config_class = GPTQConfig
+    requires = ("calib",)
+    replay_mode = "tensors"  # annotation only: the packed weights are saved tensors
 
     def __init__(
         self,
@@ -288,22 +313,7 @@ class GPTQ(QQQPass):
         group_size: int | None = None,
         max_batches: int | None = None,
     ):
-        if not damp >= 0:
-            raise ValueError(f"damp must be >= 0 (a fraction of mean diag(H), e.g. 0.01), got {damp}")
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        check_group_size(group_size, "GPTQ(group_size)", allow_none=True)
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"max_batches must be None or >= 1, got {max_batches}")
-        self.damp, self.block_size, self.act_order = damp, block_size, act_order
-        self.static_groups, self.sequential = static_groups, sequential
-        self.group_size, self.max_batches = group_size, max_batches
-
-    def __repr__(self) -> str:
-        return (
-            f"GPTQ(damp={self.damp}, block_size={self.block_size}, act_order={self.act_order}, "
-            f"group_size={self.group_size}, sequential={self.sequential})"
-        )
+        super().__init__(GPTQConfig(damp, block_size, act_order, static_groups, sequential, group_size, max_batches))
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module

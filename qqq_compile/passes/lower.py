@@ -68,8 +68,6 @@ class LowerW4A8(QQQPass):
             modified = True
         if modified:
             drop_unused_attrs(gm)
-        g.lint()
-        gm.recompile()
         return PassResult(gm, modified)
 
 

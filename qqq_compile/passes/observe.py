@@ -2,39 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.fx import GraphModule
 
 from ..graph import LinearInfo, get_weight, info, is_skipped, linear_sites
-from ..pipeline import CompileContext, PassResult, QQQPass, register_pass
+from ..observers import OBSERVER_PREFIX, ActObserver
+from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
 
-OBSERVER_PREFIX = "qqq_observer_"
+__all__ = ["OBSERVER_PREFIX", "ActObserver", "InsertObservers", "ObserveConfig"]
 
 
-class ActObserver(torch.nn.Module):
-    """Identity module that records per-input-channel ``max |x|`` and, optionally,
-    the Hessian ``H = 2/n · XᵀX`` (fp32) of the activations flowing through it."""
+@dataclass(frozen=True)
+class ObserveConfig(PassConfig):
+    """``hessian``: also accumulate each input's Hessian ``2/n · XᵀX`` (fp32, ``[K, K]``)."""
 
-    def __init__(self, in_features: int, hessian: bool = False):
-        super().__init__()
-        self.in_features = in_features
-        self.absmax = torch.zeros(in_features)
-        self.n = 0
-        self.hessian = torch.zeros(in_features, in_features) if hessian else None
-        self.nonfinite = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        if not torch.isfinite(flat).all():
-            self.nonfinite = True
-        self.absmax = torch.maximum(self.absmax, flat.abs().amax(dim=0))
-        if self.hessian is not None:
-            m = flat.shape[0]
-            # Running mean of 2 xᵀx, as GPTQ accumulates it.
-            self.hessian.mul_(self.n / (self.n + m))
-            self.hessian.addmm_(flat.t(), flat, alpha=2.0 / (self.n + m))
-        self.n += flat.shape[0]
-        return x
+    hessian: bool = False
 
 
 @register_pass("observe")
@@ -47,9 +31,11 @@ class InsertObservers(QQQPass):
     """
 
     name = "observe"
+    config_class = ObserveConfig
+    replay_mode = "tensors"  # calibrate removes the observers again; ranges come from the tensors
 
     def __init__(self, hessian: bool = False):
-        self.hessian = hessian
+        super().__init__(ObserveConfig(hessian))
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module
@@ -71,6 +57,4 @@ class InsertObservers(QQQPass):
                 obs.meta = {k: v for k, v in site.x.meta.items() if k in ("val", "tensor_meta")}
                 observers[site.x] = obs
             site.node.replace_input_with(site.x, observers[site.x])
-        gm.graph.lint()
-        gm.recompile()
         return PassResult(gm, bool(observers))

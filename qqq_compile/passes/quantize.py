@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch.fx import GraphModule
 
 from ..config import check_group_size
 from ..formats import PackedW4
 from ..graph import ensure_info, get_weight, is_skipped, linear_sites
-from ..pipeline import CompileContext, PassResult, QQQPass, register_pass, sqnr_db
+from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass, sqnr_db
+
+
+@dataclass(frozen=True)
+class QuantizeRTNConfig(PassConfig):
+    """``group_size``: None follows ``ctx.quant.group_size``; -1 per channel; e.g. 128."""
+
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_group_size(self.group_size, "QuantizeRTN(group_size)", allow_none=True)
 
 
 @register_pass("quantize_rtn")
@@ -22,10 +34,11 @@ class QuantizeRTN(QQQPass):
     """
 
     name = "quantize_rtn"
+    config_class = QuantizeRTNConfig
+    replay_mode = "tensors"  # annotation only: the packed weights are saved tensors
 
     def __init__(self, group_size: int | None = None):
-        check_group_size(group_size, "QuantizeRTN(group_size)", allow_none=True)
-        self.group_size = group_size
+        super().__init__(QuantizeRTNConfig(group_size))
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module

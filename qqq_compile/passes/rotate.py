@@ -34,7 +34,7 @@ from ..graph import (
     set_weight,
     through_transparent,
 )
-from ..pipeline import CompileContext, PassResult, QQQPass, register_pass
+from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
 
 aten = torch.ops.aten
 
@@ -276,6 +276,15 @@ def _fake_val(node: Node, target, args) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class RotateConfig(PassConfig):
+    """``online_down_proj``: an online Hadamard before each MLP output projection;
+    ``seed``: of the randomized Hadamard / random orthogonal matrix."""
+
+    online_down_proj: bool = True
+    seed: int = 0
+
+
 @register_pass("rotate")
 class Rotate(QQQPass):
     """Fold every RMSNorm weight into its readers, then rotate the residual stream by an
@@ -290,10 +299,11 @@ class Rotate(QQQPass):
     """
 
     name = "rotate"
+    config_class = RotateConfig
+    replay_mode = "rerun"  # deterministic given the graph and the config (seeded): load() runs it again
 
     def __init__(self, online_down_proj: bool = True, seed: int = 0):
-        self.online_down_proj = online_down_proj
-        self.seed = seed
+        super().__init__(RotateConfig(online_down_proj, seed))
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from .. import formats
-from ..config import QuantConfig, check_group_size
+from ..config import ConfigError, QuantConfig, check_group_size
 from ..formats import fake_quant_act
 from ..graph import (
     LinearSite,
@@ -35,7 +35,7 @@ from ..graph import (
     linear_sites,
     static_size,
 )
-from ..pipeline import CompileContext, PassResult, QQQPass, register_pass
+from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
 from ..runner import BlockRunner, run_nodes
 from .smooth_groups import SmoothGroup, fold_scales, smoothing_groups, unsmoothable
 
@@ -126,6 +126,26 @@ def run_w4a8_fake(gm: GraphModule, inputs: dict[str, torch.Tensor], quant: Quant
 # ----------------------------------------------------------------------------- the pass
 
 
+@dataclass(frozen=True)
+class SmoothConfig(PassConfig):
+    """Options of :class:`Smooth` (see its docstring)."""
+
+    method: str = "qqq"
+    alpha: float = 0.5
+    n_grid: int = 20
+    max_batches: int = 4
+    group_size: int | None = None
+    max_tokens: int = 1024
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"Smooth(method={self.method!r}) is not known; use one of {METHODS}")
+        if self.n_grid < 0 or self.max_batches < 1 or self.max_tokens < 1:
+            raise ConfigError("Smooth needs n_grid >= 0, max_batches >= 1 and max_tokens >= 1")
+        check_group_size(self.group_size, "Smooth(group_size)", allow_none=True)
+
+
 @register_pass("smooth")
 class Smooth(QQQPass):
     """Search per-channel smoothing scales for every group and fold them.
@@ -151,6 +171,9 @@ class Smooth(QQQPass):
     """
 
     name = "smooth"
+    config_class = SmoothConfig
+    requires = ("calib",)
+    replay_mode = "tensors"  # folds scales into weights (saved tensors); the graph keeps its shape
 
     def __init__(
         self,
@@ -162,14 +185,7 @@ class Smooth(QQQPass):
         max_tokens: int = 1024,
         patience: int | None = None,
     ):
-        if method not in METHODS:
-            raise ValueError(f"Smooth(method={method!r}) is not known; use one of {METHODS}")
-        if n_grid < 0 or max_batches < 1 or max_tokens < 1:
-            raise ValueError("Smooth needs n_grid >= 0, max_batches >= 1 and max_tokens >= 1")
-        check_group_size(group_size, "Smooth(group_size)", allow_none=True)
-        self.method, self.alpha, self.n_grid = method, alpha, n_grid
-        self.max_batches, self.group_size, self.max_tokens = max_batches, group_size, max_tokens
-        self.patience = patience
+        super().__init__(SmoothConfig(method, alpha, n_grid, max_batches, group_size, max_tokens, patience))
 
     # -- data
 

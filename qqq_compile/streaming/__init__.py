@@ -1,7 +1,8 @@
 """Quantize models larger than memory: weights stay on disk, one block is resident at a time.
 
-``compile_from_disk(folder, calib, config)`` (or ``compile(folder, ..., streaming=True)``)
-quantizes a Hugging Face safetensors checkpoint without ever holding its float weights:
+``qqq_compile.compile(folder, calib, config, streaming=True)`` (which calls
+:func:`qqq_compile.api.compile_from_disk`) quantizes a Hugging Face safetensors checkpoint
+without ever holding its float weights:
 
 1. **Skeleton.** The model class is built from ``config.json`` with parameters on the
    meta device (buffers such as rotary tables are computed as usual), then given CPU
@@ -26,19 +27,15 @@ are only opened for reading. See ``docs/scaling.md`` for measured figures.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
-import warnings
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from ..pipeline import Instrument
+from ..errors import StreamingError
 from .store import (
     LazyWeight,
-    StreamingError,
     StreamStats,
     StreamWeights,
     TensorSource,
@@ -60,7 +57,6 @@ __all__ = [
     "WeightStore",
     "attr_targets",
     "build_skeleton",
-    "compile_from_disk",
     "index_folder",
     "read_header",
     "read_tensor",
@@ -156,64 +152,3 @@ def weight_sources(model: torch.nn.Module, files: dict[str, TensorSource]) -> di
             "stream a folder written by save_pretrained (safetensors) for this model class"
         )
     return out
-
-
-# ----------------------------------------------------------------------------- compile
-
-
-def compile_from_disk(
-    folder: str | os.PathLike,
-    calib: Any = None,
-    config: Any = None,
-    *,
-    dtype: torch.dtype | str = "auto",
-    cache_bytes: int | None = None,
-    scratch_dir: str | os.PathLike | None = None,
-    instruments: Sequence[Instrument] = (),
-    **compile_kwargs: Any,
-) -> Any:
-    """Quantize the Hugging Face checkpoint in ``folder`` with its weights kept on disk.
-
-    Same arguments and result as :func:`qqq_compile.compile` (``passes``, ``tokenizer``,
-    ``example_inputs``, ``dump_dir``, ``progress``), plus:
-
-    * ``dtype``: compute dtype of the float weights; ``"auto"`` follows ``config.json``
-      like ``from_pretrained`` (float32 when it names none).
-    * ``cache_bytes``: read cache for passes that walk all linears (default: the largest
-      decoder block's weights).
-    * ``scratch_dir``: where weights changed by passes are spilled (default: the system
-      temp dir); deleted afterwards.
-
-    The result's ``stream_stats`` (:class:`StreamStats`) tells what was held in memory.
-    """
-    from ..api import compile as compile_in_memory
-
-    folder = Path(folder).expanduser() if isinstance(folder, (str, os.PathLike)) else folder
-    if not isinstance(folder, Path):
-        raise TypeError(
-            f"streaming compile reads the model from its folder, got a {type(folder).__name__}; pass the path "
-            "of a save_pretrained folder (config.json + *.safetensors)"
-        )
-    if not (folder / "config.json").is_file():
-        raise StreamingError(f"{folder} has no config.json: pass a folder written by save_pretrained")
-    opts = config.get("preset_options", {}) if isinstance(config, dict) else getattr(config, "preset_options", {})
-    if opts.get("rotation") or any(getattr(p, "name", "") == "rotate" for p in compile_kwargs.get("passes") or ()):
-        warnings.warn(
-            "the rotate pass rewrites every weight in one go, outside the block runner: while it runs the "
-            "whole rotated model is in memory, so streaming does not bound its peak",
-            stacklevel=2,
-        )
-    files = index_folder(folder)
-    skeleton = build_skeleton(folder, dtype)
-    sources = weight_sources(skeleton, files)
-    dtypes = {k: t.dtype for k, t in skeleton.state_dict(keep_vars=True).items()}
-    stream = StreamWeights(sources, dtypes, cache_bytes=cache_bytes, scratch_dir=scratch_dir)
-    if "fallback" in inspect.signature(compile_in_memory).parameters:
-        # The blockwise fallback would run the skeleton itself, whose weights are empty.
-        compile_kwargs.setdefault("fallback", "error")
-    try:
-        compiled = compile_in_memory(skeleton, calib, config, instruments=[stream, *instruments], **compile_kwargs)
-    finally:
-        stream.store.close()
-    compiled.stream_stats = stream.store.stats
-    return compiled

@@ -3,7 +3,8 @@ wrapper reaches the C++ CPU kernels through the dispatcher, with no Python per o
 
 FINDINGS (torch 2.13 CPU, this 2-core VM): ``aoti_compile_and_package`` of this tiny graph
 (4 custom ops + relu, dynamic batch/seq) takes ~14 s alone, ~36 s with other test runs on
-the machine (most of it the C++ build of the wrapper); ``aoti_load_package`` ~5 ms. Custom ops without a C shim are emitted as
+the machine (most of it the C++ build of the wrapper); ``aoti_load_package`` ~5 ms. Custom
+ops without a C shim are emitted as
 ``aoti_torch_proxy_executor_call_function(proxy_executor, i, ...)`` with their schema
 serialized in ``<wrapper>.json``; the proxy executor calls ``c10::Dispatcher``, so the
 kernel must be registered (``ensure_cpp_kernels()``) before the package runs, and a kernel

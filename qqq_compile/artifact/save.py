@@ -1,0 +1,172 @@
+"""``save()``: write a :class:`~qqq_compile.compiled.CompiledModel` as an artifact folder."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from ..annotations import NODE_KEYS, encode_linear, encode_node, node_annotation, replay_states
+from ..compiled import CompiledModel
+from ..errors import ArtifactError
+from ..graph import get_attr
+from . import files
+from .graphfile import GraphCodecError, encode_graph
+from .manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH,
+    MANIFEST,
+    SOURCE_GRAPH,
+    TOKENIZER_DIR,
+    WEIGHTS,
+    config_digest,
+    dtype_name,
+    dumps,
+    versions,
+)
+
+_LINEAR = "__qqq_linear__/"  # key prefix of per-linear tensors ("/" never occurs in attribute names)
+
+
+def save(compiled: CompiledModel, path: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+    """Write ``compiled`` (and optionally its ``tokenizer``) to the folder ``path`` atomically.
+
+    An existing artifact at ``path`` is replaced; any other existing folder or file is refused.
+    """
+    if not isinstance(compiled, CompiledModel):
+        raise ArtifactError(f"save expects a CompiledModel, got {type(compiled).__name__}")
+    if not compiled.model_config or not compiled.model_class:
+        raise ArtifactError(
+            "only Hugging Face models can be saved: load() rebuilds the model from its HF config, and this "
+            f"CompiledModel has none ({compiled.model_class or 'unknown model'})"
+        )
+    target = Path(path).expanduser().absolute()
+    files.check_target(target)
+    gm = compiled.graph_module
+    bad = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    if bad:
+        raise ArtifactError(
+            f"the graph still calls modules {bad[:3]} (e.g. observers left by 'observe' without 'calibrate'); "
+            "only fully rewritten graphs can be saved"
+        )
+    graph_tensors = graph_tensors_of(gm)
+    layers, node_notes, linear_tensors = annotation_records(gm)
+    unique, aliases = files.dedupe({**graph_tensors, **linear_tensors})
+    report = compiled.report
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "versions": versions(),
+        "model_class": compiled.model_class,
+        "model_config": compiled.model_config,
+        "model_dtype": _model_dtype(gm, graph_tensors),
+        "input_names": compiled.input_names,
+        "output_kind": compiled.output_kind,
+        "compile_config": report.config,
+        "pipeline": report.pipeline,
+        "pass_configs": getattr(report, "pass_configs", []),
+        # Without wall times: the same model, data and seed give byte-identical artifacts.
+        "passes": [{k: v for k, v in vars(p).items() if k != "seconds"} for p in report.passes],
+        "notes": [vars(n) for n in report.notes],
+        "replay_state": replay_states(gm),
+        "layers": layers,
+        "graph_tensors": sorted(graph_tensors),
+        "tensors": {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for k, t in sorted(unique.items())},
+        "aliases": dict(sorted(aliases.items())),
+        "graph_ops": op_counts(gm),
+        "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
+    }
+    try:
+        graph = {**encode_graph(gm, node_notes), "model_config_sha256": config_digest(compiled.model_config)}
+        graph_text: str | None = json.dumps(graph, separators=(",", ":"), sort_keys=True)
+        manifest["graph_file"] = {"name": GRAPH, "torch": torch.__version__}
+    except GraphCodecError as e:  # load() will capture and replay instead
+        graph_text = None
+        manifest["graph_file"] = None
+        manifest["graph_file_skipped"] = str(e)
+
+    def fill(tmp: Path) -> None:
+        manifest["weights_file"] = files.write_tensors(unique, tmp / WEIGHTS)
+        if graph_text is not None:
+            (tmp / GRAPH).write_text(graph_text, encoding="utf-8")
+            manifest["graph_file"]["sha256"] = hashlib.sha256(graph_text.encode()).hexdigest()
+        if compiled.source_graph:
+            (tmp / SOURCE_GRAPH).write_text(compiled.source_graph, encoding="utf-8")
+            manifest["source_graph_file"] = SOURCE_GRAPH
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        (tmp / MANIFEST).write_text(dumps(manifest), encoding="utf-8")
+
+    files.write_atomically(target, fill)
+    return target
+
+
+def graph_tensors_of(gm: GraphModule, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor the graph (and nested graph modules) reads through ``get_attr``, by target."""
+    out: dict[str, torch.Tensor] = {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr":
+            continue
+        obj = get_attr(gm, n.target)
+        if isinstance(obj, torch.Tensor):
+            out[prefix + n.target] = obj.detach()
+        elif isinstance(obj, GraphModule):
+            out.update(graph_tensors_of(obj, f"{prefix}{n.target}."))
+        else:
+            raise ArtifactError(f"graph attribute '{prefix}{n.target}' is a {type(obj).__name__}, not a tensor")
+    return out
+
+
+def annotation_records(gm: GraphModule) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, torch.Tensor]]:
+    """``(per-linear report records, node name → annotation JSON, tensors by key)``.
+
+    Linears are keyed by module name and occurrence (``load()`` re-attaches them to a
+    replayed graph that way); a node's entry points at its linear record by index.
+    """
+    layers: list[dict[str, Any]] = []
+    notes: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: collections.Counter[str] = collections.Counter()
+    for n in gm.graph.nodes:
+        ann = node_annotation(n)
+        if ann.linear is None:
+            if (rec := encode_node(n, f"{_LINEAR}node/{n.name}/", tensors)) is not None:
+                notes[n.name] = rec
+            continue
+        li = ann.linear
+        idx, seen[li.fqn] = seen[li.fqn], seen[li.fqn] + 1
+        rec = encode_linear(li, f"{_LINEAR}{li.fqn}#{idx}/", tensors, ann.smooth)
+        layers.append({**rec, "occurrence": idx})
+        extras = {k: getattr(ann, k) for k in NODE_KEYS if k != "smooth" and getattr(ann, k) not in (None, False)}
+        notes[n.name] = {"layer": len(layers) - 1, **extras}
+    return layers, notes, tensors
+
+
+def _model_dtype(gm: GraphModule, graph_tensors: dict[str, torch.Tensor]) -> str:
+    """The float dtype holding most elements (the dtype the model was captured in).
+
+    Weights ``cast_float`` stored in another dtype do not count: the skeleton must be
+    built in the dtype the graph computes in, not in the storage dtype of lm_head.
+    """
+    cast = {
+        n.target
+        for n in gm.graph.nodes
+        if n.op == "get_attr" and n.users and all(node_annotation(u).float_cast for u in n.users)
+    }
+    by_dtype: collections.Counter[str] = collections.Counter()
+    for name, t in graph_tensors.items():
+        if t.is_floating_point() and name not in cast:
+            by_dtype[dtype_name(t.dtype)] += t.numel()
+    return by_dtype.most_common(1)[0][0] if by_dtype else "float32"
+
+
+def op_counts(gm: GraphModule) -> dict[str, int]:
+    counts = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    return dict(sorted(counts.items()))

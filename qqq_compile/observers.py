@@ -1,0 +1,37 @@
+"""The activation observer that ``observe`` inserts and ``calibrate`` harvests.
+
+It lives below the passes so that the two passes share it without importing each other
+(passes never import passes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+OBSERVER_PREFIX = "qqq_observer_"
+
+
+class ActObserver(torch.nn.Module):
+    """Identity module that records per-input-channel ``max |x|`` and, optionally,
+    the Hessian ``H = 2/n · XᵀX`` (fp32) of the activations flowing through it."""
+
+    def __init__(self, in_features: int, hessian: bool = False):
+        super().__init__()
+        self.in_features = in_features
+        self.absmax = torch.zeros(in_features)
+        self.n = 0
+        self.hessian = torch.zeros(in_features, in_features) if hessian else None
+        self.nonfinite = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(flat).all():
+            self.nonfinite = True
+        self.absmax = torch.maximum(self.absmax, flat.abs().amax(dim=0))
+        if self.hessian is not None:
+            m = flat.shape[0]
+            # Running mean of 2 xᵀx, as GPTQ accumulates it.
+            self.hessian.mul_(self.n / (self.n + m))
+            self.hessian.addmm_(flat.t(), flat, alpha=2.0 / (self.n + m))
+        self.n += flat.shape[0]
+        return x
