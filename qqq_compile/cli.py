@@ -585,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     from .cli_generate import add_commands
 
-    add_commands(add)
+    add_commands(add, Steps, _load_artifact)
     return p
 
 

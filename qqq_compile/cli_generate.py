@@ -15,8 +15,12 @@ from typing import Any
 from .runtime import RUNTIMES
 
 
-def add_commands(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
-    """Register ``generate`` and ``chat`` on the CLI's sub-parser factory ``add``."""
+def add_commands(
+    add: Callable[[str, str, str], argparse.ArgumentParser], steps: type, load_artifact: Callable[..., Any]
+) -> None:
+    """Register ``generate`` and ``chat`` on the CLI's sub-parser factory ``add``; ``steps``
+    (progress lines) and ``load_artifact`` are the CLI's own helpers, handed down so this
+    module does not import the CLI back."""
     g = add(
         "generate",
         "generate text from an artifact, streaming it, then print prefill and decode tokens/s",
@@ -26,7 +30,7 @@ def add_commands(add: Callable[[str, str, str], argparse.ArgumentParser]) -> Non
     g.add_argument("--prompt", required=True, help="the text to continue")
     g.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user turn of the chat template")
     _sampling_args(g)
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(func=cmd_generate, steps=steps, load_artifact=load_artifact)
     c = add(
         "chat",
         "interactive chat with an artifact through its tokenizer's chat template (empty line or Ctrl-D ends)",
@@ -35,7 +39,7 @@ def add_commands(add: Callable[[str, str, str], argparse.ArgumentParser]) -> Non
     c.add_argument("artifact", metavar="DIR", help="artifact folder written by 'quantize'")
     c.add_argument("--system", default=None, help="system prompt")
     _sampling_args(c)
-    c.set_defaults(func=cmd_chat)
+    c.set_defaults(func=cmd_chat, steps=steps, load_artifact=load_artifact)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -69,11 +73,9 @@ def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .cli import Steps, _load_artifact
-
-    steps = Steps(2, args.quiet)
+    steps = args.steps(2, args.quiet)
     with steps(f"loading {args.artifact}"):
-        compiled, tok = _load_artifact(args.artifact, args.tokenizer, need_tokenizer=True)
+        compiled, tok = args.load_artifact(args.artifact, args.tokenizer, need_tokenizer=True)
     with steps(f"building the decode step (runtime: {args.runtime})"):
         compiled.prepare_generation(max_batch=1, max_len=args.max_len, runtime=args.runtime, progress=not args.quiet)
     return compiled, tok

@@ -99,8 +99,8 @@ def edges() -> list[tuple[str, str, int, bool]]:
 
 
 def test_the_doc_table_parses():
-    assert {"config", "graph", "pipeline", "passes/", "driver", "compiled", "artifact/", "api", "cli"} <= set(LAYERS)
-    assert LAYERS["config"] < LAYERS["graph"] < LAYERS["pipeline"] < LAYERS["passes/"] < LAYERS["driver"]
+    assert {"config", "graph/", "pipeline", "passes/", "driver", "compiled", "artifact/", "api", "cli"} <= set(LAYERS)
+    assert LAYERS["config"] < LAYERS["graph/"] < LAYERS["pipeline"] < LAYERS["passes/"] < LAYERS["driver"]
     assert LAYERS["driver"] < LAYERS["compiled"] < LAYERS["artifact/"] < LAYERS["api"] < LAYERS["cli"]
 
 

@@ -35,9 +35,9 @@ from ..graph import (
     linear_sites,
     static_size,
 )
+from ..graph.smooth_groups import SmoothGroup, fold_scales, smoothing_groups, unsmoothable
 from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
 from ..runner import BlockRunner, run_nodes
-from .smooth_groups import SmoothGroup, fold_scales, smoothing_groups, unsmoothable
 
 METHODS = ("qqq", "smoothquant", "awq")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from ..graph import (
+from . import (
     ASSERT_OPS,
     LinearSite,
     NormInfo,
