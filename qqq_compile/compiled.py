@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ class CompiledModel(torch.nn.Module):
         self.model_class = model_class
         self.source_graph = source_graph  # readable graph before the pipeline (for reports)
         self._step: Any = None  # the generation step (prepare_generation / generate)
+        self.aot_dir: str | None = None  # where AOT packages go (an artifact's aot/; else the cache)
         self._step_explicit = False
 
     def forward(self, input_ids: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -95,6 +97,8 @@ class CompiledModel(torch.nn.Module):
                 f"(max_position_embeddings or its sliding window); use max_len <= {limit}"
             )
         choice = "aot" if runtime == "auto" else runtime
+        if package_dir is None and self.aot_dir and os.access(os.path.dirname(self.aot_dir), os.W_OK):
+            package_dir = self.aot_dir
         kw = {"max_batch": max_batch, "max_len": max_len, "package_dir": package_dir, "progress": progress}
         try:
             step = build_step(self.graph_module, runtime=choice, **kw)

@@ -185,3 +185,14 @@ def test_context_limit_reads_position_and_window_limits():
                           "layer_types": ["sliding_attention", "full_attention"]}) == 512
     assert context_limit({"max_position_embeddings": 4096, "sliding_window": 1024, "use_sliding_window": False}) == 4096
     assert context_limit(None) is None
+
+
+def test_a_saved_model_generates_the_same_tokens_after_load(tmp_path):
+    model = tiny_model("llama")
+    compiled = qc.compile(model, calib=tiny_calib(), config=qc.CompileConfig(preset="rtn"), progress=False)
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(21))
+    want = compiled.generate(ids, max_new_tokens=10, runtime="eager", eos_token_id=[])
+    compiled.save(str(tmp_path / "art"))
+    again = qc.load(str(tmp_path / "art"))
+    assert again.aot_dir == str(tmp_path / "art" / "aot")  # compiled steps are kept beside the artifact
+    assert torch.equal(again.generate(ids, max_new_tokens=10, runtime="eager", eos_token_id=[]), want)

@@ -77,6 +77,7 @@ def load(path: str | os.PathLike, *, verify: bool = True, rebuild: str = "auto")
     )
     compiled.rebuilt_by = rebuilt_by
     compiled.rebuild_note = why or None  # why the graph file was not used, if it was not
+    compiled.aot_dir = str(root / "aot")  # compiled decode steps live beside the artifact
     return compiled
 
 
