@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_calib, tiny_config, tiny_model
 
 import qqq_compile as qc
 from qqq_compile.cache import CacheError, add_kv_cache
 from qqq_compile.capture import capture
 from qqq_compile.pipeline import sqnr_db
+from tests.conftest import tiny_calib, tiny_config, tiny_model
 
 ARCHS = ["llama", "llama_mha", "qwen2", "mistral", "gemma", "gemma3"]
 aten = torch.ops.aten

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_calib, tiny_model
 
 import qqq_compile as qc
 from qqq_compile.generation import GenerationError, SamplingConfig, context_limit, process_logits
+from tests.conftest import tiny_calib, tiny_model
 
 
 def float_compiled(arch: str = "llama"):

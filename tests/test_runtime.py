@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_calib, tiny_model
 
 import qqq_compile as qc
 from qqq_compile import runtime
 from qqq_compile.pipeline import sqnr_db
+from tests.conftest import tiny_calib, tiny_model
 
 
 @pytest.fixture(scope="module")
