@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import selectors
+import signal
 import statistics
 import subprocess
 import sys
@@ -273,6 +274,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # SIGTERM (kill PID) unwinds like Ctrl-C, so run()'s finally still stops every worker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from qqq_compile.models import demo_gguf_path
 
     cases = prepare_cases(args)
