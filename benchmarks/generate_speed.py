@@ -1,6 +1,6 @@
 """Generation speed: TTFT, prefill and decode tokens/s, peak RSS, every engine in one run.
 
-    benchmarks/peers/setup.sh llamacpp      # once: builds llama-cpp-python from source (~15-20 min on 2 cores)
+    benchmarks/peers/setup.sh llamacpp      # once: builds llama-cpp-python from source (~12 min on 2 cores)
     python benchmarks/generate_speed.py     # all engines; or --engines hf-fp32,llamacpp-q4_1,...
 
 Workload (SmolLM2-135M-Instruct, greedy, ``--threads`` 2 per engine): ``b1`` is one

@@ -4,7 +4,7 @@
 # other torch spec pulls a multi-GB CUDA build), then the peer and its dependencies.
 #   benchmarks/peers/setup.sh [llmc|torchao|llamacpp|all]
 # llm-compressor pins its own transformers version, hence a venv of its own.
-# llamacpp builds llama-cpp-python from its sdist (no torch; ~15+ min on 2 cores) for
+# llamacpp builds llama-cpp-python from its sdist (no torch; ~12 min on 2 cores) for
 # benchmarks/generate_speed.py; `all` leaves it out because of that build time.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
