@@ -1,0 +1,111 @@
+"""Engines in the project's venv: Hugging Face ``generate()`` and qqq_compile's ``generate()``.
+
+Both are timed through the same streamer (``put``/``end``), so TTFT and per-token decode
+are measured identically for them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engines.worker import ClockStreamer, TokenClock
+
+
+def _unique_bytes(tensors) -> int:
+    """Bytes of distinct storages (SmolLM2's lm_head is tied to the embedding: count it once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+class HFEngine:
+    """transformers ``generate()`` with its default (dynamic) KV cache, greedy."""
+
+    def __init__(self, dtype: str = "float32") -> None:
+        self.dtype = getattr(torch, dtype)
+        self.model = None
+
+    def load(self, options: dict[str, Any]) -> dict[str, Any]:
+        from qqq_compile.models import load_model
+
+        torch.set_num_threads(int(options["threads"]))
+        self.model, tokenizer = load_model("demo", dtype=self.dtype)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return {
+            "weight_bytes": _unique_bytes(list(self.model.parameters()) + list(self.model.buffers())),
+            "weight_bytes_source": "parameters + buffers (tied lm_head counted once)",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new: int, clock: TokenClock) -> list[list[int]]:
+        ids = torch.tensor(prompts, dtype=torch.long)  # equal-length rows: no padding needed
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,  # never stop early at EOS: every engine decodes the same count
+            do_sample=False,
+            pad_token_id=self.pad,
+            streamer=ClockStreamer(clock),
+        )
+        return out[:, ids.shape[1] :].tolist()
+
+
+class OursEngine:
+    """``qqq_compile.compile(...)`` (or ``qqq_compile.load(artifact)``), then its ``generate()``."""
+
+    def __init__(self, runtime: str = "eager") -> None:
+        self.runtime = runtime
+        self.compiled = None
+
+    def load(self, options: dict[str, Any]) -> dict[str, Any]:
+        import qqq_compile as qc
+
+        torch.set_num_threads(int(options["threads"]))
+        if not options.get("artifact") and not callable(getattr(qc.CompiledModel, "generate", None)):
+            # Say so before minutes of calibration, not after.
+            raise RuntimeError(self._no_generate("qqq_compile.CompiledModel"))
+        info: dict[str, Any] = {"runtime": self.runtime, "torch": torch.__version__}
+        if options.get("artifact"):
+            self.compiled = qc.load(options["artifact"])
+            info["source"] = f"artifact {options['artifact']}"
+        else:
+            from qqq_compile.data import CALIB_REGION, load_text, token_windows
+            from qqq_compile.models import load_model
+
+            model, tokenizer = load_model("demo")
+            calib = token_windows(
+                tokenizer, load_text("wikipedia"), 512, region=CALIB_REGION, n=int(options["calib_windows"]), seed=0
+            )
+            config = qc.CompileConfig(preset=options["preset"])
+            self.compiled = qc.compile(model, calib=calib, config=config, progress=False)
+            del model  # the compiled model holds its own weights; keep the float ones out of RSS
+            info["source"] = f"compiled: preset {options['preset']!r}, {len(calib)} x 512 calibration windows"
+        if not callable(getattr(self.compiled, "generate", None)):
+            raise RuntimeError(self._no_generate(type(self.compiled).__name__))
+        if callable(getattr(self.compiled, "weight_bytes", None)):
+            info["weight_bytes"] = int(self.compiled.weight_bytes())
+            info["weight_bytes_source"] = "compiled.weight_bytes()"
+        return info
+
+    @staticmethod
+    def _no_generate(what: str) -> str:
+        return (
+            f"{what} has no generate() yet: this engine calls compiled.generate(input_ids, max_new_tokens=N, "
+            "do_sample=False, streamer=S, runtime='eager'|'aot') -> LongTensor [B, prompt + N]"
+        )
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new: int, clock: TokenClock) -> list[list[int]]:
+        ids = torch.tensor(prompts, dtype=torch.long)
+        out = self.compiled.generate(
+            ids, max_new_tokens=max_new, do_sample=False, streamer=ClockStreamer(clock), runtime=self.runtime
+        )
+        return out[:, ids.shape[1] :].tolist()
