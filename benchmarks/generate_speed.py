@@ -65,6 +65,7 @@ ENGINES: dict[str, EngineSpec] = {
     "llamacpp-q4_0": EngineSpec("engines.llamacpp:LlamaCppEngine", {"quant": "q4_0"}, "llamacpp"),
     "ours-eager": EngineSpec("engines.torch_engines:OursEngine", {"runtime": "eager"}),
     "ours-compiled": EngineSpec("engines.torch_engines:OursEngine", {"runtime": "aot"}),
+    "ours-compiled-int8head": EngineSpec("engines.torch_engines:OursEngine", {"runtime": "aot", "int8_head": True}),
 }
 
 
@@ -290,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
         "preset": args.preset,
         "calib_windows": args.calib_windows,
         "artifact": args.artifact,
+        # The KV cache ours builds once: every case's rows, its longest prompt + new tokens.
+        "batch": max(len(p) for p in cases.values()),
+        "max_len": max(len(r) for p in cases.values() for r in p) + args.new_tokens,
     }
     log_dir = Path(tempfile.mkdtemp(prefix="generate_speed-logs-"))
     t0 = time.time()
