@@ -592,11 +592,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _compile_config(args: argparse.Namespace, preset: str | None = None) -> Any:
     from .config import CalibConfig, CompileConfig, QuantConfig
 
-    quant = QuantConfig(group_size=args.group_size, float_weight_dtype=args.float_weight_dtype)
+    quant = QuantConfig(
+        group_size=args.group_size, float_weight_dtype=args.float_weight_dtype, int8_head=args.int8_head
+    )
     return CompileConfig(preset=preset or args.preset, quant=quant, calib=CalibConfig(batch_size=args.batch_size))
 
 
 def _add_float_weight_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--int8-head",
+        action="store_true",
+        help="lm_head and embedding as int8 W8A8: ~4x fewer bytes per decoded token for it, +0.5%% ppl on SmolLM2",
+    )
     p.add_argument(
         "--float-weight-dtype",
         choices=("bfloat16", "float16"),

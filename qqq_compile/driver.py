@@ -24,6 +24,7 @@ from .analysis_notes import float_weights_note
 from .config import CompileConfig, ConfigError
 from .errors import PipelineError
 from .passes.cast_float import CastFloatWeights
+from .passes.int8_head import Int8Head
 from .pipeline import (
     CompileContext,
     DumpGraphs,
@@ -56,6 +57,8 @@ def implied_passes(config: CompileConfig, pass_list: Sequence[QQQPass]) -> list[
     extra: list[QQQPass] = []
     if config.quant.float_weight_dtype and not any(p.name == "cast_float" for p in pass_list):
         extra.append(CastFloatWeights())  # reads ctx.quant.float_weight_dtype; runs after lowering
+    if config.quant.int8_head and not any(p.name == "int8_head" for p in pass_list):
+        extra.append(Int8Head(embedding=True))
     return extra
 
 

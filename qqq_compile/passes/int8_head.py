@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
 
 from .. import kernels  # noqa: F401 - registers torch.ops.qqq.*
+from ..config import ConfigError
 from ..formats import quantize_int8_per_row
 from ..graph import LinearSite, consumers, get_attr, get_bias, get_weight, info, linear_sites, match_linear
-from ..pipeline import CompileContext, PassResult, QQQPass, register_pass
+from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
 
 aten = torch.ops.aten
 _EMBEDDING = aten.embedding.default
 _W8A8 = torch.ops.qqq.w8a8_linear.default
 _QQQ_LINEARS = (_W8A8, torch.ops.qqq.w4a8_linear.default, torch.ops.qqq.w4a8_linear_q.default)
 META = "qqq_int8_head"  # node.meta key on the rewritten nodes: what they replaced
+
+
+@dataclass(frozen=True)
+class Int8HeadConfig(PassConfig):
+    """``embedding``: also store the embedding table (tied or not) as int8 rows."""
+
+    embedding: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.embedding, bool):
+            raise ConfigError(f"Int8Head(embedding=...) must be a bool, got {self.embedding!r}")
 
 
 @register_pass("int8_head")
@@ -46,20 +59,14 @@ class Int8Head(QQQPass):
     """
 
     name = "int8_head"
+    config_class = Int8HeadConfig
+    replay_mode = "rerun"  # deterministic given the graph and the config; saved tensors then win
 
     def __init__(self, embedding: bool = False):
-        if not isinstance(embedding, bool):
-            raise TypeError(f"Int8Head(embedding=...) must be a bool, got {embedding!r}")
-        self.embedding = embedding
-
-    def replay(self, graph_module: GraphModule, ctx: CompileContext, state: dict | None) -> PassResult:
-        """Rebuild the rewrite on a loaded graph with the options saved at compile time."""
-        embedding = bool((state or {}).get("embedding", self.embedding))
-        return Int8Head(embedding=embedding).call(graph_module, ctx)
+        super().__init__(Int8HeadConfig(embedding))
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module
-        gm.meta.setdefault("qqq_replay", {})[self.name] = {"embedding": self.embedding}
         before = tensor_bytes(gm)
         site = find_lm_head(gm)
         embeddings = [n for n in gm.graph.nodes if _is_embedding(n)] if self.embedding else []

@@ -11,6 +11,7 @@ from torch.fx import Interpreter
 
 import qqq_compile as qc
 from qqq_compile import CompileContext, QuantConfig, capture
+from qqq_compile.config import ConfigError
 from qqq_compile.formats import quantize_int8_per_row
 from qqq_compile.graph import get_attr, linear_sites
 from qqq_compile.kernels import cpu
@@ -145,8 +146,9 @@ def test_no_head_is_a_no_op():
 
 def test_registered_and_options_checked():
     assert PASSES.get("int8_head") is Int8Head
-    with pytest.raises(TypeError, match="bool"):
+    with pytest.raises(ConfigError, match="bool"):
         Int8Head(embedding="yes")
+    assert Int8Head.from_config(Int8Head(embedding=True).config) == Int8Head(embedding=True)
 
 
 def test_compile_save_load_round_trip(tmp_path):
@@ -161,3 +163,13 @@ def test_compile_save_load_round_trip(tmp_path):
     assert count(loaded.graph_module, W8A8) == 1
     with torch.no_grad():
         torch.testing.assert_close(loaded(X).logits, cm(X).logits, rtol=0, atol=0)
+
+
+def test_the_config_option_appends_the_pass():
+    import qqq_compile as qc
+    from tests.conftest import tiny_calib, tiny_model
+
+    cfg = {"preset": "rtn", "quant": {"int8_head": True}}
+    compiled = qc.compile(tiny_model("llama"), calib=tiny_calib(), config=cfg, progress=False)
+    assert compiled.report.pipeline[-1] == "int8_head"
+    assert sum(n.target is torch.ops.qqq.w8a8_linear.default for n in compiled.graph_module.graph.nodes) == 1
