@@ -410,11 +410,17 @@ def test_smollm2_rtn_round_trip(smollm2, wiki_splits, tmp_path):
     with torch.no_grad():
         ref = compiled(x).logits
     save(compiled, tmp_path / "smollm2", tokenizer=tokenizer)
+    t0 = time.perf_counter()
     back = load(tmp_path / "smollm2")
+    seconds = time.perf_counter() - t0
+    assert back.rebuilt_by == "graph", back.rebuild_note  # 3.0-3.3 s measured; capture + replay took 52-58 s
+    assert seconds < 20, seconds  # generous: a loaded machine, not a benchmark
     with torch.no_grad():
         out = back(x).logits
     assert torch.equal(out, ref)
     assert count(back.graph_module, W4A8) == 210  # 30 layers x 7 projections; lm_head stays float
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "smollm2", rebuild="replay")(x).logits, ref)  # the fallback
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert (tmp_path / "smollm2" / WEIGHTS).stat().st_size < 0.4 * float_bytes
 
@@ -585,11 +591,17 @@ def test_annotation_codec_round_trips_every_linear(rotated):
                 assert torch.equal(a[k], b[k]), k
             elif k == "packed" and b[k] is not None:
                 ta, tb = a[k].tensors(), b[k].tensors()
-                assert ta.keys() == tb.keys() and all(torch.equal(ta[t], tb[t]) for t in ta)
+                assert ta.keys() == tb.keys()
+                assert all(
+                    (ta[t] is None) == (tb[t] is None) and (ta[t] is None or torch.equal(ta[t], tb[t])) for t in ta
+                )
                 assert (a[k].group_size, a[k].in_features) == (b[k].group_size, b[k].in_features)
             else:
                 assert a[k] == b[k], k
         if ann.smooth is not None:
             n_smoothed += 1
-            assert type(smooth) is type(ann.smooth) and torch.equal(smooth.scales, ann.smooth.scales)
+            assert type(smooth) is type(ann.smooth)
+            for k, v in vars(ann.smooth).items():
+                got = getattr(smooth, k)
+                assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v or got != got, k  # nan
     assert n_smoothed > 0
