@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from .api import calib_batches
+from .calib import calib_batches
 from .capture import export_graph
 from .config import CompileConfig
 from .driver import PassSpec, as_config, build_passes, run_pipeline
