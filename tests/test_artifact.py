@@ -433,6 +433,7 @@ def every_pass_non_default():
     from qqq_compile.passes.cast_float import CastFloatWeights
     from qqq_compile.passes.fuse_norm_quant import FuseNormQuant
     from qqq_compile.passes.gptq import GPTQ
+    from qqq_compile.passes.int8_head import Int8Head
     from qqq_compile.passes.rotate import Rotate
     from qqq_compile.passes.smooth import Smooth
 
@@ -446,6 +447,7 @@ def every_pass_non_default():
         LowerW4A8(),
         FuseNormQuant(),
         CastFloatWeights("bfloat16"),
+        Int8Head(embedding=True),
     ]
 
 
