@@ -177,10 +177,12 @@ class CompiledModel(torch.nn.Module):
         return out
 
     def save(self, path: str, tokenizer: Any = None) -> None:
-        """Write packed weights + manifest atomically (see :mod:`qqq_compile.artifact`)."""
-        from .artifact import save
+        """Write packed weights + manifest atomically (see :mod:`qqq_compile.artifact`).
 
-        save(self, path, tokenizer=tokenizer)
+        The work lives in the artifact layer, above this one: importing
+        :mod:`qqq_compile.artifact` (``import qqq_compile`` does) installs it here, so no
+        import points up."""
+        raise RuntimeError("CompiledModel.save needs qqq_compile.artifact: import qqq_compile first")
 
     def weight_bytes(self) -> int:
         """Bytes of all parameters and buffers the compiled graph holds."""

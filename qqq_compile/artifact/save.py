@@ -170,3 +170,12 @@ def _model_dtype(gm: GraphModule, graph_tensors: dict[str, torch.Tensor]) -> str
 def op_counts(gm: GraphModule) -> dict[str, int]:
     counts = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
     return dict(sorted(counts.items()))
+
+
+def _save_method(self: CompiledModel, path: str, tokenizer: Any = None) -> None:
+    """``CompiledModel.save``: :func:`save` as a method."""
+    save(self, path, tokenizer=tokenizer)
+
+
+_save_method.__doc__ = CompiledModel.save.__doc__
+CompiledModel.save = _save_method  # the upper layer provides the method (see compiled.py)
