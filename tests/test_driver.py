@@ -48,7 +48,8 @@ def builtin_pass_classes() -> dict[str, type[QQQPass]]:
 def test_every_builtin_pass_is_data():
     classes = builtin_pass_classes()
     assert set(classes) == {
-        "observe", "calibrate", "rotate", "smooth", "gptq", "quantize_rtn", "lower", "fuse_norm_quant", "cast_float"
+        "observe", "calibrate", "rotate", "smooth", "gptq", "quantize_rtn", "lower", "fuse_norm_quant", "cast_float",
+        "int8_head",
     }  # fmt: skip
     for name, cls in classes.items():
         p = cls()
