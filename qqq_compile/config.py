@@ -13,7 +13,7 @@ from .errors import ConfigError
 
 T = TypeVar("T", bound="ConfigBase")
 
-__all__ = ["CalibConfig", "CompileConfig", "ConfigBase", "ConfigError", "QuantConfig"]
+__all__ = ["CalibConfig", "CompileConfig", "ConfigBase", "ConfigError", "QuantConfig", "check_group_size"]
 
 
 class ConfigBase:

@@ -301,7 +301,7 @@ def test_keyboard_interrupt_during_save_leaves_no_half_artifact(compiled_tiny, t
             f.write(b"\0" * 100)  # half a file, then Ctrl-C
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(artifact, "save_file", interrupted_writer)
+    monkeypatch.setattr(artifact.files, "save_file", interrupted_writer)
     with pytest.raises(KeyboardInterrupt):
         save(compiled_tiny, target)
     if existing:
@@ -350,7 +350,7 @@ def test_qqq_preset_artifacts_are_byte_identical(tmp_path):
         compiled = qc.compile(llama(), tiny_calib(), {"preset": "qqq", "quant": {"group_size": 32}}, progress=False)
         path = save(compiled, tmp_path / f"run{run}")
         files.append({p.name: p.read_bytes() for p in path.iterdir()})
-    assert files[0].keys() == files[1].keys() == {MANIFEST, WEIGHTS}
+    assert files[0].keys() == files[1].keys() == {MANIFEST, WEIGHTS, artifact.GRAPH, artifact.SOURCE_GRAPH}
     assert [k for k in files[0] if files[0][k] != files[1][k]] == []
     other = qc.compile(llama(seed=1), tiny_calib(), {"preset": "qqq", "quant": {"group_size": 32}}, progress=False)
     save(other, tmp_path / "other")
