@@ -150,17 +150,14 @@ class CompiledModel(torch.nn.Module):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
             attention_mask = attention_mask[None] if attention_mask is not None else None
-        step = self._step
-        rows, need = input_ids.shape[0], input_ids.shape[-1] + max_new_tokens
-        if step is None or (runtime is not None and step.runtime != runtime):
-            step = None
-        elif not self._step_explicit and (step.spec.max_len < need or step.spec.max_batch < rows):
-            step = None
-        if step is None:
-            base = self._step.spec if self._step is not None else None
-            size = max(need, base.max_len if base else 0)
-            limit = min(max(size, 512), 2048) if size <= 2048 else size
-            step = self._build_step(max(rows, base.max_batch if base else 1), limit, runtime or "auto")
+        old, rows, need = self._step, input_ids.shape[0], input_ids.shape[-1] + max_new_tokens
+        fits = old is not None and old.spec.max_len >= need and old.spec.max_batch >= rows
+        if old is not None and (runtime is None or old.runtime == runtime) and (fits or self._step_explicit):
+            step = old  # an explicitly prepared step too small for the request refuses it in _generate
+        else:
+            # Grow, never shrink, what an earlier request needed; 512 positions at least.
+            size = max(need, 512, old.spec.max_len if old else 0)
+            step = self._build_step(max(rows, old.spec.max_batch if old else 1), size, runtime or "auto")
             self._step, self._step_explicit = step, False
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)

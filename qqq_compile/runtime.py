@@ -87,13 +87,11 @@ def _ensure_cpp_kernels() -> bool:
     return ensure_cpp_kernels()
 
 
-def _aot_compile(
-    cached: GraphModule, spec: CacheSpec, path: Path, progress: bool
-) -> None:
+def _aot_compile(cached: GraphModule, spec: CacheSpec, path: Path, progress: bool) -> None:
     from torch.export import Dim
 
     b, t = spec.max_batch, spec.max_len
-    batch = Dim("batch", min=1, max=max(b, 2)) if b > 1 else None
+    batch = Dim("batch", min=1, max=b) if b > 1 else None  # a 1-row cache: batch stays static
     seq = Dim("seq", min=1, max=t)
     kv = Dim("kv", min=1, max=t)
     example = (
