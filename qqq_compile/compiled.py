@@ -39,9 +39,12 @@ class CompiledModel(torch.nn.Module):
         self.model_config = model_config
         self.model_class = model_class
         self.source_graph = source_graph  # readable graph before the pipeline (for reports)
-        self._step: Any = None  # the generation step (prepare_generation / generate)
+        # Decode steps: those prepare_generation built (kept as built, several sizes may
+        # coexist: a batch-1 step is static in the batch and faster), and the one generate()
+        # grows on demand when none was prepared.
+        self._prepared: list[Any] = []
+        self._auto_step: Any = None
         self.aot_dir: str | None = None  # where AOT packages go (an artifact's aot/; else the cache)
-        self._step_explicit = False
 
     def forward(self, input_ids: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         kwargs.pop("use_cache", None)
@@ -76,10 +79,15 @@ class CompiledModel(torch.nn.Module):
         ``max_len`` (prompt + new tokens) defaults to the model's context capped at 2048.
         ``runtime``: ``"eager"`` (FX, the reference), ``"aot"`` (AOTInductor, C++, cached on
         disk) or ``"auto"`` (AOT, falling back to eager with a report note if it cannot be
-        built). A step prepared here is kept as built: requests that do not fit are refused."""
-        self._step = self._build_step(max_batch, max_len, runtime, package_dir, progress)
-        self._step_explicit = True
-        return self._step
+        built). A step prepared here is kept as built; several may be prepared (say
+        ``max_batch=1`` and ``max_batch=8``: a one-row step has a static batch and decodes
+        faster), and :meth:`generate` takes the smallest that fits each request. Requests
+        that fit none are refused."""
+        step = self._build_step(max_batch, max_len, runtime, package_dir, progress)
+        same = (step.runtime, step.spec.max_batch, step.spec.max_len)
+        self._prepared = [s for s in self._prepared if (s.runtime, s.spec.max_batch, s.spec.max_len) != same]
+        self._prepared.append(step)
+        return step
 
     def _build_step(
         self, max_batch: int, max_len: int | None, runtime: str, package_dir: str | None = None, progress: bool = True
@@ -150,19 +158,28 @@ class CompiledModel(torch.nn.Module):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
             attention_mask = attention_mask[None] if attention_mask is not None else None
-        old, rows, need = self._step, input_ids.shape[0], input_ids.shape[-1] + max_new_tokens
-        fits = old is not None and old.spec.max_len >= need and old.spec.max_batch >= rows
-        if old is not None and (runtime is None or old.runtime == runtime) and (fits or self._step_explicit):
-            step = old  # an explicitly prepared step too small for the request refuses it in _generate
-        else:
-            # Grow, never shrink, what an earlier request needed; 512 positions at least.
-            size = max(need, 512, old.spec.max_len if old else 0)
-            step = self._build_step(max(rows, old.spec.max_batch if old else 1), size, runtime or "auto")
-            self._step, self._step_explicit = step, False
+        step = self._pick_step(input_ids.shape[0], input_ids.shape[-1] + max_new_tokens, runtime)
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
         out = _generate(step, input_ids, attention_mask, cfg, streamer=streamer, generator=generator)
         return out if return_dict_in_generate else out.sequences
+
+    def _pick_step(self, rows: int, need: int, runtime: str | None) -> Any:
+        """The smallest prepared step that fits ``rows`` x ``need`` positions; with prepared
+        steps but none fitting, the largest (which refuses the request with the fix);
+        without any, the on-demand step, grown (never shrunk) to what requests needed."""
+        prepared = [s for s in self._prepared if runtime is None or s.runtime == runtime]
+        if prepared:
+            fit = [s for s in prepared if s.spec.max_batch >= rows and s.spec.max_len >= need]
+            size = lambda s: (s.spec.max_batch, s.spec.max_len)  # noqa: E731
+            return min(fit, key=size) if fit else max(prepared, key=size)
+        old = self._auto_step
+        if old is not None and (runtime is None or old.runtime == runtime):
+            if old.spec.max_len >= need and old.spec.max_batch >= rows:
+                return old
+        size = max(need, 512, old.spec.max_len if old else 0)  # 512 positions at least
+        self._auto_step = self._build_step(max(rows, old.spec.max_batch if old else 1), size, runtime or "auto")
+        return self._auto_step
 
     def linears(self) -> list[LinearInfo]:
         """Per-linear facts (name, shape, format, method), in graph order."""

@@ -29,6 +29,8 @@ import torch
 from torch.fx import GraphModule
 
 from .cache import CacheSpec, add_kv_cache
+from .passes.fuse_linears import FuseLinears
+from .pipeline import CompileContext
 
 RUNTIMES = ("eager", "aot")
 
@@ -130,9 +132,13 @@ def build_step(
         raise ValueError(f"runtime={runtime!r} is not known; use one of {RUNTIMES}")
     t0 = time.perf_counter()
     cached, spec = add_kv_cache(gm, max_batch=max_batch, max_len=max_len)
+    # One kernel call per group of projections reading one input (q/k/v, gate/up): exact,
+    # and at one token per step the per-call costs are a large share of each GEMV.
+    ctx = CompileContext()
+    FuseLinears()(cached, ctx)
+    notes = [n.message for n in ctx.notes]
     if runtime == "eager":
-        return DecodeStep("eager", spec, cached, cached, build_seconds=time.perf_counter() - t0)
-    notes = []
+        return DecodeStep("eager", spec, cached, cached, build_seconds=time.perf_counter() - t0, notes=notes)
     if not _ensure_cpp_kernels():
         notes.append("C++ W4A8 kernels unavailable: the compiled step calls the Python kernels")
     folder = Path(package_dir) if package_dir is not None else default_package_dir()

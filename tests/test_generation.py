@@ -161,7 +161,25 @@ def test_request_larger_than_a_prepared_cache_is_refused(pair):
         compiled.generate(torch.randint(0, 256, (1, 10)), max_new_tokens=10)
     with pytest.raises(GenerationError, match="larger than the 1 rows the KV cache was built for"):
         compiled.generate(torch.randint(0, 256, (2, 4)), max_new_tokens=2)
-    compiled._step = None  # leave the shared fixture as it was
+    compiled._prepared = []  # leave the shared fixture as it was
+
+
+def test_generate_takes_the_smallest_prepared_step_that_fits(pair):
+    _, compiled = pair
+    small = compiled.prepare_generation(max_batch=1, max_len=24, runtime="eager")
+    wide = compiled.prepare_generation(max_batch=2, max_len=24, runtime="eager")
+    again = compiled.prepare_generation(max_batch=1, max_len=24, runtime="eager")  # replaces `small`
+    try:
+        assert compiled._prepared == [wide, again] and small not in compiled._prepared
+        assert compiled._pick_step(1, 20, None) is again
+        assert compiled._pick_step(2, 20, None) is wide
+        one = compiled.generate(torch.randint(0, 256, (1, 4)), max_new_tokens=3, return_dict_in_generate=True)
+        two = compiled.generate(torch.randint(0, 256, (2, 4)), max_new_tokens=3, return_dict_in_generate=True)
+        assert one.sequences.shape == (1, 7) and two.sequences.shape == (2, 7)
+        with pytest.raises(GenerationError, match="larger than the 2 rows"):  # the largest refuses
+            compiled.generate(torch.randint(0, 256, (3, 4)), max_new_tokens=2)
+    finally:
+        compiled._prepared = []
 
 
 def test_right_padding_and_float_ids_are_refused(pair):
