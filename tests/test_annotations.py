@@ -39,7 +39,7 @@ def nodes(n: int = 2) -> list[Node]:
 def test_every_fact_lives_in_the_one_annotation():
     model = tiny_model("llama", num_hidden_layers=1)
     passes = [Rotate(), Smooth(n_grid=4), QuantizeRTN(), LowerW4A8(), CastFloatWeights("bfloat16")]
-    gm = qc.compile(model, tiny_calib(4, 32), passes=passes, progress=False).graph_module
+    gm = qc.compile(model, tiny_calib(8, 32), passes=passes, progress=False).graph_module
     anns = {n: n.meta[KEY] for n in gm.graph.nodes if KEY in n.meta}
     assert all(type(a) is NodeAnnotation and not a.is_empty() for a in anns.values())
     assert not [n.name for n in gm.graph.nodes if set(LEGACY_NODE_KEYS.values()) & set(n.meta)]
