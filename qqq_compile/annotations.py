@@ -3,23 +3,30 @@ artifacts and reports use for them.
 
 Schema:
 
-* ``node.meta["qqq"]`` on a linear site: its :class:`~qqq_compile.graph.LinearInfo`
-  (``graph.info(node)`` reads it).
-* other per-node facts: the smoothing record of the linear's group, the role a linear
-  plays in the rotation (``"reader"``, ``"writer"``, ``"writer+online_hadamard"``), the
-  size of an online Hadamard transform a node applies, whether a consumer reads a weight
-  that ``cast_float`` stored in another dtype. :func:`node_annotation` gathers them all
-  into one :class:`NodeAnnotation`; :func:`set_node_annotation` writes one back.
+* ``node.meta["qqq"]``: one :class:`NodeAnnotation` per annotated node, holding every
+  fact qqq_compile records about it: the linear's :class:`LinearInfo` (``graph.info(node)``
+  reads it), the smoothing record of the linear's group, the role a linear plays in the
+  rotation (``"reader"``, ``"writer"``, ``"writer+online_hadamard"``), the size of an
+  online Hadamard transform a node applies, and whether a consumer reads a weight that
+  ``cast_float`` stored in another dtype.
 * ``gm.meta["qqq"]``: a :class:`GraphAnnotation` with the per-pass state that
   ``replay()`` methods need at load time (:func:`set_replay_state`).
 
-The per-node facts other than ``LinearInfo`` are still stored under the keys in
-:data:`NODE_KEYS` because the passes that write them (``smooth``, ``rotate``,
-``cast_float``) and the readers in ``inspect``/``export`` are being changed elsewhere;
-going through the functions here keeps working when they move into ``meta["qqq"]``.
+Passes and readers go through the functions here, never through ``node.meta`` directly:
+:func:`node_annotation` (read), :func:`annotate` (change some fields),
+:func:`set_node_annotation` (replace), :func:`linear_info`. Writes are copy-on-write: a
+pass that copies a node's ``meta`` into a new node shares the annotation, and a later
+write to one node must not change the other (as it did not with one key per fact).
+
+Legacy: code written before the facts moved into ``meta["qqq"]`` stored a bare
+``LinearInfo`` there and the other facts under :data:`LEGACY_NODE_KEYS`; such nodes are
+read as if annotated here, and the next write moves them. Artifacts never stored those
+keys (their codec below names the fields), and ``gm.meta["qqq_replay"]`` (format 1.0)
+is taken over by :func:`graph_annotation`.
 
 Codec: :func:`encode_linear`/:func:`decode_linear` (one linear's facts as the JSON record
-an artifact's manifest lists, tensors by key into a side table) and
+an artifact's manifest lists, tensors by key into a side table),
+:func:`encode_node`/:func:`decode_node` (a whole annotation, for the graph file) and
 :func:`encode_value`/:func:`decode_value` (any annotation value: dataclasses, tensors,
 non-finite floats).
 """
@@ -37,22 +44,43 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .formats import PackedW4
-from .graph import LinearInfo, info
 
 KEY = "qqq"
-#: Where each per-node fact other than ``LinearInfo`` is stored (see the module docstring).
-NODE_KEYS = {
+#: Where code before the one annotation kept each fact (read, never written; see above).
+LEGACY_NODE_KEYS = {
     "smooth": "qqq_smooth",
     "rotate": "qqq_rotate",
     "online_hadamard": "qqq_online_hadamard",
     "float_cast": "qqq_float_cast",
 }
+#: The facts other than ``linear``, as the codec names them.
+EXTRA_FIELDS = ("rotate", "online_hadamard", "float_cast")
 _LEGACY_REPLAY = "qqq_replay"  # gm.meta key of format 1.0
 
 
 @dataclass
+class LinearInfo:
+    """Facts about one linear site (``NodeAnnotation.linear``), written by analysis passes."""
+
+    fqn: str
+    in_features: int
+    out_features: int
+    act_absmax: torch.Tensor | None = None  # [K] max |x| per input channel
+    act_samples: int = 0
+    hessian: torch.Tensor | None = None  # [K, K] fp32, 2/n * X^T X
+    smooth_group: str | None = None
+    smooth_scale_range: tuple[float, float] | None = None
+    gptq: dict[str, Any] | None = None  # damping used, retries, loss
+    packed: PackedW4 | None = None
+    method: str | None = None  # "rtn" | "gptq"
+    weight_sqnr_db: float | None = None
+    lowered: bool = False
+    skipped: str | None = None  # why it stays in float
+
+
+@dataclass
 class NodeAnnotation:
-    """Everything qqq_compile records about one node."""
+    """Everything qqq_compile records about one node (``node.meta["qqq"]``)."""
 
     linear: LinearInfo | None = None
     smooth: Any = None  # passes.smooth.SmoothRecord (typed loosely: annotations sit below the passes)
@@ -72,25 +100,56 @@ class GraphAnnotation:
     replay: dict[str, Any] = field(default_factory=dict)
 
 
+_EMPTY = NodeAnnotation()
+
+
+def _stored(node: Node) -> NodeAnnotation:
+    """The annotation as stored (shared: do not change it), legacy keys included."""
+    meta = node.meta
+    v = meta.get(KEY)
+    if isinstance(v, NodeAnnotation) and not any(k in meta for k in LEGACY_NODE_KEYS.values()):
+        return v
+    return _from_legacy(meta)
+
+
+def _from_legacy(meta: dict[str, Any]) -> NodeAnnotation:
+    v = meta.get(KEY)
+    ann = dataclasses.replace(v) if isinstance(v, NodeAnnotation) else NodeAnnotation()
+    if isinstance(v, LinearInfo):  # a bare LinearInfo: meta["qqq"] before the one annotation
+        ann.linear = v
+    for name, key in LEGACY_NODE_KEYS.items():
+        if meta.get(key) is not None:
+            setattr(ann, name, bool(meta[key]) if name == "float_cast" else meta[key])
+    return ann if ann != _EMPTY else _EMPTY
+
+
 def node_annotation(node: Node) -> NodeAnnotation:
-    """All annotations of ``node`` (a fresh view; change it with :func:`set_node_annotation`)."""
-    li = info(node)
-    return NodeAnnotation(
-        linear=li if isinstance(li, LinearInfo) else None,
-        **{k: node.meta.get(key) for k, key in NODE_KEYS.items() if k != "float_cast"},
-        float_cast=bool(node.meta.get(NODE_KEYS["float_cast"])),
-    )
+    """All annotations of ``node``: a copy (change them with :func:`annotate` or
+    :func:`set_node_annotation`); the ``LinearInfo`` in it is the node's own."""
+    return dataclasses.replace(_stored(node))
+
+
+def linear_info(node: Node) -> LinearInfo | None:
+    """The node's :class:`LinearInfo` (None unless it is an annotated linear site)."""
+    return _stored(node).linear
 
 
 def set_node_annotation(node: Node, ann: NodeAnnotation) -> None:
-    if ann.linear is not None:
-        node.meta[KEY] = ann.linear
-    for k, key in NODE_KEYS.items():
-        v = getattr(ann, k)
-        if v is None or v is False:
-            node.meta.pop(key, None)
-        else:
-            node.meta[key] = v
+    """Store ``ann`` as all of ``node``'s annotations (an empty one removes them)."""
+    for key in LEGACY_NODE_KEYS.values():
+        node.meta.pop(key, None)
+    if ann.is_empty():
+        node.meta.pop(KEY, None)
+    else:
+        node.meta[KEY] = ann
+
+
+def annotate(node: Node, **fields: Any) -> NodeAnnotation:
+    """Set some of ``node``'s annotation fields (``annotate(n, rotate="reader")``),
+    keeping the others; returns the new annotation. Unknown field names raise TypeError."""
+    ann = dataclasses.replace(_stored(node), **fields)
+    set_node_annotation(node, ann)
+    return ann
 
 
 def graph_annotation(gm: GraphModule) -> GraphAnnotation:
@@ -222,7 +281,7 @@ def decode_linear(rec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tupl
 
 def encode_node(node: Node, base: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
     """All of ``node``'s annotations as JSON (None when it has none)."""
-    ann = node_annotation(node)
+    ann = _stored(node)
     if ann.is_empty():
         return None
     out: dict[str, Any] = {}
@@ -230,16 +289,28 @@ def encode_node(node: Node, base: str, tensors: dict[str, torch.Tensor]) -> dict
         out["linear"] = encode_linear(ann.linear, base, tensors, ann.smooth)
     elif ann.smooth is not None:
         out["smooth"] = encode_value(ann.smooth, base + "smooth", tensors)
-    for k in ("rotate", "online_hadamard", "float_cast"):
-        if getattr(ann, k) not in (None, False):
-            out[k] = getattr(ann, k)
+    out.update(encode_extras(ann))
     return out
 
 
-def decode_node(d: dict[str, Any], tensors: dict[str, torch.Tensor]) -> NodeAnnotation:
+def encode_extras(ann: NodeAnnotation) -> dict[str, Any]:
+    """The facts of ``ann`` other than the linear and its smoothing record, as JSON."""
+    return {k: getattr(ann, k) for k in EXTRA_FIELDS if getattr(ann, k) not in (None, False)}
+
+
+def decode_node(
+    d: dict[str, Any], tensors: dict[str, torch.Tensor], layers: list[dict[str, Any]] | None = None
+) -> NodeAnnotation:
+    """The inverse of :func:`encode_node`. A graph file's entry for a linear points at its
+    manifest record instead (``{"layer": i, ...}``, ``layers`` = the manifest's list).
+    Fields this version does not know (a later minor format) are ignored."""
     ann = NodeAnnotation(rotate=d.get("rotate"), online_hadamard=d.get("online_hadamard"))
     ann.float_cast = bool(d.get("float_cast"))
-    if "linear" in d:
+    if "layer" in d:
+        if layers is None:
+            raise KeyError(f"node record {d} points at linear record {d['layer']}, but no records were given")
+        ann.linear, ann.smooth = decode_linear(layers[d["layer"]], tensors)
+    elif "linear" in d:
         ann.linear, ann.smooth = decode_linear(d["linear"], tensors)
     elif "smooth" in d:
         ann.smooth = decode_value(d["smooth"], tensors)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.export import Dim
 
 import qqq_compile as qc
+from qqq_compile.annotations import node_annotation
 from qqq_compile.graph import linear_sites
 from qqq_compile.passes.smooth import SmoothRecord
 from qqq_compile.pipeline import sqnr_db
@@ -68,7 +69,8 @@ def test_ln_gelu_mlp_qqq_smooths_into_layernorm_and_explains_the_gelu():
     calib = [torch.randn(128, 256) for _ in range(4)]
     out = qc.compile(mlp, calib=calib, progress=False)  # qqq: smooth + gptq
     assert count(out.graph_module) == 2
-    rec = {n.meta["qqq"].fqn: n.meta.get("qqq_smooth") for n in out.graph_module.graph.nodes if "qqq" in n.meta}
+    anns = [node_annotation(n) for n in out.graph_module.graph.nodes]
+    rec = {a.linear.fqn: a.smooth for a in anns if a.linear is not None}
     assert isinstance(rec["1"], SmoothRecord) and rec["1"].param is not None  # LayerNorm → linear 1
     assert "3: its producer 1 does not qualify" in notes(out) and "gelu" in notes(out)
     rtn = qc.compile(mlp, calib=calib, config=RTN, progress=False)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import qqq_compile
 from qqq_compile import artifact
-from qqq_compile.annotations import replay_states, set_replay_state
+from qqq_compile.annotations import LEGACY_NODE_KEYS, node_annotation, replay_states, set_replay_state
 from qqq_compile.artifact import MANIFEST, WEIGHTS, ArtifactError, load, load_tokenizer, save
 from qqq_compile.graph import linear_sites
 from qqq_compile.passes.calibrate import Calibrate
@@ -375,7 +375,7 @@ def test_rotation_smoothing_and_fusion_round_trip_bit_exact(rotated, how):
     assert torch.equal(back(x).logits, compiled(x).logits)
 
     def online_hadamards(gm):
-        return sum("qqq_online_hadamard" in n.meta for n in gm.graph.nodes)
+        return sum(node_annotation(n).online_hadamard is not None for n in gm.graph.nodes)
 
     assert online_hadamards(back.graph_module) == online_hadamards(compiled.graph_module) > 0
     fused = torch.ops.qqq.rmsnorm_quant.default
@@ -388,7 +388,7 @@ def test_rotation_smoothing_and_fusion_round_trip_bit_exact(rotated, how):
             assert torch.equal(a.act_absmax, b.act_absmax)
 
     def smooth_records(gm):
-        return [n.meta["qqq_smooth"] for n in gm.graph.nodes if "qqq_smooth" in n.meta]
+        return [r for n in gm.graph.nodes if (r := node_annotation(n).smooth) is not None]
 
     saved_recs, loaded_recs = smooth_records(compiled.graph_module), smooth_records(back.graph_module)
     assert len(loaded_recs) == len(saved_recs) > 0
@@ -565,6 +565,29 @@ def test_format_1_0_artifacts_still_load(saved, copy):
     ]
 
 
+def test_format_1_0_rotated_and_smoothed_artifact_loads_into_the_one_annotation(rotated, tmp_path):
+    """Format 1.0 kept smoothing records in its layer list (and the rewrite state under
+    gm.meta["qqq_replay"]); replayed, every fact lands in node.meta["qqq"]."""
+    compiled, path = rotated
+    shutil.copytree(path, tmp_path / "old")
+    as_format_1_0(tmp_path / "old")
+    back = load(tmp_path / "old")
+    x = torch.randint(0, 256, (2, 16))
+    assert back.rebuilt_by == "replay" and torch.equal(back(x).logits, compiled(x).logits)
+    gm = back.graph_module
+    assert not [n.name for n in gm.graph.nodes if set(LEGACY_NODE_KEYS.values()) & set(n.meta)]
+
+    def facts(gm):
+        anns = [node_annotation(n) for n in gm.graph.nodes]
+        return (
+            sorted((a.smooth.group, a.linear.fqn) for a in anns if a.smooth is not None and a.linear is not None),
+            sum(a.online_hadamard is not None for a in anns),
+            sorted(a.rotate for a in anns if a.rotate),
+        )
+
+    assert facts(gm) == facts(compiled.graph_module) and facts(gm)[0] and facts(gm)[1]
+
+
 def test_format_1_0_with_pass_options_says_how_to_save_again(every_pass, tmp_path):
     shutil.copytree(every_pass[1], tmp_path / "old")
     as_format_1_0(tmp_path / "old")
@@ -574,7 +597,7 @@ def test_format_1_0_with_pass_options_says_how_to_save_again(every_pass, tmp_pat
 
 def test_annotation_codec_round_trips_every_linear(rotated):
     """One codec for the manifest, the graph file and reports: decode(encode(x)) == x."""
-    from qqq_compile.annotations import decode_linear, encode_linear, node_annotation
+    from qqq_compile.annotations import decode_linear, encode_linear
 
     compiled, _ = rotated
     n_smoothed = 0

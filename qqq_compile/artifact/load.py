@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from ..annotations import GraphAnnotation, NodeAnnotation, decode_linear, decode_node, set_node_annotation
+from ..annotations import GraphAnnotation, decode_node, set_node_annotation
 from ..compiled import CompiledModel
 from ..errors import ArtifactError
 from ..pipeline import readable_graph
@@ -114,13 +114,7 @@ def _from_graph_file(
     layers = manifest["layers"]
     by_name = {n.name: n for n in gm.graph.nodes}
     for name, rec in notes.items():
-        if "layer" in rec:
-            li, smooth = decode_linear(layers[rec["layer"]], tensors)
-            extras = {k: v for k, v in rec.items() if k != "layer"}
-            ann = NodeAnnotation(linear=li, smooth=smooth, **extras)
-        else:
-            ann = decode_node(rec, tensors)
-        set_node_annotation(by_name[name], ann)
+        set_node_annotation(by_name[name], decode_node(rec, tensors, layers))
     gm.meta["qqq"] = GraphAnnotation(dict(manifest.get("replay_state") or {}))
     check_rebuilt(gm, manifest, root, None)
     try:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from ..annotations import NODE_KEYS, encode_linear, encode_node, node_annotation, replay_states
+from ..annotations import encode_extras, encode_linear, encode_node, node_annotation, replay_states
 from ..compiled import CompiledModel
 from ..errors import ArtifactError
 from ..graph import get_attr
@@ -144,8 +144,7 @@ def annotation_records(gm: GraphModule) -> tuple[list[dict[str, Any]], dict[str,
         idx, seen[li.fqn] = seen[li.fqn], seen[li.fqn] + 1
         rec = encode_linear(li, f"{_LINEAR}{li.fqn}#{idx}/", tensors, ann.smooth)
         layers.append({**rec, "occurrence": idx})
-        extras = {k: getattr(ann, k) for k in NODE_KEYS if k != "smooth" and getattr(ann, k) not in (None, False)}
-        notes[n.name] = {"layer": len(layers) - 1, **extras}
+        notes[n.name] = {"layer": len(layers) - 1, **encode_extras(ann)}
     return layers, notes, tensors
 
 

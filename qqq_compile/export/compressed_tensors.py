@@ -1,33 +1,11 @@
 """Export a compiled model as a Hugging Face folder in the compressed-tensors W4A8 format.
 
-The layout is the one compressed-tensors 0.20 itself writes for its ``W4A8`` preset
-(``ModelCompressor.compress_model`` + ``update_config``), checked tensor by tensor in
-``tests/export/test_compressed_tensors.py``:
-
-* ``format="int-quantized"`` (default; what compressed-tensors infers for int4 weights
-  with int8 activations, and the only W4A8 format vLLM's ``CompressedTensorsW4A8Int``
-  scheme accepts): per quantized ``nn.Linear`` ``<name>.weight`` int8 ``[N, K]`` holding
-  the int4 values one per byte, and ``<name>.weight_scale`` ``[N, G]`` in the model dtype.
-* ``format="pack-quantized"`` (4x smaller on disk; transformers loads it, vLLM's W4A8
-  scheme does not): ``<name>.weight_packed`` int32 ``[N, ceil(K/8)]`` (eight offset-binary
-  nibbles per word, element ``k`` at bits ``4*(k%8)`` of word ``k//8``),
-  ``<name>.weight_scale`` and ``<name>.weight_shape`` int64 ``[2]``.
-
-Weights are symmetric int4 with one float scale per group (``strategy: group``) or per
-row (``strategy: channel``); activations are dynamic per-token symmetric int8. Our
-two-level scales map onto that single level:
-
-* per channel: ``W = s_ch * (q4 << 4)``, so ``scale = 16 * s_ch``: exact;
-* int8 group scales: ``W = s_ch * (q4 * gs)``, so ``scale = s_ch * gs``: exact (up to the
-  rounding of ``scale`` to the model dtype);
-* fp16 group scales (QQQ's own storage): our kernels use ``W8 = round(q4 * gs)``, which
-  no ``int4 * scale`` can express; the export writes ``q4`` with ``scale = s_ch * gs``,
-  i.e. the weight before that rounding. The SQNR of each exported weight against ours is
-  recorded in ``qqq_export.json``.
-
-compressed-tensors requires ``K % group_size == 0`` (SmolLM2 has ``K = 576``), so groups
-are split to ``gcd(group_size, K of every linear)`` columns (576 with 128 -> 64), which
-expresses the same weights exactly.
+This module maps the lowered graph onto the Hugging Face model class (tensor names, tied
+weights, what the class cannot express) and writes the folder; the format itself (int4
+packing, our two-level scales as compressed-tensors' single level, ``quantization_config``)
+is :mod:`.ct_format`, the sharded safetensors writer :mod:`.shards`. The layout is the
+one compressed-tensors 0.20 itself writes for its ``W4A8`` preset, checked tensor by
+tensor in ``tests/export/test_compressed_tensors.py``.
 """
 
 from __future__ import annotations
@@ -38,85 +16,29 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
-from ..formats import PackedW4, expand_groups
+from ..annotations import node_annotation
 from ..graph import get_attr, linear_sites, module_fqn
-from ..pipeline import sqnr_db
 from . import ExportError, QLinear, check_qqq_ops, qqq_linears, whole_graph
+from .ct_format import (  # noqa: F401 - pack_int4_to_int32, CTWeight: part of this module's API
+    CT_VERSION,
+    FORMATS,
+    CTWeight,
+    export_group_size,
+    pack_int4_to_int32,
+    quantization_config,
+    to_ct_weight,
+)
+from .shards import Item, write_safetensors
 
-CT_VERSION = "0.20.0"  # the compressed-tensors release whose writer this matches
-FORMATS = ("int-quantized", "pack-quantized")
 MANIFEST = "qqq_export.json"
 # Lifted by torch.export for tensors created inside forward(); the HF code recreates them.
 _CONSTANT_PREFIXES = ("_tensor_constant", "_lifted_tensor_constant", "lifted_tensor")
-
-
-# ----------------------------------------------------------------------------- weights
-
-
-def pack_int4_to_int32(q: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors' 4-bit dense packing: int8 ``[N, K]`` in [-8, 7] -> int32 ``[N, ceil(K/8)]``.
-
-    Each value is stored offset-binary (``q + 8``); element ``k`` of a row sits at bits
-    ``4*(k % 8)`` of word ``k // 8``, padded with zeros (i.e. the value -8) past ``K``.
-    """
-    n, k = q.shape
-    u = q.to(torch.int64) + 8
-    u = torch.nn.functional.pad(u, (0, (-k) % 8)).view(n, -1, 8)
-    words = (u << (4 * torch.arange(8, dtype=torch.int64))).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
-    return words.to(torch.int32).contiguous()
-
-
-@dataclass
-class CTWeight:
-    """One linear in compressed-tensors form: ``W ≈ q * scale`` per group of columns."""
-
-    q: torch.Tensor  # int8 [N, K], int4 values
-    scale: torch.Tensor  # [N, G] (G = 1 for channel)
-    group_size: int  # -1: channel
-    exact: bool  # whether q * scale is our weight (before rounding scale to its dtype)
-    sqnr_db: float  # of q * scale (scale in its written dtype) against our dequantized weight
-
-    def dequantize(self) -> torch.Tensor:
-        s = self.scale.float()
-        if self.group_size > 0:
-            s = expand_groups(s, self.q.shape[1], self.group_size)
-        return self.q.float() * s
-
-
-def to_ct_weight(p: PackedW4, group_size: int, scale_dtype: torch.dtype) -> CTWeight:
-    """Re-express a packed weight with single-level scales; ``group_size`` must divide both
-    K and ``p.group_size`` (or be -1 for per-channel weights)."""
-    q4 = p.int4()
-    if p.group_scale is None:
-        step, exact = (16 * p.channel_scale.float())[:, None], True
-    else:
-        if group_size <= 0 or p.group_size % group_size or p.in_features % group_size:
-            raise ExportError(f"group size {group_size} does not split groups of {p.group_size} over K={p.in_features}")
-        step = p.channel_scale.float()[:, None] * p.group_scale.float()
-        step = expand_groups(step, p.in_features, p.group_size)[:, ::group_size].contiguous()
-        exact = p.group_scale.dtype == torch.int8
-    w = CTWeight(q4, step.to(scale_dtype), group_size if p.group_scale is not None else -1, exact, 0.0)
-    w.sqnr_db = sqnr_db(p.dequantize(), w.dequantize())
-    return w
-
-
-def export_group_size(linears: list[QLinear]) -> int:
-    """The group size every grouped linear can be written with: ``gcd`` of our group size
-    and every ``K`` (compressed-tensors needs whole groups)."""
-    g = 0
-    for ql in linears:
-        if ql.packed.group_scale is not None:
-            g = math.gcd(g, math.gcd(ql.packed.group_size, ql.packed.in_features))
-    return g or -1
 
 
 # ----------------------------------------------------------------------------- HF skeleton
@@ -157,7 +79,7 @@ def _online_rotation(gm: GraphModule, target: str) -> Node | None:
     frontier = [u for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users]
     for _ in range(6):
         for n in frontier:
-            if "qqq_online_hadamard" in n.meta:
+            if node_annotation(n).online_hadamard is not None:
                 return n
         frontier = [u for n in frontier for u in n.users]
     return None
@@ -228,7 +150,7 @@ def _collect(
         if rot is not None:
             raise ExportError(
                 f"the compiled graph applies an online Hadamard rotation ({rot.name}, width "
-                f"{rot.meta['qqq_online_hadamard']}) that Hugging Face's {type(skeleton).__name__} has no op for; "
+                f"{node_annotation(rot).online_hadamard}) that Hugging Face's {type(skeleton).__name__} has no op for; "
                 "compile with Rotate(online_down_proj=False) to export to compressed-tensors, or use export_onnx"
             )
         raise ExportError(
@@ -277,117 +199,7 @@ def _resolve_ties(
     return out, tie, omitted
 
 
-# ----------------------------------------------------------------------------- config + files
-
-
-def _scheme(group_size: int, fmt: str, targets: list[str]) -> dict[str, Any]:
-    return {
-        "format": fmt,
-        "input_activations": {
-            "dynamic": True,
-            "group_size": None,
-            "num_bits": 8,
-            "strategy": "token",
-            "symmetric": True,
-            "type": "int",
-        },
-        "output_activations": None,
-        "targets": targets,
-        "weights": {
-            "dynamic": False,
-            "group_size": group_size if group_size > 0 else None,
-            "num_bits": 4,
-            "strategy": "group" if group_size > 0 else "channel",
-            "symmetric": True,
-            "type": "int",
-        },
-    }
-
-
-def quantization_config(schemes: dict[int, list[str]], ignore: list[str], fmt: str) -> dict:
-    """The ``quantization_config`` block of config.json, key for key as compressed-tensors
-    writes it. ``schemes`` maps a group size (-1: channel) to the linears written with it."""
-    if len(schemes) == 1:
-        groups = {"group_0": _scheme(next(iter(schemes)), fmt, ["Linear"])}
-    else:  # several schemes: name the layers of each
-        groups = {f"group_{i}": _scheme(g, fmt, sorted(names)) for i, (g, names) in enumerate(sorted(schemes.items()))}
-    return {
-        "config_groups": groups,
-        "format": fmt,
-        "global_compression_ratio": None,
-        "ignore": sorted(ignore),
-        "kv_cache_scheme": None,
-        "moe_sparsity_config": None,
-        "quant_method": "compressed-tensors",
-        "quantization_status": "compressed",
-        "sparsity_config": {},
-        "transform_config": {},
-        "version": CT_VERSION,
-    }
-
-
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    s = size.strip().upper()
-    for u, f in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * f)
-    return int(s)
-
-
-@dataclass
-class Item:
-    """Tensors written together, produced on demand so that only one shard's worth of
-    converted weights is in memory at a time (the packed model itself stays as it is)."""
-
-    nbytes: int
-    make: Callable[[], dict[str, torch.Tensor]]
-
-
-def write_safetensors(
-    items: list[Item], folder: Path, max_shard_size: int | str = "5GB", progress: bool = False
-) -> list[str]:
-    """Write ``items`` as ``model.safetensors`` or HF-style shards plus an index."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    limit = _parse_size(max_shard_size)
-    shards: list[list[Item]] = [[]]
-    size = 0
-    for it in items:
-        if shards[-1] and size + it.nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(it)
-        size += it.nbytes
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map, total = {}, 0
-    bar = tqdm(total=len(items), desc="Writing safetensors", unit="tensor", disable=not progress)
-    for name, shard in zip(names, shards, strict=True):
-        tensors, seen = {}, set()
-        for it in shard:
-            bar.update(1)
-            for k, t in it.make().items():
-                t = t.detach().contiguous()
-                if t.numel() and t.data_ptr() in seen:
-                    t = t.clone()  # safetensors refuses two names for one storage
-                seen.add(t.data_ptr())
-                tensors[k] = t
-                total += t.numel() * t.element_size()
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-        del tensors
-    bar.close()
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return names
+# ----------------------------------------------------------------------------- files
 
 
 def _linear_item(ql: QLinear, key: str, group_size: int, fmt: str, scale_dtype: torch.dtype, manifest: dict) -> Item:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
-if TYPE_CHECKING:
-    from ..formats import PackedW4
+from ..annotations import LinearInfo, annotate, linear_info
 
 aten = torch.ops.aten
 
@@ -38,30 +37,13 @@ ASSERT_OPS = {aten._assert_tensor_metadata.default}
 
 
 # ----------------------------------------------------------------------------- annotations
-
-
-@dataclass
-class LinearInfo:
-    """Facts about one linear site, kept in ``node.meta["qqq"]`` by analysis passes."""
-
-    fqn: str
-    in_features: int
-    out_features: int
-    act_absmax: torch.Tensor | None = None  # [K] max |x| per input channel
-    act_samples: int = 0
-    hessian: torch.Tensor | None = None  # [K, K] fp32, 2/n * X^T X
-    smooth_group: str | None = None
-    smooth_scale_range: tuple[float, float] | None = None
-    gptq: dict[str, Any] | None = None  # damping used, retries, loss
-    packed: PackedW4 | None = None
-    method: str | None = None  # "rtn" | "gptq"
-    weight_sqnr_db: float | None = None
-    lowered: bool = False
-    skipped: str | None = None  # why it stays in float
+# The schema lives in qqq_compile.annotations; LinearInfo and info() are re-exported here
+# because every pass reads them with the other graph queries.
 
 
 def info(node: Node) -> LinearInfo | None:
-    return node.meta.get("qqq")
+    """The node's :class:`LinearInfo` (kept in its ``node.meta["qqq"]`` annotation)."""
+    return linear_info(node)
 
 
 # ----------------------------------------------------------------------------- params
@@ -72,7 +54,8 @@ def ensure_info(gm: GraphModule, site: LinearSite) -> LinearInfo:
     li = info(site.node)
     if li is None:
         w = get_weight(gm, site)
-        li = site.node.meta["qqq"] = LinearInfo(site.name, w.shape[1], w.shape[0])
+        li = LinearInfo(site.name, w.shape[1], w.shape[0])
+        annotate(site.node, linear=li)
     return li
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from ..annotations import node_annotation
 from ..graph import BlockIO, LinearInfo, analysis, info, module_fqn
 
 NODE_W, NODE_H, H_GAP, V_GAP, PAD = 138, 34, 14, 26, 12
@@ -112,7 +113,7 @@ def _tooltip(n: Node) -> str:
             lines.append(f"weight SQNR {li.weight_sqnr_db:.1f} dB")
         if li.skipped:
             lines.append(f"kept in float: {li.skipped}")
-    if (sm := n.meta.get("qqq_smooth")) is not None:
+    if (sm := node_annotation(n).smooth) is not None:
         group = getattr(sm, "group", None) or getattr(sm, "group_name", None)
         lines.append(f"smoothed ({group or 'group'}, {getattr(sm, 'method', None) or 'smooth'})")
     return "\n".join(lines)
@@ -208,7 +209,7 @@ def segment_svg(seg: Segment) -> str:
             node_id = f' id="node-{escape(obj.name)}"'
         else:
             kind, label, sub_text, tip, node_id = "ext", f"← {obj}", "from an earlier segment", f"{obj} (input)", ""
-        smooth = " smoothed" if isinstance(obj, Node) and obj.meta.get("qqq_smooth") is not None else ""
+        smooth = " smoothed" if isinstance(obj, Node) and node_annotation(obj).smooth is not None else ""
         out.append(
             f'<g class="node {kind}{smooth}"{node_id} data-name="{escape(k)}"><title>{escape(tip)}</title>'
             f'<rect x="{x:.0f}" y="{y:.0f}" width="{NODE_W}" height="{NODE_H}" rx="5"/>'

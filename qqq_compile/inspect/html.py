@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..annotations import node_annotation
 from .graphview import graph_view_html
 from .plots import outlier_plot, perplexity_bars, sqnr_bars
 from .table import COLUMNS, cell, linear_nodes, summary, totals
@@ -127,10 +128,10 @@ def _vec(v: Any) -> torch.Tensor | None:
 
 
 def smoothing_groups(compiled: Any) -> list[dict[str, Any]]:
-    """One dict per smoothing group (from ``node.meta["qqq_smooth"]``), in graph order."""
+    """One dict per smoothing group (from the linears' ``smooth`` annotations), in graph order."""
     groups: dict[str, dict[str, Any]] = {}
     for node, li in linear_nodes(compiled):
-        sm = node.meta.get("qqq_smooth")
+        sm = node_annotation(node).smooth
         if sm is None:
             continue
         name = str(_get(sm, "group", "group_name", "name") or li.smooth_group or node.name)

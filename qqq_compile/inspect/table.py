@@ -1,8 +1,9 @@
 """The per-linear summary: one row of facts per linear site of a compiled model.
 
-Everything is read from the annotations the passes left behind (``node.meta["qqq"]``,
-a :class:`~qqq_compile.graph.LinearInfo`, and ``node.meta["qqq_smooth"]`` written by
-the smoothing pass) and from the lowered graph itself; nothing is recomputed.
+Everything is read from the annotations the passes left behind (each linear's
+:class:`~qqq_compile.annotations.NodeAnnotation`: its ``LinearInfo`` and the ``smooth``
+record written by the smoothing pass) and from the lowered graph itself; nothing is
+recomputed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from ..annotations import node_annotation
 from ..graph import LinearInfo, get_attr, info, match_linear
 
 COLUMNS: list[tuple[str, str]] = [
@@ -50,7 +52,7 @@ def smooth_group(node: Node, li: LinearInfo) -> str | None:
     """The smoothing group a linear belongs to (None if its input was not smoothed)."""
     if li.smooth_group:
         return li.smooth_group
-    sm = node.meta.get("qqq_smooth")
+    sm = node_annotation(node).smooth
     if sm is None:
         return None
     return getattr(sm, "group", None) or getattr(sm, "group_name", None) or getattr(sm, "name", None) or "yes"
@@ -90,7 +92,7 @@ def summary(compiled: Any) -> list[dict[str, Any]]:
     rows = []
     for node, li in linear_nodes(gm):
         p = li.packed
-        sm = node.meta.get("qqq_smooth")
+        sm = node_annotation(node).smooth
         rows.append(
             {
                 "name": li.fqn,

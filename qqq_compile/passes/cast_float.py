@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from ..annotations import annotate, node_annotation
 from ..config import ConfigError
 from ..graph import get_attr, info, linear_sites, set_attr
 from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
@@ -14,7 +15,6 @@ from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _EMBEDDING = torch.ops.aten.embedding.default
 _CAST = torch.ops.aten._to_copy.default
-_DONE = "qqq_float_cast"  # node.meta flag: this consumer already reads the cast weight
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class CastFloatWeights(QQQPass):
         modified = False
         cast_attrs: set[str] = set()
         for node, w, kind in targets:
-            if node.meta.get(_DONE):
+            if node_annotation(node).float_cast:  # this consumer already reads the cast weight
                 continue
             t = get_attr(gm, w.target)
             if not t.is_floating_point():
@@ -89,7 +89,7 @@ class CastFloatWeights(QQQPass):
                 _cast_linear(gm, node, w, dtype, out_dtype)
             else:
                 _cast_after(gm, node, out_dtype)
-            node.meta[_DONE] = True
+            annotate(node, float_cast=True)
             modified = True
         if modified:
             ctx.note(self.name, f"{len(cast_attrs)} float weight(s) stored as {name}: {sorted(cast_attrs)[:4]}")

@@ -8,6 +8,7 @@ import torch
 from torch.fx import GraphModule
 
 from .. import kernels  # noqa: F401 - registers torch.ops.qqq.*
+from ..annotations import KEY, node_annotation, set_node_annotation
 from ..graph import info, linear_sites
 from ..pipeline import CompileContext, PassResult, QQQPass, register_pass
 
@@ -60,9 +61,9 @@ class LowerW4A8(QQQPass):
                     torch.ops.qqq.w4a8_linear.default,
                     (site.x, attrs[0], attrs[1], attrs[2], site.bias, p.group_size),
                 )
-            new.meta.update({k: v for k, v in site.node.meta.items() if k != "qqq"})
+            new.meta.update({k: v for k, v in site.node.meta.items() if k != KEY})
             li.lowered = True
-            new.meta["qqq"] = li
+            set_node_annotation(new, node_annotation(site.node))  # the LinearInfo and the other facts
             site.node.replace_all_uses_with(new)
             g.erase_node(site.node)
             modified = True

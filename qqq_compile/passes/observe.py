@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
+from ..annotations import annotate
 from ..graph import LinearInfo, get_weight, info, is_skipped, linear_sites
 from ..observers import OBSERVER_PREFIX, ActObserver
 from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
@@ -27,7 +28,7 @@ class InsertObservers(QQQPass):
 
     Preconditions: a captured graph. Position: first, before ``calibrate``. Linears
     whose names match ``ctx.quant.skip`` get no observer and are annotated as skipped.
-    Also writes a :class:`LinearInfo` into every linear node's ``meta["qqq"]``.
+    Also writes a :class:`LinearInfo` into every linear node's annotation (``meta["qqq"]``).
     """
 
     name = "observe"
@@ -44,7 +45,7 @@ class InsertObservers(QQQPass):
         for site in linear_sites(gm):
             w = get_weight(gm, site)
             if info(site.node) is None:
-                site.node.meta["qqq"] = LinearInfo(site.name, w.shape[1], w.shape[0])
+                annotate(site.node, linear=LinearInfo(site.name, w.shape[1], w.shape[0]))
             if is_skipped(site.name, ctx.quant.skip):
                 info(site.node).skipped = "matches QuantConfig.skip (kept in full precision)"
                 continue

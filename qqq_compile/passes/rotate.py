@@ -19,6 +19,7 @@ from functools import reduce
 import torch
 from torch.fx import GraphModule, Node
 
+from ..annotations import annotate
 from ..graph import (
     ASSERT_OPS,
     TRANSPARENT,
@@ -323,14 +324,14 @@ class Rotate(QQQPass):
                 for s in sites:
                     w = get_weight(gm, s)
                     set_weight(gm, s, w.double() @ q)
-                    s.node.meta["qqq_rotate"] = "reader"
+                    annotate(s.node, rotate="reader")
             for s in plan.writers:
                 w = get_weight(gm, s)
                 set_weight(gm, s, q.T @ w.double())
                 if s.bias is not None:
                     b = get_bias(gm, s)
                     set_attr(gm, s.bias.target, (q.T @ b.double()).to(b.dtype))
-                s.node.meta["qqq_rotate"] = "writer"
+                annotate(s.node, rotate="writer")
         msg = (
             f"rotated the residual stream (width {plan.hidden}) with a {kind} matrix: {len(plan.embeddings)} "
             f"embedding(s), {sum(map(len, plan.readers.values()))} readers, {len(plan.writers)} writers"
@@ -408,7 +409,7 @@ class Rotate(QQQPass):
                 if a > 1:
                     y = self._op(g, aten.matmul.default, (self._const(gm, g, mats[a].T.contiguous(), fake), y))
                     y = self._op(g, aten.flatten.using_ints, (y, -2, -1))
-            y.meta["qqq_online_hadamard"] = k
+            annotate(y, online_hadamard=k)
             for n in [y, *list(y.all_input_nodes)]:
                 n.meta.setdefault("nn_module_stack", _parent_stack(s.node))
             s.node.replace_input_with(s.x, y)
@@ -417,7 +418,7 @@ class Rotate(QQQPass):
             w = get_weight(gm, s)
             with torch.no_grad():
                 set_weight(gm, s, w.double() @ h)
-            s.node.meta["qqq_rotate"] = "writer+online_hadamard"
+            annotate(s.node, rotate="writer+online_hadamard")
             count += 1
         out = f"online Hadamard before {count} MLP output projection(s)"
         return out + (f"; none for {', '.join(skipped)}" if skipped else "")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from .. import formats
+from ..annotations import annotate
 from ..config import ConfigError, QuantConfig, check_group_size
 from ..formats import fake_quant_act
 from ..graph import (
@@ -44,7 +45,7 @@ METHODS = ("qqq", "smoothquant", "awq")
 
 @dataclass
 class SmoothRecord:
-    """What smoothing did to one group; kept in ``node.meta["qqq_smooth"]`` of each
+    """What smoothing did to one group; kept in the ``smooth`` annotation of each
     linear whose input columns were scaled (for the inspect/report plots)."""
 
     group: str
@@ -166,7 +167,7 @@ class Smooth(QQQPass):
     takes about 50 s on 2 cores with the defaults. ``group_size`` None: ``ctx.quant``'s.
 
     Annotations: ``LinearInfo.smooth_group``/``smooth_scale_range`` on every linear whose
-    input columns were scaled, and a :class:`SmoothRecord` in ``meta["qqq_smooth"]``
+    input columns were scaled, and a :class:`SmoothRecord` as their ``smooth`` annotation
     (also for skipped groups, with the reason; the same note goes to ``ctx.notes``).
     """
 
@@ -353,7 +354,7 @@ class Smooth(QQQPass):
     def _annotate(self, gm: GraphModule, g: SmoothGroup, rec: SmoothRecord) -> None:
         for site in g.linears:
             li = ensure_info(gm, site)
-            site.node.meta["qqq_smooth"] = rec
+            annotate(site.node, smooth=rec)
             if rec.skipped is None and rec.param is not None:
                 li.smooth_group = g.name
                 li.smooth_scale_range = (float(rec.scales.min()), float(rec.scales.max()))

@@ -16,6 +16,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
+from qqq_compile.annotations import annotate
 from qqq_compile.inspect import write_html_report
 from qqq_compile.inspect.graphview import segments
 
@@ -161,11 +162,11 @@ def test_report_shows_smoothing(rtn_llama, tmp_path):
     rec = FakeSmooth("layers.0.attn_in", torch.full((64,), 2.0), before, torch.full((64,), 3.0), 2.0, 0.5)
     try:
         for n in nodes[:3]:
-            n.meta["qqq_smooth"] = rec
+            annotate(n, smooth=rec)
         text = write_html_report(compiled, tmp_path / "r.html").read_text()
     finally:
         for n in nodes[:3]:
-            n.meta.pop("qqq_smooth", None)
+            annotate(n, smooth=None)
     section = text.split('<section id="smoothing">')[1].split("</section>")[0]
     assert "layers.0.attn_in" in section and "q_proj, k_proj, v_proj" in section
     assert 'data-v="40.0"' in section and 'data-v="1.0"' in section  # max/median before → after

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import qqq_compile as qc
+from qqq_compile.annotations import annotate
 from qqq_compile.formats import PackedW4
+from qqq_compile.graph import info
 from qqq_compile.inspect import summary, summary_table
 from qqq_compile.inspect.table import COLUMNS
 from qqq_compile.pipeline import sqnr_db
@@ -98,7 +100,7 @@ def test_markdown_and_text_tables(rtn_llama):
 
 @dataclass
 class FakeSmooth:
-    """The smoothing record's shape as documented for ``node.meta["qqq_smooth"]``."""
+    """The smoothing record's shape as documented for ``NodeAnnotation.smooth``."""
 
     group: str
     scales: torch.Tensor
@@ -114,19 +116,17 @@ def test_smoothing_read_from_node_meta(rtn_llama):
     qkv = [
         n
         for n in compiled.graph_module.graph.nodes
-        if n.target is W4A8
-        and n.meta["qqq"].fqn.startswith("model.layers.0.self_attn.")
-        and "o_proj" not in n.meta["qqq"].fqn
+        if n.target is W4A8 and info(n).fqn.startswith("model.layers.0.self_attn.") and "o_proj" not in info(n).fqn
     ]
     assert len(qkv) == 3
     rec = FakeSmooth("layers.0.attn_in", torch.ones(64), torch.ones(64), torch.ones(64), 1.0, 0.5)
     try:
         for n in qkv:
-            n.meta["qqq_smooth"] = rec
+            annotate(n, smooth=rec)
         rows = {r["name"]: r for r in summary(compiled)}
     finally:
         for n in qkv:
-            n.meta.pop("qqq_smooth", None)
+            annotate(n, smooth=None)
     smoothed = {name for name, r in rows.items() if r["smoothed"]}
     assert smoothed == {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
     assert rows["model.layers.0.self_attn.q_proj"]["smoothed"] == "layers.0.attn_in"

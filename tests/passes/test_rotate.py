@@ -10,6 +10,7 @@ import torch
 
 import qqq_compile as qc
 from qqq_compile import CompileContext, capture
+from qqq_compile.annotations import node_annotation
 from qqq_compile.graph import get_attr, get_weight, linear_sites
 from qqq_compile.passes.lower import LowerW4A8
 from qqq_compile.passes.quantize import QuantizeRTN
@@ -86,7 +87,7 @@ def test_rotated_float_model_is_unchanged(arch):
     for norm in plan.norms:
         assert torch.all(get_attr(gm, norm.weight.target) == neutral)
     # One online Hadamard per MLP; it is not a linear site (nothing quantizes it).
-    online = [n for n in gm.graph.nodes if "qqq_online_hadamard" in n.meta]
+    online = [n for n in gm.graph.nodes if node_annotation(n).online_hadamard is not None]
     assert len(online) == 2 and len(linear_sites(gm)) == n_linears
     assert "hadamard" in ctx.notes[-1].message and "online Hadamard before 2" in ctx.notes[-1].message
     if arch != "llama":
@@ -101,7 +102,7 @@ def test_online_hadamard_can_be_turned_off():
     gm = graph("llama")
     ref = first_tensor(gm(**EVAL)).detach()
     Rotate(online_down_proj=False)(gm, CompileContext(progress=False))
-    assert not any("qqq_online_hadamard" in n.meta for n in gm.graph.nodes)
+    assert not any(node_annotation(n).online_hadamard for n in gm.graph.nodes)
     assert sqnr_db(ref, first_tensor(gm(**EVAL))) > 60
 
 
@@ -168,7 +169,7 @@ def test_rotate_smooth_quantize_lower_pipeline():
     gm = compiled.graph_module
     ops = [n.target for n in gm.graph.nodes]
     assert ops.count(torch.ops.qqq.w4a8_linear.default) == 14  # every linear but lm_head
-    assert sum("qqq_online_hadamard" in n.meta for n in gm.graph.nodes) == 2
+    assert sum(node_annotation(n).online_hadamard is not None for n in gm.graph.nodes) == 2
     # After the online Hadamard, up→down is no longer a smoothing pair (a matmul sits between).
     notes = " ".join(n.message for n in compiled.report.notes)
     assert "rotated the residual stream" in notes

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qqq_compile import CompileContext, capture
+from qqq_compile.annotations import node_annotation
 from qqq_compile.api import calib_batches
 from qqq_compile.graph import get_attr, get_weight, info, linear_sites
 from qqq_compile.passes.smooth import Smooth, fold_scales, run_w4a8_fake, smoothing_groups
@@ -119,7 +120,7 @@ def test_smoothed_float_model_is_unchanged_and_scales_are_real(arch):
     assert sqnr_db(ref, first_tensor(gm(**EVAL))) > 60
     smoothed = {}
     for s in linear_sites(gm):
-        rec = s.node.meta.get("qqq_smooth")
+        rec = node_annotation(s.node).smooth
         if rec is not None and rec.skipped is None and rec.param is not None:
             smoothed[rec.group] = rec
             assert info(s.node).smooth_group == rec.group
@@ -147,7 +148,7 @@ def test_smoothing_lowers_w4a8_error_on_a_model_with_outliers(method):
 def test_no_candidate_is_kept_unless_it_beats_no_smoothing():
     gm = graph("llama", outliers=False)
     Smooth(n_grid=4, patience=None)(gm, CompileContext(calib=CALIB, progress=False))
-    recs = [s.node.meta["qqq_smooth"] for s in linear_sites(gm) if "qqq_smooth" in s.node.meta]
+    recs = [r for s in linear_sites(gm) if (r := node_annotation(s.node).smooth) is not None]
     for rec in recs:
         if rec.skipped is None:
             assert rec.n_tried == 4  # without patience the whole grid is scored
@@ -175,7 +176,7 @@ def test_tied_linear_and_shared_norm_are_skipped_and_noted():
     for s in linear_sites(gm):
         if s.name.startswith("model.layers") and not s.name.endswith("o_proj"):  # o_proj: no group under GQA
             assert info(s.node).smooth_group is None
-            assert s.node.meta["qqq_smooth"].skipped
+            assert node_annotation(s.node).smooth.skipped
     after = dict(gm.named_parameters())
     for name in before:
         assert torch.equal(before[name], after[name]), name  # nothing unsafe was folded
