@@ -23,7 +23,7 @@ from .passes.observe import InsertObservers
 from .passes.quantize import QuantizeRTN, QuantizeRTNConfig
 from .pipeline import PRESETS, QQQPass, register_preset
 
-SMOOTHING = ("qqq", "smoothquant", "awq")
+SMOOTHING = ("qqq", "smoothquant", "awq", "qoq_down")
 
 
 @register_preset("rtn")
@@ -63,21 +63,26 @@ def qqq_w4a8(
     gptq: bool = True,
     smooth_options: dict[str, Any] | None = None,
     gptq_options: dict[str, Any] | None = None,
+    rotate_options: dict[str, Any] | None = None,
 ) -> list[QQQPass]:
     """QQQ W4A8: [rotate] → [smooth] → [gptq] → quantize_rtn (whatever is left) → lower.
 
     * ``group_size``: ``None`` → ``ctx.quant.group_size``; -1 per-channel; e.g. 128.
     * ``smoothing``: ``"qqq"`` (adaptive threshold search, the paper's), ``"smoothquant"``,
-      ``"awq"`` or ``None``.
+      ``"awq"``, ``"qoq_down"`` (after rotation: only the MLP output projections, α
+      searched on their W4A8 output error; needs ``online_down_proj=False``) or ``None``.
     * ``rotation``: a Hadamard rotation of the residual stream first (QuaRot-style).
     * ``gptq``: GPTQ weights (else round-to-nearest).
-    * ``smooth_options`` / ``gptq_options``: extra keyword arguments for those passes.
+    * ``smooth_options`` / ``gptq_options`` / ``rotate_options``: extra keyword arguments
+      for those passes (e.g. ``rotate_options={"head_rotation": True, "online_down_proj": False}``).
     """
     if smoothing is not None and smoothing not in SMOOTHING:
         raise ValueError(f"smoothing={smoothing!r} is not known; use one of {SMOOTHING} or None")
+    if rotate_options and not rotation:
+        raise ValueError("rotate_options were given but rotation=False; pass rotation=True to use them")
     passes: list[QQQPass] = []
     if rotation:
-        passes.append(_rotate())
+        passes.append(_rotate(**(rotate_options or {})))
     if smoothing is not None:
         passes.append(_smooth(smoothing, group_size, **(smooth_options or {})))
     if gptq:

@@ -438,8 +438,8 @@ def every_pass_non_default():
     from qqq_compile.passes.smooth import Smooth
 
     return [
-        Rotate(online_down_proj=False, seed=3),
-        Smooth(method="smoothquant", alpha=0.6, n_grid=3, max_batches=2, group_size=32, max_tokens=256, patience=2),
+        Rotate(online_down_proj=False, seed=3, head_rotation=True),
+        Smooth(method="qoq_down", alpha=0.6, n_grid=3, max_batches=2, group_size=32, max_tokens=256, patience=2),
         InsertObservers(hessian=True),
         Calibrate(),
         GPTQ(damp=0.02, block_size=32, act_order=False, sequential=False, group_size=32, max_batches=2),

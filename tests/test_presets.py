@@ -41,9 +41,27 @@ def test_preset_pass_lists():
     assert {"qqq", "rtn", "smoothquant", "gptq"} <= set(qc.PRESETS.names())
 
 
+def test_rotation_first_preset_options():
+    p = get_preset(
+        "qqq",
+        rotation=True,
+        rotate_options={"head_rotation": True, "online_down_proj": False},
+        smoothing="qoq_down",
+        group_size=128,
+    )
+    assert _names(p) == ["rotate", "smooth", "gptq", "quantize_rtn", "lower"]
+    assert p[0].options == {"online_down_proj": False, "seed": 0, "head_rotation": True}
+    assert p[1].method == "qoq_down" and p[1].group_size == 128
+    assert get_preset("qqq", rotation=True)[0].head_rotation is False  # the default preset is unchanged
+
+
 def test_bad_preset_options():
     with pytest.raises(ValueError, match="smoothing"):
         get_preset("qqq", smoothing="bogus")
+    with pytest.raises(ValueError, match="rotation=True"):
+        get_preset("qqq", rotate_options={"head_rotation": True})
+    with pytest.raises(qc.ConfigError, match="head_rotaton"):
+        get_preset("qqq", rotation=True, rotate_options={"head_rotaton": True})
     with pytest.raises(KeyError, match="registered"):
         get_preset("nope")
 

@@ -31,6 +31,9 @@ from . import (
     through_transparent,
 )
 
+aten = torch.ops.aten
+_ATTENTION = {aten.scaled_dot_product_attention.default, aten.bmm.default, aten.matmul.default}
+
 
 @dataclass
 class SmoothGroup:
@@ -42,6 +45,8 @@ class SmoothGroup:
     norm: NormInfo | None = None
     producer: LinearSite | None = None
     unsafe: str | None = None
+    # "norm"; for a producer: "attention" (v→o, through SDPA) or "mlp" (up→down, gated)
+    kind: str = "norm"
 
 
 # ----------------------------------------------------------------------------- groups
@@ -125,7 +130,8 @@ def smoothing_groups(gm: GraphModule) -> list[SmoothGroup]:
         unsafe = tied(p.producer)
         for c in p.consumers:
             unsafe = unsafe or tied(c)
-        groups.append(SmoothGroup(name, list(p.consumers), producer=p.producer, unsafe=unsafe))
+        kind = "attention" if any(n.target in _ATTENTION for n in p.path) else "mlp"
+        groups.append(SmoothGroup(name, list(p.consumers), producer=p.producer, unsafe=unsafe, kind=kind))
     return sorted(groups, key=lambda g: min(order[s.node] for s in g.linears))
 
 

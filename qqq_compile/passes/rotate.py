@@ -1,271 +1,33 @@
 """``rotate``: orthogonal (Hadamard) rotation of the residual stream, QuaRot/SpinQuant
 style, folded into the weights; optionally an online Hadamard before the MLP's output
-projection.
+projection and a per-head Hadamard on the attention values (R2).
 
 With RMSNorm, ``RMSNorm(x Q) = RMSNorm(x) Q`` for orthogonal ``Q`` once the norm weight
 is folded into the linears that read it. So the whole residual stream can live in the
 rotated basis: embeddings ``E ← E Q``, residual readers ``W ← W Q``, residual writers
 ``W ← Qᵀ W`` (and ``b ← Qᵀ b``). Rotation spreads outlier channels over all channels,
 which makes per-token int8 activations and int4 weights easier to quantize.
+
+The graph analysis lives in :mod:`qqq_compile.graph.residual` (the stream) and
+:mod:`qqq_compile.graph.attention` (the heads); the matrices in :mod:`qqq_compile.hadamard`.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field, replace
-from functools import reduce
+from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
 
-from ..annotations import annotate
-from ..graph import (
-    ASSERT_OPS,
-    TRANSPARENT,
-    LinearSite,
-    NormInfo,
-    consumers,
-    find_norm,
-    get_attr,
-    get_bias,
-    get_weight,
-    linear_sites,
-    set_attr,
-    set_weight,
-    through_transparent,
-)
+from ..annotations import annotate, node_annotation, set_node_annotation
+from ..graph import get_attr, get_bias, get_weight, set_attr, set_weight
+from ..graph.attention import attention_heads
+from ..graph.residual import NotRotatable, ResidualPlan, from_attention, residual_plan
+from ..hadamard import hadamard, hadamard_factors, paley_hadamard, rotation_matrix
 from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
 
 aten = torch.ops.aten
-
-# ----------------------------------------------------------------------------- matrices
-
-
-def _is_prime(q: int) -> bool:
-    return q > 1 and all(q % d for d in range(2, math.isqrt(q) + 1))
-
-
-def paley_hadamard(q: int) -> torch.Tensor:
-    """Paley construction I: a ±1 Hadamard matrix of order ``q + 1`` for a prime
-    ``q ≡ 3 (mod 4)`` (q = 11 gives H12, q = 19 gives H20)."""
-    if not (_is_prime(q) and q % 4 == 3):
-        raise ValueError(f"Paley construction I needs a prime q ≡ 3 mod 4, got {q}")
-    squares = {(i * i) % q for i in range(1, q)}
-    chi = torch.tensor([0] + [1 if i in squares else -1 for i in range(1, q)], dtype=torch.float64)
-    idx = torch.arange(q)
-    jac = chi[(idx[None, :] - idx[:, None]) % q]  # Jacobsthal matrix, antisymmetric here
-    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, jac
-    return torch.eye(q + 1, dtype=torch.float64) + s
-
-
-def _sylvester(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
-
-
-_BASES = {12: 11, 20: 19}  # order → Paley prime
-
-
-def hadamard_factors(n: int) -> list[int] | None:
-    """Orders whose Kronecker product is an ``n``×``n`` Hadamard matrix: any number of
-    12s and 20s (Paley) and one power of two (Sylvester), e.g. 576 → [12, 12, 4]."""
-    if n < 1:
-        return None
-    if n & (n - 1) == 0:
-        return [n] if n > 1 else []
-    for base in _BASES:
-        if n % base == 0 and (rest := hadamard_factors(n // base)) is not None:
-            return [base, *rest]
-    return None
-
-
-def hadamard(n: int) -> torch.Tensor | None:
-    """An orthonormal ``n``×``n`` Hadamard matrix (float64), or None if none is built."""
-    f = hadamard_factors(n)
-    if f is None:
-        return None
-    f = f or [1]
-    mats = [paley_hadamard(_BASES[k]) if k in _BASES else _sylvester(k) for k in f]
-    return reduce(torch.kron, mats) / math.sqrt(n)
-
-
-def rotation_matrix(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """Orthonormal ``Q`` (float64): a Hadamard with seeded random signs on its rows when
-    one of order ``n`` can be built, else a seeded random orthogonal matrix."""
-    g = torch.Generator().manual_seed(seed)
-    h = hadamard(n)
-    if h is not None:
-        signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
-        return signs[:, None] * h, "hadamard " + "·".join(map(str, hadamard_factors(n)))
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))[None, :], "random orthogonal"
-
-
-# ----------------------------------------------------------------------------- analysis
-
-
-class NotRotatable(Exception):
-    """The graph does not have the shape rotation needs (the message says why)."""
-
-
-@dataclass
-class ResidualPlan:
-    """The residual stream as read off the graph."""
-
-    embeddings: list[Node] = field(default_factory=list)  # aten.embedding nodes
-    norms: list[NormInfo] = field(default_factory=list)
-    readers: dict[Node, list[LinearSite]] = field(default_factory=dict)  # norm output → linears
-    writers: list[LinearSite] = field(default_factory=list)
-    hidden: int = 0
-
-
-_STREAM_VIEWS = TRANSPARENT | {aten.slice.Tensor}
-
-
-def _numel1(a) -> bool:
-    if isinstance(a, (int, float)):
-        return True
-    v = a.meta.get("val") if isinstance(a, Node) else None
-    return isinstance(v, torch.Tensor) and v.numel() == 1
-
-
-def _keeps_last_dim(n: Node) -> bool:
-    """A view/slice that leaves the hidden (last) dim alone."""
-    if n.target == aten.slice.Tensor:
-        nd = len(n.args[0].meta["val"].shape)
-        return int(n.args[1] if len(n.args) > 1 else 0) % nd != nd - 1
-    if n.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
-        a, b = n.args[0].meta.get("val"), n.meta.get("val")
-        return a is not None and b is not None and str(a.shape[-1]) == str(b.shape[-1])
-    return True
-
-
-def _norm_index(gm: GraphModule) -> dict[Node, list[tuple[NormInfo, set[Node]]]]:
-    """Norm input node → [(norm, nodes of the norm computation reading it)]."""
-    out: dict[Node, list[tuple[NormInfo, set[Node]]]] = {}
-    seen: set[Node] = set()
-    for n in gm.graph.nodes:
-        norm = find_norm(gm, n) if n.op == "call_function" else None
-        if norm is None or norm.output in seen or norm.input is None:
-            continue
-        seen.add(norm.output)
-        inner, stack = set(), [norm.output]
-        while stack:  # the nodes between the input and the output
-            m = stack.pop()
-            if m in inner or m is norm.input:
-                continue
-            inner.add(m)
-            stack.extend(m.all_input_nodes)
-        out.setdefault(norm.input, []).append((norm, inner))
-    return out
-
-
-def residual_plan(gm: GraphModule) -> ResidualPlan:
-    """Follow the residual stream from the token embedding; raise :class:`NotRotatable`
-    when anything other than RMSNorms reads it or anything but linears writes it."""
-    # Copies: the plan's sites are re-pointed at untied weights later, and the graph
-    # analysis shares its own site objects with every other caller.
-    sites = {s.node: replace(s) for s in linear_sites(gm)}
-    plan = ResidualPlan()
-    plan.embeddings = [
-        n
-        for n in gm.graph.nodes
-        if n.op == "call_function"
-        and n.target == aten.embedding.default
-        and isinstance(n.args[0], Node)
-        and n.args[0].op == "get_attr"
-    ]
-    if not plan.embeddings:
-        raise NotRotatable("no token embedding (aten.embedding of a weight) starts a residual stream")
-    norms = _norm_index(gm)
-    stream, stack = set(), list(plan.embeddings)
-    found: dict[Node, NormInfo] = {}
-    while stack:
-        r = stack.pop()
-        if r in stream:
-            continue
-        stream.add(r)
-        for u in list(r.users):
-            if u.op == "call_function" and u.target in ASSERT_OPS:
-                continue
-            if u.op == "output":
-                raise NotRotatable("the residual stream is a graph output (it would come out rotated)")
-            # A view of the stream stays on it even when a norm also reads it (OPT views
-            # the residual once, then both its LayerNorm and the next add read the view).
-            inner = [nm for nm, nodes in norms.get(r, []) + norms.get(through_transparent(r), []) if u in nodes]
-            if u.target in _STREAM_VIEWS and _keeps_last_dim(u):
-                stack.append(u)
-            elif inner:
-                found[inner[0].output] = inner[0]
-            elif u.target in (aten.mul.Tensor, aten.mul.Scalar) and all(a is r or _numel1(a) for a in u.args):
-                stack.append(u)  # Gemma's embedding scale
-            elif u.target == aten.add.Tensor and len(u.args) == 2 and all(isinstance(a, Node) for a in u.args):
-                other = u.args[1] if u.args[0] is r else u.args[0]
-                src = through_transparent(other)
-                if other in stream or src in stream or src in plan.embeddings:  # e.g. + position embedding
-                    stack.append(u)
-                elif src in sites and consumers(src) == [u]:
-                    plan.writers.append(sites[src])
-                    stack.append(u)
-                else:
-                    raise NotRotatable(
-                        f"{u.name} adds {other.name} to the residual stream, which is not a linear output"
-                    )
-            else:
-                raise NotRotatable(f"{u.name} ({u.target}) reads the residual stream and is not rotation-invariant")
-    for norm in found.values():
-        if norm.kind == "layernorm":
-            raise NotRotatable(
-                "the residual stream is read by LayerNorm, which subtracts the mean: that is not "
-                "rotation-invariant (fold the centering first, as SliceGPT does)"
-            )
-        readers = _readers(norm, sites)
-        plan.readers[norm.output] = readers
-        plan.norms.append(norm)
-    hidden = {get_attr(gm, e.args[0].target).shape[1] for e in plan.embeddings}
-    if len(hidden) != 1:
-        raise NotRotatable(f"embeddings of different widths {sorted(hidden)} feed the residual stream")
-    plan.hidden = hidden.pop()
-    plan.writers = list({w.node: w for w in plan.writers}.values())
-    return plan
-
-
-def _readers(norm: NormInfo, sites: dict[Node, LinearSite]) -> list[LinearSite]:
-    out, stack = [], [norm.output]
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u.op == "call_function" and u.target in ASSERT_OPS:
-                continue
-            if u in sites and sites[u].x is n:
-                out.append(sites[u])
-            elif u.target in _STREAM_VIEWS and _keeps_last_dim(u):
-                stack.append(u)
-            else:
-                raise NotRotatable(f"the output of a norm feeds {u.name} ({u.target}), which is not a linear")
-    return out
-
-
-def _from_attention(x: Node) -> bool:
-    """True when ``x`` comes (through views/permutes) from an attention product."""
-    seen, stack = set(), [x]
-    while stack:
-        n = stack.pop()
-        if n in seen or not isinstance(n, Node) or n.op != "call_function":
-            continue
-        seen.add(n)
-        if n.target in (aten.scaled_dot_product_attention.default, aten.bmm.default, aten.matmul.default):
-            return True
-        if n.target in TRANSPARENT or n.target in (aten.permute.default, aten.transpose.int):
-            stack.append(n.args[0])
-    return False
-
-
-# ----------------------------------------------------------------------------- the pass
 
 
 def _fake_val(node: Node, target, args) -> None:
@@ -280,10 +42,12 @@ def _fake_val(node: Node, target, args) -> None:
 @dataclass(frozen=True)
 class RotateConfig(PassConfig):
     """``online_down_proj``: an online Hadamard before each MLP output projection;
-    ``seed``: of the randomized Hadamard / random orthogonal matrix."""
+    ``seed``: of the randomized Hadamard / random orthogonal matrix; ``head_rotation``:
+    a head-dim Hadamard folded into each attention's value and output projections."""
 
     online_down_proj: bool = True
     seed: int = 0
+    head_rotation: bool = False
 
 
 @register_pass("rotate")
@@ -295,6 +59,14 @@ class Rotate(QQQPass):
     Kronecker factors) is inserted before each MLP output projection whose width admits
     a Hadamard, and ``H`` is folded into that projection's weight.
 
+    With ``head_rotation`` (QuaRot/SpinQuant's R2) every value head is rotated by a
+    head-dim Hadamard ``H``: ``v_proj``'s output rows (and bias) per KV-head block by
+    ``Hᵀ``, ``o_proj``'s input columns per query-head block by ``H``. Attention mixes
+    whole value vectors only, so this is exact under grouped-query attention too. The
+    projections are found from each SDPA node (:func:`~qqq_compile.graph.attention.attention_heads`);
+    attentions that do not match, or whose head dim admits no Hadamard, are left alone
+    with a note. It also runs on models whose residual stream cannot be rotated.
+
     Preconditions: a float graph from ``capture``; RMSNorm models (LayerNorm models are
     skipped with a note). Position: first, before ``smooth``/``observe``/``gptq``.
     """
@@ -303,8 +75,8 @@ class Rotate(QQQPass):
     config_class = RotateConfig
     replay_mode = "rerun"  # deterministic given the graph and the config (seeded): load() runs it again
 
-    def __init__(self, online_down_proj: bool = True, seed: int = 0):
-        super().__init__(RotateConfig(online_down_proj, seed))
+    def __init__(self, online_down_proj: bool = True, seed: int = 0, head_rotation: bool = False):
+        super().__init__(RotateConfig(online_down_proj, seed, head_rotation))
 
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module
@@ -312,7 +84,7 @@ class Rotate(QQQPass):
             plan = residual_plan(gm)
         except NotRotatable as e:
             ctx.note(self.name, f"rotation skipped: {e}", level="warning")
-            return PassResult(gm, False)
+            return self._heads_only(gm, ctx)
         q, kind = rotation_matrix(plan.hidden, self.seed)
         self._untie(gm, plan)
         with torch.no_grad():
@@ -339,9 +111,52 @@ class Rotate(QQQPass):
         if self.online_down_proj:
             msg += "; " + self._online(gm, plan)
         ctx.note(self.name, msg)
+        if self.head_rotation:
+            self._heads(gm, ctx)
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)
+
+    def _heads_only(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        """The per-head rotation alone (the residual stream could not be rotated)."""
+        if not self.head_rotation or not self._heads(gm, ctx):
+            return PassResult(gm, False)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
+
+    def _heads(self, gm: GraphModule, ctx: CompileContext) -> int:
+        """Fold a head-dim Hadamard into each attention's value rows and output columns;
+        returns how many attentions were rotated."""
+        found, why = attention_heads(gm)
+        done, dims, skipped = 0, set(), []
+        for a in found:
+            hd, h = a.head_dim, hadamard(a.head_dim)
+            if h is None:
+                skipped.append(f"{a.value.name} (head dim {hd} admits no Hadamard)")
+                continue
+            with torch.no_grad():
+                w = get_weight(gm, a.value).double()  # [kv_heads * hd, K]: Hᵀ on each head's rows
+                set_weight(gm, a.value, (h.T @ w.reshape(-1, hd, w.shape[1])).reshape(w.shape))
+                if a.value.bias is not None:
+                    b = get_bias(gm, a.value)
+                    set_attr(gm, a.value.bias.target, (b.double().reshape(-1, hd) @ h).reshape(-1).to(b.dtype))
+                for o in a.output:  # [N, heads * hd]: H on each head's columns
+                    w = get_weight(gm, o).double()
+                    set_weight(gm, o, (w.reshape(w.shape[0], -1, hd) @ h).reshape(w.shape))
+            _mark(a.value.node, "head_value")
+            for o in a.output:
+                _mark(o.node, "head_output")
+            done += 1
+            dims.add(hd)
+        if done:
+            kinds = ", ".join(f"{d} (hadamard {'·'.join(map(str, hadamard_factors(d)))})" for d in sorted(dims))
+            msg = f"rotated {done} attention(s) per head: head dim {kinds} in v_proj rows and o_proj columns"
+            ctx.note(self.name, msg + (f"; not {', '.join(skipped)}" if skipped else ""))
+        else:
+            reasons = skipped + why or ["no scaled_dot_product_attention in the graph"]
+            ctx.note(self.name, "head rotation skipped: " + "; ".join(reasons[:4]), level="warning")
+        return done
 
     def _untie(self, gm: GraphModule, plan: ResidualPlan) -> None:
         """Give each linear that shares its weight with the embedding (or another
@@ -387,7 +202,7 @@ class Rotate(QQQPass):
             k = get_weight(gm, s).shape[1]
             f = hadamard_factors(k)
             x_val = s.x.meta.get("val")
-            if _from_attention(s.x):
+            if from_attention(s.x):
                 continue
             if f is None or x_val is None:
                 skipped.append(f"{s.name} (width {k} admits no Hadamard)" if f is None else s.name)
@@ -440,6 +255,13 @@ class Rotate(QQQPass):
         if fake is not None:
             attr.meta["val"] = fake.from_tensor(get_attr(gm, name))
         return self._op(g, aten.view.default, (attr, [n, n]))
+
+
+def _mark(node: Node, role: str) -> None:
+    """Add ``role`` to the node's rotation annotation (``reader`` → ``reader+head_value``)."""
+    ann = node_annotation(node)
+    ann.rotate = f"{ann.rotate}+{role}" if ann.rotate else role
+    set_node_annotation(node, ann)
 
 
 def _parent_stack(n: Node) -> dict:

@@ -40,7 +40,7 @@ from ..graph.smooth_groups import SmoothGroup, fold_scales, smoothing_groups, un
 from ..pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
 from ..runner import BlockRunner, run_nodes
 
-METHODS = ("qqq", "smoothquant", "awq")
+METHODS = ("qqq", "smoothquant", "awq", "qoq_down")
 
 
 @dataclass
@@ -155,8 +155,12 @@ class Smooth(QQQPass):
     Position: after ``rotate`` (if any), before ``observe``/``calibrate``/``gptq``.
 
     ``method``: ``"qqq"`` (threshold search ``s = max(1, max|X| / t)``),
-    ``"smoothquant"`` (``s = max|X|^α / max|W|^(1-α)``) or ``"awq"``
-    (``s = mean|X|^α``, normalised). ``n_grid`` candidates are scored by the relative MSE
+    ``"smoothquant"`` (``s = max|X|^α / max|W|^(1-α)``), ``"awq"``
+    (``s = mean|X|^α``, normalised) or ``"qoq_down"`` (QServe's output-module smoothing
+    after rotation: SmoothQuant's ``s`` with α searched, applied to the MLP output
+    projections only, folded into the up projection's rows; every other group is left
+    alone, the rotation already flattened those inputs; an online Hadamard before
+    ``down_proj`` leaves it nothing to smooth). ``n_grid`` candidates are scored by the relative MSE
     of the sub-block's output (through attention / the gated MLP, up to the next
     linear) with W4A8 fake quant on the smoothed linears; ``s = 1`` is always a
     candidate, so the calibration loss never gets worse. ``n_grid <= 1`` uses ``alpha``
@@ -236,7 +240,7 @@ class Smooth(QQQPass):
                 out.append((t, (a / t).clamp_min(1.0)))
             return out
         alphas = [self.alpha] if self.n_grid <= 1 else torch.linspace(0, 1, self.n_grid).tolist()
-        if self.method == "smoothquant":
+        if self.method in ("smoothquant", "qoq_down"):
             w = torch.stack([get_weight(gm, s).float().abs().amax(0) for s in g.linears]).amax(0).clamp_min(1e-5)
             for al in alphas:
                 out.append((al, (a.pow(al) / w.pow(1 - al)).clamp(1e-4, 1e4)))
@@ -318,7 +322,9 @@ class Smooth(QQQPass):
         gm = graph_module
         calib = ctx.require_calib(self.name)
         gsize = ctx.quant.group_size if self.group_size is None else self.group_size
-        groups = smoothing_groups(gm)
+        every = groups = smoothing_groups(gm)
+        if self.method == "qoq_down":
+            groups = self._down_only(groups, ctx)
         runner = BlockRunner(gm, self._windows(gm, calib), progress=ctx.progress, desc="smooth")
         by_block: dict[str, list[SmoothGroup]] = {}
         block_of = {n: b.name for b in runner.part.blocks for n in b.nodes}
@@ -332,7 +338,7 @@ class Smooth(QQQPass):
                 g.unsafe = g.unsafe or "its linears are not inside one decoder block"
                 self._annotate(gm, g, SmoothRecord(g.name, self.method, skipped=g.unsafe))
                 ctx.note(self.name, f"not smoothing {g.name}: {g.unsafe}", g.name)
-        why_not = unsmoothable(gm, groups, ctx.quant.skip)
+        why_not = unsmoothable(gm, every, ctx.quant.skip)
         if why_not:
             parts = [f"{', '.join(n[:4])}{', ...' if len(n) > 4 else ''}: {why}" for why, n in why_not.items()]
             count = sum(map(len, why_not.values()))
@@ -350,6 +356,21 @@ class Smooth(QQQPass):
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, modified)
+
+    def _down_only(self, groups: list[SmoothGroup], ctx: CompileContext) -> list[SmoothGroup]:
+        """The MLP output projections' groups (producer up→down through the gating)."""
+        keep = [g for g in groups if g.kind == "mlp"]
+        if keep:
+            msg = f"qoq_down: smoothing the inputs of {len(keep)} MLP output projection(s) only"
+            ctx.note(self.name, msg + f" ({len(groups) - len(keep)} other group(s) left alone)")
+        else:
+            ctx.note(
+                self.name,
+                "qoq_down found no MLP output projection to smooth (no up→down pair: a nonlinearity or an "
+                "online Hadamard, Rotate(online_down_proj=True), sits between them)",
+                level="warning",
+            )
+        return keep
 
     def _annotate(self, gm: GraphModule, g: SmoothGroup, rec: SmoothRecord) -> None:
         for site in g.linears:
