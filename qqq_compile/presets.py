@@ -27,14 +27,17 @@ SMOOTHING = ("qqq", "smoothquant", "awq", "qoq_down")
 
 
 @register_preset("rtn")
-def rtn_w4a8(*, group_size: int | None = None, calibrate: bool = False) -> list[QQQPass]:
-    """Round-to-nearest W4 weights, dynamic per-token int8 activations."""
+def rtn_w4a8(
+    *, group_size: int | None = None, calibrate: bool = False, rtn_options: dict[str, Any] | None = None
+) -> list[QQQPass]:
+    """Round-to-nearest W4 weights, dynamic per-token int8 activations
+    (``rtn_options``: extra keyword arguments of ``quantize_rtn``, e.g. ``clip_search``)."""
     head: list[QQQPass] = [InsertObservers(), Calibrate()] if calibrate else []
-    return [*head, _rtn(group_size), LowerW4A8()]
+    return [*head, _rtn(group_size, **(rtn_options or {})), LowerW4A8()]
 
 
-def _rtn(group_size: int | None) -> QQQPass:
-    return QuantizeRTN.from_config(QuantizeRTNConfig(group_size))
+def _rtn(group_size: int | None, **options: Any) -> QQQPass:
+    return QuantizeRTN.from_config(QuantizeRTNConfig.from_dict({**options, "group_size": group_size}))
 
 
 def _smooth(method: str, group_size: int | None, **options: Any) -> QQQPass:

@@ -442,8 +442,21 @@ def every_pass_non_default():
         Smooth(method="qoq_down", alpha=0.6, n_grid=3, max_batches=2, group_size=32, max_tokens=256, patience=2),
         InsertObservers(hessian=True),
         Calibrate(),
-        GPTQ(damp=0.02, block_size=32, act_order=False, sequential=False, group_size=32, max_batches=2),
-        QuantizeRTN(group_size=16),
+        GPTQ(
+            damp=0.02,
+            block_size=32,
+            act_order=False,
+            sequential=False,
+            group_size=32,
+            max_batches=2,
+            clip_search=True,
+            clip_grid=5,
+            clip_min=0.7,
+            clip_weighted=True,
+            asym=True,
+            asym_alpha=0.5,
+        ),
+        QuantizeRTN(group_size=16, clip_search=True, clip_grid=4, clip_min=0.8),
         LowerW4A8(),
         FuseNormQuant(),
         CastFloatWeights("bfloat16"),
@@ -559,10 +572,9 @@ def test_format_1_0_artifacts_still_load(saved, copy):
     as_format_1_0(copy)
     back = load(copy)
     assert back.rebuilt_by == "replay" and torch.equal(back(x).logits, ref)
-    assert back.report.pass_configs == [
-        {"name": "quantize_rtn", "options": {"group_size": None}},
-        {"name": "lower", "options": {}},
-    ]
+    # Format 1.0 stored no pass configs: the replay ran the default ones.
+    assert back.report.pass_configs == [QuantizeRTN().to_dict(), {"name": "lower", "options": {}}]
+    assert back.report.pass_configs[0]["options"]["group_size"] is None
 
 
 def test_format_1_0_rotated_and_smoothed_artifact_loads_into_the_one_annotation(rotated, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qqq_compile import CompileContext, QuantConfig, calib_batches, capture
-from qqq_compile.formats import PackedW4, fake_quant_act
+from qqq_compile.formats import PackedW4, choose_scales, fake_quant_act
 from qqq_compile.graph import get_weight, info, linear_sites
 from qqq_compile.passes import gptq as gptq_mod
 from qqq_compile.passes.gptq import GPTQ, GPTQError, Grid, gptq_quantize
@@ -104,7 +104,7 @@ def test_gptq_core_decodes_exactly_and_beats_rtn(gs, dtype, act_order):
     assert torch.equal(packed.dequantize(), res.deq)
     if gs < 0 or dtype == "int8":
         # For these formats the grid needs nothing beyond the standard packing.
-        ref = PackedW4.from_int4(res.q4, gptq_mod.choose_scales(w, gs, dtype), dtype)
+        ref = PackedW4.from_int4(res.q4, choose_scales(w, gs, dtype), dtype)
         assert torch.equal(ref.qweight, packed.qweight) and torch.allclose(ref.dequantize(), res.deq)
     # ... and so does the W4A8 kernel the lowered graph calls.
     out = torch.ops.qqq.w4a8_linear(x, packed.qweight, packed.channel_scale, packed.group_scale, None, gs)
