@@ -193,11 +193,25 @@ def split_error(gm: Any, mode: str) -> int:
     return count
 
 
+def register_all_passes() -> None:
+    """Import every pass module, so that explicit pass lists can name any of them: the
+    presets import ``rotate`` and ``smooth`` only when they use them, and the pass
+    registry knows a pass only once its module ran."""
+    import importlib
+    import pkgutil
+
+    import qqq_compile.passes as pkg
+
+    for m in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{m.name}")
+
+
 def split_passes(row: Row) -> tuple[list[Any], list[str]]:
     """The row's pass list for a split mode: cut before ``lower`` (and, for ``w16a8``,
     without ``gptq``); also the names of the passes left out."""
     from qqq_compile.driver import build_passes
 
+    register_all_passes()
     passes = build_passes(row.config(), row.passes)
     names = [p.name for p in passes]
     if "lower" not in names:
@@ -245,6 +259,7 @@ def run_own_row(name: str, row: Row, data_path: str, threads: int) -> dict[str, 
     from qqq_compile.eval import perplexity
     from qqq_compile.models import load_model
 
+    register_all_passes()
     data = torch.load(data_path)
     model, _ = load_model("demo")
     out: dict[str, Any] = {"row": name, "label": row.label, "spec": row.to_dict()}

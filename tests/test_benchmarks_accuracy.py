@@ -115,6 +115,10 @@ def test_w16a8_skips_gptq() -> None:
     assert [p.name for p in passes] == ["quantize_rtn"] and dropped == ["gptq", "lower"]
     passes, dropped = ar.split_passes(ar.resolve_row("gptq_pc:w4a16", ar.OWN_ROWS))
     assert [p.name for p in passes] == ["gptq", "quantize_rtn"] and dropped == ["lower"]
+    # Explicit pass lists may name passes no preset imported yet (rotate, smooth).
+    passes, dropped = ar.split_passes(ar.resolve_row("rot_gptq_g128_no_online:w16a8", ar.OWN_ROWS))
+    assert [p.name for p in passes] == ["rotate", "quantize_rtn"] and dropped == ["gptq", "lower"]
+    assert passes[0].online_down_proj is False
 
 
 # ------------------------------------------------------------------------- table
