@@ -180,7 +180,7 @@ def _clean_lee(raw: str) -> str:
 
 def lee_text() -> str:
     """The Lee news corpus of gensim's test data (``lee_background.cor``): 293 distinct
-    Australian news articles (ABC), about 360 KB and 80k SmolLM2 tokens.
+    Australian news articles (ABC), about 360 KB and 74k SmolLM2 tokens.
 
     A second text of another domain than the Wikipedia excerpt: the accuracy benchmark
     reports it for every row and never uses it for a choice. Cached under
