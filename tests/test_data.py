@@ -137,6 +137,67 @@ def test_standard_splits_too_short_for_disjoint() -> None:
         data.standard_splits(tiny_tokenizer(), words(100), seq_len=16, n_calib=2, n_eval=4)
 
 
+def _spans(starts: list[int], body: int) -> list[tuple[int, int]]:
+    return [(s, s + body) for s in starts]
+
+
+@pytest.mark.parametrize("n_tokens", [700, 1000, 1999, 5003])
+@pytest.mark.parametrize("seq_len", [8, 16, 33])
+@pytest.mark.parametrize(("n_calib", "n_val", "n_eval"), [(1, 1, 1), (12, 4, 4), (20, 6, 9)])
+def test_split_starts_never_share_a_token(n_tokens, seq_len, n_calib, n_val, n_eval) -> None:
+    """Whatever the sizes: either a clear error, or calibration, validation and
+    evaluation windows that share no token, each split inside its own range."""
+    body = seq_len - 1
+    c_end, v_end = int(0.8 * n_tokens), int(0.9 * n_tokens)
+    fits = (
+        n_tokens // body >= n_eval
+        and (n_tokens // body - n_eval) * body >= v_end  # first eval window after 90%
+        and c_end // body >= n_calib
+        and (v_end - c_end) // body >= n_val
+    )
+    if not fits:
+        with pytest.raises(ValueError, match="too short|only"):
+            data.split_starts(n_tokens, seq_len, n_calib, n_eval, n_val, seed=1)
+        return
+    starts, body = data.split_starts(n_tokens, seq_len, n_calib, n_eval, n_val, seed=1)
+    assert body == seq_len - 1
+    assert (len(starts.calib), len(starts.val), len(starts.eval)) == (n_calib, n_val, n_eval)
+    owner = {}
+    for split, offsets in zip(starts._fields, starts, strict=True):
+        for a, b in _spans(offsets, body):
+            assert 0 <= a and b <= n_tokens
+            for t in range(a, b):
+                assert owner.setdefault(t, split) == split, f"token {t} is in {owner[t]} and {split}"
+    assert max(starts.calib) + body <= c_end <= min(starts.val)
+    assert max(starts.val) + body <= v_end <= min(starts.eval)
+    # Without validation windows the calibration and evaluation offsets do not move.
+    plain, _ = data.split_starts(n_tokens, seq_len, n_calib, n_eval, 0, seed=1)
+    assert plain.calib == starts.calib and plain.eval == starts.eval and plain.val == []
+
+
+def test_protocol_splits_match_standard_splits() -> None:
+    tok = tiny_tokenizer()
+    text = words(3000)
+    calib, evals = data.standard_splits(tok, text, seq_len=16, n_calib=12, n_eval=4)
+    splits = data.protocol_splits(tok, text, seq_len=16, n_calib=12, n_eval=4, n_val=5)
+    assert all(torch.equal(a, b) for a, b in zip(calib + evals, splits.calib + splits.eval, strict=True))
+    assert len(splits.val) == 5
+    starts, body = data.split_starts(3000, 16, 12, 4, 5)
+    ids = ids_of(3000)
+    for w, s in zip(splits.val, starts.val, strict=True):
+        assert w[0, 0] == tok.bos_token_id and torch.equal(w[0, 1:], ids[s : s + body])
+        assert 2400 <= s and s + body <= 2700  # 80-90% of the tokens
+
+
+def test_protocol_splits_errors() -> None:
+    tok = tiny_tokenizer()
+    # 300 tokens: the last 4 windows of 15 start at 240, inside the first 90%.
+    with pytest.raises(ValueError, match="first 90% .* calibration and validation"):
+        data.protocol_splits(tok, words(300), seq_len=16, n_calib=2, n_eval=4, n_val=1)
+    with pytest.raises(ValueError, match="at least one validation window"):
+        data.protocol_splits(tok, words(3000), seq_len=16, n_val=0)
+
+
 # --------------------------------------------------------------------------- load_text
 
 
@@ -170,6 +231,26 @@ def test_missing_gensim_message(monkeypatch) -> None:
     monkeypatch.setattr(data.importlib.metadata, "distribution", no_gensim)
     with pytest.raises(RuntimeError, match="pip install 'gensim>=4.3'"):
         data.wikipedia_text()
+
+
+def test_clean_lee_collapses_and_dedups() -> None:
+    raw = "First  story,\tone line. \n\nSecond story.\nFirst story, one line.\n  \n"
+    assert data._clean_lee(raw) == "First story, one line.\n\nSecond story.\n"
+
+
+def test_lee_text_clean_and_cached(tmp_path, monkeypatch) -> None:
+    if importlib.util.find_spec("gensim") is None:
+        pytest.skip("gensim not installed")
+    monkeypatch.setenv("QQQ_CACHE", str(tmp_path))
+    text = data.lee_text()
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("lee-")
+    assert data.load_text("lee") == text == files[0].read_text(encoding="utf-8")
+    articles = text.strip().split("\n\n")
+    assert len(articles) == len(set(articles)) == 293  # 300 lines, 7 exact repeats
+    assert 340_000 < len(text) < 370_000
+    assert "  " not in text and "\t" not in text
+    assert articles[0].startswith("Hundreds of people have been forced to vacate their homes")
 
 
 # ------------------------------------------------------------------- real Wikipedia text
