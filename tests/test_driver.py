@@ -72,7 +72,7 @@ def test_options_read_and_write_through_the_config():
         QuantizeRTN(group_size=3)
     with pytest.raises(ValueError, match="not known"):  # ConfigError is a ValueError
         Smooth(method="bogus")
-    assert repr(Rotate(online_down_proj=False)) == "Rotate(online_down_proj=False, seed=0)"
+    assert repr(Rotate(online_down_proj=False)) == "Rotate(online_down_proj=False, seed=0, head_rotation=False)"
 
 
 # ----------------------------------------------------------------------------- build_passes
