@@ -16,11 +16,16 @@ from __future__ import annotations
 
 from typing import Any
 
+# Every built-in pass module is imported here, presets or not: a pass registers itself when
+# its module runs, and a pass list given as data (``{"name": "rotate"}``) must find it.
+from .passes import cast_float, fuse_norm_quant, int8_head  # noqa: F401 - registration only
 from .passes.calibrate import Calibrate
 from .passes.gptq import GPTQ, GPTQConfig
 from .passes.lower import LowerW4A8
 from .passes.observe import InsertObservers
 from .passes.quantize import QuantizeRTN, QuantizeRTNConfig
+from .passes.rotate import Rotate, RotateConfig
+from .passes.smooth import Smooth, SmoothConfig
 from .pipeline import PRESETS, QQQPass, register_preset
 
 SMOOTHING = ("qqq", "smoothquant", "awq", "qoq_down")
@@ -41,15 +46,10 @@ def _rtn(group_size: int | None, **options: Any) -> QQQPass:
 
 
 def _smooth(method: str, group_size: int | None, **options: Any) -> QQQPass:
-    # Imported here: smoothing is optional in every preset but ``qqq``.
-    from .passes.smooth import Smooth, SmoothConfig
-
     return Smooth.from_config(SmoothConfig.from_dict({**options, "method": method, "group_size": group_size}))
 
 
 def _rotate(**options: Any) -> QQQPass:
-    from .passes.rotate import Rotate, RotateConfig
-
     return Rotate.from_config(RotateConfig.from_dict(options))
 
 

@@ -148,3 +148,17 @@ def test_compile_and_backend_both_honour_float_weight_dtype():
     assert backend.last_report.pipeline[-1] == "cast_float"
     assert any(t.dtype == torch.bfloat16 for t in backend.last_graph.buffers())
     assert torch.equal(ref, out)  # the same pipeline as compile(), so the same numbers (measured: identical)
+
+
+def test_every_builtin_pass_is_known_by_name_after_import_qqq_compile():
+    # A fresh interpreter: a pass list given as data must find passes no preset imported.
+    import subprocess
+    import sys
+
+    code = (
+        "import qqq_compile\n"
+        "from qqq_compile.pipeline import PASSES\n"
+        "print(','.join(PASSES.names()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert set(out.strip().split(",")) >= set(builtin_pass_classes())
