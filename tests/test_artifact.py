@@ -452,7 +452,7 @@ def every_pass_non_default():
             clip_search=True,
             clip_grid=5,
             clip_min=0.7,
-            clip_weighted=True,
+            clip_weighted=False,
             asym=True,
             asym_alpha=0.5,
         ),

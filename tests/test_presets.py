@@ -35,6 +35,11 @@ def test_preset_pass_lists():
     assert isinstance(p[2], QuantizeRTN) and isinstance(p[3], LowerW4A8)
     assert get_preset("smoothquant")[0].method == "smoothquant"
     assert get_preset("gptq", group_size=64)[0].group_size == 64
+    # The accuracy levers pass through as options (damp above; clip search, GPTAQ).
+    g = get_preset("gptq", damp=0.02, clip_search=True, asym=True)[0]
+    assert (g.damp, g.clip_search, g.asym) == (0.02, True, True)
+    r = get_preset("rtn", group_size=32, rtn_options={"clip_search": True, "clip_min": 0.7})[0]
+    assert (r.group_size, r.clip_search, r.clip_min) == (32, True, 0.7)
     # Fresh lists every time: users may edit them.
     a, b = get_preset("qqq"), get_preset("qqq")
     assert a is not b and a[1] is not b[1]

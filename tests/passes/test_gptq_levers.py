@@ -115,12 +115,12 @@ def _quality(model, captured, batches, passes) -> tuple[float, float]:
 
 
 # Measured logits SQNR (dB) vs float, g64 int8 (2 layers, random init, 8 windows): RTN
-# 17.60, RTN+clip 19.32; GPTQ 18.44, +clip (plain, the default) 20.47, +clip
-# diag(H)-weighted 20.23, +asym 19.22 (alpha 1: 18.75), +clip (weighted) +asym 20.35.
+# 17.60, RTN+clip 19.32; GPTQ 18.44, +clip (diag(H)-weighted, the default) 20.23, +clip
+# plain 20.47, +asym 19.22 (alpha 1: 18.75), +clip +asym 20.35.
 LEVERS = {
     "rtn+clip": ([QuantizeRTN(clip_search=True)], [QuantizeRTN()], 0.9),
-    "gptq+clip": ([GPTQ(clip_search=True)], [GPTQ()], 1.0),
-    "gptq+clip_weighted": ([GPTQ(clip_search=True, clip_weighted=True)], [GPTQ()], 0.9),
+    "gptq+clip": ([GPTQ(clip_search=True)], [GPTQ()], 0.9),
+    "gptq+clip_plain": ([GPTQ(clip_search=True, clip_weighted=False)], [GPTQ()], 1.0),
     "gptq+asym": ([GPTQ(asym=True)], [GPTQ()], 0.35),
 }
 
