@@ -33,6 +33,7 @@ from .cli_common import (
     write_json,
 )
 from .cli_demo import add_command as add_demo_command
+from .config import DEFAULT_PRESET
 
 EXPORT_FORMATS = ("compressed-tensors", "onnx")
 
@@ -251,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("model", metavar="MODEL", help="'demo', a Hugging Face folder, a .gguf file or a hub id")
     q.add_argument("--calib", default="wikipedia", metavar="SOURCE", help="calibration text (default: wikipedia)")
-    q.add_argument("--preset", choices=PRESET_CHOICES, default="qqq", help="quantization method (default: qqq)")
+    q.add_argument(
+        "--preset", choices=PRESET_CHOICES, default=DEFAULT_PRESET, help="quantization method (default: %(default)s)"
+    )
     q.add_argument("--group-size", type=int, default=-1, metavar="N", help="-1: per channel (default), or e.g. 128")
     q.add_argument("--n-calib", type=int, default=128, metavar="N", help="calibration windows (default: 128)")
     q.add_argument("--seq-len", type=int, default=512, metavar="N", help="tokens per window incl. BOS (default: 512)")

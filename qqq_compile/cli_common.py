@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-PRESET_CHOICES = ("qqq", "rtn", "gptq", "smoothquant")
+PRESET_CHOICES = ("qqq_rot", "qqq", "rtn", "gptq", "smoothquant")
 
 
 class CLIError(ValueError):

@@ -21,6 +21,7 @@ from .cli_common import (
     table,
     write_json,
 )
+from .config import DEFAULT_PRESET
 
 PROTOCOL = (
     "protocol: windows of BOS + {body} tokens; calibration windows drawn (seed {seed}) from the first 80% "
@@ -47,7 +48,9 @@ def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
         "windows. Pass --n-calib 128 for the standard protocol, or --preset rtn for a quick run.\n\n"
         "example:\n  qqq-compile demo --preset qqq --group-size 128 --out smollm2-w4a8",
     )
-    d.add_argument("--preset", choices=PRESET_CHOICES, default="qqq", help="quantization method (default: qqq)")
+    d.add_argument(
+        "--preset", choices=PRESET_CHOICES, default=DEFAULT_PRESET, help="quantization method (default: %(default)s)"
+    )
     d.add_argument("--group-size", type=int, default=-1, metavar="N", help="-1: per output channel (default); e.g. 128")
     d.add_argument("--n-calib", type=int, default=32, metavar="N", help="calibration windows (default: 32, see below)")
     d.add_argument("--n-eval", type=int, default=40, metavar="N", help="evaluation windows (default: 40)")

@@ -100,6 +100,30 @@ def smoothquant_w4a8(*, group_size: int | None = None, alpha: float = 0.5, n_gri
     return [_smooth("smoothquant", group_size, alpha=alpha, n_grid=n_grid), _rtn(group_size), LowerW4A8()]
 
 
+@register_preset("qqq_rot")
+def qqq_rot_w4a8(
+    *,
+    group_size: int | None = None,
+    clip_search: bool = True,
+    asym: bool = True,
+    online_down_proj: bool = True,
+    gptq_options: dict[str, Any] | None = None,
+) -> list[QQQPass]:
+    """Rotation-first QQQ W4A8: a Hadamard rotation of the residual stream (and online
+    before each MLP down projection), then GPTQ with a clip search on the exact final
+    format and GPTAQ's asymmetric-calibration term, no smoothing: the best pipeline on
+    validation windows disjoint from calibration and evaluation (``benchmarks/accuracy.py``;
+    docs/RESULTS.md). The paper's smoothing pipeline is the ``qqq`` preset."""
+    options = {"clip_search": clip_search, "asym": asym, **(gptq_options or {})}
+    return qqq_w4a8(
+        group_size=group_size,
+        smoothing=None,
+        rotation=True,
+        gptq_options=options,
+        rotate_options={"online_down_proj": online_down_proj},
+    )
+
+
 @register_preset("gptq")
 def gptq_w4a8(*, group_size: int | None = None, **gptq_options: Any) -> list[QQQPass]:
     """GPTQ baseline: GPTQ W4 weights without smoothing, per-token int8 activations."""

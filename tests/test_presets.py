@@ -40,6 +40,11 @@ def test_preset_pass_lists():
     assert (g.damp, g.clip_search, g.asym) == (0.02, True, True)
     r = get_preset("rtn", group_size=32, rtn_options={"clip_search": True, "clip_min": 0.7})[0]
     assert (r.group_size, r.clip_search, r.clip_min) == (32, True, 0.7)
+    # Rotation first, GPTQ with clip search and GPTAQ, no smoothing (the measured best).
+    rot = get_preset("qqq_rot", group_size=128)
+    assert _names(rot) == ["rotate", "gptq", "quantize_rtn", "lower"]
+    assert rot[0].online_down_proj and (rot[1].clip_search, rot[1].asym, rot[1].group_size) == (True, True, 128)
+    assert get_preset("qqq_rot", asym=False, gptq_options={"damp": 0.05})[1].asym is False
     # Fresh lists every time: users may edit them.
     a, b = get_preset("qqq"), get_preset("qqq")
     assert a is not b and a[1] is not b[1]
@@ -96,6 +101,8 @@ def reference(model, calib):
         ("qqq", {"group_size": 64, "group_scale_dtype": "float16"}, 20.0),  # 21.8 dB
         ("gptq", {"group_size": 64}, 20.5),  # 22.0 dB
         ("smoothquant", {}, 15.5),  # 17.2 dB
+        ("qqq_rot", {}, 22.0),  # 23.3 dB: above qqq's 21.3
+        ("qqq_rot", {"group_size": 64}, 22.0),  # 23.6 dB
     ],
 )
 def test_preset_compiles_to_w4a8(model, calib, reference, preset, quant, floor):
