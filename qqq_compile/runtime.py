@@ -137,10 +137,12 @@ def build_step(
     ctx = CompileContext()
     FuseLinears()(cached, ctx)
     notes = [n.message for n in ctx.notes]
+    # Load (on first use: build) the C++ kernels here, for both runtimes, so that their
+    # one-time build is part of building the step and never of the first timed prefill.
+    if not _ensure_cpp_kernels():
+        notes.append("C++ W4A8 kernels unavailable: the step calls the Python kernels")
     if runtime == "eager":
         return DecodeStep("eager", spec, cached, cached, build_seconds=time.perf_counter() - t0, notes=notes)
-    if not _ensure_cpp_kernels():
-        notes.append("C++ W4A8 kernels unavailable: the compiled step calls the Python kernels")
     folder = Path(package_dir) if package_dir is not None else default_package_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{package_key(cached, max_batch, max_len)}.pt2"
