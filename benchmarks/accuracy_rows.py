@@ -198,16 +198,9 @@ def split_error(gm: Any, mode: str) -> int:
 
 
 def register_all_passes() -> None:
-    """Import every pass module, so that explicit pass lists can name any of them: the
-    presets import ``rotate`` and ``smooth`` only when they use them, and the pass
-    registry knows a pass only once its module ran."""
-    import importlib
-    import pkgutil
-
-    import qqq_compile.passes as pkg
-
-    for m in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{m.name}")
+    """Make every built-in pass known by name, so that explicit pass lists can name any of
+    them: importing the package does it (``presets`` imports every pass module)."""
+    import qqq_compile.presets  # noqa: F401 - registration only
 
 
 def split_passes(row: Row) -> tuple[list[Any], list[str]]:
