@@ -20,21 +20,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
-from .sites import ASSERT_OPS, LinearSite, attr_users, match_linear, static_size
+from .sites import ASSERT_OPS, TRANSPARENT, LinearSite, attr_users, match_linear, static_size
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-_SAME = {
-    aten.clone.default,
-    aten.contiguous.default,
-    aten._to_copy.default,
-    aten.to.dtype,
-    aten.to.dtype_layout,
-    aten.alias.default,
-    aten.dropout.default,
-}
+_SAME = TRANSPARENT - _RESHAPES  # value-preserving ops that keep the layout
 _SCALAR = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 
 
