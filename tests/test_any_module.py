@@ -67,7 +67,7 @@ def ln_gelu_mlp() -> nn.Module:
 def test_ln_gelu_mlp_qqq_smooths_into_layernorm_and_explains_the_gelu():
     mlp = ln_gelu_mlp()
     calib = [torch.randn(128, 256) for _ in range(4)]
-    out = qc.compile(mlp, calib=calib, progress=False)  # qqq: smooth + gptq
+    out = qc.compile(mlp, calib=calib, config=qc.CompileConfig(preset="qqq"), progress=False)  # smooth + gptq
     assert count(out.graph_module) == 2
     anns = [node_annotation(n) for n in out.graph_module.graph.nodes]
     rec = {a.linear.fqn: a.smooth for a in anns if a.linear is not None}

@@ -119,6 +119,23 @@ def test_preset_compiles_to_w4a8(model, calib, reference, preset, quant, floor):
     assert sqnr_db(ref, out) > floor
 
 
+def test_default_preset_is_what_compile_and_the_cli_use(model, calib):
+    """The default (chosen on validation windows: rotation first, GPTQ + clip search + GPTAQ)
+    is what a bare compile() runs, and what both CLI commands offer as their default."""
+    from qqq_compile.cli import build_parser
+
+    from qqq_compile.config import DEFAULT_PRESET
+
+    assert DEFAULT_PRESET == "qqq_rot" and qc.CompileConfig().preset == "qqq_rot"
+    cm = qc.compile(model, calib, progress=False)
+    assert cm.report.pipeline[:2] == ["rotate", "gptq"]
+    ops = [n for n in cm.graph_module.graph.nodes if n.target == W4A8]
+    assert len(ops) == 14 and {info(n).method for n in ops} == {"gptq"}
+    parser = build_parser()
+    for argv in (["quantize", "demo", "--out", "x"], ["demo"]):
+        assert parser.parse_args(argv).preset == "qqq_rot"
+
+
 def test_qqq_beats_rtn_on_model_output(model, calib, reference):
     ids, ref = reference
     scores = {}
