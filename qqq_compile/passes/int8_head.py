@@ -9,6 +9,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .. import kernels  # noqa: F401 - registers torch.ops.qqq.*
+from ..annotations import annotate
 from ..config import ConfigError
 from ..formats import quantize_int8_per_row
 from ..graph import LinearSite, consumers, get_attr, get_bias, get_weight, info, linear_sites, match_linear
@@ -18,7 +19,6 @@ aten = torch.ops.aten
 _EMBEDDING = aten.embedding.default
 _W8A8 = torch.ops.qqq.w8a8_linear.default
 _QQQ_LINEARS = (_W8A8, torch.ops.qqq.w4a8_linear.default, torch.ops.qqq.w4a8_linear_q.default)
-META = "qqq_int8_head"  # node.meta key on the rewritten nodes: what they replaced
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,12 @@ class Int8Head(QQQPass):
     ops only (else the last linear of the graph, if it is still float); nothing is done when
     there is none. Preconditions: run after ``lower`` (lowered linears are never touched).
     ``cast_float`` may run before (the cast weights are quantized) or after (only what is
-    left in float is cast). Replay on load (:meth:`replay`) re-runs it with the saved options;
-    the saved int8 tensors then replace what it computes from the skeleton's weights.
+    left in float is cast). Each rewritten node records what it replaced in its annotation
+    (``NodeAnnotation.int8_head``, :mod:`qqq_compile.annotations`). Replay on load
+    (:meth:`replay`) re-runs it with the saved options; the saved int8 tensors then replace
+    what it computes from the skeleton's weights. The exporters write the head and the
+    table as their dequantized float values (compressed-tensors) or as int8 initializers
+    with ``DequantizeLinear`` (ONNX); see :mod:`qqq_compile.export`.
     """
 
     name = "int8_head"
@@ -168,7 +172,7 @@ def _rewrite_head(gm: GraphModule, site: LinearSite, w8: str, scale: str) -> Non
         args = (site.x, g.get_attr(w8), g.get_attr(scale), bias)
         new = g.call_function(_W8A8, args)
     _keep_meta(new, site.node)
-    new.meta[META] = {"replaced": "linear", "fqn": site.name}
+    annotate(new, int8_head={"replaced": "linear", "fqn": site.name})
     site.node.replace_all_uses_with(new)
     g.erase_node(site.node)
 
@@ -186,7 +190,7 @@ def _rewrite_embedding(gm: GraphModule, node: Node, w8: str, scale: str) -> None
         deq = g.call_function(aten.mul.Tensor, (rows_f, s))
         out = deq if dtype == torch.float32 else g.call_function(aten._to_copy.default, (deq,), {"dtype": dtype})
     _keep_meta(out, node)
-    out.meta[META] = {"replaced": "embedding", "weight": node.args[0].target}
+    annotate(out, int8_head={"replaced": "embedding", "weight": node.args[0].target})
     node.replace_all_uses_with(out)
     g.erase_node(node)
 
