@@ -43,8 +43,11 @@ class Int8Head(QQQPass):
     :func:`qqq_compile.formats.quantize_int8_per_row`), and its input is quantized per token
     to int8 inside the op: a quarter of the bytes, int32 accumulation.
 
-    ``embedding=True`` also stores the embedding table as int8 rows + an fp32 per-row scale and
-    replaces the lookup with ``embedding(int8 rows) * embedding(scales)`` (plain aten ops).
+    ``embedding=True`` also stores the token embedding table as int8 rows + an fp32 per-row
+    scale and replaces the lookup with ``embedding(int8 rows) * embedding(scales)`` (plain
+    aten ops). The token embedding is a float table with one row per output of the float
+    lm_head; other tables (position embeddings, an encoder's embeddings without an lm_head,
+    those of a model whose head was quantized to W4A8) stay as they are.
     When the lm_head is tied to the embedding both read the one int8 table (a row of the
     table is an output channel of the head). With ``embedding=False`` a tied table stays in
     float for the lookup and the head gets an int8 copy: memory grows by a quarter of the
@@ -73,7 +76,7 @@ class Int8Head(QQQPass):
         gm = graph_module
         before = tensor_bytes(gm)
         site = find_lm_head(gm)
-        embeddings = [n for n in gm.graph.nodes if _is_embedding(n)] if self.embedding else []
+        embeddings = _token_embeddings(gm, site) if self.embedding else []
         if site is None and not embeddings:
             return PassResult(gm, False)
         done: list[str] = []
@@ -131,6 +134,16 @@ def _is_embedding(n: Node) -> bool:
         and n.args[0].op == "get_attr"
         and _attr(n).is_floating_point()
     )
+
+
+def _token_embeddings(gm: GraphModule, site: LinearSite | None) -> list[Node]:
+    """The lookups of the token embedding: float tables with one row per output of the
+    (float) lm_head, tied to it or not. None without such a head: an encoder's or a
+    position embedding stays as it is (the pass is on by default)."""
+    if site is None:
+        return []
+    vocab = get_weight(gm, site).shape[0]
+    return [n for n in gm.graph.nodes if _is_embedding(n) and _attr(n).shape[0] == vocab]
 
 
 def _attr(n: Node) -> torch.Tensor:

@@ -140,6 +140,22 @@ def test_logits_sqnr_vs_float(tied, embedding, floor):
     assert sqnr_db(ref, logits(gm)) > floor
 
 
+def test_only_the_token_embedding_goes_int8():
+    """GPT-2's position table stays float (it is not the head's vocabulary), and with no
+    float lm_head (here quantized to W4A8 with the rest) no table is touched."""
+    gm = capture(tiny_model("gpt2"), torch.randint(0, 256, (2, 8))).graph_module
+    assert count(gm, aten.embedding.default) == 2  # wte, wpe
+    assert Int8Head(embedding=True)(gm, CompileContext()).modified
+    lookups = [n for n in gm.graph.nodes if n.target is aten.embedding.default and n.args[0].op == "get_attr"]
+    tables = [get_attr(gm, n.args[0].target) for n in lookups]  # (the scales' lookup reads an unsqueeze)
+    assert sorted((t.shape[0], t.dtype) for t in tables) == [(128, torch.float32), (256, torch.int8)]  # wpe, wte
+    gm = capture(tiny_model("llama"), torch.randint(0, 256, (2, 8))).graph_module
+    ctx = CompileContext(quant=QuantConfig(skip=()))
+    QuantizeRTN()(gm, ctx)
+    LowerW4A8()(gm, ctx)
+    assert find_lm_head(gm) is None and not Int8Head(embedding=True)(gm, ctx).modified
+
+
 def test_no_head_is_a_no_op():
     class NoLinear(torch.nn.Module):
         def forward(self, x):
