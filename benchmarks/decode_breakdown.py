@@ -1,6 +1,6 @@
 """Where one decode step of the compiled W4A8 SmolLM2 spends its time, next to the floor.
 
-    python benchmarks/decode_breakdown.py [--artifact DIR] [--int8-head] [--context 512] [--threads 2]
+    python benchmarks/decode_breakdown.py [--artifact DIR] [--no-int8-head] [--context 512] [--threads 2]
 
 Times, in one run and alternating (round-robin) so load hits every row alike:
   * the whole AOTInductor decode step (one token at ``--context`` past tokens);
@@ -52,16 +52,13 @@ def build(args):
         return qc.load(args.artifact)
     model, tok = load_model("demo")
     calib, _ = standard_splits(tok, n_calib=8, n_eval=1)
-    passes = qc.get_preset("rtn")
-    if args.int8_head:
-        from qqq_compile.passes.int8_head import Int8Head
-
-        passes.append(Int8Head(embedding=True))
-    return qc.compile(model, calib=calib, passes=passes, progress=False)
+    config = qc.CompileConfig(preset="rtn", quant=qc.QuantConfig(int8_head=args.int8_head))
+    return qc.compile(model, calib=calib, config=config, progress=False)
 
 
 def parts(gm: torch.fx.GraphModule, spec, ctx: int):
     """Callables for each W4A8 linear, the lm_head and each SDPA at the decode shapes."""
+
     def get(n):
         return functools.reduce(getattr, n.target.split("."), gm) if getattr(n, "op", None) == "get_attr" else n
 
@@ -92,8 +89,11 @@ def parts(gm: torch.fx.GraphModule, spec, ctx: int):
             qq, kk, vv = torch.randn(1, h, 1, d), torch.randn(1, hkv, ctx, d), torch.randn(1, hkv, ctx, d)
             m = torch.ones(1, 1, 1, ctx, dtype=torch.bool)
             gqa = h != hkv
-            sdpas.append(lambda qq=qq, kk=kk, vv=vv, m=m, gqa=gqa: F.scaled_dot_product_attention(
-                qq, kk, vv, attn_mask=m, enable_gqa=gqa))
+            sdpas.append(
+                lambda qq=qq, kk=kk, vv=vv, m=m, gqa=gqa: F.scaled_dot_product_attention(
+                    qq, kk, vv, attn_mask=m, enable_gqa=gqa
+                )
+            )
             read += 2 * hkv * ctx * d * 4
     return linears, head, sdpas, read
 
@@ -101,7 +101,12 @@ def parts(gm: torch.fx.GraphModule, spec, ctx: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", help="a saved artifact (default: RTN W4A8 SmolLM2 built here)")
-    p.add_argument("--int8-head", action="store_true", help="int8 lm_head and embedding (Int8Head(embedding=True))")
+    p.add_argument(
+        "--int8-head",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="int8 lm_head and embedding (QuantConfig.int8_head; default: on; --no-int8-head: fp32 head)",
+    )
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-len", type=int, default=1024, help="KV cache positions of the compiled step")
@@ -127,15 +132,27 @@ def main() -> None:
     med["rest (fused elementwise + wrapper)"] = med["step"] - med["w4a8 linears"] - med["lm_head"] - med["sdpa"]
     bw = bandwidth_gbs()
     floor_ms = read / 1e9 / bw * 1e3
-    print(f"threads {args.threads}, context {ctx}, {len(linears)} W4A8 linears, lm_head "
-          f"{'int8' if args.int8_head else 'fp32'}; load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"threads {args.threads}, context {ctx}, {len(linears)} W4A8 linears, lm_head "
+        f"{'int8' if args.int8_head else 'fp32'}; load average {os.getloadavg()[0]:.2f}"
+    )
     print("| part | ms per token | share of step |\n|---|---|---|")
     for k, v in med.items():
         print(f"| {k} | {v:.2f} | {v / med['step']:.0%} |")
-    print(f"floor: {read / 1e6:.1f} MB read per token / {bw:.1f} GB/s = {floor_ms:.2f} ms "
-          f"({1e3 / floor_ms:.0f} tokens/s); step {med['step']:.2f} ms = {1e3 / med['step']:.0f} tokens/s")
-    out = {"threads": args.threads, "context": ctx, "int8_head": args.int8_head, "ms": med,
-           "bytes_per_token": read, "bandwidth_gbs": bw, "floor_ms": floor_ms, "load_average": os.getloadavg()[0]}
+    print(
+        f"floor: {read / 1e6:.1f} MB read per token / {bw:.1f} GB/s = {floor_ms:.2f} ms "
+        f"({1e3 / floor_ms:.0f} tokens/s); step {med['step']:.2f} ms = {1e3 / med['step']:.0f} tokens/s"
+    )
+    out = {
+        "threads": args.threads,
+        "context": ctx,
+        "int8_head": args.int8_head,
+        "ms": med,
+        "bytes_per_token": read,
+        "bandwidth_gbs": bw,
+        "floor_ms": floor_ms,
+        "load_average": os.getloadavg()[0],
+    }
     tmp = args.json + ".tmp"
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(tmp, "w") as f:

@@ -64,8 +64,11 @@ ENGINES: dict[str, EngineSpec] = {
     "llamacpp-q4_1": EngineSpec("engines.llamacpp:LlamaCppEngine", {"quant": "q4_1"}, "llamacpp"),
     "llamacpp-q4_0": EngineSpec("engines.llamacpp:LlamaCppEngine", {"quant": "q4_0"}, "llamacpp"),
     "ours-eager": EngineSpec("engines.torch_engines:OursEngine", {"runtime": "eager"}),
+    # the default compile (int8 lm_head + embedding, QuantConfig.int8_head=True) ...
     "ours-compiled": EngineSpec("engines.torch_engines:OursEngine", {"runtime": "aot"}),
-    "ours-compiled-int8head": EngineSpec("engines.torch_engines:OursEngine", {"runtime": "aot", "int8_head": True}),
+    # ... and the float head (results before the default changed list these two as
+    # "ours-compiled" (float head) and "ours-compiled-int8head")
+    "ours-compiled-fp32head": EngineSpec("engines.torch_engines:OursEngine", {"runtime": "aot", "int8_head": False}),
 }
 
 

@@ -7,8 +7,10 @@ Schema:
   fact qqq_compile records about it: the linear's :class:`LinearInfo` (``graph.info(node)``
   reads it), the smoothing record of the linear's group, the role a linear plays in the
   rotation (``"reader"``, ``"writer"``, ``"writer+online_hadamard"``), the size of an
-  online Hadamard transform a node applies, and whether a consumer reads a weight that
-  ``cast_float`` stored in another dtype.
+  online Hadamard transform a node applies, whether a consumer reads a weight that
+  ``cast_float`` stored in another dtype, and what an ``int8_head`` rewrite replaced
+  (``{"replaced": "linear", "fqn": ...}`` on the W8A8 head, ``{"replaced": "embedding",
+  "weight": ...}`` on the int8 lookup's output).
 * ``gm.meta["qqq"]``: a :class:`GraphAnnotation` with the per-pass state that
   ``replay()`` methods need at load time (:func:`set_replay_state`).
 
@@ -52,9 +54,10 @@ LEGACY_NODE_KEYS = {
     "rotate": "qqq_rotate",
     "online_hadamard": "qqq_online_hadamard",
     "float_cast": "qqq_float_cast",
+    "int8_head": "qqq_int8_head",
 }
 #: The facts other than ``linear``, as the codec names them.
-EXTRA_FIELDS = ("rotate", "online_hadamard", "float_cast")
+EXTRA_FIELDS = ("rotate", "online_hadamard", "float_cast", "int8_head")
 _LEGACY_REPLAY = "qqq_replay"  # gm.meta key of format 1.0
 
 
@@ -87,6 +90,7 @@ class NodeAnnotation:
     rotate: str | None = None
     online_hadamard: int | None = None
     float_cast: bool = False
+    int8_head: dict[str, str] | None = None  # what the int8_head pass replaced with this node
 
     def is_empty(self) -> bool:
         return self == NodeAnnotation()
@@ -119,7 +123,8 @@ def _from_legacy(meta: dict[str, Any]) -> NodeAnnotation:
         ann.linear = v
     for name, key in LEGACY_NODE_KEYS.items():
         if meta.get(key) is not None:
-            setattr(ann, name, bool(meta[key]) if name == "float_cast" else meta[key])
+            value = meta[key]
+            setattr(ann, name, bool(value) if name == "float_cast" else dict(value) if name == "int8_head" else value)
     return ann if ann != _EMPTY else _EMPTY
 
 
@@ -306,6 +311,8 @@ def decode_node(
     Fields this version does not know (a later minor format) are ignored."""
     ann = NodeAnnotation(rotate=d.get("rotate"), online_hadamard=d.get("online_hadamard"))
     ann.float_cast = bool(d.get("float_cast"))
+    if d.get("int8_head"):
+        ann.int8_head = {str(k): str(v) for k, v in d["int8_head"].items()}
     if "layer" in d:
         if layers is None:
             raise KeyError(f"node record {d} points at linear record {d['layer']}, but no records were given")

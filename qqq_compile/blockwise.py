@@ -17,9 +17,9 @@ construct outside the decoder stack), the decoder blocks usually still are. This
    (sequential, as GPTQ does);
 5. returns a :class:`BlockwiseCompiledModel`: a copy of the model whose blocks call the
    lowered block graphs. Everything outside the blocks (embeddings, final norm, lm_head)
-   stays eager float. The user's model is never modified (the copy shares its weight
-   tensors, as the exported graph does on the whole-model path; passes never write
-   tensors in place).
+   stays eager float (so ``QuantConfig.int8_head`` does not apply on this path). The
+   user's model is never modified (the copy shares its weight tensors, as the exported
+   graph does on the whole-model path; passes never write tensors in place).
 """
 
 from __future__ import annotations
@@ -281,7 +281,10 @@ def compile_blockwise(
                 f"block {name} was exported with static shapes and no calibration batch has them; "
                 "give calibration batches of one shape (equal-length windows, a batch size that divides their count)"
             )
-        pass_list = build_passes(config, passes)  # fresh pass objects per block (presets)
+        # fresh pass objects per block (presets). int8_head is not run on the blocks: the
+        # lm_head and the embedding live outside them (eager float, see the module docstring),
+        # and on a block graph the pass would take the block's last float linear for the head.
+        pass_list = [p for p in build_passes(config, passes) if p.name != "int8_head"]
         block_dump = os.path.join(dump_dir, name) if dump_dir else None
         gm, block_report = run_pipeline(
             gm, ctx, pass_list, instruments, config=config, dump_dir=block_dump, scope=f"block {name}"
@@ -303,6 +306,8 @@ def compile_blockwise(
     ]
     if outside:
         notes.append(Note(PASS_NAME, f"modules kept in float (outside the decoder blocks): {', '.join(outside)}"))
+    if any(p.name == "int8_head" for p in build_passes(config, passes)):
+        notes.append(Note(PASS_NAME, "int8_head not applied: the lm_head and embedding stay eager float here"))
     report = Report(records, notes, config.to_dict(), [p["name"] for p in pass_configs], pass_configs)
     return BlockwiseCompiledModel(work, graphs, report, path)
 

@@ -39,7 +39,8 @@ def nodes(n: int = 2) -> list[Node]:
 def test_every_fact_lives_in_the_one_annotation():
     model = tiny_model("llama", num_hidden_layers=1)
     passes = [Rotate(), Smooth(n_grid=4), QuantizeRTN(), LowerW4A8(), CastFloatWeights("bfloat16")]
-    gm = qc.compile(model, tiny_calib(8, 32), passes=passes, progress=False).graph_module
+    config = {"quant": {"int8_head": False}}  # the float lm_head is what cast_float casts here
+    gm = qc.compile(model, tiny_calib(8, 32), config, passes=passes, progress=False).graph_module
     anns = {n: n.meta[KEY] for n in gm.graph.nodes if KEY in n.meta}
     assert all(type(a) is NodeAnnotation and not a.is_empty() for a in anns.values())
     assert not [n.name for n in gm.graph.nodes if set(LEGACY_NODE_KEYS.values()) & set(n.meta)]
@@ -80,12 +81,15 @@ def test_nodes_annotated_the_old_way_are_read_and_moved_on_write():
     rec = SmoothRecord("g", "qqq", scales=torch.ones(4), loss_before=1.0, loss_after=0.5)
     a.meta.update({"qqq": li, "qqq_smooth": rec, "qqq_rotate": "writer", "qqq_float_cast": True})
     b.meta["qqq_online_hadamard"] = 256
+    b.meta["qqq_int8_head"] = {"replaced": "linear", "fqn": "lm_head"}  # the int8_head pass's own key
     assert node_annotation(a) == NodeAnnotation(linear=li, smooth=rec, rotate="writer", float_cast=True)
     assert info(a) is li and info(b) is None and node_annotation(b).online_hadamard == 256
+    assert node_annotation(b).int8_head == {"replaced": "linear", "fqn": "lm_head"}
     annotate(a, rotate="reader")
     assert set(a.meta) == {KEY} and a.meta[KEY] == NodeAnnotation(li, rec, "reader", None, True)
     set_node_annotation(b, node_annotation(b))
     assert set(b.meta) == {KEY} and b.meta[KEY].online_hadamard == 256
+    assert b.meta[KEY].int8_head == {"replaced": "linear", "fqn": "lm_head"}
 
 
 def test_codec_round_trips_a_node_and_reads_graph_file_records_as_saved_before():
@@ -108,3 +112,21 @@ def test_codec_round_trips_a_node_and_reads_graph_file_records_as_saved_before()
     assert lin.linear.fqn == "fc" and lin.rotate == "reader" and type(lin.smooth) is SmoothRecord
     assert decode_node({"online_hadamard": 256}, tensors) == NodeAnnotation(online_hadamard=256)
     assert decode_node({"float_cast": True}, tensors) == NodeAnnotation(float_cast=True)
+
+
+def test_codec_round_trips_the_int8_head_record():
+    a, b = nodes()
+    annotate(a, int8_head={"replaced": "linear", "fqn": "lm_head"})
+    annotate(b, int8_head={"replaced": "embedding", "weight": "model.embed_tokens.weight"}, float_cast=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for n in (a, b):
+        rec = json.loads(json.dumps(encode_node(n, "n/", tensors)))
+        assert rec == encode_extras(node_annotation(n)) and "int8_head" in rec
+        assert decode_node(rec, tensors) == node_annotation(n)
+    # a linear's graph-file entry (pointing at its manifest record) carries it too
+    li = LinearInfo("lm_head", 4, 8)
+    annotate(a, linear=li)
+    layers = [encode_linear(li, "l/", tensors)]
+    back = decode_node({"layer": 0, **encode_extras(node_annotation(a))}, tensors, layers)
+    assert back.int8_head == {"replaced": "linear", "fqn": "lm_head"} and back.linear.fqn == "lm_head"
+    assert decode_node({}, tensors).int8_head is None

@@ -23,8 +23,8 @@ def test_compile_behaves_like_the_model():
     assert sqnr_db(ref.logits, out.logits) > 16.5  # measured 18.1 dB (rtn, per channel)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} was modified"
-    assert compiled.report.pipeline == ["quantize_rtn", "lower"]
-    assert "14/15 linears lowered" in repr(compiled)
+    assert compiled.report.pipeline == ["quantize_rtn", "lower", "int8_head"]  # the int8 lm_head is the default
+    assert "14/14 linears lowered" in repr(compiled)  # lm_head is W8A8 now, no longer a float linear
 
 
 def test_compile_with_dict_config_and_dump(tmp_path):

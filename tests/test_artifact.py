@@ -84,15 +84,16 @@ def test_manifest_records_config_pipeline_and_layers(saved):
     compiled, path, _, _ = saved
     m = json.loads((path / MANIFEST).read_text())
     assert (m["format"], m["format_version"]) == ("qqq_compile.artifact", "1.1")
-    assert m["pipeline"] == ["quantize_rtn", "lower"]
+    assert m["pipeline"] == ["quantize_rtn", "lower", "int8_head"]  # the int8 lm_head is the default
+    assert m["pass_configs"][-1] == {"name": "int8_head", "options": {"embedding": True}}
     assert m["compile_config"]["quant"]["group_size"] == 32
     assert m["model_class"] == "LlamaForCausalLM" and m["model_config"]["hidden_size"] == 64
     by_name = {r["name"]: r for r in m["layers"]}
-    assert len(by_name) == 8  # 7 projections + lm_head
+    assert len(by_name) == 7  # the 7 projections; the lm_head is W8A8, no longer a float linear
     q = by_name["model.layers.0.self_attn.q_proj"]
     assert (q["format"], q["bits"], q["group_size"], q["method"], q["lowered"]) == ("w4a8", 4, 32, "rtn", True)
     assert q["shape"] == [64, 64] and q["smoothed"] is False
-    assert by_name["lm_head"]["format"] == "float" and by_name["lm_head"]["skipped"]
+    assert "lm_head" not in by_name
     assert (path / "tokenizer" / "tokenizer.json").is_file()
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in path.rglob("*"))  # never pickle
 
@@ -287,7 +288,8 @@ def test_shape_mismatch_with_edited_config(copy):
     m = json.loads((copy / MANIFEST).read_text())
     m["model_config"]["vocab_size"] = 300
     (copy / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match=r"shape mismatch for tensor 'model.embed_tokens.weight'.*config"):
+    # the first tensor sized by the vocabulary: the int8 table of the (default) int8 embedding
+    with pytest.raises(ArtifactError, match=r"shape mismatch for tensor 'qqq_model_embed_tokens_int8'.*config"):
         load(copy)
 
 
@@ -572,8 +574,9 @@ def test_format_1_0_artifacts_still_load(saved, copy):
     as_format_1_0(copy)
     back = load(copy)
     assert back.rebuilt_by == "replay" and torch.equal(back(x).logits, ref)
-    # Format 1.0 stored no pass configs: the replay ran the default ones.
-    assert back.report.pass_configs == [QuantizeRTN().to_dict(), {"name": "lower", "options": {}}]
+    # Format 1.0 stored no pass configs: the replay ran the preset's and the one the config implies.
+    implied = {"name": "int8_head", "options": {"embedding": True}}
+    assert back.report.pass_configs == [QuantizeRTN().to_dict(), {"name": "lower", "options": {}}, implied]
     assert back.report.pass_configs[0]["options"]["group_size"] is None
 
 

@@ -63,7 +63,7 @@ def _compiled(mode: str):
     import qqq_compile as qc
 
     model = tiny_model("llama")
-    row = ar.Row("rtn", "rtn", {"group_size": -1}, mode=mode)
+    row = ar.Row("rtn", "rtn", {"group_size": -1, "int8_head": False}, mode=mode)  # as the built-in rows
     passes, dropped = (None, []) if mode == "w4a8" else ar.split_passes(row)
     cm = qc.compile(model, tiny_calib(), row.config(), passes=passes, progress=False)
     return model, cm, dropped

@@ -91,12 +91,21 @@ def test_common_options_before_or_after_the_command():
     assert p.parse_args(["--debug", "eval", "d"]).debug is True
 
 
+def test_int8_head_is_on_unless_no_int8_head():
+    from qqq_compile.cli_common import compile_config
+
+    p = build_parser()
+    for argv, want in ([], True), (["--int8-head"], True), (["--no-int8-head"], False):
+        args = p.parse_args(["quantize", "demo", "--out", "x", *argv])
+        assert args.int8_head is want and compile_config(args).quant.int8_head is want
+
+
 # ----------------------------------------------------------------------------- quantize -> eval
 
 
 def test_quantize_writes_an_artifact_with_tokenizer(artifact, capsys):
     manifest = json.loads((artifact / "qqq_manifest.json").read_text())
-    assert manifest["pipeline"] == ["quantize_rtn", "lower"]
+    assert manifest["pipeline"] == ["quantize_rtn", "lower", "int8_head"]  # the int8 lm_head is the default
     assert manifest["compile_config"]["quant"]["group_size"] == 32
     assert sum(r["format"] == "w4a8" for r in manifest["layers"]) == 7
     assert (artifact / "tokenizer" / "tokenizer.json").is_file()

@@ -25,6 +25,7 @@ from qqq_compile.pipeline import PASSES, CompileContext, PassConfig, QQQPass, pa
 from tests.conftest import tiny_calib, tiny_model
 
 BF16 = {"quant": {"float_weight_dtype": "bfloat16"}}
+BF16_FLOAT_HEAD = {"quant": {"float_weight_dtype": "bfloat16", "int8_head": False}}  # lm_head kept a float linear
 
 
 def names(pass_list):
@@ -79,18 +80,21 @@ def test_options_read_and_write_through_the_config():
 
 
 def test_build_passes_from_preset_explicit_and_specs():
-    assert names(driver.build_passes(None)) == ["smooth", "gptq", "quantize_rtn", "lower"]
-    assert names(driver.build_passes({"preset": "rtn"})) == ["quantize_rtn", "lower"]
+    # the config's default int8_head appends its pass to the preset and to explicit lists alike
+    assert names(driver.build_passes(None)) == ["smooth", "gptq", "quantize_rtn", "lower", "int8_head"]
+    assert names(driver.build_passes({"preset": "rtn"})) == ["quantize_rtn", "lower", "int8_head"]
+    float_head = {"preset": "rtn", "quant": {"int8_head": False}}
+    assert names(driver.build_passes(float_head)) == ["quantize_rtn", "lower"]
     specs = [{"name": "rotate", "options": {"online_down_proj": False}}, QuantizeRTN(32), {"name": "lower"}]
     built = driver.build_passes(CompileConfig(), specs)
-    assert names(built) == ["rotate", "quantize_rtn", "lower"]
+    assert names(built) == ["rotate", "quantize_rtn", "lower", "int8_head"]
     assert built[0].online_down_proj is False and built[1].group_size == 32
 
 
 def test_config_implies_cast_float_once():
     built = driver.build_passes(BF16 | {"preset": "rtn"})
-    assert names(built) == ["quantize_rtn", "lower", "cast_float"]
-    explicit = driver.build_passes(BF16, [QuantizeRTN(), LowerW4A8(), CastFloatWeights("float16")])
+    assert names(built) == ["quantize_rtn", "lower", "cast_float", "int8_head"]
+    explicit = driver.build_passes(BF16_FLOAT_HEAD, [QuantizeRTN(), LowerW4A8(), CastFloatWeights("float16")])
     assert names(explicit) == ["quantize_rtn", "lower", "cast_float"] and explicit[-1].dtype == "float16"
 
 
@@ -116,7 +120,7 @@ def test_order_and_calibration_requirements_fail_before_any_work():
 
 def test_run_pipeline_reports_the_exact_passes():
     gm = qc.capture(tiny_model("llama", num_hidden_layers=1), torch.randint(0, 256, (2, 8))).graph_module
-    config = CompileConfig(preset="rtn")
+    config = CompileConfig.from_dict({"preset": "rtn", "quant": {"int8_head": False}})
     passes = driver.build_passes(config, [InsertObservers(hessian=True), Calibrate(), QuantizeRTN(32), LowerW4A8()])
     ctx = CompileContext(calib=[{"input_ids": torch.randint(0, 256, (2, 16))}], progress=False)
     out, report = driver.run_pipeline(gm, ctx, passes, config=config)
@@ -137,9 +141,9 @@ def lm_head_dtype(gm):
 
 def test_compile_and_backend_both_honour_float_weight_dtype():
     model = tiny_model("llama", num_hidden_layers=1)
-    compiled = qc.compile(model, tiny_calib(2), BF16 | {"preset": "rtn"}, progress=False)
+    compiled = qc.compile(model, tiny_calib(2), BF16_FLOAT_HEAD | {"preset": "rtn"}, progress=False)
     assert compiled.report.pipeline[-1] == "cast_float" and lm_head_dtype(compiled.graph_module) == torch.bfloat16
-    backend = qc.qqq_backend(config=CompileConfig.from_dict(BF16 | {"preset": "rtn"}))
+    backend = qc.qqq_backend(config=CompileConfig.from_dict(BF16_FLOAT_HEAD | {"preset": "rtn"}))
     torch._dynamo.reset()
     fn = torch.compile(model, backend=backend, fullgraph=True)
     x = torch.randint(0, 256, (2, 9))
@@ -155,10 +159,6 @@ def test_every_builtin_pass_is_known_by_name_after_import_qqq_compile():
     import subprocess
     import sys
 
-    code = (
-        "import qqq_compile\n"
-        "from qqq_compile.pipeline import PASSES\n"
-        "print(','.join(PASSES.names()))\n"
-    )
+    code = "import qqq_compile\nfrom qqq_compile.pipeline import PASSES\nprint(','.join(PASSES.names()))\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert set(out.strip().split(",")) >= set(builtin_pass_classes())

@@ -62,9 +62,9 @@ class HFEngine:
 class OursEngine:
     """``qqq_compile.compile(...)`` (or ``qqq_compile.load(artifact)``), then its ``generate()``."""
 
-    def __init__(self, runtime: str = "eager", int8_head: bool = False) -> None:
+    def __init__(self, runtime: str = "eager", int8_head: bool = True) -> None:
         self.runtime = runtime
-        self.int8_head = int8_head  # lm_head + tied embedding in int8 (the Int8Head pass)
+        self.int8_head = int8_head  # lm_head + tied embedding in int8 (QuantConfig.int8_head, the default)
         self.compiled = None
 
     def load(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -86,13 +86,8 @@ class OursEngine:
             calib = token_windows(
                 tokenizer, load_text("wikipedia"), 512, region=CALIB_REGION, n=int(options["calib_windows"]), seed=0
             )
-            config = qc.CompileConfig(preset=options["preset"])
-            passes = None
-            if self.int8_head:
-                from qqq_compile.passes.int8_head import Int8Head
-
-                passes = [*qc.get_preset(options["preset"]), Int8Head(embedding=True)]
-            self.compiled = qc.compile(model, calib=calib, config=config, passes=passes, progress=False)
+            config = qc.CompileConfig(preset=options["preset"], quant=qc.QuantConfig(int8_head=self.int8_head))
+            self.compiled = qc.compile(model, calib=calib, config=config, progress=False)
             del model  # the compiled model holds its own weights; keep the float ones out of RSS
             info["source"] = f"compiled: preset {options['preset']!r}, {len(calib)} x 512 calibration windows"
         if not callable(getattr(self.compiled, "generate", None)):

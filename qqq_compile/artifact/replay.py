@@ -20,7 +20,7 @@ from torch.fx import GraphModule
 from ..annotations import decode_linear, graph_annotation, node_annotation, set_node_annotation
 from ..capture import capture
 from ..config import CompileConfig, ConfigError
-from ..driver import replay_passes, run_pipeline
+from ..driver import implied_passes, replay_passes, run_pipeline
 from ..errors import ArtifactError, PipelineError
 from ..graph import LinearInfo, info, linear_sites, set_attr
 from ..pipeline import PASSES, CompileContext, Instrument, PassResult, QQQPass, pass_from_dict
@@ -30,20 +30,25 @@ from .save import graph_tensors_of, op_counts
 
 def saved_pass_specs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The saved pipeline as pass specs. Format 1.0 stored only pass names: its passes are
-    rebuilt from the saved preset when the names match, else by name with default options."""
+    rebuilt from the saved preset when the names match (alone, or followed by the passes
+    the saved config implies, such as ``int8_head``), else by name: with the options the
+    config implies for an implied pass, default options for the others."""
     if "pass_configs" in manifest:
         return list(manifest["pass_configs"])
     from ..presets import get_preset
 
     names = list(manifest.get("pipeline", []))
+    implied: dict[str, dict[str, Any]] = {}
     try:
         cfg = CompileConfig.from_dict(manifest.get("compile_config") or {})
+        implied = {p.name: p.to_dict() for p in implied_passes(cfg, [])}
         preset = get_preset(cfg.preset, **cfg.preset_options)
-        if [p.name for p in preset] == names:
-            return [p.to_dict() for p in preset]
+        for candidate in (preset, [*preset, *implied_passes(cfg, preset)]):
+            if [p.name for p in candidate] == names:
+                return [p.to_dict() for p in candidate]
     except (ConfigError, KeyError, TypeError, ValueError):
         pass  # a custom pass list
-    return [{"name": n, "options": None} for n in names]
+    return [implied.get(n, {"name": n, "options": None}) for n in names]
 
 
 class _Unknown(QQQPass):

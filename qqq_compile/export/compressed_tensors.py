@@ -6,6 +6,15 @@ packing, our two-level scales as compressed-tensors' single level, ``quantizatio
 is :mod:`.ct_format`, the sharded safetensors writer :mod:`.shards`. The layout is the
 one compressed-tensors 0.20 itself writes for its ``W4A8`` preset, checked tensor by
 tensor in ``tests/export/test_compressed_tensors.py``.
+
+The int8 lm_head and embedding (the ``int8_head`` pass, on by default) are an in-process
+runtime optimisation: vLLM's compressed-tensors W4A8 scheme takes no quantized lm_head,
+so the checkpoint carries their exact dequantized values (``int8 * row scale``, in the
+checkpoint's float dtype) as the standard ``lm_head.weight`` and
+``model.embed_tokens.weight``, ``lm_head`` stays in ``ignore``, and a tied head and
+embedding stay one tensor (``tie_word_embeddings`` kept). Only the head's per-token int8
+activations are not carried: a runtime loading the folder runs the head in float.
+``qqq_export.json`` lists the tensors written that way (``"int8_dequantized"``).
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from torch.fx import GraphModule, Node
 
 from ..annotations import node_annotation
 from ..graph import get_attr, linear_sites, module_fqn
-from . import ExportError, QLinear, check_qqq_ops, qqq_linears, whole_graph
+from . import ExportError, QLinear, check_qqq_ops, float_int8_head, qqq_linears, whole_graph
 from .ct_format import (  # noqa: F401 - pack_int4_to_int32, CTWeight: part of this module's API
     CT_VERSION,
     FORMATS,
@@ -199,6 +208,20 @@ def _resolve_ties(
     return out, tie, omitted
 
 
+def _cast_dequantized(
+    gm: GraphModule, floats: dict[str, torch.Tensor], dequantized: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], torch.dtype, list[str]]:
+    """The model's float dtype (that of the float tensors the graph holds, the dequantized
+    int8 tables aside), and ``floats`` with those tables cast to it (one tensor per table,
+    so that ties survive). Also returns the keys holding dequantized tables."""
+    deq = {id(get_attr(gm, name)): get_attr(gm, name) for name in dequantized}
+    counts = Counter(t.dtype for t in floats.values() if t.is_floating_point() and id(t) not in deq)
+    model_dtype = counts.most_common(1)[0][0] if counts else torch.float32
+    cast = {i: t.to(model_dtype) for i, t in deq.items()}
+    keys = [k for k, t in floats.items() if id(t) in deq]
+    return {k: cast.get(id(t), t) for k, t in floats.items()}, model_dtype, keys
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -249,14 +272,14 @@ def export_compressed_tensors(
         raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
     gm: GraphModule = whole_graph(compiled)
     check_qqq_ops(gm, "compressed-tensors")
+    gm, dequantized = float_int8_head(gm)  # the int8 head and embedding as float (see above)
     linears = qqq_linears(gm)
     if not linears:
         raise ExportError("the compiled graph has no torch.ops.qqq linear: nothing quantized to export")
     cfg, skeleton = _hf_skeleton(compiled)
     floats, quant = _collect(gm, skeleton, linears)
+    floats, model_dtype, int8_keys = _cast_dequantized(gm, floats, dequantized)
     floats, tie, tied_aliases = _resolve_ties(skeleton, floats, quant, bool(getattr(cfg, "tie_word_embeddings", False)))
-    model_dtype = Counter(t.dtype for t in floats.values() if t.is_floating_point()).most_common(1)
-    model_dtype = model_dtype[0][0] if model_dtype else torch.float32
     scale_dtype = scale_dtype or model_dtype
 
     g_out = export_group_size(linears)
@@ -305,6 +328,7 @@ def export_compressed_tensors(
             "scale_dtype": str(scale_dtype).removeprefix("torch."),
             "all_exact": all(v["exact"] for v in manifest.values()),
             "min_weight_sqnr_db": min(sq) if sq else None,
+            "int8_dequantized": sorted(k for k in int8_keys if k not in tied_aliases),
             "linears": manifest,
         }
         (tmp / MANIFEST).write_text(json.dumps(summary, indent=2) + "\n")

@@ -28,6 +28,13 @@ blocks of 128). Our fp16 two-level group scales (``W8 = round(q4 * gs)``) are wr
 
 Fused ``qqq.rmsnorm_quant`` + ``qqq.w4a8_linear_q`` pairs are exported as a float RMSNorm
 feeding the linear over its float input.
+
+The int8 lm_head of the ``int8_head`` pass (``qqq.w8a8_linear``, on by default) is written
+in standard ops for every ``kind``: our per-token int8 quantize-dequantize of its input,
+then ``MatMul`` against ``Transpose(DequantizeLinear(W8, scale, axis=0))`` over the int8
+``[N, K]`` initializer and its float32 per-row scales. The int8 embedding is exported as
+the graph spells it: ``Gather`` of the int8 table, ``Cast``, times a ``Gather`` of the
+scales. A tied head and embedding read one int8 initializer.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..formats import PackedW4
-from . import ExportError, bound_args, check_qqq_ops, qqq_linears, qqq_op_name, whole_graph
+from . import ExportError, bound_args, check_qqq_ops, int8_linears, qqq_linears, qqq_op_name, whole_graph
 
 KINDS = ("matmulnbits", "matmulnbits_blockwise", "dq")
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations, int32 accumulation
@@ -112,6 +119,7 @@ def _register_torch_ops() -> None:
     lib.define("matmul_nbits(Tensor x, Tensor b, Tensor scales, Tensor? bias, int K, int N, int block_size) -> Tensor")
     lib.define("dq_matmul(Tensor x, Tensor w, Tensor scales, Tensor? bias, int K, int N, int block_size) -> Tensor")
     lib.define("per_token_qdq(Tensor x) -> Tensor")
+    lib.define("w8_matmul(Tensor x, Tensor w8, Tensor scale, Tensor? bias) -> Tensor")
 
     def matmul_nbits(x, b, scales, bias, K, N, block_size):  # noqa: N803 - ONNX attribute names
         lo, hi = (b & 0xF).to(torch.int16) - 8, (b >> 4).to(torch.int16) - 8
@@ -130,6 +138,12 @@ def _register_torch_ops() -> None:
 
         return fake_quant_act(x)
 
+    def w8_matmul(x, w8, scale, bias):
+        from ..formats import fake_quant_act
+
+        y = fake_quant_act(x).float() @ (w8.float() * scale.float()[:, None]).t()
+        return (y if bias is None else y + bias.float()).to(x.dtype)
+
     def fake(x, w, scales, bias, K, N, block_size):  # noqa: N803
         return x.new_empty((*x.shape[:-1], N))
 
@@ -137,6 +151,10 @@ def _register_torch_ops() -> None:
         lib.impl(name, fn, "CompositeExplicitAutograd")
         torch.library.register_fake(f"qqq_onnx::{name}", fake, lib=lib)
     lib.impl("per_token_qdq", per_token_qdq, "CompositeExplicitAutograd")
+    lib.impl("w8_matmul", w8_matmul, "CompositeExplicitAutograd")
+    torch.library.register_fake(
+        "qqq_onnx::w8_matmul", lambda x, w8, scale, bias: x.new_empty((*x.shape[:-1], w8.shape[0])), lib=lib
+    )
     torch.library.register_fake("qqq_onnx::per_token_qdq", torch.empty_like, lib=lib)
     _LIB.append(lib)
 
@@ -202,7 +220,13 @@ def _translations() -> dict[Any, Any]:
         y = op.MatMul(per_token_qdq(x), op.DequantizeLinear(w, scales, axis=0, block_size=block_size))
         return y if bias is None else op.Add(y, bias)
 
+    def w8_matmul(x, w8, scale, bias):
+        w = op.CastLike(op.DequantizeLinear(w8, scale, axis=0), x)  # [N, K]
+        y = op.MatMul(per_token_qdq(x), op.Transpose(w, perm=[1, 0]))
+        return y if bias is None else op.Add(y, bias)
+
     return {
+        torch.ops.qqq_onnx.w8_matmul.default: w8_matmul,
         torch.ops.qqq_onnx.matmul_nbits.default: matmul_nbits,
         torch.ops.qqq_onnx.dq_matmul.default: dq_matmul,
         torch.ops.qqq_onnx.per_token_qdq.default: per_token_qdq,
@@ -269,6 +293,14 @@ def onnx_graph(gm: GraphModule, kind: str = "matmulnbits") -> tuple[GraphModule,
                 x = g.call_function(torch.ops.qqq_onnx.per_token_qdq.default, (x,))
             target = torch.ops.qqq_onnx.matmul_nbits.default if nbits else torch.ops.qqq_onnx.dq_matmul.default
             rep = g.call_function(target, (x, wn, sn, a["bias"], p.in_features, p.out_features, block))
+        rep.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        node.replace_all_uses_with(rep)
+        g.erase_node(node)
+    for il in int8_linears(new):  # the int8_head pass's lm_head: int8 DequantizeLinear + MatMul
+        node = il.node
+        a = bound_args(node)
+        with g.inserting_before(node):
+            rep = g.call_function(torch.ops.qqq_onnx.w8_matmul.default, (a["x"], a["w8"], a["scale"], a["bias"]))
         rep.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
         node.replace_all_uses_with(rep)
         g.erase_node(node)

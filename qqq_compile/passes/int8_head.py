@@ -9,6 +9,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .. import kernels  # noqa: F401 - registers torch.ops.qqq.*
+from ..annotations import annotate
 from ..config import ConfigError
 from ..formats import quantize_int8_per_row
 from ..graph import LinearSite, consumers, get_attr, get_bias, get_weight, info, linear_sites, match_linear
@@ -18,7 +19,6 @@ aten = torch.ops.aten
 _EMBEDDING = aten.embedding.default
 _W8A8 = torch.ops.qqq.w8a8_linear.default
 _QQQ_LINEARS = (_W8A8, torch.ops.qqq.w4a8_linear.default, torch.ops.qqq.w4a8_linear_q.default)
-META = "qqq_int8_head"  # node.meta key on the rewritten nodes: what they replaced
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,11 @@ class Int8Head(QQQPass):
     :func:`qqq_compile.formats.quantize_int8_per_row`), and its input is quantized per token
     to int8 inside the op: a quarter of the bytes, int32 accumulation.
 
-    ``embedding=True`` also stores the embedding table as int8 rows + an fp32 per-row scale and
-    replaces the lookup with ``embedding(int8 rows) * embedding(scales)`` (plain aten ops).
+    ``embedding=True`` also stores the token embedding table as int8 rows + an fp32 per-row
+    scale and replaces the lookup with ``embedding(int8 rows) * embedding(scales)`` (plain
+    aten ops). The token embedding is a float table with one row per output of the float
+    lm_head; other tables (position embeddings, an encoder's embeddings without an lm_head,
+    those of a model whose head was quantized to W4A8) stay as they are.
     When the lm_head is tied to the embedding both read the one int8 table (a row of the
     table is an output channel of the head). With ``embedding=False`` a tied table stays in
     float for the lookup and the head gets an int8 copy: memory grows by a quarter of the
@@ -54,8 +57,12 @@ class Int8Head(QQQPass):
     ops only (else the last linear of the graph, if it is still float); nothing is done when
     there is none. Preconditions: run after ``lower`` (lowered linears are never touched).
     ``cast_float`` may run before (the cast weights are quantized) or after (only what is
-    left in float is cast). Replay on load (:meth:`replay`) re-runs it with the saved options;
-    the saved int8 tensors then replace what it computes from the skeleton's weights.
+    left in float is cast). Each rewritten node records what it replaced in its annotation
+    (``NodeAnnotation.int8_head``, :mod:`qqq_compile.annotations`). Replay on load
+    (:meth:`replay`) re-runs it with the saved options; the saved int8 tensors then replace
+    what it computes from the skeleton's weights. The exporters write the head and the
+    table as their dequantized float values (compressed-tensors) or as int8 initializers
+    with ``DequantizeLinear`` (ONNX); see :mod:`qqq_compile.export`.
     """
 
     name = "int8_head"
@@ -69,7 +76,7 @@ class Int8Head(QQQPass):
         gm = graph_module
         before = tensor_bytes(gm)
         site = find_lm_head(gm)
-        embeddings = [n for n in gm.graph.nodes if _is_embedding(n)] if self.embedding else []
+        embeddings = _token_embeddings(gm, site) if self.embedding else []
         if site is None and not embeddings:
             return PassResult(gm, False)
         done: list[str] = []
@@ -129,6 +136,16 @@ def _is_embedding(n: Node) -> bool:
     )
 
 
+def _token_embeddings(gm: GraphModule, site: LinearSite | None) -> list[Node]:
+    """The lookups of the token embedding: float tables with one row per output of the
+    (float) lm_head, tied to it or not. None without such a head: an encoder's or a
+    position embedding stays as it is (the pass is on by default)."""
+    if site is None:
+        return []
+    vocab = get_weight(gm, site).shape[0]
+    return [n for n in gm.graph.nodes if _is_embedding(n) and _attr(n).shape[0] == vocab]
+
+
 def _attr(n: Node) -> torch.Tensor:
     return get_attr(n.graph.owning_module, n.args[0].target)
 
@@ -168,7 +185,7 @@ def _rewrite_head(gm: GraphModule, site: LinearSite, w8: str, scale: str) -> Non
         args = (site.x, g.get_attr(w8), g.get_attr(scale), bias)
         new = g.call_function(_W8A8, args)
     _keep_meta(new, site.node)
-    new.meta[META] = {"replaced": "linear", "fqn": site.name}
+    annotate(new, int8_head={"replaced": "linear", "fqn": site.name})
     site.node.replace_all_uses_with(new)
     g.erase_node(site.node)
 
@@ -186,7 +203,7 @@ def _rewrite_embedding(gm: GraphModule, node: Node, w8: str, scale: str) -> None
         deq = g.call_function(aten.mul.Tensor, (rows_f, s))
         out = deq if dtype == torch.float32 else g.call_function(aten._to_copy.default, (deq,), {"dtype": dtype})
     _keep_meta(out, node)
-    out.meta[META] = {"replaced": "embedding", "weight": node.args[0].target}
+    annotate(out, int8_head={"replaced": "embedding", "weight": node.args[0].target})
     node.replace_all_uses_with(out)
     g.erase_node(node)
 

@@ -20,8 +20,16 @@ from torch.fx import GraphModule
 
 import qqq_compile
 from qqq_compile.compiled import CompiledModel
-from qqq_compile.export import ExportError, export_compressed_tensors, qqq_linears
+from qqq_compile.export import (
+    ExportError,
+    export_compressed_tensors,
+    float_int8_head,
+    int8_embeddings,
+    int8_linears,
+    qqq_linears,
+)
 from qqq_compile.export.compressed_tensors import pack_int4_to_int32
+from qqq_compile.graph import get_attr
 from qqq_compile.passes.lower import LowerW4A8
 from qqq_compile.passes.quantize import QuantizeRTN
 from qqq_compile.passes.rotate import Rotate
@@ -219,6 +227,59 @@ def test_quantized_lm_head_unties(tmp_path):
     assert cfg["tie_word_embeddings"] is False and cfg["quantization_config"]["ignore"] == []
     assert tensors["lm_head.weight"].dtype == torch.int8
     assert tensors["model.embed_tokens.weight"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_head_is_written_dequantized(tmp_path, tied):
+    """The int8 lm_head and embedding (``int8_head``, on by default) travel as the standard
+    float ``lm_head.weight`` / ``model.embed_tokens.weight`` holding exactly int8 * row
+    scale; lm_head stays ignored, a tied pair stays one tensor, and transformers +
+    compressed-tensors reproduce our logits (the head runs in float there)."""
+    require_compressed_tensors()
+    import transformers
+
+    _, compiled = compile_tiny(quant={"group_size": 32, "int8_head": True}, tie_word_embeddings=tied)
+    gm = compiled.graph_module
+    (head,), (emb,) = int8_linears(gm), int8_embeddings(gm)
+    assert (head.weight_target == emb.weight_target) is tied and emb.fqn == "model.embed_tokens"
+    _, added = float_int8_head(gm)
+    assert len(added) == (1 if tied else 2)
+
+    def dequantized(x):
+        return get_attr(gm, x.weight_target).float() * get_attr(gm, x.scale_target)[:, None]
+
+    out = export_compressed_tensors(compiled, tmp_path / "ct")
+    cfg, tensors = read_folder(out)
+    assert cfg["quantization_config"]["ignore"] == ["lm_head"] and cfg["tie_word_embeddings"] is tied
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float32
+    assert torch.equal(tensors["model.embed_tokens.weight"], dequantized(emb))
+    if tied:
+        assert "lm_head.weight" not in tensors
+    else:
+        assert torch.equal(tensors["lm_head.weight"], dequantized(head))
+    manifest = json.loads((out / "qqq_export.json").read_text())
+    assert manifest["int8_dequantized"] == (
+        ["model.embed_tokens.weight"] if tied else ["lm_head.weight", "model.embed_tokens.weight"]
+    )
+    assert len(manifest["linears"]) == 14  # the W4 linears only
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.equal(loaded.lm_head.weight, dequantized(head))
+    ids = torch.cat(tiny_calib(3, 24, seed=7))
+    with torch.no_grad():
+        assert sqnr_db(compiled(ids).logits, loaded(ids).logits) > 35  # as test_transformers_round_trip_tiny
+
+
+def test_int8_head_in_a_bfloat16_model_is_written_in_bfloat16(tmp_path):
+    """The dequantized head is written in the checkpoint's float dtype."""
+    model = tiny_model("llama", num_hidden_layers=1).to(torch.bfloat16)
+    compiled = qqq_compile.compile(model, tiny_calib(), {"preset": "rtn"}, progress=False)
+    cfg, tensors = read_folder(export_compressed_tensors(compiled, tmp_path / "ct"))
+    assert cfg["dtype"] == "bfloat16"
+    assert tensors["lm_head.weight"].dtype == tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    gm = compiled.graph_module
+    (head,) = int8_linears(gm)
+    ref = get_attr(gm, head.weight_target).float() * get_attr(gm, head.scale_target)[:, None]
+    assert torch.equal(tensors["lm_head.weight"], ref.to(torch.bfloat16))
 
 
 def compile_rotated(online: bool):

@@ -74,8 +74,8 @@ def test_cast_float_rejects_unknown_dtype():
 
 def test_compile_with_bf16_float_weights_saves_and_loads(tmp_path):
     model = tiny_model("llama")
-    config = {"preset": "rtn", "quant": {"group_size": 32, "float_weight_dtype": "bfloat16"}}
-    cm = qc.compile(model, tiny_calib(4), config, progress=False)
+    config = {"preset": "rtn", "quant": {"group_size": 32, "float_weight_dtype": "bfloat16", "int8_head": False}}
+    cm = qc.compile(model, tiny_calib(4), config, progress=False)  # a float lm_head to cast
     # the user's model keeps its fp32 weights
     assert model.lm_head.weight.dtype == torch.float32
     assert get_attr(cm.graph_module, "lm_head.weight").dtype == torch.bfloat16
@@ -87,6 +87,6 @@ def test_compile_with_bf16_float_weights_saves_and_loads(tmp_path):
 
 def test_compile_adds_cast_float_only_when_the_config_asks():
     model = tiny_model("llama")
-    plain = qc.compile(model, tiny_calib(4), {"preset": "rtn"}, progress=False)
+    plain = qc.compile(model, tiny_calib(4), {"preset": "rtn", "quant": {"int8_head": False}}, progress=False)
     assert "cast_float" not in plain.report.pipeline
     assert get_attr(plain.graph_module, "lm_head.weight").dtype == torch.float32

@@ -11,11 +11,12 @@ from torch.fx import Interpreter
 
 import qqq_compile as qc
 from qqq_compile import CompileContext, QuantConfig, capture
+from qqq_compile.annotations import KEY, LEGACY_NODE_KEYS, node_annotation
 from qqq_compile.config import ConfigError
 from qqq_compile.formats import quantize_int8_per_row
 from qqq_compile.graph import get_attr, linear_sites
 from qqq_compile.kernels import cpu
-from qqq_compile.passes.int8_head import META, Int8Head, find_lm_head, tensor_bytes
+from qqq_compile.passes.int8_head import Int8Head, find_lm_head, tensor_bytes
 from qqq_compile.passes.lower import LowerW4A8
 from qqq_compile.passes.quantize import QuantizeRTN
 from qqq_compile.pipeline import PASSES, sqnr_db
@@ -78,7 +79,12 @@ def test_head_becomes_w8a8_exactly(tied, embedding):
     assert count(gm, aten.linear.default) == linears - 1
     assert count(gm, aten.embedding.default) == embeddings * (2 if embedding else 1)
     node = next(n for n in gm.graph.nodes if n.target is W8A8)
-    assert node.meta[META]["fqn"] == "lm_head"
+    # what each rewritten node replaced lives in its one annotation, not under a key of its own
+    assert node_annotation(node).int8_head == {"replaced": "linear", "fqn": "lm_head"}
+    marked = [node_annotation(n).int8_head for n in gm.graph.nodes if node_annotation(n).int8_head]
+    assert sorted(m["replaced"] for m in marked) == (["embedding", "linear"] if embedding else ["linear"])
+    assert not [n for n in gm.graph.nodes if LEGACY_NODE_KEYS["int8_head"] in n.meta]
+    assert all(type(n.meta[KEY]).__name__ == "NodeAnnotation" for n in gm.graph.nodes if KEY in n.meta)
 
     # the stored weights are the per-row int8 quantization of the float head
     w8, scale = (get_attr(gm, a.target) for a in node.args[1:3])
@@ -134,6 +140,22 @@ def test_logits_sqnr_vs_float(tied, embedding, floor):
     assert sqnr_db(ref, logits(gm)) > floor
 
 
+def test_only_the_token_embedding_goes_int8():
+    """GPT-2's position table stays float (it is not the head's vocabulary), and with no
+    float lm_head (here quantized to W4A8 with the rest) no table is touched."""
+    gm = capture(tiny_model("gpt2"), torch.randint(0, 256, (2, 8))).graph_module
+    assert count(gm, aten.embedding.default) == 2  # wte, wpe
+    assert Int8Head(embedding=True)(gm, CompileContext()).modified
+    lookups = [n for n in gm.graph.nodes if n.target is aten.embedding.default and n.args[0].op == "get_attr"]
+    tables = [get_attr(gm, n.args[0].target) for n in lookups]  # (the scales' lookup reads an unsqueeze)
+    assert sorted((t.shape[0], t.dtype) for t in tables) == [(128, torch.float32), (256, torch.int8)]  # wpe, wte
+    gm = capture(tiny_model("llama"), torch.randint(0, 256, (2, 8))).graph_module
+    ctx = CompileContext(quant=QuantConfig(skip=()))
+    QuantizeRTN()(gm, ctx)
+    LowerW4A8()(gm, ctx)
+    assert find_lm_head(gm) is None and not Int8Head(embedding=True)(gm, ctx).modified
+
+
 def test_no_head_is_a_no_op():
     class NoLinear(torch.nn.Module):
         def forward(self, x):
@@ -161,15 +183,22 @@ def test_compile_save_load_round_trip(tmp_path):
     cm.save(tmp_path / "m")
     loaded = qc.load(tmp_path / "m")
     assert count(loaded.graph_module, W8A8) == 1
+
+    def marks(g):
+        return sorted((m for n in g.graph.nodes if (m := node_annotation(n).int8_head)), key=lambda m: m["replaced"])
+
+    assert marks(loaded.graph_module) == marks(gm) and len(marks(gm)) == 2  # the head and the embedding
     with torch.no_grad():
         torch.testing.assert_close(loaded(X).logits, cm(X).logits, rtol=0, atol=0)
 
 
 def test_the_config_option_appends_the_pass():
-    import qqq_compile as qc
-    from tests.conftest import tiny_calib, tiny_model
-
-    cfg = {"preset": "rtn", "quant": {"int8_head": True}}
-    compiled = qc.compile(tiny_model("llama"), calib=tiny_calib(), config=cfg, progress=False)
+    """On by default; ``int8_head=False`` keeps the head (and the embedding) in float."""
+    assert QuantConfig().int8_head is True
+    compiled = qc.compile(tiny_model("llama"), calib=tiny_calib(), config={"preset": "rtn"}, progress=False)
     assert compiled.report.pipeline[-1] == "int8_head"
-    assert sum(n.target is torch.ops.qqq.w8a8_linear.default for n in compiled.graph_module.graph.nodes) == 1
+    assert count(compiled.graph_module, W8A8) == 1
+    cfg = {"preset": "rtn", "quant": {"int8_head": False}}
+    compiled = qc.compile(tiny_model("llama"), calib=tiny_calib(), config=cfg, progress=False)
+    assert "int8_head" not in compiled.report.pipeline and count(compiled.graph_module, W8A8) == 0
+    assert [s.name for s in linear_sites(compiled.graph_module)] == ["lm_head"]
