@@ -47,6 +47,8 @@ sys.path.insert(0, str(HERE))  # `engines` (the report helpers) when run as a sc
 
 from engines.report import agreement, render, summarize  # noqa: E402 - needs the path above
 
+from qqq_compile.config import DEFAULT_PRESET  # noqa: E402
+
 LLAMACPP_VENV = HERE / "peers" / "venv-llamacpp"
 RESULT = HERE / "results" / "generate_speed.json"
 
@@ -260,7 +262,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8, help="rows of the batched case (0: skip it)")
     ap.add_argument("--batch-prompt-len", type=int, default=128)
-    ap.add_argument("--preset", default="qqq", help="ours: qqq_compile preset (speed barely depends on it)")
+    ap.add_argument("--preset", default=DEFAULT_PRESET, help="ours: qqq_compile preset (default: %(default)s)")
     ap.add_argument("--calib-windows", type=int, default=16, help="ours: 512-token calibration windows")
     ap.add_argument("--artifact", help="ours: load this saved artifact (qqq_compile.load) instead of compiling")
     ap.add_argument("--llamacpp-venv", type=Path, default=LLAMACPP_VENV)

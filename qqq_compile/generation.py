@@ -177,9 +177,6 @@ def generate(
     return GenerateOutput(seqs, t, new, prefill_s, decode_s, step.runtime)
 
 
-
-
-
 def context_limit(model_config: dict[str, Any] | None) -> int | None:
     """Positions a KV cache may hold for this model: ``max_position_embeddings``, and the
     sliding window when some layers use one (no ring buffer: past the window the cached
@@ -192,4 +189,6 @@ def context_limit(model_config: dict[str, Any] | None) -> int | None:
         limits.append(window)
     known = [int(x) for x in limits if x]
     return min(known) if known else None
+
+
 __all__ = ["GenerateOutput", "GenerationError", "SamplingConfig", "context_limit", "generate", "process_logits"]

@@ -101,8 +101,9 @@ def test_transformers_text_streamer_works(pair, capsys):
 
 def test_return_dict_reports_timings_and_runtime(pair):
     _, compiled = pair
-    out = compiled.generate(torch.randint(0, 256, (1, 8)), max_new_tokens=4, runtime="eager",
-                            eos_token_id=[], return_dict_in_generate=True)
+    out = compiled.generate(
+        torch.randint(0, 256, (1, 8)), max_new_tokens=4, runtime="eager", eos_token_id=[], return_dict_in_generate=True
+    )
     assert out.runtime == "eager" and out.new_tokens == 4 and out.prompt_tokens == 8
     assert out.prefill_tokens_per_s > 0 and out.decode_tokens_per_s > 0
     assert any("generation runtime: eager" in n.message for n in compiled.report.notes)
@@ -132,8 +133,12 @@ def test_process_logits_matches_transformers_warpers():
     logits, seqs = torch.randn(3, 50, generator=g), torch.randint(0, 50, (3, 7), generator=g)
     cfg = SamplingConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3)
     want = logits.clone()
-    for proc in (RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), TopKLogitsWarper(20),
-                 TopPLogitsWarper(0.8)):
+    for proc in (
+        RepetitionPenaltyLogitsProcessor(1.3),
+        TemperatureLogitsWarper(0.7),
+        TopKLogitsWarper(20),
+        TopPLogitsWarper(0.8),
+    ):
         want = proc(seqs, want)
     torch.testing.assert_close(process_logits(logits, seqs, cfg), want)
 
@@ -199,8 +204,16 @@ def test_model_without_attention_cannot_generate():
 
 def test_context_limit_reads_position_and_window_limits():
     assert context_limit({"max_position_embeddings": 2048}) == 2048
-    assert context_limit({"max_position_embeddings": 8192, "sliding_window": 512,
-                          "layer_types": ["sliding_attention", "full_attention"]}) == 512
+    assert (
+        context_limit(
+            {
+                "max_position_embeddings": 8192,
+                "sliding_window": 512,
+                "layer_types": ["sliding_attention", "full_attention"],
+            }
+        )
+        == 512
+    )
     assert context_limit({"max_position_embeddings": 4096, "sliding_window": 1024, "use_sliding_window": False}) == 4096
     assert context_limit(None) is None
 

@@ -19,8 +19,9 @@ def test_float_graph_greedy_matches_transformers(smollm2):
     ids = tok("The history of the printing press began", return_tensors="pt").input_ids
     compiled = qc.compile(model, passes=[], example_inputs={"input_ids": ids}, progress=False)
     with torch.no_grad():
-        want = model.generate(ids, max_new_tokens=24, do_sample=False, use_cache=True, eos_token_id=None,
-                              pad_token_id=tok.eos_token_id)
+        want = model.generate(
+            ids, max_new_tokens=24, do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=tok.eos_token_id
+        )
     got = compiled.generate(ids, max_new_tokens=24, runtime="eager", eos_token_id=[])
     assert torch.equal(got, want)
 

@@ -123,7 +123,6 @@ def test_default_preset_is_what_compile_and_the_cli_use(model, calib):
     """The default (chosen on validation windows: rotation first, GPTQ + clip search + GPTAQ)
     is what a bare compile() runs, and what both CLI commands offer as their default."""
     from qqq_compile.cli import build_parser
-
     from qqq_compile.config import DEFAULT_PRESET
 
     assert DEFAULT_PRESET == "qqq_rot" and qc.CompileConfig().preset == "qqq_rot"

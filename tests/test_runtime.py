@@ -20,8 +20,9 @@ def w4a8():
 @pytest.fixture(scope="module")
 def aot_step(w4a8, tmp_path_factory):
     folder = tmp_path_factory.mktemp("aot")
-    return runtime.build_step(w4a8.graph_module, max_batch=2, max_len=32, runtime="aot", package_dir=folder,
-                              progress=False), folder
+    return runtime.build_step(
+        w4a8.graph_module, max_batch=2, max_len=32, runtime="aot", package_dir=folder, progress=False
+    ), folder
 
 
 def test_aot_step_matches_eager_prefill_and_decode(w4a8, aot_step):
