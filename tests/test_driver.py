@@ -81,7 +81,8 @@ def test_options_read_and_write_through_the_config():
 
 def test_build_passes_from_preset_explicit_and_specs():
     # the config's default int8_head appends its pass to the preset and to explicit lists alike
-    assert names(driver.build_passes(None)) == ["smooth", "gptq", "quantize_rtn", "lower", "int8_head"]
+    # (the default preset is qqq_rot: rotation first, no smoothing)
+    assert names(driver.build_passes(None)) == ["rotate", "gptq", "quantize_rtn", "lower", "int8_head"]
     assert names(driver.build_passes({"preset": "rtn"})) == ["quantize_rtn", "lower", "int8_head"]
     float_head = {"preset": "rtn", "quant": {"int8_head": False}}
     assert names(driver.build_passes(float_head)) == ["quantize_rtn", "lower"]
