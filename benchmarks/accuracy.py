@@ -155,8 +155,8 @@ def picks(results: dict) -> dict[str, dict]:
     best: dict[str, dict] = {}
     for r in results["rows"]:
         val = _ppl(r).get("val")
-        if val is None or not _is_candidate(r):
-            continue
+        if val is None or not _is_candidate(r) or not r.get("w4a8_linears"):
+            continue  # a pick is a W4A8 model: rows with no W4A8 linear never compete
         fmt = r.get("format", "?")
         if fmt not in best or val < _ppl(best[fmt])["val"]:
             best[fmt] = r

@@ -131,13 +131,23 @@ def _r(name: str, ppl: dict, fmt: str | None = None, **kw) -> dict:
         out["spec"] = row.to_dict()
     if fmt:
         out["format"] = fmt
+        out.setdefault("w4a8_linears", 14)
     return out
 
 
 def test_table_picks_lowest_val_per_format_among_candidates() -> None:
     results = {
         "protocol": "P",
-        "order": ["fp32", "qqq_pc", "rot_gptq_pc", "rot_gptq_pc:w4a16", "qqq_g128", "rtn_g128", "llmc_gptq_pc"],
+        "order": [
+            "fp32",
+            "qqq_pc",
+            "rot_gptq_pc",
+            "rot_gptq_pc:w4a16",
+            "qqq_g128",
+            "rtn_g128",
+            "llmc_gptq_pc",
+            "fp32_int8",
+        ],
         "rows": [
             _r("rot_gptq_pc:w4a16", {"val": 10.0, "eval": 10.0}, "per-channel"),  # not a candidate
             _r("fp32", {"val": 10.0, "eval": 20.0, "lee": 30.0}, bits_per_weight=32.0),
@@ -146,6 +156,8 @@ def test_table_picks_lowest_val_per_format_among_candidates() -> None:
             _r("qqq_g128", {"val": 11.5, "eval": 22.0}, "g128 int8 group scales"),
             _r("rtn_g128", {"val": 11.0, "eval": 25.0}, "g128 int8 group scales"),
             _r("llmc_gptq_pc", {"val": 5.0, "eval": 5.0}),  # a peer: never picked
+            # an extra row with no W4A8 linear (FP32 + int8 lm_head): a candidate by default, never picked
+            _r("fp32_int8", {"val": 9.0, "eval": 9.0}, spec={"label": "x", "passes": [{"name": "int8_head"}]}),
             {"row": "torchao_8da4w_g128", "label": "ao", "error": "exit 1:\nAssertionError: 576 | 128"},
         ],
     }
@@ -165,6 +177,7 @@ def test_table_picks_lowest_val_per_format_among_candidates() -> None:
         "qqq_g128",
         "rot_gptq_pc",
         "rot_gptq_pc:w4a16",
+        "fp32_int8",
         "llmc_gptq_pc",
         "ao",
     ]
