@@ -104,7 +104,8 @@ class QuantConfig(ConfigBase):
       step reads for it, for +0.5% perplexity on SmolLM2 (docs/RESULTS.md; stored tensors
       167 -> 82 MB, 1.2x faster decode). False keeps them in float. The exports write the
       int8 head as dequantized floats (compressed-tensors) or int8 + ``DequantizeLinear``
-      (ONNX).
+      (ONNX). It applies to pass lists that lower linears to W4A8 (every preset); a list
+      without ``lower`` (``passes=[]``) keeps the float head.
     """
 
     group_size: int = -1

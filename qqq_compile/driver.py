@@ -57,7 +57,10 @@ def implied_passes(config: CompileConfig, pass_list: Sequence[QQQPass]) -> list[
     extra: list[QQQPass] = []
     if config.quant.float_weight_dtype and not any(p.name == "cast_float" for p in pass_list):
         extra.append(CastFloatWeights())  # reads ctx.quant.float_weight_dtype; runs after lowering
-    if config.quant.int8_head and not any(p.name == "int8_head" for p in pass_list):
+    # The int8 head belongs to a W4A8 model: a list that lowers nothing (``passes=[]``, a
+    # float graph for reference or for generation parity) keeps its float head.
+    lowers = any(p.name == "lower" for p in pass_list)
+    if config.quant.int8_head and lowers and not any(p.name == "int8_head" for p in pass_list):
         extra.append(Int8Head(embedding=True))
     return extra
 

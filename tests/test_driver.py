@@ -90,6 +90,9 @@ def test_build_passes_from_preset_explicit_and_specs():
     built = driver.build_passes(CompileConfig(), specs)
     assert names(built) == ["rotate", "quantize_rtn", "lower", "int8_head"]
     assert built[0].online_down_proj is False and built[1].group_size == 32
+    # ... to lists that lower to W4A8: one that lowers nothing keeps the float head
+    assert names(driver.build_passes(CompileConfig(), [])) == []
+    assert names(driver.build_passes(CompileConfig(), [{"name": "rotate"}])) == ["rotate"]
 
 
 def test_config_implies_cast_float_once():
