@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -41,7 +42,9 @@ def saved_pass_specs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     implied: dict[str, dict[str, Any]] = {}
     try:
         cfg = CompileConfig.from_dict(manifest.get("compile_config") or {})
-        implied = {p.name: p.to_dict() for p in implied_passes(cfg, [])}
+        # The options the config gives each pass it implies, as for a pipeline that lowers
+        # (int8_head is implied only then).
+        implied = {p.name: p.to_dict() for p in implied_passes(cfg, [SimpleNamespace(name="lower")])}
         preset = get_preset(cfg.preset, **cfg.preset_options)
         for candidate in (preset, [*preset, *implied_passes(cfg, preset)]):
             if [p.name for p in candidate] == names:

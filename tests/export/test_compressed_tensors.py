@@ -345,31 +345,23 @@ def test_refuses_non_linear_modules(tmp_path):
         export_compressed_tensors(compiled, tmp_path / "ct")
 
 
-@pytest.fixture(scope="module")
-def smollm2_g128(request, smollm2, wiki_splits):
-    """SmolLM2 compiled with RTN, int8 group scales of 128. Kept on
-    the pytest config so the two export test modules compile it once per session."""
-    compiled = getattr(request.config, "_qqq_export_smollm2_g128", None)
-    if compiled is None:
-        # RTN: the exporters read only the lowered graph; the QQQ preset is covered on the tiny model
-        config = {"preset": "rtn", "quant": {"group_size": 128}}
-        compiled = qqq_compile.compile(smollm2[0], wiki_splits[0][:8], config, progress=False)
-        request.config._qqq_export_smollm2_g128 = compiled
-    return compiled
-
-
 @pytest.mark.slow
-def test_smollm2_perplexity_matches(tmp_path, smollm2, smollm2_g128, wiki_splits):
-    """SmolLM2, group 128 (written as 64: K=576): perplexity of transformers +
+def test_smollm2_perplexity_matches(tmp_path, smollm2, wiki_splits):
+    """SmolLM2, group 128 (written as 64: K=576), float lm_head: perplexity of transformers +
     compressed-tensors within 0.5% of ours (8 eval windows of BOS + 511 tokens; measured
     -0.20%, on 4 windows -0.60%: the two per-token int8 quantizers differ, see
-    docs/serving.md, and single windows of this model swing with them)."""
+    docs/serving.md, and single windows of this model swing with them). With the default
+    int8 head the export holds the head's dequantized weights but a runtime runs it on
+    float inputs, where ours quantizes them per token: that alone measured -1.36%
+    (33.446 ours, 32.991 theirs), so this check of the W4A8 linears keeps a float head."""
     require_compressed_tensors()
     import transformers
 
     from qqq_compile.eval import perplexity
 
-    tokenizer, compiled, windows = smollm2[1], smollm2_g128, wiki_splits[1]
+    config = {"preset": "rtn", "quant": {"group_size": 128, "int8_head": False}}
+    compiled = qqq_compile.compile(smollm2[0], wiki_splits[0][:8], config, progress=False)
+    tokenizer, windows = smollm2[1], wiki_splits[1]
     out = export_compressed_tensors(compiled, tmp_path / "smollm2-w4a8", tokenizer)
     assert (out / "tokenizer.json").exists()
     cfg, _ = read_folder(out)
