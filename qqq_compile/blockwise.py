@@ -284,7 +284,9 @@ def compile_blockwise(
         # fresh pass objects per block (presets). int8_head is not run on the blocks: the
         # lm_head and the embedding live outside them (eager float, see the module docstring),
         # and on a block graph the pass would take the block's last float linear for the head.
-        pass_list = [p for p in build_passes(config, passes) if p.name != "int8_head"]
+        built = build_passes(config, passes)
+        head_skipped = any(p.name == "int8_head" for p in built)
+        pass_list = [p for p in built if p.name != "int8_head"]
         block_dump = os.path.join(dump_dir, name) if dump_dir else None
         gm, block_report = run_pipeline(
             gm, ctx, pass_list, instruments, config=config, dump_dir=block_dump, scope=f"block {name}"
@@ -306,7 +308,7 @@ def compile_blockwise(
     ]
     if outside:
         notes.append(Note(PASS_NAME, f"modules kept in float (outside the decoder blocks): {', '.join(outside)}"))
-    if any(p.name == "int8_head" for p in build_passes(config, passes)):
+    if head_skipped:
         notes.append(Note(PASS_NAME, "int8_head not applied: the lm_head and embedding stay eager float here"))
     report = Report(records, notes, config.to_dict(), [p["name"] for p in pass_configs], pass_configs)
     return BlockwiseCompiledModel(work, graphs, report, path)

@@ -5,7 +5,7 @@ and ``load()`` (replaying a saved pipeline) all go through these functions:
 
 * :func:`build_passes` — the preset the config names (or the explicit passes), plus the
   passes the config implies (``cast_float`` when ``QuantConfig.float_weight_dtype`` is
-  set), checked against what each pass ``requires``;
+  set, ``int8_head`` when the list lowers to W4A8), checked against what each pass ``requires``;
 * :func:`run_pipeline` — runs a pass list over a graph with instruments and returns the
   graph and its :class:`~qqq_compile.report.Report`;
 * :func:`replay_passes` — the same pass list, each pass wrapped to do at load time what
@@ -52,17 +52,24 @@ def as_config(config: CompileConfig | dict[str, Any] | None) -> CompileConfig:
     return config
 
 
+def config_passes(config: CompileConfig) -> list[QQQPass]:
+    """The passes the config itself asks for, with the options it gives them:
+    ``cast_float`` for ``QuantConfig.float_weight_dtype`` (it reads the dtype from the
+    context), ``int8_head`` (embedding too) for ``QuantConfig.int8_head``."""
+    out: list[QQQPass] = []
+    if config.quant.float_weight_dtype:
+        out.append(CastFloatWeights())
+    if config.quant.int8_head:
+        out.append(Int8Head(embedding=True))
+    return out
+
+
 def implied_passes(config: CompileConfig, pass_list: Sequence[QQQPass]) -> list[QQQPass]:
-    """Passes the config asks for that ``pass_list`` lacks, to run after it."""
-    extra: list[QQQPass] = []
-    if config.quant.float_weight_dtype and not any(p.name == "cast_float" for p in pass_list):
-        extra.append(CastFloatWeights())  # reads ctx.quant.float_weight_dtype; runs after lowering
-    # The int8 head belongs to a W4A8 model: a list that lowers nothing (``passes=[]``, a
-    # float graph for reference or for generation parity) keeps its float head.
-    lowers = any(p.name == "lower" for p in pass_list)
-    if config.quant.int8_head and lowers and not any(p.name == "int8_head" for p in pass_list):
-        extra.append(Int8Head(embedding=True))
-    return extra
+    """The :func:`config_passes` that ``pass_list`` lacks, to run after it. The int8 head
+    belongs to a W4A8 model: a list that lowers nothing (``passes=[]``, a float graph for
+    reference or for generation parity) keeps its float head."""
+    have = {p.name for p in pass_list}
+    return [p for p in config_passes(config) if p.name not in have and (p.name != "int8_head" or "lower" in have)]
 
 
 def build_passes(

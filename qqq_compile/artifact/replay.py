@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from torch.fx import GraphModule
 from ..annotations import decode_linear, graph_annotation, node_annotation, set_node_annotation
 from ..capture import capture
 from ..config import CompileConfig, ConfigError
-from ..driver import implied_passes, replay_passes, run_pipeline
+from ..driver import config_passes, implied_passes, replay_passes, run_pipeline
 from ..errors import ArtifactError, PipelineError
 from ..graph import LinearInfo, info, linear_sites, set_attr
 from ..pipeline import PASSES, CompileContext, Instrument, PassResult, QQQPass, pass_from_dict
@@ -42,9 +41,7 @@ def saved_pass_specs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     implied: dict[str, dict[str, Any]] = {}
     try:
         cfg = CompileConfig.from_dict(manifest.get("compile_config") or {})
-        # The options the config gives each pass it implies, as for a pipeline that lowers
-        # (int8_head is implied only then).
-        implied = {p.name: p.to_dict() for p in implied_passes(cfg, [SimpleNamespace(name="lower")])}
+        implied = {p.name: p.to_dict() for p in config_passes(cfg)}
         preset = get_preset(cfg.preset, **cfg.preset_options)
         for candidate in (preset, [*preset, *implied_passes(cfg, preset)]):
             if [p.name for p in candidate] == names:
