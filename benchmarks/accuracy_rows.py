@@ -187,8 +187,8 @@ def split_error(gm: Any, mode: str) -> int:
     (``w4a16``: packed weights decoded to float; ``w16a8``: fake-quantized inputs;
     ``fake``: both). Touches exactly the linears that carry a packed weight; returns
     their number."""
-    from qqq_compile.formats import fake_quant_act
     from qqq_compile.graph import info, linear_sites, set_weight
+    from qqq_compile.targets.w4a8.formats import fake_quant_act
 
     if mode not in ("w4a16", "w16a8", "fake"):
         raise ValueError(f"split_error: mode={mode!r} is not 'w4a16', 'w16a8' or 'fake'")
@@ -211,13 +211,13 @@ def split_error(gm: Any, mode: str) -> int:
 def register_all_passes() -> None:
     """Make every built-in pass known by name, so that explicit pass lists can name any of
     them: importing the package does it (``presets`` imports every pass module)."""
-    import qqq_compile.presets  # noqa: F401 - registration only
+    import qqq_compile.compiler.presets  # noqa: F401 - registration only
 
 
 def split_passes(row: Row) -> tuple[list[Any], list[str]]:
     """The row's pass list for a split mode: cut before ``lower`` (and, for ``w16a8``,
     without ``gptq``); also the names of the passes left out."""
-    from qqq_compile.driver import build_passes
+    from qqq_compile.compiler.driver import build_passes
 
     register_all_passes()
     passes = build_passes(row.config(), row.passes)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from qqq_compile.formats import PackedW4
-from qqq_compile.kernels import cpu
+from qqq_compile.targets.w4a8.formats import PackedW4
+from qqq_compile.targets.w4a8.kernels import cpu
 
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (4096, 4096), (4096, 11008)]
 MS = [1, 16, 512]

@@ -58,7 +58,7 @@ def state_bytes(module: torch.nn.Module) -> int:
 def end_to_end(args: argparse.Namespace) -> dict:
     import qqq_compile as qc
     from qqq_compile.models import load_model
-    from qqq_compile.passes.fuse_norm_quant import FuseNormQuant
+    from qqq_compile.targets.w4a8.fuse_norm_quant import FuseNormQuant
 
     model, tok = load_model("demo")
     calib = [
@@ -97,7 +97,7 @@ def end_to_end(args: argparse.Namespace) -> dict:
     compiled_models = {k: v for k, v in variants.items() if k != "HF fp32"}
     with tempfile.TemporaryDirectory() as d:
         try:  # optional row, timed in the same rounds as the others
-            from qqq_compile.export.onnx import export_onnx, ort_session, run_onnx
+            from qqq_compile.targets.w4a8.export.onnx import export_onnx, ort_session, run_onnx
 
             sess = ort_session(export_onnx(compiled, Path(d) / "model.onnx"), args.threads)
             variants["onnxruntime (our ONNX export)"] = lambda x: run_onnx(sess, x)

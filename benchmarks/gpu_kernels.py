@@ -26,7 +26,7 @@ MODES = {"per_channel": (-1, "int8"), "group_int8": (128, "int8"), "group_fp16":
 
 
 def _check(packed: dict, k: int) -> None:
-    from qqq_compile.kernels import act_quant, w4a8_gemm
+    from qqq_compile.targets.w4a8.kernels import act_quant, w4a8_gemm
 
     for m in (1, 16, 100):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from triton.testing import do_bench
 
-    from qqq_compile.formats import PackedW4
-    from qqq_compile.kernels import act_quant, ops, w4a8_gemm
+    from qqq_compile.targets.w4a8.formats import PackedW4
+    from qqq_compile.targets.w4a8.kernels import act_quant, ops, w4a8_gemm
 
     print(f"device: {torch.cuda.get_device_name()}  (times: do_bench medians, microseconds)")
     print(

@@ -53,8 +53,8 @@ def rss_bytes() -> int:
 def default_preset() -> str:
     """``qqq`` when its smoothing and GPTQ passes are importable, else ``rtn``."""
     try:
-        from qqq_compile.passes import gptq, smooth  # noqa: F401
-        from qqq_compile.presets import get_preset
+        from qqq_compile.compiler.passes import gptq, smooth  # noqa: F401
+        from qqq_compile.compiler.presets import get_preset
 
         get_preset("qqq")
         return "qqq"

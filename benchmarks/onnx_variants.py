@@ -61,8 +61,8 @@ def main() -> None:
     import qqq_compile as qc
     from qqq_compile.data import standard_splits
     from qqq_compile.eval import perplexity
-    from qqq_compile.export.onnx import export_onnx, run_onnx
     from qqq_compile.models import load_model
+    from qqq_compile.targets.w4a8.export.onnx import export_onnx, run_onnx
 
     model, tok = load_model("demo")
     calib, evals = standard_splits(tok, n_calib=8, n_eval=args.n_eval)

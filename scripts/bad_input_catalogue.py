@@ -23,13 +23,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from tests.test_blockwise import Branchy, Stack, ValueBranchBlock  # noqa: E402
 from torch import nn  # noqa: E402
 
 import qqq_compile as qc  # noqa: E402
 from qqq_compile.artifact import MANIFEST, WEIGHTS, load  # noqa: E402
-from qqq_compile.pipeline import sqnr_db  # noqa: E402
+from qqq_compile.compiler.pipeline import sqnr_db  # noqa: E402
 from tests.conftest import tiny_calib, tiny_model  # noqa: E402
-from tests.test_blockwise import Branchy, Stack, ValueBranchBlock  # noqa: E402
 from tests.test_reliability import Odd  # noqa: E402
 
 CALIBRATE = {"preset": "rtn", "preset_options": {"calibrate": True}}

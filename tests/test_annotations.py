@@ -22,12 +22,12 @@ from qqq_compile.annotations import (
     node_annotation,
     set_node_annotation,
 )
+from qqq_compile.compiler.passes.cast_float import CastFloatWeights
+from qqq_compile.compiler.passes.quantize import QuantizeRTN
+from qqq_compile.compiler.passes.rotate import Rotate
+from qqq_compile.compiler.passes.smooth import Smooth, SmoothRecord
 from qqq_compile.graph import info, linear_sites
-from qqq_compile.passes.cast_float import CastFloatWeights
-from qqq_compile.passes.lower import LowerW4A8
-from qqq_compile.passes.quantize import QuantizeRTN
-from qqq_compile.passes.rotate import Rotate
-from qqq_compile.passes.smooth import Smooth, SmoothRecord
+from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_calib, tiny_model
 
 

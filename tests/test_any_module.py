@@ -12,9 +12,9 @@ from torch.export import Dim
 
 import qqq_compile as qc
 from qqq_compile.annotations import node_annotation
+from qqq_compile.compiler.passes.smooth import SmoothRecord
+from qqq_compile.compiler.pipeline import sqnr_db
 from qqq_compile.graph import linear_sites
-from qqq_compile.passes.smooth import SmoothRecord
-from qqq_compile.pipeline import sqnr_db
 from tests.conftest import tiny_calib, tiny_model
 
 W4A8 = torch.ops.qqq.w4a8_linear.default

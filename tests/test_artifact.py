@@ -20,12 +20,12 @@ import qqq_compile
 from qqq_compile import artifact
 from qqq_compile.annotations import LEGACY_NODE_KEYS, node_annotation, replay_states, set_replay_state
 from qqq_compile.artifact import MANIFEST, WEIGHTS, ArtifactError, load, load_tokenizer, save
+from qqq_compile.compiler.passes.calibrate import Calibrate
+from qqq_compile.compiler.passes.observe import InsertObservers
+from qqq_compile.compiler.passes.quantize import QuantizeRTN
+from qqq_compile.compiler.pipeline import PassResult, QQQPass, register_pass
 from qqq_compile.graph import linear_sites
-from qqq_compile.passes.calibrate import Calibrate
-from qqq_compile.passes.lower import LowerW4A8
-from qqq_compile.passes.observe import InsertObservers
-from qqq_compile.passes.quantize import QuantizeRTN
-from qqq_compile.pipeline import PassResult, QQQPass, register_pass
+from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_calib, tiny_model
 
 W4A8 = torch.ops.qqq.w4a8_linear.default
@@ -357,9 +357,9 @@ def test_structural_passes_are_replayed(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def rotated(tmp_path_factory):
-    from qqq_compile.passes.fuse_norm_quant import FuseNormQuant
-    from qqq_compile.passes.rotate import Rotate
-    from qqq_compile.passes.smooth import Smooth
+    from qqq_compile.compiler.passes.rotate import Rotate
+    from qqq_compile.compiler.passes.smooth import Smooth
+    from qqq_compile.targets.w4a8.fuse_norm_quant import FuseNormQuant
 
     model = tiny_model("llama", num_hidden_layers=1)
     passes = [Rotate(), Smooth(), InsertObservers(), Calibrate(), QuantizeRTN(), LowerW4A8(), FuseNormQuant()]
@@ -432,12 +432,12 @@ def test_smollm2_rtn_round_trip(smollm2, wiki_splits, tmp_path):
 
 def every_pass_non_default():
     """One pipeline holding every built-in pass, each with options other than its defaults."""
-    from qqq_compile.passes.cast_float import CastFloatWeights
-    from qqq_compile.passes.fuse_norm_quant import FuseNormQuant
-    from qqq_compile.passes.gptq import GPTQ
-    from qqq_compile.passes.int8_head import Int8Head
-    from qqq_compile.passes.rotate import Rotate
-    from qqq_compile.passes.smooth import Smooth
+    from qqq_compile.compiler.passes.cast_float import CastFloatWeights
+    from qqq_compile.compiler.passes.gptq import GPTQ
+    from qqq_compile.compiler.passes.rotate import Rotate
+    from qqq_compile.compiler.passes.smooth import Smooth
+    from qqq_compile.targets.w4a8.fuse_norm_quant import FuseNormQuant
+    from qqq_compile.targets.w4a8.int8_head import Int8Head
 
     return [
         Rotate(online_down_proj=False, seed=3, head_rotation=True),
@@ -502,7 +502,7 @@ def test_every_registered_pass_saves_and_loads_with_its_options(every_pass):
 def test_rotation_options_survive_the_round_trip(tmp_path, how):
     """Issue #10: Rotate(online_down_proj=False) was replayed as Rotate() and load() failed
     with 'tensors the artifact lacks: [qqq_hadamard_256]'."""
-    from qqq_compile.passes.rotate import Rotate
+    from qqq_compile.compiler.passes.rotate import Rotate
 
     model = tiny_model("llama", num_hidden_layers=1)
     passes = [Rotate(online_down_proj=False), QuantizeRTN(), LowerW4A8()]

@@ -70,8 +70,8 @@ def _compiled(mode: str):
 
 
 def test_split_error_decomposes_the_kernels() -> None:
-    from qqq_compile.formats import fake_quant_act
     from qqq_compile.graph import get_weight, info, linear_sites
+    from qqq_compile.targets.w4a8.formats import fake_quant_act
 
     x = tiny_calib(n=2, seed=5)[0]
     model, kernels, _ = _compiled("w4a8")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qqq_compile import capture
+from qqq_compile.compiler.capture import capture
 from qqq_compile.graph import get_weight, linear_sites, norm_groups, partition, to_networkx
 from tests.conftest import tiny_model
 
@@ -89,7 +89,7 @@ def test_partition_is_a_copy_callers_may_edit():
 def test_one_block_rule_for_graphs_and_module_trees():
     import transformers as tf
 
-    from qqq_compile.blockwise import find_blocks
+    from qqq_compile.compiler.blockwise import find_blocks
     from qqq_compile.graph import block_prefix
 
     torch.manual_seed(0)

@@ -83,7 +83,7 @@ LAYERS, EXCEPTIONS = doc_tables()
 
 
 def entry_of(module: str) -> str | None:
-    """The table entry covering ``module`` (``qqq_compile.passes.gptq`` → ``passes/``)."""
+    """The table entry covering ``module`` (``qqq_compile.compiler.passes.gptq`` → ``passes/``)."""
     rel = module.removeprefix(ROOT).lstrip(".") or "__init__"
     if rel in LAYERS:
         return rel
@@ -99,9 +99,11 @@ def edges() -> list[tuple[str, str, int, bool]]:
 
 
 def test_the_doc_table_parses():
-    assert {"config", "graph/", "pipeline", "passes/", "driver", "compiled", "artifact/", "api", "cli"} <= set(LAYERS)
-    assert LAYERS["config"] < LAYERS["graph/"] < LAYERS["pipeline"] < LAYERS["passes/"] < LAYERS["driver"]
-    assert LAYERS["driver"] < LAYERS["compiled"] < LAYERS["artifact/"] < LAYERS["api"] < LAYERS["cli"]
+    names = {"config", "graph/", "compiler.pipeline", "compiler/passes/", "compiler.driver", "runtime.compiled"}
+    assert names | {"artifact/", "compiler.api", "cli/"} <= set(LAYERS)
+    assert LAYERS["config"] < LAYERS["graph/"] < LAYERS["compiler.pipeline"] < LAYERS["compiler/passes/"]
+    assert LAYERS["compiler/passes/"] < LAYERS["compiler.driver"] < LAYERS["runtime.compiled"] < LAYERS["artifact/"]
+    assert LAYERS["artifact/"] < LAYERS["compiler.api"] < LAYERS["cli/"]
 
 
 def test_every_module_has_a_layer():
@@ -138,7 +140,7 @@ def test_passes_never_import_each_other():
     bad = [
         f"{m} imports {t}"
         for m, t, _, _ in edges()
-        if m.startswith(f"{ROOT}.passes.") and t.startswith(f"{ROOT}.passes.")
+        if m.startswith(f"{ROOT}.compiler.passes.") and t.startswith(f"{ROOT}.compiler.passes.")
     ]
     assert not bad, bad
 
@@ -157,8 +159,10 @@ def test_no_import_cycles():
     assert not cycles, f"import cycles: {cycles[:5]}"
 
 
-@pytest.mark.parametrize("module", ["qqq_compile.runner", "qqq_compile.blockwise", "qqq_compile.streaming"])
+@pytest.mark.parametrize(
+    "module", ["qqq_compile.compiler.block_runner", "qqq_compile.compiler.blockwise", "qqq_compile.compiler.streaming"]
+)
 def test_the_old_back_edges_are_gone(module):
     """runner → streaming → api, blockwise → api: the edges that closed the ten-module cycle."""
     targets = {t for t, _, _ in imports(module)}
-    assert "qqq_compile.api" not in targets and "qqq_compile.streaming" not in (targets - {module})
+    assert "qqq_compile.compiler.api" not in targets and "qqq_compile.compiler.streaming" not in (targets - {module})

@@ -16,11 +16,11 @@ from torch import nn
 
 import qqq_compile as qc
 from qqq_compile import artifact
-from qqq_compile.api import check_calib
 from qqq_compile.artifact import MANIFEST, WEIGHTS, ArtifactError, load, save
+from qqq_compile.compiler.api import check_calib
+from qqq_compile.compiler.pipeline import FunctionPass, PipelineError, sqnr_db
 from qqq_compile.graph import get_weight, linear_sites, set_weight
 from qqq_compile.inspect import summary
-from qqq_compile.pipeline import FunctionPass, PipelineError, sqnr_db
 from tests.conftest import tiny_calib, tiny_model
 
 W4A8 = torch.ops.qqq.w4a8_linear.default
@@ -85,7 +85,7 @@ def test_fp16_overflow_during_calibration_says_so():
 
 
 def test_float_calibration_tensors_are_refused_before_capture(monkeypatch):
-    monkeypatch.setattr("qqq_compile.api.capture", lambda *a, **k: pytest.fail("capture ran"))
+    monkeypatch.setattr("qqq_compile.compiler.api.capture", lambda *a, **k: pytest.fail("capture ran"))
     with pytest.raises(TypeError, match="must hold integer token ids, got a floating-point tensor"):
         qc.compile(llama(), [torch.full((1, 16), float("nan"))], progress=False)
 

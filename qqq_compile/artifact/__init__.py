@@ -41,10 +41,19 @@ so the same model, data and seed give byte-identical artifacts.
 
 from __future__ import annotations
 
-from ..errors import ArtifactError
-from .load import load, load_tokenizer
-from .manifest import FORMAT, FORMAT_VERSION, GRAPH, MANIFEST, SOURCE_GRAPH, TOKENIZER_DIR, WEIGHTS, read_manifest
-from .save import save
+from qqq_compile.artifact.load import load, load_tokenizer
+from qqq_compile.artifact.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH,
+    MANIFEST,
+    SOURCE_GRAPH,
+    TOKENIZER_DIR,
+    WEIGHTS,
+    read_manifest,
+)
+from qqq_compile.artifact.save import save
+from qqq_compile.errors import ArtifactError
 
 __all__ = [
     "FORMAT",

@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import ArtifactError
-from .manifest import MANIFEST, WEIGHTS, dtype_name
+from qqq_compile.artifact.manifest import MANIFEST, WEIGHTS, dtype_name
+from qqq_compile.errors import ArtifactError
 
 
 def check_target(target: Path) -> None:

@@ -1,4 +1,4 @@
-"""``load()``: rebuild a :class:`~qqq_compile.compiled.CompiledModel` from an artifact folder.
+"""``load()``: rebuild a :class:`~qqq_compile.runtime.compiled.CompiledModel` from an artifact folder.
 
 Two ways, same result: read the lowered graph from the graph file (fast: no model, no
 capture) or, when there is none or it cannot be read here (written by another torch
@@ -17,15 +17,15 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from ..annotations import GraphAnnotation, decode_node, set_node_annotation
-from ..compiled import CompiledModel
-from ..errors import ArtifactError
-from ..pipeline import readable_graph
-from ..report import Note, PassRecord, Report
-from . import files
-from .graphfile import GraphCodecError, decode_graph, restore_shapes
-from .manifest import GRAPH, MANIFEST, config_digest, read_manifest
-from .replay import check_rebuilt, example_inputs, rebuild_by_replay, saved_pass_specs
+from qqq_compile.annotations import GraphAnnotation, decode_node, set_node_annotation
+from qqq_compile.artifact import files
+from qqq_compile.artifact.graphfile import GraphCodecError, decode_graph, restore_shapes
+from qqq_compile.artifact.manifest import GRAPH, MANIFEST, config_digest, read_manifest
+from qqq_compile.artifact.replay import check_rebuilt, example_inputs, rebuild_by_replay, saved_pass_specs
+from qqq_compile.compiler.pipeline import readable_graph
+from qqq_compile.compiler.report import Note, PassRecord, Report
+from qqq_compile.errors import ArtifactError
+from qqq_compile.runtime.compiled import CompiledModel
 
 REBUILD = ("auto", "graph", "replay")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ArtifactError
+from qqq_compile.errors import ArtifactError
 
 FORMAT = "qqq_compile.artifact"
 # Major bumps break old readers; minor bumps only add fields. 1.1 added ``pass_configs``

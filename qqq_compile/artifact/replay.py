@@ -3,7 +3,7 @@
 The HF model is rebuilt from its saved config (no weight init) and captured; every saved
 tensor is set by its graph attribute name; the saved pass list is rebuilt from its
 configs (``pass_configs``) and run by the driver with each pass wrapped by its replay
-mode (:func:`qqq_compile.driver.replay_passes`); before each pass, every linear gets its
+mode (:func:`qqq_compile.compiler.driver.replay_passes`); before each pass, every linear gets its
 saved :class:`~qqq_compile.graph.LinearInfo` back (matched by module name and occurrence).
 Afterwards the graph must read exactly the saved tensors and call the same ops.
 """
@@ -17,15 +17,22 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from ..annotations import decode_linear, graph_annotation, node_annotation, set_node_annotation
-from ..capture import capture
-from ..config import CompileConfig, ConfigError
-from ..driver import config_passes, implied_passes, replay_passes, run_pipeline
-from ..errors import ArtifactError, PipelineError
-from ..graph import LinearInfo, info, linear_sites, set_attr
-from ..pipeline import PASSES, CompileContext, Instrument, PassResult, QQQPass, pass_from_dict
-from .manifest import MANIFEST, WEIGHTS, dtype_name
-from .save import graph_tensors_of, op_counts
+from qqq_compile.annotations import decode_linear, graph_annotation, node_annotation, set_node_annotation
+from qqq_compile.artifact.manifest import MANIFEST, WEIGHTS, dtype_name
+from qqq_compile.artifact.save import graph_tensors_of, op_counts
+from qqq_compile.compiler.capture import capture
+from qqq_compile.compiler.driver import config_passes, implied_passes, replay_passes, run_pipeline
+from qqq_compile.compiler.pipeline import (
+    PASSES,
+    CompileContext,
+    Instrument,
+    PassResult,
+    QQQPass,
+    pass_from_dict,
+)
+from qqq_compile.config import CompileConfig, ConfigError
+from qqq_compile.errors import ArtifactError, PipelineError
+from qqq_compile.graph import LinearInfo, info, linear_sites, set_attr
 
 
 def saved_pass_specs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -35,7 +42,7 @@ def saved_pass_specs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     config implies for an implied pass, default options for the others."""
     if "pass_configs" in manifest:
         return list(manifest["pass_configs"])
-    from ..presets import get_preset
+    from qqq_compile.compiler.presets import get_preset
 
     names = list(manifest.get("pipeline", []))
     implied: dict[str, dict[str, Any]] = {}

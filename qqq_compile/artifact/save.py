@@ -1,4 +1,4 @@
-"""``save()``: write a :class:`~qqq_compile.compiled.CompiledModel` as an artifact folder."""
+"""``save()``: write a :class:`~qqq_compile.runtime.compiled.CompiledModel` as an artifact folder."""
 
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from ..annotations import encode_extras, encode_linear, encode_node, node_annotation, replay_states
-from ..compiled import CompiledModel
-from ..errors import ArtifactError
-from ..graph import get_attr
-from . import files
-from .graphfile import GraphCodecError, encode_graph
-from .manifest import (
+from qqq_compile.annotations import encode_extras, encode_linear, encode_node, node_annotation, replay_states
+from qqq_compile.artifact import files
+from qqq_compile.artifact.graphfile import GraphCodecError, encode_graph
+from qqq_compile.artifact.manifest import (
     FORMAT,
     FORMAT_VERSION,
     GRAPH,
@@ -31,6 +28,9 @@ from .manifest import (
     dumps,
     versions,
 )
+from qqq_compile.errors import ArtifactError
+from qqq_compile.graph import get_attr
+from qqq_compile.runtime.compiled import CompiledModel
 
 _LINEAR = "__qqq_linear__/"  # key prefix of per-linear tensors ("/" never occurs in attribute names)
 

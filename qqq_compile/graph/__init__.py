@@ -12,7 +12,7 @@ question is answered with per-model code: everything is read off the exported gr
 * :mod:`.analysis`: the cached analysis (``analysis(gm)``, ``invalidate(gm)``), networkx.
 """
 
-from .analysis import (
+from qqq_compile.graph.analysis import (
     Analysis,
     BlockIO,
     analysis,
@@ -26,10 +26,17 @@ from .analysis import (
     partition,
     to_networkx,
 )
-from .blocks import Block, BlockStack, Partition, block_stack, module_block_stack, partition_nodes
-from .channels import LinearPair, depends_on
-from .norms import NormGroup, NormInfo, find_norm
-from .sites import (
+from qqq_compile.graph.blocks import (
+    Block,
+    BlockStack,
+    Partition,
+    block_stack,
+    module_block_stack,
+    partition_nodes,
+)
+from qqq_compile.graph.channels import LinearPair, depends_on
+from qqq_compile.graph.norms import NormGroup, NormInfo, find_norm
+from qqq_compile.graph.sites import (
     ASSERT_OPS,
     TRANSPARENT,
     LinearInfo,

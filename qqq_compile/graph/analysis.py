@@ -22,10 +22,18 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
-from .blocks import Block, BlockStack, Partition, block_stack, partition_nodes
-from .channels import LinearPair, find_linear_pairs
-from .norms import NormGroup, find_norm_groups
-from .sites import ASSERT_OPS, LinearInfo, LinearSite, get_attr, info, match_linear, module_fqn
+from qqq_compile.graph.blocks import Block, BlockStack, Partition, block_stack, partition_nodes
+from qqq_compile.graph.channels import LinearPair, find_linear_pairs
+from qqq_compile.graph.norms import NormGroup, find_norm_groups
+from qqq_compile.graph.sites import (
+    ASSERT_OPS,
+    LinearInfo,
+    LinearSite,
+    get_attr,
+    info,
+    match_linear,
+    module_fqn,
+)
 
 _ATTR = "_qqq_analysis"
 

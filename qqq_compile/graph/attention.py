@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
-from .sites import ASSERT_OPS, TRANSPARENT, LinearSite, attr_users, match_linear, static_size
+from qqq_compile.graph.sites import ASSERT_OPS, TRANSPARENT, LinearSite, attr_users, match_linear, static_size
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.fx import Node
 
-from .sites import module_path
+from qqq_compile.graph.sites import module_path
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
-from .sites import ASSERT_OPS, TRANSPARENT, LinearSite, get_weight
+from qqq_compile.graph.sites import ASSERT_OPS, TRANSPARENT, LinearSite, get_weight
 
 aten = torch.ops.aten
 DependsOn = Callable[[Node, Node], bool]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from .sites import LinearSite, consumers, get_attr, through_transparent
+from qqq_compile.graph.sites import LinearSite, consumers, get_attr, through_transparent
 
 aten = torch.ops.aten
 

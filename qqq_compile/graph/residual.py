@@ -12,9 +12,16 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.fx import GraphModule, Node
 
-from .analysis import linear_sites
-from .norms import NormInfo, find_norm
-from .sites import ASSERT_OPS, TRANSPARENT, LinearSite, consumers, get_attr, through_transparent
+from qqq_compile.graph.analysis import linear_sites
+from qqq_compile.graph.norms import NormInfo, find_norm
+from qqq_compile.graph.sites import (
+    ASSERT_OPS,
+    TRANSPARENT,
+    LinearSite,
+    consumers,
+    get_attr,
+    through_transparent,
+)
 
 aten = torch.ops.aten
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from ..annotations import LinearInfo, annotate, linear_info
+from qqq_compile.annotations import LinearInfo, annotate, linear_info
 
 aten = torch.ops.aten
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from . import (
+from qqq_compile.graph import (
     ASSERT_OPS,
     LinearSite,
     NormInfo,

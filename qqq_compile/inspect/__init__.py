@@ -7,7 +7,7 @@
   highlighted. Plots need matplotlib (``pip install matplotlib``).
 """
 
-from .html import write_html_report
-from .table import summary, summary_table
+from qqq_compile.inspect.html import write_html_report
+from qqq_compile.inspect.table import summary, summary_table
 
 __all__ = ["summary", "summary_table", "write_html_report"]

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from ..annotations import node_annotation
-from ..graph import BlockIO, LinearInfo, analysis, info, module_fqn
+from qqq_compile.annotations import node_annotation
+from qqq_compile.graph import BlockIO, LinearInfo, analysis, info, module_fqn
 
 NODE_W, NODE_H, H_GAP, V_GAP, PAD = 138, 34, 14, 26, 12
 CHUNK = 150  # nodes per segment when the graph has no repeated blocks

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from ..annotations import node_annotation
-from .graphview import graph_view_html
-from .plots import outlier_plot, perplexity_bars, sqnr_bars
-from .table import COLUMNS, cell, linear_nodes, summary, totals
+from qqq_compile.annotations import node_annotation
+from qqq_compile.inspect.graphview import graph_view_html
+from qqq_compile.inspect.plots import outlier_plot, perplexity_bars, sqnr_bars
+from qqq_compile.inspect.table import COLUMNS, cell, linear_nodes, summary, totals
 
 DEFAULT_ACCURACY_JSON = Path("benchmarks/results/accuracy.json")
 _OP = re.compile(r"torch\.ops\.(\w+)\.(\w+)\.(\w+)\(")

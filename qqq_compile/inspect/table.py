@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from ..annotations import node_annotation
-from ..graph import LinearInfo, get_attr, info, match_linear
+from qqq_compile.annotations import node_annotation
+from qqq_compile.graph import LinearInfo, get_attr, info, match_linear
 
 COLUMNS: list[tuple[str, str]] = [
     ("name", "name"),

@@ -11,11 +11,11 @@ import torch
 
 import qqq_compile as qc
 from qqq_compile.annotations import annotate
-from qqq_compile.formats import PackedW4
+from qqq_compile.compiler.pipeline import sqnr_db
 from qqq_compile.graph import info
 from qqq_compile.inspect import summary, summary_table
 from qqq_compile.inspect.table import COLUMNS
-from qqq_compile.pipeline import sqnr_db
+from qqq_compile.targets.w4a8.formats import PackedW4
 from tests.conftest import tiny_calib, tiny_model
 
 W4A8 = torch.ops.qqq.w4a8_linear.default

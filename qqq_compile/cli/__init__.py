@@ -1,0 +1,1 @@
+"""The ``qqq-compile`` command (:func:`qqq_compile.cli.main.main`)."""

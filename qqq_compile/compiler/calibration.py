@@ -1,0 +1,220 @@
+"""Calibration data: what the user gives, normalised into batches the graph can run.
+
+Two kinds of data, told apart by the model and the data:
+
+* **token ids**, for language models (a Hugging Face model with a vocabulary, or a module
+  whose ``forward`` takes ``input_ids``): a text source name or path (with a tokenizer),
+  a tensor ``[N, T]``, or an iterable of ``[T]``/``[1, T]``/``[B, T]`` tensors or dicts with
+  ``input_ids``. Windows are re-batched (``batch_size`` windows of equal length per batch)
+  into ``{"input_ids": LongTensor[B, T]}`` and checked: integer ids inside the vocabulary,
+  at least 2 tokens per window.
+* **calls**, for every other module: each item is one forward call, used as given: a
+  tensor (the first positional argument), a tuple of positional arguments, a dict of
+  keyword arguments or ``(args, kwargs)``. A tensor, tuple or dict given directly is one
+  call; a list (or any other iterable) holds calls. Each becomes a dict keyed by position
+  (``0, 1, ...``) and keyword name; :meth:`qqq_compile.compiler.capture.Captured.graph_inputs` maps it
+  onto the captured graph's inputs. ``max_samples`` caps the number of calls;
+  ``batch_size`` does not apply (the calls keep their own batch sizes).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+Batch = dict[Any, Any]  # str keys: keyword inputs; int keys: positional inputs
+MIN_CALIB_TOKENS = 256
+
+
+def is_hf(model: torch.nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "to_dict")
+
+
+def is_token_model(model: torch.nn.Module) -> bool:
+    """A Hugging Face model with a vocabulary whose ``input_ids`` are token ids."""
+    return is_hf(model) and getattr(model.config, "vocab_size", None) is not None
+
+
+def split_call(call: Any) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` of one forward call given as a tensor (the first positional
+    argument), a tuple of positional arguments, a dict of keyword arguments or
+    ``(args, kwargs)``, the forms ``torch.export`` takes. Raises TypeError otherwise."""
+    if isinstance(call, torch.Tensor):
+        return (call,), {}
+    if isinstance(call, Mapping):
+        return (), dict(call)
+    if (
+        isinstance(call, tuple)
+        and len(call) == 2
+        and isinstance(call[0], (tuple, list))
+        and isinstance(call[1], Mapping)
+    ):
+        return tuple(call[0]), dict(call[1])
+    if isinstance(call, tuple):
+        return call, {}
+    raise TypeError(
+        "must be a tensor, a tuple of positional arguments, a dict of keyword arguments or (args, kwargs), as "
+        f"torch.export takes them; got {type(call).__name__}"
+    )
+
+
+def takes_token_ids(model: torch.nn.Module | None, calib: Any) -> bool:
+    """True when ``calib`` is token-id data for ``model`` (see the module docstring)."""
+    if isinstance(calib, str):
+        return True
+    if model is not None and is_token_model(model):
+        return True
+    if model is not None:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "input_ids" not in params:
+            return False
+    first = calib
+    if not isinstance(calib, (torch.Tensor, Mapping)) and isinstance(calib, Iterable):
+        if not isinstance(calib, (list, tuple)):
+            return True  # a generator cannot be peeked at: the model takes input_ids
+        first = next(iter(calib), None)
+    if isinstance(first, Mapping):
+        return "input_ids" in first
+    return isinstance(first, torch.Tensor) and not first.is_floating_point()
+
+
+def calib_batches(
+    calib: Any,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    seq_len: int = 512,
+    *,
+    model: torch.nn.Module | None = None,
+) -> list[Batch]:
+    """Normalise calibration input to a list of batches (see the module docstring).
+
+    Token-id data becomes ``{"input_ids": [B, T]}`` batches; other data (when ``model``
+    does not take token ids, or, without a model, when the data is not integer) becomes
+    one ``{0: ..., "name": ...}`` call per item.
+    """
+    if calib is None:
+        return []
+    if not takes_token_ids(model, calib):
+        return _call_batches(calib, max_samples)
+    if isinstance(calib, str):
+        if tokenizer is None:
+            raise ValueError(f"calib={calib!r} is a text source: pass tokenizer=... so it can be tokenized")
+        from qqq_compile.data import load_text, token_windows
+
+        calib = token_windows(tokenizer, load_text(calib), seq_len, region=(0.0, 0.8), n=max_samples or 128)
+    if isinstance(calib, torch.Tensor):
+        calib = list(calib.unsqueeze(0) if calib.dim() == 1 else calib.split(1))
+    rows: list[torch.Tensor] = []
+    for item in calib if isinstance(calib, Iterable) else [calib]:
+        t = item["input_ids"] if isinstance(item, Mapping) else item
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"calibration items must be token-id tensors or dicts with input_ids, got {type(t).__name__}"
+            )
+        if t.is_floating_point():
+            raise TypeError("calibration tensors must hold integer token ids, got a floating-point tensor")
+        if t.dim() == 0 or t.numel() == 0:
+            continue  # an empty item adds nothing; all empty is refused below
+        if t.shape[-1] < 2:
+            raise ValueError(
+                f"calibration window of {t.shape[-1]} token: windows need at least 2 tokens (attention needs a "
+                "context); use windows of 64+ tokens, e.g. qqq_compile.data.token_windows(tokenizer, text, 512)"
+            )
+        rows.extend(t.reshape(-1, t.shape[-1]).split(1))
+    if max_samples is not None:
+        rows = rows[:max_samples]
+    if not rows:
+        raise ValueError("calibration data is empty: give at least one window of token ids (e.g. a [N, T] tensor)")
+    # Batch windows of equal length together; lengths may differ between batches.
+    by_len: dict[int, list[torch.Tensor]] = {}
+    for r in rows:
+        by_len.setdefault(r.shape[-1], []).append(r)
+    batches: list[Batch] = []
+    for same in by_len.values():
+        for i in range(0, len(same), batch_size):
+            batches.append({"input_ids": torch.cat(same[i : i + batch_size]).long()})
+    return batches
+
+
+def _call_batches(calib: Any, max_samples: int | None) -> list[Batch]:
+    items = [calib] if isinstance(calib, (torch.Tensor, Mapping, tuple)) else calib
+    if not isinstance(items, Iterable):
+        raise TypeError(
+            f"calibration data must be a tensor, a tuple of positional arguments, a dict of keyword arguments, "
+            f"(args, kwargs), or a list of those (one per forward call); got {type(calib).__name__}"
+        )
+    batches: list[Batch] = []
+    for i, item in enumerate(items):
+        if max_samples is not None and len(batches) >= max_samples:
+            break
+        try:
+            args, kwargs = split_call(item)
+        except TypeError:
+            raise TypeError(
+                f"calibration item {i} is a {type(item).__name__}: each item is one forward call, given as a "
+                "tensor, a tuple of positional arguments, a dict of keyword arguments or (args, kwargs)"
+            ) from None
+        leaves = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        if not leaves or any(v.numel() == 0 for v in leaves):
+            raise ValueError(f"calibration item {i} holds an empty tensor or no tensor at all")
+        batches.append({**dict(enumerate(args)), **kwargs})
+    if not batches:
+        raise ValueError("calibration data is empty: give at least one forward call (e.g. [torch.randn(64, 512)])")
+    return batches
+
+
+def example_call(batches: list[Batch]) -> Any:
+    """An example call for ``capture`` from the first calibration batch.
+
+    Token ids: two rows (export specialises a batch of 1) of at most 16 tokens, made
+    contiguous (a strided slice would make export guard on the original row length).
+    Calls: the first call as ``(args, kwargs)``.
+    """
+    first = batches[0]
+    if set(first) == {"input_ids"}:
+        ids = first["input_ids"][:, :16]
+        return {"input_ids": ids[[0, -1]].contiguous()}
+    n = sum(1 for k in first if isinstance(k, int))
+    return tuple(first[i] for i in range(n)), {k: v for k, v in first.items() if isinstance(k, str)}
+
+
+def check_calib(model: torch.nn.Module, batches: list[Batch]) -> None:
+    """Refuse token ids outside the model's vocabulary; warn when calibration is too
+    small for stable statistics (fewer than ``MIN_CALIB_TOKENS`` tokens, or fewer tokens
+    than the widest linear has inputs: its Hessian is then rank-deficient). Only token-id
+    batches are checked: a module's other inputs have no vocabulary or token count."""
+    if not batches or not all(isinstance(b.get("input_ids"), torch.Tensor) for b in batches):
+        return
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or getattr(emb, "num_embeddings", None)
+    lo = min(int(b["input_ids"].min()) for b in batches)
+    hi = max(int(b["input_ids"].max()) for b in batches)
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"calibration token id {bad} is out of range: the model's vocabulary has {vocab} entries (ids 0.."
+            f"{(vocab or 0) - 1}), the data's ids span {lo}..{hi}. Tokenize the data with the model's own tokenizer"
+        )
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    widest = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
+    need = max(MIN_CALIB_TOKENS, widest)
+    if tokens < need:
+        why = (
+            f"the {widest} inputs of the widest linear: its GPTQ Hessian is rank-deficient below that"
+            if widest > MIN_CALIB_TOKENS
+            else "the least for usable activation ranges"
+        )
+        warnings.warn(
+            f"calibration data holds only {tokens} tokens, fewer than {need} ({why}); smoothing scales, "
+            "activation ranges and GPTQ are poorly estimated. Use more windows (the standard protocol: 128 x 512 "
+            "tokens)",
+            stacklevel=3,
+        )

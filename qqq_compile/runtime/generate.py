@@ -1,0 +1,194 @@
+"""``generate()``: greedy and sampled decoding over a :class:`~qqq_compile.runtime.steps.DecodeStep`.
+
+The arguments are transformers' (``max_new_tokens``, ``do_sample``, ``temperature``,
+``top_k``, ``top_p``, ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``,
+``streamer``), applied in transformers' order: repetition penalty, temperature, top-k,
+top-p. Batched prompts are left-padded (``attention_mask`` marks the real tokens); each row
+stops at its own EOS and is padded with ``pad_token_id`` afterwards.
+
+The loop is one prefill call and one step call per new token; the only work between
+steps is choosing the next token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qqq_compile.runtime.steps import DecodeStep
+
+
+class GenerationError(ValueError):
+    """Bad generation arguments; the message names the value and the fix."""
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    eos_token_id: int | Sequence[int] | None = None
+    pad_token_id: int | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.do_sample and not self.temperature > 0:
+            raise GenerationError(
+                f"temperature must be > 0 when sampling, got {self.temperature!r}; use do_sample=False for greedy"
+            )
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise GenerationError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise GenerationError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty!r}")
+
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else [int(e)] if isinstance(e, int) else [int(x) for x in e]
+
+
+@dataclass
+class GenerateOutput:
+    """``sequences`` [B, T + new] plus where the time went."""
+
+    sequences: torch.Tensor
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    runtime: str
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("inf")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.new_tokens - 1  # the first new token comes from the prefill
+        return steps / self.decode_seconds if self.decode_seconds > 0 and steps > 0 else float("nan")
+
+
+def process_logits(logits: torch.Tensor, seqs: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Repetition penalty, temperature, top-k and top-p on ``logits [B, V]`` (float32)."""
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.gather(logits, 1, seqs)
+        seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
+        logits = logits.scatter(1, seqs, seen)
+    if not cfg.do_sample:
+        return logits
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - cfg.top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def _check_left_padded(mask: torch.Tensor) -> None:
+    # A real token after a pad in any row means right padding: the new tokens would then
+    # not follow the prompt.
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise GenerationError(
+            "attention_mask shows right padding; generation needs left-padded prompts: "
+            "set tokenizer.padding_side = 'left' before tokenizing the batch"
+        )
+
+
+def generate(
+    step: DecodeStep,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cfg: SamplingConfig,
+    *,
+    streamer: Any = None,
+    generator: torch.Generator | None = None,
+) -> GenerateOutput:
+    """Run ``cfg.max_new_tokens`` steps from ``input_ids [B, T]``; see the module docstring."""
+    cfg.validate()
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise GenerationError("input_ids must be a LongTensor [batch, tokens] (tokenizer(..., return_tensors='pt'))")
+    b, t = input_ids.shape
+    if t < 1:
+        raise GenerationError("input_ids is empty: give at least one prompt token")
+    spec = step.spec
+    if b > spec.max_batch:
+        raise GenerationError(
+            f"a batch of {b} prompts is larger than the {spec.max_batch} rows the KV cache was built for; "
+            f"call prepare_generation(max_batch={b}, ...) first"
+        )
+    if t + cfg.max_new_tokens > spec.max_len:
+        raise GenerationError(
+            f"the prompt ({t} tokens) plus max_new_tokens ({cfg.max_new_tokens}) is {t + cfg.max_new_tokens} "
+            f"positions, more than the KV cache's {spec.max_len}; lower max_new_tokens or call "
+            f"prepare_generation(max_len={t + cfg.max_new_tokens}, ...)"
+        )
+    mask = torch.ones(b, t, dtype=torch.long) if attention_mask is None else attention_mask.to(torch.long)
+    if mask.shape != input_ids.shape:
+        raise GenerationError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    _check_left_padded(mask)
+    eos = torch.tensor(cfg.eos_ids(), dtype=torch.long)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    input_ids = input_ids.to(torch.long)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    seqs = input_ids
+    done = torch.zeros(b, dtype=torch.bool)
+    full_mask = torch.cat([mask, torch.ones(b, cfg.max_new_tokens, dtype=torch.long)], dim=1)
+    positions = torch.arange(t + cfg.max_new_tokens)
+    t0 = time.perf_counter()
+    logits = step(input_ids, mask, positions[:t])
+    prefill_s, t1, new = time.perf_counter() - t0, time.perf_counter(), 0
+    for i in range(cfg.max_new_tokens):
+        scores = process_logits(logits[:, -1].float(), seqs, cfg)
+        if cfg.do_sample:
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            nxt = scores.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+        new += 1
+        if streamer is not None:
+            streamer.put(nxt.cpu())
+        if len(eos):
+            done |= torch.isin(nxt, eos)
+        if bool(done.all()) or i == cfg.max_new_tokens - 1:
+            break
+        pos = t + i
+        logits = step(nxt[:, None], full_mask[:, : pos + 1], positions[pos : pos + 1])
+    decode_s = time.perf_counter() - t1
+    if streamer is not None:
+        streamer.end()
+    return GenerateOutput(seqs, t, new, prefill_s, decode_s, step.runtime)
+
+
+def context_limit(model_config: dict[str, Any] | None) -> int | None:
+    """Positions a KV cache may hold for this model: ``max_position_embeddings``, and the
+    sliding window when some layers use one (no ring buffer: past the window the cached
+    graph's full-causal mask would no longer be the model's)."""
+    cfg = model_config or {}
+    limits = [cfg.get("max_position_embeddings")]
+    window = cfg.get("sliding_window")
+    layer_types = cfg.get("layer_types") or []
+    if window and cfg.get("use_sliding_window", True) and (not layer_types or "sliding_attention" in layer_types):
+        limits.append(window)
+    known = [int(x) for x in limits if x]
+    return min(known) if known else None
+
+
+__all__ = ["GenerateOutput", "GenerationError", "SamplingConfig", "context_limit", "generate", "process_logits"]

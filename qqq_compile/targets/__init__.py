@@ -1,0 +1,1 @@
+"""Targets: a weight format plus where it runs (see ``registry``)."""

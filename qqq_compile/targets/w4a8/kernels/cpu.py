@@ -1,0 +1,331 @@
+"""CPU path of the ``torch.ops.qqq.*`` kernels: the C++ extension and the pure-torch reference.
+
+W4A8 (QQQ): per-token int8 activations x packed int4 weights (layout in
+:mod:`qqq_compile.targets.w4a8.formats`); W8A8 (``qqq::w8a8_linear``, for the lm_head): int8 weights with
+a per-output-channel scale. Every path computes the exact int32 accumulator ``xq @ W8.T``
+and then ``((acc * s_token) * s_ch) + bias`` in fp32, cast to the output dtype, so all paths
+agree bit for bit with the pure-torch reference.
+
+Two implementations:
+
+* a C++ extension (``csrc/*.cpp``, AVX512-VNNI) that **registers itself with the dispatcher**
+  (``TORCH_LIBRARY_IMPL(qqq, CPU, m)``): once loaded, every caller (eager, ``torch.compile``,
+  an AOTInductor package's C++) reaches it without Python. It is compiled with
+  ``torch.utils.cpp_extension.load`` by :func:`ensure_cpp_kernels` (about 60 s the first
+  time, then cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``; a
+  cached load takes about a second). For small ``M`` it runs a GEMV/GEMM that reads the
+  packed bytes directly; for large ``M`` it unpacks W8 once per call and hands the GEMM to
+  oneDNN through ``torch._int_mm`` (W8A8: the VNNI kernel below 16 tokens, else ``_int_mm``
+  on the int8 weight as stored; ``torch.ops.qqq_cpu.w8a8_linear_path`` forces either).
+* the pure-torch reference (``*_torch`` below), registered by :mod:`.ops` for every device
+  as the ops' ``CompositeExplicitAutograd`` kernel. A CPU tensor only reaches it when no
+  C++ CPU kernel is registered: before the first call has loaded the extension (it then
+  loads it), or when the CPU lacks AVX512-VNNI/VBMI, the build fails (both warn) or
+  ``QQQ_CPU_KERNEL=torch`` is set. It unpacks int4 at every call: 10-500x slower.
+
+The extension is loaded lazily, not at import, so that ``import qqq_compile`` stays fast:
+call :func:`ensure_cpp_kernels` before ``torch._inductor.aoti_load_package`` (or before
+timing anything) to have the C++ kernels registered from the start.
+
+Why this design (single-thread CPU time, K=N=4096, int8 group scales, Zen 5; see
+``benchmarks/cpu_linear.py`` for the full table): at M=1 the packed kernel takes 0.13 ms
+(per-channel 0.10, fp16 groups 0.16) vs 0.11 ms for onnxruntime MatMulNBits and 2.7 ms for
+fp32; unpack-in-torch + ``_int_mm`` takes 24-190 ms and ``aten._dyn_quant_matmul_4bit``
+(a reference path on x86) 19 ms. At M=16: 0.8 ms vs 3.8 ms for C++ unpack + ``_int_mm``
+(oneDNN reorders the weight on every call). At M=512, oneDNN wins (23 ms vs 27 ms) and the
+C++ unpack adds only ~0.4 ms, hence the dispatch in :func:`use_packed_kernel`.
+
+No weight-dependent state is cached: the kernels need no prepacking.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qqq_compile.targets.w4a8.formats import PackedW4, quantize_act_per_token
+
+__all__ = [
+    "OP_NAMES",
+    "cpp_call_counts",
+    "cpu_kernel_source",
+    "cpu_supports_kernels",
+    "ensure_cpp_kernels",
+    "extension_available",
+    "int8_weight",
+    "quantize_act",
+    "quantize_act_torch",
+    "rmsnorm_quant",
+    "rmsnorm_quant_torch",
+    "use_packed_kernel",
+    "w4a8_linear",
+    "w4a8_linear_q",
+    "w4a8_linear_q_torch",
+    "w4a8_linear_torch",
+    "w8a8_linear",
+    "w8a8_linear_torch",
+]
+
+OP_NAMES = ("quantize_act", "rmsnorm_quant", "w4a8_linear", "w4a8_linear_q", "w8a8_linear")
+
+
+def use_packed_kernel(m: int, k: int) -> bool:
+    """Whether ``m`` tokens go to the VNNI kernel rather than (unpack +) ``torch._int_mm``.
+
+    oneDNN's int8 GEMM wins for many tokens, but each call pays for unpacking W8 and
+    reordering it (cost ~ K*N), which the packed kernel never does. The measured crossover
+    (2-core AVX512-VNNI Zen) grows with K: ~16 tokens at K=576, ~64 at K=2048, ~128 at K=4096.
+    The C++ dispatcher applies the same rule (``use_packed`` in csrc/act_cpu.cpp).
+    """
+    return k < 2 or m < max(16, min(k // 32, 128))
+
+
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = ("act_cpu.cpp", "w4a8_cpu.cpp", "w8a8_cpu.cpp", "ops_cpu.cpp")
+_EXT_NAME = "qqq_cpu_kernels"
+_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi", "f16c")
+# The loaded extension's ops namespace ``torch.ops.qqq_cpu`` (or None: torch fallback), per
+# process. Loading registers kernels with the dispatcher, a process-wide effect that cannot
+# be undone, so it happens once and is remembered here.
+_ext_state: dict[str, Any] = {}
+_ext_lock = threading.Lock()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_supports_kernels() -> bool:
+    """Whether this CPU has every ISA extension the C++ kernels are built for."""
+    return all(f in _cpu_flags() for f in _REQUIRED_FLAGS)
+
+
+def _torch_forced() -> bool:
+    return os.environ.get("QQQ_CPU_KERNEL", "").lower() in ("torch", "0", "off")
+
+
+def _load_extension() -> Any:
+    """Build (or load the cached build of) the extension and return ``torch.ops.qqq_cpu``;
+    None, with a warning, if it cannot."""
+    if _torch_forced():
+        return None
+    missing = [f for f in _REQUIRED_FLAGS if f not in _cpu_flags()]
+    if missing:
+        warnings.warn(f"qqq_compile: CPU lacks {missing}; using the slower pure-torch CPU kernels", stacklevel=3)
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mf16c"]
+        # A plain shared library (no pybind): loading it runs its TORCH_LIBRARY registrations.
+        load(
+            name=_EXT_NAME,
+            sources=[str(_CSRC / s) for s in _SOURCES],
+            # -ffp-contract=off: no FMA contraction, so the epilogue rounds like torch.
+            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *isa],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        return torch.ops.qqq_cpu
+    except Exception as e:  # compiler missing, build error, ...
+        warnings.warn(
+            f"qqq_compile: could not build the CPU kernel extension ({type(e).__name__}: {e}); "
+            "using the slower pure-torch path",
+            stacklevel=3,
+        )
+        return None
+
+
+def _ext() -> Any:
+    """``torch.ops.qqq_cpu`` (the C++ kernels), built on first use; ``None``: torch fallback."""
+    if "mod" not in _ext_state:
+        with _ext_lock:
+            if "mod" not in _ext_state:
+                _ext_state["mod"] = _load_extension()
+    return _ext_state["mod"]
+
+
+def ensure_cpp_kernels() -> bool:
+    """Load the C++ extension, which registers the ``qqq::*`` CPU kernels with the dispatcher.
+
+    Returns whether the C++ kernels are active. Idempotent; the first call in a process may
+    build the extension (about a minute, then cached). ``QQQ_CPU_KERNEL=torch`` (read on the
+    first call) keeps the pure-torch kernels.
+    """
+    return _ext() is not None
+
+
+def extension_available() -> bool:
+    """Same as :func:`ensure_cpp_kernels` (the older name)."""
+    return ensure_cpp_kernels()
+
+
+def cpp_call_counts() -> dict[str, int]:
+    """How many times each C++ op ran in this process (all zero if the extension is not loaded).
+
+    Counts every entry into a C++ kernel: from the dispatcher (eager calls, ``torch.compile``,
+    AOTInductor packages) or directly. Tests use it to prove which implementation ran.
+    """
+    ext = _ext_state.get("mod")
+    counts = ext.call_counts() if ext is not None else [0] * len(OP_NAMES)
+    return dict(zip(OP_NAMES, (int(c) for c in counts), strict=True))
+
+
+def cpu_kernel_source(op: str) -> str:
+    """Which implementation ``qqq::<op>`` runs for CPU tensors right now: ``"cpp"`` (the
+    extension's dispatcher registration), ``"torch"`` (the pure-torch reference) or ``"none"``."""
+    dump = torch._C._dispatch_dump(f"qqq::{op}")
+    if re.search(r"^CPU: registered at .*ops_cpu\.cpp", dump, re.M):
+        return "cpp"
+    if re.search(r"^CompositeExplicitAutograd(\[alias\])?: registered", dump, re.M):
+        return "torch"
+    return "none"
+
+
+# ---------------------------------------------------------------------------- torch reference
+
+
+def int8_weight(qweight: torch.Tensor, group_scale: torch.Tensor | None, group_size: int, k: int) -> torch.Tensor:
+    """``W8`` int8 ``[N, K]`` from the packed tensors (``PackedW4.int8_weight``)."""
+    scale = torch.ones(qweight.shape[0])
+    return PackedW4(qweight, scale, group_scale, k, group_size if group_scale is not None else -1).int8_weight()
+
+
+def _int_mm(a: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
+    """Exact int32 ``a @ w8.T``; ``torch._int_mm`` returns garbage on CPU when K == 1."""
+    if a.shape[1] == 1:
+        return a.int() * w8.int().t()
+    return torch._int_mm(a, w8.t())
+
+
+def _epilogue(acc: torch.Tensor, xscale: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype):
+    y = acc.float() * xscale.reshape(-1, 1).float() * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype)
+
+
+def quantize_act_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8 (:func:`qqq_compile.targets.w4a8.formats.quantize_act_per_token`)."""
+    return quantize_act_per_token(x)
+
+
+def rmsnorm_quant_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 RMSNorm then per-token int8, in torch."""
+    from qqq_compile.targets.w4a8.kernels.act_quant import rmsnorm_quant_ref
+
+    return rmsnorm_quant_ref(x, weight, eps)
+
+
+def w4a8_linear_q_torch(
+    xq: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(xq @ W8.T) * xscale * channel_scale + bias`` for int8 ``xq [..., K]``, in torch."""
+    k = xq.shape[-1]
+    w8 = int8_weight(qweight, group_scale, group_size, k)
+    acc = _int_mm(xq.reshape(-1, k).contiguous(), w8)
+    y = _epilogue(acc, xscale, channel_scale, bias, out_dtype)
+    return y.reshape(*xq.shape[:-1], qweight.shape[0])
+
+
+def w4a8_linear_torch(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """W4A8 linear on float ``x [..., K]`` in torch; output in x's dtype."""
+    q, s = quantize_act_per_token(x)
+    return w4a8_linear_q_torch(q, s, qweight, channel_scale, group_scale, bias, group_size, x.dtype)
+
+
+def w8a8_linear_torch(
+    x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W8A8 linear on float ``x [..., K]`` (int8 ``w8 [N, K]``, fp32 ``scale [N]``) in torch."""
+    k = x.shape[-1]
+    q, s = quantize_act_per_token(x.reshape(-1, k))
+    y = _epilogue(_int_mm(q, w8), s, scale, bias, x.dtype)
+    return y.reshape(*x.shape[:-1], w8.shape[0])
+
+
+# ---------------------------------------------------------------------------- public API
+# C++ when the extension is loaded, else the torch reference. Inputs are assumed valid (the
+# ops validate); the C++ functions validate again and count the call.
+
+
+def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8: returns ``(q int8 [..., K], s float32 [..., 1])``."""
+    ext = _ext()
+    return quantize_act_torch(x) if ext is None else tuple(ext.quantize_act(x))
+
+
+def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm in fp32 (``x * rsqrt(mean(x^2) + eps) * weight``) followed by per-token int8.
+
+    The fused C++ kernel sums ``x^2`` in a different order than torch, so ``s`` may differ
+    from the torch composition by an ulp and ``q`` by one step where a value sits on a tie.
+    """
+    ext = _ext()
+    return rmsnorm_quant_torch(x, weight, eps) if ext is None else tuple(ext.rmsnorm_quant(x, weight, float(eps)))
+
+
+def w4a8_linear_q(
+    xq: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(xq @ W8.T) * xscale * channel_scale + bias`` for int8 ``xq [..., K]``, ``xscale [..., 1]``."""
+    ext = _ext()
+    args = (xq, xscale, qweight, channel_scale, group_scale, bias, group_size, out_dtype)
+    return w4a8_linear_q_torch(*args) if ext is None else ext.w4a8_linear_q(*args)
+
+
+def w4a8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """W4A8 linear on float ``x [..., K]``: per-token int8 quantization inside; output in x's dtype."""
+    ext = _ext()
+    args = (x, qweight, channel_scale, group_scale, bias, group_size)
+    return w4a8_linear_torch(*args) if ext is None else ext.w4a8_linear(*args)
+
+
+def w8a8_linear(
+    x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W8A8 linear on float ``x [..., K]``; output in x's dtype."""
+    ext = _ext()
+    return w8a8_linear_torch(x, w8, scale, bias) if ext is None else ext.w8a8_linear(x, w8, scale, bias)

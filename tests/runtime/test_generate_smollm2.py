@@ -1,0 +1,45 @@
+"""Generation on the real SmolLM2-135M (slow): HF parity for the float graph, cache
+equivalence for the W4A8 graph. (Its weights come from a GGUF Q4_1 file.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qqq_compile as qc
+from qqq_compile.compiler.pipeline import sqnr_db
+from qqq_compile.data import standard_splits
+from qqq_compile.runtime.kv_cache import add_kv_cache
+
+pytestmark = pytest.mark.slow
+
+
+def test_float_graph_greedy_matches_transformers(smollm2):
+    model, tok = smollm2
+    ids = tok("The history of the printing press began", return_tensors="pt").input_ids
+    compiled = qc.compile(model, passes=[], example_inputs={"input_ids": ids}, progress=False)
+    with torch.no_grad():
+        want = model.generate(
+            ids, max_new_tokens=24, do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=tok.eos_token_id
+        )
+    got = compiled.generate(ids, max_new_tokens=24, runtime="eager", eos_token_id=[])
+    assert torch.equal(got, want)
+
+
+def test_w4a8_cache_matches_the_full_sequence_graph(smollm2):
+    model, tok = smollm2
+    calib, evals = standard_splits(tok, seq_len=128, n_calib=4, n_eval=1)
+    compiled = qc.compile(model, calib=calib, config=qc.CompileConfig(preset="rtn"), progress=False)
+    gm = compiled.graph_module
+    ids = evals[0].reshape(1, -1)[:, :96]
+    cached, _ = add_kv_cache(gm, max_batch=1, max_len=128, last_logits_only=False)
+    with torch.no_grad():
+        full = gm(input_ids=ids).logits
+        outs = [cached(ids[:, :80], torch.ones(1, 80, dtype=torch.long), torch.arange(80))]
+        for i in range(80, 96):
+            outs.append(cached(ids[:, i : i + 1], torch.ones(1, i + 1, dtype=torch.long), torch.tensor([i])))
+    # The float graph agrees exactly (test above). With int8 activations, float rounding
+    # that differs between SDPA's prefill and decode kernels flips a few roundings, and 30
+    # layers amplify them: measured 31.4 dB here, and the full-sequence graph itself gives
+    # 30-45 dB between runs over 88 and 96 tokens (W4A8 vs float logits: 8.3 dB).
+    assert sqnr_db(full, torch.cat(outs, 1)) > 25

@@ -1,0 +1,141 @@
+"""The KV-cache rewrite: prefill + decode steps reproduce the full-sequence graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qqq_compile as qc
+from qqq_compile.compiler.capture import capture
+from qqq_compile.compiler.pipeline import sqnr_db
+from qqq_compile.runtime.kv_cache import CacheError, add_kv_cache
+from tests.conftest import tiny_calib, tiny_config, tiny_model
+
+ARCHS = ["llama", "llama_mha", "qwen2", "mistral", "gemma", "gemma3"]
+aten = torch.ops.aten
+
+
+def arch_model(arch: str) -> torch.nn.Module:
+    if arch != "gemma3":
+        return tiny_model(arch)
+    import transformers as tf
+
+    cfg = tf.Gemma3TextConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"],
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    return tf.Gemma3ForCausalLM(cfg).eval()
+
+
+def stepwise(cached, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of every position from one prefill call and then one call per token."""
+    b, t = ids.shape
+    with torch.no_grad():
+        outs = [cached(ids[:, :prefill], torch.ones(b, prefill, dtype=torch.long), torch.arange(prefill))]
+        for i in range(prefill, t):
+            outs.append(cached(ids[:, i : i + 1], torch.ones(b, i + 1, dtype=torch.long), torch.tensor([i])))
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float_graph_prefill_then_decode_matches_full_sequence(arch):
+    model = arch_model(arch)
+    gm = capture(model, {"input_ids": torch.randint(0, 256, (2, 8))}).graph_module
+    cached, spec = add_kv_cache(gm, max_batch=2, max_len=48, last_logits_only=False)
+    assert len(spec.layers) == 2 and spec.positions_replaced >= 1
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = gm(input_ids=ids).logits
+    got = stepwise(cached, ids, prefill=10)
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
+    # The cache graph calls SDPA with an explicit mask, never is_causal.
+    for n in cached.graph.nodes:
+        if n.target is aten.scaled_dot_product_attention.default:
+            assert n.args[3] is not None and n.args[5] is False
+
+
+def test_kv_cache_holds_only_kv_heads():
+    gm = capture(tiny_model("llama"), {"input_ids": torch.randint(0, 256, (2, 8))}).graph_module
+    cached, spec = add_kv_cache(gm, max_batch=3, max_len=40)
+    k0 = cached.get_buffer("qqq_k_cache_0")
+    assert tuple(k0.shape) == (3, 2, 41, 16)  # [rows, KV heads (GQA 4:2), max_len + spare slot, head dim]
+    assert spec.cache_bytes() == 2 * 2 * 3 * 2 * 40 * 16 * 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_w4a8_graph_cache_matches_full_sequence(arch):
+    model = tiny_model(arch)
+    compiled = qc.compile(model, calib=tiny_calib(), config=qc.CompileConfig(preset="rtn"), progress=False)
+    gm = compiled.graph_module
+    assert any(n.target is torch.ops.qqq.w4a8_linear.default for n in gm.graph.nodes)
+    cached, _ = add_kv_cache(gm, max_batch=2, max_len=40, last_logits_only=False)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = gm(input_ids=ids).logits
+    got = stepwise(cached, ids, prefill=8)
+    # Per-token activation quantization makes each token's math independent of the
+    # others, so the cached graph agrees to float rounding (measured > 100 dB).
+    assert sqnr_db(full, got) > 90
+
+
+def test_last_logits_only_slices_before_the_lm_head():
+    gm = capture(tiny_model("llama"), {"input_ids": torch.randint(0, 256, (2, 8))}).graph_module
+    cached, _ = add_kv_cache(gm, max_batch=1, max_len=32)
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        out = cached(ids, torch.ones(1, 12, dtype=torch.long), torch.arange(12))
+        full = gm(input_ids=ids).logits
+    assert out.shape == (1, 1, 256)
+    torch.testing.assert_close(out[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    head = [n for n in cached.graph.nodes if n.target is aten.linear.default][-1]
+    assert head.args[0].target is aten.slice.Tensor and head.args[0].args[1:3] == (1, -1)
+
+
+def test_left_padding_rows_match_unpadded_rows():
+    gm = capture(tiny_model("llama"), {"input_ids": torch.randint(0, 256, (2, 8))}).graph_module
+    cached, _ = add_kv_cache(gm, max_batch=2, max_len=32)
+    short = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
+    long = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(4))
+    ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.tensor([[0] * 4 + [1] * 5, [1] * 9])
+    with torch.no_grad():
+        both = cached(ids, mask, torch.arange(9))
+        alone = [gm(input_ids=short).logits[:, -1], gm(input_ids=long).logits[:, -1]]
+    assert torch.isfinite(both).all()
+    torch.testing.assert_close(both[0, 0], alone[0][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both[1, 0], alone[1][0], rtol=1e-4, atol=1e-4)
+
+
+def test_the_users_graph_is_untouched():
+    gm = capture(tiny_model("llama"), {"input_ids": torch.randint(0, 256, (2, 8))}).graph_module
+    before = gm.code
+    add_kv_cache(gm, max_batch=1, max_len=16)
+    assert gm.code == before and not any(n.startswith("qqq_k_cache") for n, _ in gm.named_buffers())
+
+
+def test_graph_without_attention_is_refused():
+    mlp = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
+    gm = torch.export.export(mlp, (torch.randint(0, 16, (2, 4)),)).module()
+    gm.graph.find_nodes(op="placeholder")[0].target = "input_ids"
+    with pytest.raises(CacheError, match="no scaled_dot_product_attention"):
+        add_kv_cache(gm, max_batch=1, max_len=8)
+
+
+def test_bad_sizes_are_refused():
+    gm = capture(tiny_model("llama"), {"input_ids": torch.randint(0, 256, (2, 8))}).graph_module
+    with pytest.raises(CacheError, match="max_batch must be >= 1"):
+        add_kv_cache(gm, max_batch=0, max_len=8)
+
+
+def test_tiny_config_has_no_sliding_window_for_mistral():
+    # The Mistral fixture runs without a window; the window limit is tested in test_generation.
+    assert tiny_config("mistral").sliding_window is None
