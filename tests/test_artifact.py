@@ -476,7 +476,7 @@ def every_pass(tmp_path_factory):
 
 
 def test_every_registered_pass_saves_and_loads_with_its_options(every_pass):
-    from tests.test_driver import builtin_pass_classes
+    from tests.compiler.test_driver import builtin_pass_classes
 
     compiled, path = every_pass
     passes = every_pass_non_default()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import builtins
 
-from tests.test_cli import artifact, files, tiny_tokenizer  # noqa: F401 - shared fixtures
-
 from qqq_compile.cli.main import main
+from tests.cli.test_cli import artifact, files, tiny_tokenizer  # noqa: F401 - shared fixtures
 
 TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w5{% endif %}"

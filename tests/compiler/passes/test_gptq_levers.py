@@ -9,7 +9,6 @@ import copy
 
 import pytest
 import torch
-from tests.passes.test_lower import fake_quant_reference
 
 from qqq_compile import CompileContext, QuantConfig, calib_batches
 from qqq_compile.compiler.capture import capture
@@ -21,6 +20,7 @@ from qqq_compile.targets.w4a8.formats import fake_quant_act
 from qqq_compile.targets.w4a8.grid import ClipSearch
 from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_calib, tiny_model
+from tests.targets.w4a8.test_lower import fake_quant_reference
 
 HIDDEN, INTER, GROUP = 96, 192, 64
 FORMATS = [(-1, "int8"), (GROUP, "int8"), (GROUP, "float16")]

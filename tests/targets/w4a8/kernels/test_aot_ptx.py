@@ -7,7 +7,7 @@ by ``cuobjdump -res-usage`` on the cubin).
 
 Compilation runs in a subprocess without ``TRITON_INTERPRET`` (the test process runs
 in interpreter mode, where Triton's own ``tl.sum``/``tl.max`` cannot be compiled).
-``python tests/kernels/test_aot_ptx.py`` prints the table of shared memory, registers and
+``python tests/targets/w4a8/kernels/test_aot_ptx.py`` prints the table of shared memory, registers and
 spills per configuration.
 """
 
