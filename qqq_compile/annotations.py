@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from qqq_compile.targets.w4a8.formats import PackedW4
+from qqq_compile.targets.registry import PackedWeight, format_class
 
 KEY = "qqq"
 #: Where code before the one annotation kept each fact (read, never written; see above).
@@ -59,6 +59,9 @@ LEGACY_NODE_KEYS = {
 #: The facts other than ``linear``, as the codec names them.
 EXTRA_FIELDS = ("rotate", "online_hadamard", "float_cast", "int8_head")
 _LEGACY_REPLAY = "qqq_replay"  # gm.meta key of format 1.0
+#: Where the classes an artifact may name (smoothing records) lived before the layout of
+#: ``compiler/`` and ``targets/``: decoded from their new home.
+_MOVED_MODULES = {"qqq_compile.passes": "qqq_compile.compiler.passes"}
 
 
 @dataclass
@@ -74,7 +77,7 @@ class LinearInfo:
     smooth_group: str | None = None
     smooth_scale_range: tuple[float, float] | None = None
     gptq: dict[str, Any] | None = None  # damping used, retries, loss
-    packed: PackedW4 | None = None
+    packed: PackedWeight | None = None  # the target format's packed weight
     method: str | None = None  # "rtn" | "gptq"
     weight_sqnr_db: float | None = None
     lowered: bool = False
@@ -214,6 +217,10 @@ def decode_value(v: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if set(v) == {"class", "fields"}:
         kw = {k: decode_value(x, tensors) for k, x in v["fields"].items()}
         module, _, name = str(v["class"]).rpartition(".")
+        for old, new in _MOVED_MODULES.items():  # artifacts written before the package moved
+            if module == old or module.startswith(old + "."):
+                module = new + module[len(old) :]
+                break
         if module.startswith("qqq_compile."):
             try:
                 cls = getattr(importlib.import_module(module), name)
@@ -249,15 +256,7 @@ def encode_linear(li: LinearInfo, base: str, tensors: dict[str, torch.Tensor], s
     if p is None:
         rec.update(format="float", bits=None, group_size=None, group_scale_dtype=None, tensors=None)
     else:
-        rec.update(
-            format="w4a8",
-            bits=4,
-            act_bits=8,
-            group_size=p.group_size,
-            group_scale_dtype=p.group_scale_dtype,
-            bits_per_weight=p.bits_per_weight(),
-            tensors={k: base + k for k in p.tensors()},
-        )
+        rec.update(format=p.format, **p.record(), tensors={k: base + k for k in p.tensors()})
         tensors.update({base + k: t for k, t in p.tensors().items()})
     if dataclasses.is_dataclass(smooth) and not isinstance(smooth, type):
         rec["smooth_record"] = encode_value(smooth, base + "smooth", tensors)
@@ -279,7 +278,7 @@ def decode_linear(rec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tupl
         li.act_absmax = tensors[rec["act_absmax"]]
     if rec.get("tensors"):
         t = {k: tensors[v] for k, v in rec["tensors"].items()}
-        li.packed = PackedW4(t["qweight"], t["channel_scale"], t.get("group_scale"), in_f, rec["group_size"])
+        li.packed = format_class(rec.get("format", "w4a8")).from_record(rec, t, in_f)
     smooth = rec.get("smooth_record")
     return li, (decode_value(smooth, tensors) if smooth else None)
 

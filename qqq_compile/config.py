@@ -89,37 +89,43 @@ def check_group_size(group_size: int | None, owner: str = "group_size", allow_no
 
 @dataclass(frozen=True)
 class QuantConfig(ConfigBase):
-    """The W4A8 format: what every quantizing pass and the lowering agree on.
+    """The deployed weight format: what every quantizing pass and the lowering agree on.
 
-    * ``group_size``: -1 for per-output-channel int4 scales, or e.g. 128 for QQQ's
-      two-level group scales.
-    * ``group_scale_dtype``: ``"int8"`` (small-integer group scales, exact int8 GEMM) or
-      ``"float16"`` (QQQ's storage; the kernel rounds ``q4 * gs`` to int8).
+    * ``target``: the registered target (weight format + where it runs,
+      :mod:`qqq_compile.targets.registry`): ``"w4a8"`` (QQQ's packed int4 weights with
+      per-token int8 activations, run by this package's kernels) or ``"gguf"`` (llama.cpp's
+      Q4_0 blocks of 32 with Q8_0 activations, written as a GGUF file).
+    * ``group_size``: None takes the target's default; -1 for per-output-channel int4
+      scales, or e.g. 128 for QQQ's two-level group scales (W4A8); 32 for GGUF's Q4_0.
+      The target checks what its format can hold.
+    * ``group_scale_dtype`` (W4A8): ``"int8"`` (small-integer group scales, exact int8 GEMM)
+      or ``"float16"`` (QQQ's storage; the kernel rounds ``q4 * gs`` to int8).
     * ``skip``: fnmatch patterns of linear module names kept in full precision.
     * ``float_weight_dtype``: storage of the weights that stay in float after lowering
       (``lm_head``, embeddings): None keeps the model's dtype; ``"bfloat16"`` or
       ``"float16"`` halves their memory (the ``cast_float`` pass).
-    * ``int8_head`` (default True): store the lm_head and the (tied) embedding as int8 rows
-      and run the head as W8A8 (the ``int8_head`` pass): a quarter of the bytes a decode
-      step reads for it, for +0.5% perplexity on SmolLM2 (docs/RESULTS.md; stored tensors
-      167 -> 82 MB, 1.2x faster decode). False keeps them in float. The exports write the
-      int8 head as dequantized floats (compressed-tensors) or int8 + ``DequantizeLinear``
-      (ONNX). It applies to pass lists that lower linears to W4A8 (every preset); a list
-      without ``lower`` (``passes=[]``) keeps the float head.
+    * ``int8_head`` (default True): store the lm_head and the (tied) embedding in 8 bits and
+      run the head on 8-bit weights (W4A8: the ``int8_head`` pass, a quarter of the bytes a
+      decode step reads for it, for +0.5% perplexity on SmolLM2, docs/RESULTS.md). False
+      keeps them in float. It applies to pass lists that lower linears (every preset); a
+      list without ``lower`` (``passes=[]``) keeps the float head.
     """
 
-    group_size: int = -1
+    target: str = "w4a8"
+    group_size: int | None = None
     group_scale_dtype: str = "int8"
     skip: tuple[str, ...] = ("lm_head", "*.lm_head")
     float_weight_dtype: str | None = None
     int8_head: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.target, str) or not self.target:
+            raise ConfigError(f"target must be a target name such as 'w4a8' or 'gguf', got {self.target!r}")
         if self.float_weight_dtype not in (None, "bfloat16", "float16"):
             raise ConfigError(
                 f"float_weight_dtype must be None, 'bfloat16' or 'float16', got {self.float_weight_dtype!r}"
             )
-        check_group_size(self.group_size)
+        check_group_size(self.group_size, allow_none=True)
         if self.group_scale_dtype not in ("int8", "float16"):
             raise ConfigError(f"group_scale_dtype must be 'int8' or 'float16', got {self.group_scale_dtype!r}")
 

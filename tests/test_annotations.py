@@ -23,11 +23,11 @@ from qqq_compile.annotations import (
     set_node_annotation,
 )
 from qqq_compile.compiler.passes.cast_float import CastFloatWeights
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.passes.rotate import Rotate
 from qqq_compile.compiler.passes.smooth import Smooth, SmoothRecord
 from qqq_compile.graph import info, linear_sites
-from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_calib, tiny_model
 
 
@@ -38,7 +38,7 @@ def nodes(n: int = 2) -> list[Node]:
 
 def test_every_fact_lives_in_the_one_annotation():
     model = tiny_model("llama", num_hidden_layers=1)
-    passes = [Rotate(), Smooth(n_grid=4), QuantizeRTN(), LowerW4A8(), CastFloatWeights("bfloat16")]
+    passes = [Rotate(), Smooth(n_grid=4), QuantizeRTN(), Lower(), CastFloatWeights("bfloat16")]
     config = {"quant": {"int8_head": False}}  # the float lm_head is what cast_float casts here
     gm = qc.compile(model, tiny_calib(8, 32), config, passes=passes, progress=False).graph_module
     anns = {n: n.meta[KEY] for n in gm.graph.nodes if KEY in n.meta}

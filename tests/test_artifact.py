@@ -21,11 +21,11 @@ from qqq_compile import artifact
 from qqq_compile.annotations import LEGACY_NODE_KEYS, node_annotation, replay_states, set_replay_state
 from qqq_compile.artifact import MANIFEST, WEIGHTS, ArtifactError, load, load_tokenizer, save
 from qqq_compile.compiler.passes.calibrate import Calibrate
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.observe import InsertObservers
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.pipeline import PassResult, QQQPass, register_pass
 from qqq_compile.graph import linear_sites
-from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_calib, tiny_model
 
 W4A8 = torch.ops.qqq.w4a8_linear.default
@@ -339,7 +339,7 @@ class HalveChosen(QQQPass):
 
 def test_structural_passes_are_replayed(tmp_path, monkeypatch):
     model = tiny_model("llama", num_hidden_layers=1)
-    passes = [InsertGain(), HalveChosen(), QuantizeRTN(), LowerW4A8()]
+    passes = [InsertGain(), HalveChosen(), QuantizeRTN(), Lower()]
     compiled = qqq_compile.compile(model, tiny_calib(), passes=passes, progress=False)
     save(compiled, tmp_path / "a")
     x = torch.randint(0, 256, (2, 16))
@@ -362,7 +362,7 @@ def rotated(tmp_path_factory):
     from qqq_compile.targets.w4a8.fuse_norm_quant import FuseNormQuant
 
     model = tiny_model("llama", num_hidden_layers=1)
-    passes = [Rotate(), Smooth(), InsertObservers(), Calibrate(), QuantizeRTN(), LowerW4A8(), FuseNormQuant()]
+    passes = [Rotate(), Smooth(), InsertObservers(), Calibrate(), QuantizeRTN(), Lower(), FuseNormQuant()]
     compiled = qqq_compile.compile(model, tiny_calib(), passes=passes, progress=False)
     path = tmp_path_factory.mktemp("rot") / "rot"
     save(compiled, path)
@@ -459,7 +459,7 @@ def every_pass_non_default():
             asym_alpha=0.5,
         ),
         QuantizeRTN(group_size=16, clip_search=True, clip_grid=4, clip_min=0.8),
-        LowerW4A8(),
+        Lower(),
         FuseNormQuant(),
         CastFloatWeights("bfloat16"),
         Int8Head(embedding=True),
@@ -505,7 +505,7 @@ def test_rotation_options_survive_the_round_trip(tmp_path, how):
     from qqq_compile.compiler.passes.rotate import Rotate
 
     model = tiny_model("llama", num_hidden_layers=1)
-    passes = [Rotate(online_down_proj=False), QuantizeRTN(), LowerW4A8()]
+    passes = [Rotate(online_down_proj=False), QuantizeRTN(), Lower()]
     compiled = qqq_compile.compile(model, tiny_calib(), passes=passes, progress=False)
     save(compiled, tmp_path / "rot")
     back = load(tmp_path / "rot", rebuild=how)

@@ -26,7 +26,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
-from qqq_compile.targets.w4a8 import kernels  # noqa: F401 - registers torch.ops.qqq.*, which lowered graphs call
+from qqq_compile.targets import builtin  # noqa: F401 - registers the targets' ops, which lowered graphs call
 
 GRAPH_FORMAT = 1
 _PY_MODULES = {"operator": operator, "_operator": operator, "math": math}

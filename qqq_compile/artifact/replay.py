@@ -21,7 +21,7 @@ from qqq_compile.annotations import decode_linear, graph_annotation, node_annota
 from qqq_compile.artifact.manifest import MANIFEST, WEIGHTS, dtype_name
 from qqq_compile.artifact.save import graph_tensors_of, op_counts
 from qqq_compile.compiler.capture import capture
-from qqq_compile.compiler.driver import config_passes, implied_passes, replay_passes, run_pipeline
+from qqq_compile.compiler.driver import build_context, config_passes, implied_passes, replay_passes, run_pipeline
 from qqq_compile.compiler.pipeline import (
     PASSES,
     CompileContext,
@@ -201,7 +201,7 @@ def rebuild_by_replay(
     set_tensors(gm, tensors, saved_names, root)
     annotate = Annotator(manifest, tensors)
     states = manifest.get("replay_state") or {}
-    ctx = CompileContext(calib=[], quant=config.quant, progress=False)
+    ctx = build_context(config, progress=False)
     try:
         gm, _ = run_pipeline(gm, ctx, replay_passes(pass_list, states), [annotate])
     except PipelineError as e:

@@ -21,8 +21,8 @@ from qqq_compile.compiler.blockwise import compile_blockwise
 from qqq_compile.compiler.calibration import MIN_CALIB_TOKENS, calib_batches, check_calib, example_call  # noqa: F401 - re-exported
 from qqq_compile.compiler.capture import Captured, CaptureError, bind_names, capture, split_call
 from qqq_compile.compiler.capture_blocks import quiet_export
-from qqq_compile.compiler.driver import PassSpec, as_config, build_passes, run_pipeline
-from qqq_compile.compiler.pipeline import CompileContext, Instrument, readable_graph
+from qqq_compile.compiler.driver import PassSpec, as_config, build_context, build_passes, run_pipeline
+from qqq_compile.compiler.pipeline import Instrument, readable_graph
 from qqq_compile.compiler.streaming import StreamWeights, build_skeleton, index_folder, weight_sources
 from qqq_compile.config import CompileConfig
 from qqq_compile.errors import StreamingError
@@ -128,10 +128,14 @@ def compile_captured(
     gm = captured.graph_module
     source_graph = readable_graph(gm)
     graph_batches = [captured.graph_inputs(b) for b in batches]
-    ctx = CompileContext(calib=graph_batches, quant=config.quant, calib_config=config.calib, progress=progress)
+    ctx = build_context(config, graph_batches, progress=progress, device=captured.device)
     if not captured.dynamic.startswith("dynamic") or set(captured.input_names) != {"input_ids"}:
         ctx.note("capture", f"captured with {captured.dynamic}")
-    gm, report = run_pipeline(gm, ctx, build_passes(config, passes), instruments, config=config, dump_dir=dump_dir)
+    changes: list[str] = []
+    pass_list = build_passes(config, passes, changes)
+    for msg in changes:
+        ctx.note("target", msg)
+    gm, report = run_pipeline(gm, ctx, pass_list, instruments, config=config, dump_dir=dump_dir)
     return CompiledModel(
         gm,
         input_names=captured.input_names,

@@ -20,8 +20,7 @@ from torch.fx import GraphModule
 
 from qqq_compile.compiler.calibration import calib_batches
 from qqq_compile.compiler.capture import export_graph
-from qqq_compile.compiler.driver import PassSpec, as_config, build_passes, run_pipeline
-from qqq_compile.compiler.pipeline import CompileContext
+from qqq_compile.compiler.driver import PassSpec, as_config, build_context, build_passes, run_pipeline
 from qqq_compile.compiler.report import Report
 from qqq_compile.config import CompileConfig
 
@@ -132,13 +131,19 @@ class QQQBackend:
                 raise ValueError("qqq_backend(calib=...) supports graphs with a single token-id tensor input")
             for b in calib_batches(self.calib, batch_size=self.config.calib.batch_size):
                 batches.append({names[tensor_inputs[0]]: b["input_ids"]})
-        pass_list = build_passes(self.config, self.passes() if self.passes else None)
-        ctx = CompileContext(
-            calib=batches, quant=self.config.quant, calib_config=self.config.calib, progress=self.progress
-        )
+        ctx = build_context(self.config, batches, progress=self.progress, device=_device_of(args))
+        changes: list[str] = []
+        pass_list = build_passes(self.config, self.passes() if self.passes else None, changes)
+        for msg in changes:
+            ctx.note("target", msg)
         out, self.last_report = run_pipeline(ep_gm, ctx, pass_list, config=self.config)
         self.last_graph = out
         return out
+
+
+def _device_of(args: Sequence[Any]) -> torch.device:
+    """Where the graph's tensor inputs live (CPU when there are none)."""
+    return next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
 
 
 def qqq_backend(

@@ -42,8 +42,8 @@ from qqq_compile.compiler.capture_blocks import (
     first_tensor_index,
     record_block_inputs,
 )
-from qqq_compile.compiler.driver import PassSpec, build_passes, run_pipeline
-from qqq_compile.compiler.pipeline import CompileContext, Instrument
+from qqq_compile.compiler.driver import PassSpec, build_context, build_passes, run_pipeline
+from qqq_compile.compiler.pipeline import Instrument
 from qqq_compile.compiler.report import Note, PassRecord, Report
 from qqq_compile.config import CompileConfig
 from qqq_compile.errors import ArtifactError
@@ -260,6 +260,8 @@ def compile_blockwise(
     records: list[PassRecord] = []
     graphs: dict[str, GraphModule] = {}
     pass_configs: list[dict[str, Any]] = []
+    whole_model: list[str] = []  # passes for the whole model's graph, not run on the blocks
+    device = next((t.device for t in work.parameters()), torch.device("cpu"))
     for i, name in enumerate(tqdm(names, desc="blockwise", disable=not progress, leave=False)):
         gm, dynamic = exported[i]
         ref = rec_a[i] if dynamic else static_rec[i]
@@ -277,7 +279,7 @@ def compile_blockwise(
                 continue
             inputs.append((b, tree_unflatten(flat, spec)))
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        ctx = CompileContext(quant=config.quant, calib_config=config.calib, progress=progress)
+        ctx = build_context(config, progress=progress, device=device)
         for _, (args, kwargs) in inputs:
             vals = fx_pytree.tree_flatten_spec(((), {"args": args, "kwargs": kwargs}), gm._in_spec)
             ctx.calib.append({p.target: v for p, v in zip(placeholders, vals, strict=True)})
@@ -286,12 +288,16 @@ def compile_blockwise(
                 f"block {name} was exported with static shapes and no calibration batch has them; "
                 "give calibration batches of one shape (equal-length windows, a batch size that divides their count)"
             )
-        # fresh pass objects per block (presets). int8_head is not run on the blocks: the
-        # lm_head and the embedding live outside them (eager float, see the module docstring),
-        # and on a block graph the pass would take the block's last float linear for the head.
-        built = build_passes(config, passes)
-        head_skipped = any(p.name == "int8_head" for p in built)
-        pass_list = [p for p in built if p.name != "int8_head"]
+        # fresh pass objects per block (presets). Passes that work on the whole model (the
+        # int8 head) are not run on the blocks: the lm_head and the embedding live outside
+        # them (eager float, see the module docstring), and on a block graph such a pass would
+        # take the block's last float linear for the head.
+        changes: list[str] = []
+        built = build_passes(config, passes, changes)
+        for msg in changes:
+            ctx.note("target", msg)
+        whole_model += [p.name for p in built if p.whole_model and p.name not in whole_model]
+        pass_list = [p for p in built if not p.whole_model]
         block_dump = os.path.join(dump_dir, name) if dump_dir else None
         gm, block_report = run_pipeline(
             gm, ctx, pass_list, instruments, config=config, dump_dir=block_dump, scope=f"block {name}"
@@ -313,8 +319,10 @@ def compile_blockwise(
     ]
     if outside:
         notes.append(Note(PASS_NAME, f"modules kept in float (outside the decoder blocks): {', '.join(outside)}"))
-    if head_skipped:
-        notes.append(Note(PASS_NAME, "int8_head not applied: the lm_head and embedding stay eager float here"))
+    if whole_model:
+        notes.append(
+            Note(PASS_NAME, f"{', '.join(whole_model)} not applied: the lm_head and embedding stay eager float here")
+        )
     report = Report(records, notes, config.to_dict(), [p["name"] for p in pass_configs], pass_configs)
     return BlockwiseCompiledModel(work, graphs, report, path)
 

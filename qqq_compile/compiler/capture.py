@@ -64,6 +64,12 @@ class Captured:
     positional_names: list[str] = field(default_factory=list)
     dynamic: str = ""
 
+    @property
+    def device(self) -> torch.device:
+        """Where the captured weights live (CPU for a weightless graph): passes compute there."""
+        gm = self.graph_module
+        return next((t.device for t in [*gm.parameters(), *gm.buffers()]), torch.device("cpu"))
+
     def graph_inputs(self, call: Mapping[str | int, Any]) -> dict[str, Any]:
         """One call's inputs, keyed by name or by position, as placeholder values keyed by
         placeholder target (what :class:`~qqq_compile.compiler.block_runner.BlockRunner` reads)."""

@@ -3,9 +3,12 @@
 ``compile()``, the blockwise fallback, the streaming path, the ``torch.compile`` backend
 and ``load()`` (replaying a saved pipeline) all go through these functions:
 
+* :func:`build_context` — the :class:`~qqq_compile.compiler.pipeline.CompileContext` of a
+  config (its format resolved by its target), calibration batches and device;
 * :func:`build_passes` — the preset the config names (or the explicit passes), plus the
   passes the config implies (``cast_float`` when ``QuantConfig.float_weight_dtype`` is
-  set, ``int8_head`` when the list lowers to W4A8), checked against what each pass ``requires``;
+  set, the target's own such as W4A8's ``int8_head`` when the list lowers), adapted by the
+  target, checked against what each pass ``requires``;
 * :func:`run_pipeline` — runs a pass list over a graph with instruments and returns the
   graph and its :class:`~qqq_compile.compiler.report.Report`;
 * :func:`replay_passes` — the same pass list, each pass wrapped to do at load time what
@@ -18,6 +21,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch.fx import GraphModule
 
 from qqq_compile.compiler.analysis_notes import float_weights_note
@@ -36,7 +40,8 @@ from qqq_compile.compiler.presets import get_preset
 from qqq_compile.compiler.report import Report
 from qqq_compile.config import CompileConfig, ConfigError
 from qqq_compile.errors import PipelineError
-from qqq_compile.targets.w4a8.int8_head import Int8Head
+from qqq_compile.targets import builtin  # noqa: F401 - registers the shipped targets
+from qqq_compile.targets.registry import get_target
 
 PassSpec = QQQPass | dict[str, Any]
 
@@ -52,35 +57,57 @@ def as_config(config: CompileConfig | dict[str, Any] | None) -> CompileConfig:
     return config
 
 
+def build_context(
+    config: CompileConfig | dict[str, Any] | None,
+    calib: Sequence[dict[str, Any]] = (),
+    *,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> CompileContext:
+    """The :class:`CompileContext` every entry path compiles with (``compile()``, the
+    blockwise fallback, streaming, the ``torch.compile`` backend, artifact replay): the
+    config's format resolved by its target, its calibration settings, ``calib`` (batches of
+    graph inputs) and the ``device`` passes compute on (default: CPU)."""
+    config = as_config(config)
+    return CompileContext(
+        calib=list(calib),
+        quant=config.quant,
+        calib_config=config.calib,
+        device=torch.device(device) if device is not None else torch.device("cpu"),
+        progress=progress,
+    )
+
+
 def config_passes(config: CompileConfig) -> list[QQQPass]:
     """The passes the config itself asks for, with the options it gives them:
     ``cast_float`` for ``QuantConfig.float_weight_dtype`` (it reads the dtype from the
-    context), ``int8_head`` (embedding too) for ``QuantConfig.int8_head``."""
-    out: list[QQQPass] = []
-    if config.quant.float_weight_dtype:
-        out.append(CastFloatWeights())
-    if config.quant.int8_head:
-        out.append(Int8Head(embedding=True))
-    return out
+    context), then what the config asks of its target (:meth:`Target.config_passes`: for
+    W4A8, ``int8_head`` with the embedding for ``QuantConfig.int8_head``)."""
+    out: list[QQQPass] = [CastFloatWeights()] if config.quant.float_weight_dtype else []
+    return out + get_target(config.quant.target).config_passes(config)
 
 
 def implied_passes(config: CompileConfig, pass_list: Sequence[QQQPass]) -> list[QQQPass]:
-    """The :func:`config_passes` that ``pass_list`` lacks, to run after it. The int8 head
-    belongs to a W4A8 model: a list that lowers nothing (``passes=[]``, a float graph for
-    reference or for generation parity) keeps its float head."""
+    """The :func:`config_passes` that ``pass_list`` lacks, to run after it: ``cast_float``,
+    then the target's (:meth:`Target.implied_passes`: only for a list that lowers)."""
     have = {p.name for p in pass_list}
-    return [p for p in config_passes(config) if p.name not in have and (p.name != "int8_head" or "lower" in have)]
+    out: list[QQQPass] = [CastFloatWeights()] if config.quant.float_weight_dtype and "cast_float" not in have else []
+    return out + get_target(config.quant.target).implied_passes(config, pass_list)
 
 
 def build_passes(
-    config: CompileConfig | dict[str, Any] | None, passes: Sequence[PassSpec] | None = None
+    config: CompileConfig | dict[str, Any] | None,
+    passes: Sequence[PassSpec] | None = None,
+    notes: list[str] | None = None,
 ) -> list[QQQPass]:
     """The pass list a compile with ``config`` runs.
 
     ``passes`` overrides the preset: pass objects, or specs ``{"name": ..., "options": {...}}``
     (``QQQPass.to_dict()``) rebuilt from the pass registry. Passes the config implies are
-    appended (:func:`implied_passes`). Raises :class:`PipelineError` when a pass needs
-    another one before it that the list lacks.
+    appended (:func:`implied_passes`), and the config's target adapts the list to what its
+    format and runtime can hold (:meth:`Target.adapt_passes`; each change is appended to
+    ``notes`` when given). Raises :class:`PipelineError` when a pass needs another one before
+    it that the list lacks.
     """
     config = as_config(config)
     if passes is None:
@@ -88,6 +115,9 @@ def build_passes(
     else:
         pass_list = [p if isinstance(p, QQQPass) else pass_from_dict(p) for p in passes]
     pass_list = [*pass_list, *implied_passes(config, pass_list)]
+    pass_list, changes = get_target(config.quant.target).adapt_passes(pass_list)
+    if notes is not None:
+        notes.extend(changes)
     check_order(pass_list)
     return pass_list
 
@@ -150,7 +180,8 @@ def run_pipeline(
     report = Report(
         pipeline.records,
         list(ctx.notes),
-        config.to_dict() if config is not None else {},
+        # The format as its target resolved it (group size filled in): what an artifact stores.
+        config.replace(quant=ctx.quant).to_dict() if config is not None else {},
         [p.name for p in pass_list],
         [p.to_dict() for p in pass_list],
     )

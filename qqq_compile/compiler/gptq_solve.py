@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qqq_compile.targets.w4a8.grid import Grid
+from qqq_compile.targets.registry import Grid
 
 MAX_RETRIES = 4  # damping grows 10x per retry: 1% → 10% → 100% → 1000% → 10000% of mean diag
 

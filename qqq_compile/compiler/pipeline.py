@@ -32,6 +32,7 @@ from torch.fx import GraphModule
 from qqq_compile.compiler.report import Note, PassRecord, Report, first_tensor, sqnr_db  # noqa: F401 - re-exported
 from qqq_compile.config import CalibConfig, ConfigBase, ConfigError, QuantConfig
 from qqq_compile.errors import PipelineError
+from qqq_compile.targets.registry import Target, get_target
 
 P = TypeVar("P", bound="QQQPass")
 
@@ -48,9 +49,17 @@ class CompileContext:
 
     * ``calib``: calibration batches, each a dict of keyword inputs for the graph
       (``{"input_ids": LongTensor[B, T]}``).
-    * ``quant``: the W4A8 format every pass agrees on.
+    * ``quant``: the deployed format every pass agrees on, resolved by its target
+      (``group_size`` filled in and checked); ``target``: that
+      :class:`~qqq_compile.targets.registry.Target`, which passes ask for grids,
+      quantizers and the lowering.
+    * ``device``: where passes compute (calibration batches, Hessians, searches); the
+      graph's weights are expected there too.
     * ``progress``: show tqdm bars.
     * ``notes``: passes append :class:`Note` s here; they end up in the report.
+
+    Build one with :func:`qqq_compile.compiler.driver.build_context` (every entry path
+    does); constructing it directly is fine in tests and tools.
     """
 
     calib: list[dict[str, torch.Tensor]] = field(default_factory=list)
@@ -60,6 +69,14 @@ class CompileContext:
     progress: bool = True
     notes: list[Note] = field(default_factory=list)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
+        self.quant = get_target(self.quant.target).resolve(self.quant)
+
+    @property
+    def target(self) -> Target:
+        return get_target(self.quant.target)
 
     def note(self, pass_name: str, message: str, target: str | None = None, level: str = "info") -> None:
         self.notes.append(Note(pass_name, message, target, level))
@@ -107,6 +124,9 @@ class QQQPass:
     #: One of :data:`REPLAY_MODES`; None: ``"state"`` when the class has ``replay()``,
     #: else ``"tensors"``.
     replay_mode: ClassVar[str | None] = None
+    #: The pass works on the whole model's graph (its lm_head or token embedding), so the
+    #: blockwise fallback, which compiles decoder blocks alone, leaves it out.
+    whole_model: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig | None = None):
         cls = type(self)

@@ -20,13 +20,13 @@ from typing import Any
 # its module runs, and a pass list given as data (``{"name": "rotate"}``) must find it.
 from qqq_compile.compiler.passes.calibrate import Calibrate
 from qqq_compile.compiler.passes.gptq import GPTQ, GPTQConfig
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.observe import InsertObservers
 from qqq_compile.compiler.passes.quantize import QuantizeRTN, QuantizeRTNConfig
 from qqq_compile.compiler.passes.rotate import Rotate, RotateConfig
 from qqq_compile.compiler.passes.smooth import Smooth, SmoothConfig
 from qqq_compile.compiler.pipeline import PRESETS, QQQPass, register_preset
-from qqq_compile.targets.w4a8 import fuse_norm_quant, int8_head  # noqa: F401 - registration only
-from qqq_compile.targets.w4a8.lower import LowerW4A8
+from qqq_compile.targets import builtin  # noqa: F401 - the targets' own passes (int8_head, fuse_norm_quant)
 
 SMOOTHING = ("qqq", "smoothquant", "awq", "qoq_down")
 
@@ -38,7 +38,7 @@ def rtn_w4a8(
     """Round-to-nearest W4 weights, dynamic per-token int8 activations
     (``rtn_options``: extra keyword arguments of ``quantize_rtn``, e.g. ``clip_search``)."""
     head: list[QQQPass] = [InsertObservers(), Calibrate()] if calibrate else []
-    return [*head, _rtn(group_size, **(rtn_options or {})), LowerW4A8()]
+    return [*head, _rtn(group_size, **(rtn_options or {})), Lower()]
 
 
 def _rtn(group_size: int | None, **options: Any) -> QQQPass:
@@ -90,14 +90,14 @@ def qqq_w4a8(
         passes.append(_smooth(smoothing, group_size, **(smooth_options or {})))
     if gptq:
         passes.append(_gptq(group_size, **(gptq_options or {})))
-    return [*passes, _rtn(group_size), LowerW4A8()]
+    return [*passes, _rtn(group_size), Lower()]
 
 
 @register_preset("smoothquant")
 def smoothquant_w4a8(*, group_size: int | None = None, alpha: float = 0.5, n_grid: int = 1) -> list[QQQPass]:
     """SmoothQuant baseline: smoothing with a fixed ``alpha`` (``n_grid > 1``: searched),
     then round-to-nearest W4."""
-    return [_smooth("smoothquant", group_size, alpha=alpha, n_grid=n_grid), _rtn(group_size), LowerW4A8()]
+    return [_smooth("smoothquant", group_size, alpha=alpha, n_grid=n_grid), _rtn(group_size), Lower()]
 
 
 @register_preset("qqq_rot")

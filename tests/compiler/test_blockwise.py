@@ -10,11 +10,11 @@ import qqq_compile as qc
 from qqq_compile.artifact import ArtifactError
 from qqq_compile.compiler.blockwise import BlockwiseCompiledModel, LoweredBlock, find_blocks
 from qqq_compile.compiler.passes.calibrate import Calibrate
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.observe import InsertObservers
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.pipeline import FunctionPass, sqnr_db
 from qqq_compile.graph import get_attr, linear_sites
-from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_calib, tiny_model
 
 W4A8 = torch.ops.qqq.w4a8_linear.default
@@ -89,7 +89,7 @@ def compiled():
         seen.append(ctx.calib[0])  # the first calibration batch of this block's graph
         return False
 
-    passes = [FunctionPass(record), InsertObservers(), Calibrate(), QuantizeRTN(), LowerW4A8()]
+    passes = [FunctionPass(record), InsertObservers(), Calibrate(), QuantizeRTN(), Lower()]
     out = qc.compile(model, tiny_calib(), passes=passes, progress=False)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} of the user's model was modified"

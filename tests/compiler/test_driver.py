@@ -13,6 +13,7 @@ from qqq_compile.compiler import driver
 from qqq_compile.compiler.passes.calibrate import Calibrate
 from qqq_compile.compiler.passes.cast_float import CastFloatWeights
 from qqq_compile.compiler.passes.gptq import GPTQ, GPTQConfig
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.observe import InsertObservers
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.passes.rotate import Rotate
@@ -21,7 +22,6 @@ from qqq_compile.compiler.pipeline import PASSES, CompileContext, PassConfig, QQ
 from qqq_compile.config import CompileConfig, ConfigError
 from qqq_compile.graph import get_attr, linear_sites
 from qqq_compile.targets.w4a8.fuse_norm_quant import FuseNormQuant
-from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_calib, tiny_model
 
 BF16 = {"quant": {"float_weight_dtype": "bfloat16"}}
@@ -95,15 +95,15 @@ def test_build_passes_from_preset_explicit_and_specs():
 def test_config_implies_cast_float_once():
     built = driver.build_passes(BF16 | {"preset": "rtn"})
     assert names(built) == ["quantize_rtn", "lower", "cast_float", "int8_head"]
-    explicit = driver.build_passes(BF16_FLOAT_HEAD, [QuantizeRTN(), LowerW4A8(), CastFloatWeights("float16")])
+    explicit = driver.build_passes(BF16_FLOAT_HEAD, [QuantizeRTN(), Lower(), CastFloatWeights("float16")])
     assert names(explicit) == ["quantize_rtn", "lower", "cast_float"] and explicit[-1].dtype == "float16"
 
 
 def test_order_and_calibration_requirements_fail_before_any_work():
     with pytest.raises(qc.PipelineError, match="'calibrate'.*needs pass 'observe' to run before it"):
-        driver.build_passes(None, [Calibrate(), QuantizeRTN(), LowerW4A8()])
+        driver.build_passes(None, [Calibrate(), QuantizeRTN(), Lower()])
     with pytest.raises(qc.PipelineError, match="'fuse_norm_quant'.*needs pass 'lower'"):
-        driver.build_passes(None, [QuantizeRTN(), FuseNormQuant(), LowerW4A8()])
+        driver.build_passes(None, [QuantizeRTN(), FuseNormQuant(), Lower()])
     calls = []
 
     class Spy(QQQPass):
@@ -115,20 +115,23 @@ def test_order_and_calibration_requirements_fail_before_any_work():
 
     gm = qc.capture(tiny_model("llama", num_hidden_layers=1), torch.randint(0, 256, (2, 8))).graph_module
     with pytest.raises(qc.PipelineError, match="'gptq' needs calibration data.*calib="):
-        driver.run_pipeline(gm, CompileContext(), [Spy(), GPTQ(), QuantizeRTN(), LowerW4A8()])
+        driver.run_pipeline(gm, CompileContext(), [Spy(), GPTQ(), QuantizeRTN(), Lower()])
     assert calls == []  # refused before the first pass ran
 
 
 def test_run_pipeline_reports_the_exact_passes():
     gm = qc.capture(tiny_model("llama", num_hidden_layers=1), torch.randint(0, 256, (2, 8))).graph_module
     config = CompileConfig.from_dict({"preset": "rtn", "quant": {"int8_head": False}})
-    passes = driver.build_passes(config, [InsertObservers(hessian=True), Calibrate(), QuantizeRTN(32), LowerW4A8()])
+    passes = driver.build_passes(config, [InsertObservers(hessian=True), Calibrate(), QuantizeRTN(32), Lower()])
     ctx = CompileContext(calib=[{"input_ids": torch.randint(0, 256, (2, 16))}], progress=False)
     out, report = driver.run_pipeline(gm, ctx, passes, config=config)
     assert report.pipeline == ["observe", "calibrate", "quantize_rtn", "lower"]
     assert report.pass_configs[0] == {"name": "observe", "options": {"hessian": True}}
     assert [pass_from_dict(s) for s in report.pass_configs] == passes
-    assert report.config == config.to_dict() and len(report.passes) == 4
+    # the report stores the format as the target resolved it: group size filled in
+    resolved = config.to_dict()
+    resolved["quant"]["group_size"] = -1
+    assert config.quant.group_size is None and report.config == resolved and len(report.passes) == 4
     assert sum(n.target == torch.ops.qqq.w4a8_linear.default for n in out.graph.nodes) == 7
 
 

@@ -8,11 +8,11 @@ import torch
 
 import qqq_compile as qc
 from qqq_compile.compiler.passes.gptq import GPTQ
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.pipeline import sqnr_db
 from qqq_compile.compiler.presets import get_preset, qqq_w4a8
 from qqq_compile.graph import info
-from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_calib, tiny_model
 
 W4A8 = torch.ops.qqq.w4a8_linear.default
@@ -32,7 +32,7 @@ def test_preset_pass_lists():
     p = qqq_w4a8(group_size=128, smoothing="awq", gptq_options={"damp": 0.05})
     assert p[0].method == "awq" and p[0].group_size == 128
     assert isinstance(p[1], GPTQ) and p[1].group_size == 128 and p[1].damp == 0.05
-    assert isinstance(p[2], QuantizeRTN) and isinstance(p[3], LowerW4A8)
+    assert isinstance(p[2], QuantizeRTN) and isinstance(p[3], Lower)
     assert get_preset("smoothquant")[0].method == "smoothquant"
     assert get_preset("gptq", group_size=64)[0].group_size == 64
     # The accuracy levers pass through as options (damp above; clip search, GPTAQ).

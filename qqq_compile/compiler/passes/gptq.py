@@ -43,10 +43,9 @@ from qqq_compile.compiler.pipeline import (
 )
 from qqq_compile.config import ConfigError, check_group_size
 from qqq_compile.graph import LinearSite, ensure_info, get_weight, info, is_skipped, linear_sites
-from qqq_compile.targets.w4a8.formats import GroupScaleDtype, fake_quant_act
-from qqq_compile.targets.w4a8.grid import ClipSearch, Grid, check_clip
+from qqq_compile.targets.registry import ClipSearch, check_clip
 
-__all__ = ["GPTQ", "GPTQConfig", "GPTQError", "GPTQResult", "Grid", "gptq_quantize", "quantized_override"]
+__all__ = ["GPTQ", "GPTQConfig", "GPTQError", "GPTQResult", "gptq_quantize", "quantized_override"]
 
 aten = torch.ops.aten
 
@@ -55,22 +54,24 @@ aten = torch.ops.aten
 
 
 def _hessian(
-    xs: list[torch.Tensor], floats: list[torch.Tensor] | None = None
+    xs: list[torch.Tensor],
+    floats: list[torch.Tensor] | None = None,
+    act_quant: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``H = 2/n · XᵀX`` (fp32) over the rows of every batch's input ``[..., K]``.
 
     With ``floats`` (the float model's inputs, batch by batch) also GPTAQ's
-    ``D = 2/n · (X_float - X̃)ᵀ X̃``, where ``X̃`` is the input the quantized linear
-    multiplies: per-token int8 fake-quantized, for ``H`` as well.
+    ``D = 2/n · (X_float - X̃)ᵀ X̃``, where ``X̃ = act_quant(X)`` is the input the quantized
+    linear multiplies (the target's activation quantizer), for ``H`` as well.
     """
     k = xs[0].shape[-1]
-    h = torch.zeros(k, k)
-    d = None if floats is None else torch.zeros(k, k)
+    h = torch.zeros(k, k, device=xs[0].device)
+    d = None if floats is None else torch.zeros(k, k, device=xs[0].device)
     n = 0
     for i, x in enumerate(xs):
         flat = x.detach().reshape(-1, k).float()
         if d is not None:
-            flat = fake_quant_act(flat)  # per token = per row
+            flat = act_quant(flat)  # rows are tokens
             d.addmm_((floats[i].detach().reshape(-1, k).float() - flat).t(), flat)
         h.addmm_(flat.t(), flat)
         n += flat.shape[0]
@@ -86,9 +87,12 @@ def _w_arg_index(site: LinearSite) -> int:
     return 2 if site.node.target == aten.addmm.default else 1
 
 
-def quantized_override(site: LinearSite, w_deq: torch.Tensor) -> Callable[..., Any]:
-    """Replacement for ``site.node`` computing the W4A8 behaviour: fake-quantized
-    per-token int8 input times the dequantized weight (same op, same argument layout)."""
+def quantized_override(
+    site: LinearSite, w_deq: torch.Tensor, act_quant: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[..., Any]:
+    """Replacement for ``site.node`` computing the quantized behaviour: the input through
+    the target's activation quantizer ``act_quant`` times the dequantized weight (same op,
+    same argument layout)."""
     xi, wi = _x_index(site), _w_arg_index(site)
     # aten.linear takes W as [N, K]; mm/addmm/matmul take W.T.
     w_arg = w_deq if site.node.target == aten.linear.default else w_deq.t()
@@ -97,7 +101,7 @@ def quantized_override(site: LinearSite, w_deq: torch.Tensor) -> Callable[..., A
     def run(*args: Any, **kwargs: Any) -> Any:
         args = list(args)
         x = args[xi]
-        args[xi] = fake_quant_act(x)
+        args[xi] = act_quant(x)
         args[wi] = w_arg.to(x.dtype)
         return target(*args, **kwargs)
 
@@ -221,7 +225,6 @@ class GPTQ(QQQPass):
                 "scale needs every group's scale before the first column is quantized. "
                 "Use static_groups=True (the default) or group_size=-1."
             )
-        fmt = (group_size, ctx.quant.group_scale_dtype)
         batches = ctx.require_calib(self.name)
         if self.max_batches is not None:
             batches = batches[: self.max_batches]
@@ -241,12 +244,12 @@ class GPTQ(QQQPass):
         for st in runner.blocks():
             if self.asym and fenvs is None:
                 fenvs = [dict(env) for env in st.envs]  # nothing is quantized before block 0
-            self._run_block(gm, ctx, st.block.nodes, st.envs, sites, todo, fmt, order, last_use, fenvs)
+            self._run_block(gm, ctx, st.block.nodes, st.envs, sites, todo, group_size, order, last_use, fenvs)
             done.update(st.block.nodes)
             # The block's outputs are already in the envs (computed node-major above, with
             # the quantized behaviour): an empty node list makes the runner's advance a
             # no-op. The overrides make a runner that re-ran the block still correct.
-            st.overrides = self._overrides(sites, set(st.block.nodes))
+            st.overrides = self._overrides(ctx, sites, set(st.block.nodes))
             st.block.nodes = []
         # Linears after the last block (lm_head is skipped by default; others are not).
         suffix = runner.suffix_state()
@@ -254,7 +257,7 @@ class GPTQ(QQQPass):
         if tail:
             last = max(suffix.block.nodes.index(s.node) for s in tail)
             nodes = suffix.block.nodes[: last + 1]
-            self._run_block(gm, ctx, nodes, suffix.envs, tail, todo, fmt, order, last_use, fenvs)
+            self._run_block(gm, ctx, nodes, suffix.envs, tail, todo, group_size, order, last_use, fenvs)
             done.update(suffix.block.nodes)
         left = [s.name for s in sites if s.node in todo and s.node not in done]
         if left:
@@ -265,12 +268,14 @@ class GPTQ(QQQPass):
             )
         return PassResult(gm, False)
 
-    def _overrides(self, sites: list[LinearSite], nodes: set[Node]) -> dict[Node, Callable[..., Any]]:
-        """W4A8 behaviour of every packed linear among ``nodes`` (float otherwise)."""
+    def _overrides(
+        self, ctx: CompileContext, sites: list[LinearSite], nodes: set[Node]
+    ) -> dict[Node, Callable[..., Any]]:
+        """Quantized behaviour of every packed linear among ``nodes`` (float otherwise)."""
         if not self.sequential:
             return {}
         return {
-            s.node: quantized_override(s, info(s.node).packed.dequantize())
+            s.node: quantized_override(s, info(s.node).packed.dequantize(), ctx.target.fake_quant_act)
             for s in sites
             if s.node in nodes and info(s.node).packed is not None
         }
@@ -283,7 +288,7 @@ class GPTQ(QQQPass):
         envs: list[dict[Node, Any]],
         sites: list[LinearSite],
         todo: set[Node],
-        fmt: tuple[int, GroupScaleDtype],
+        group_size: int,
         order: dict[Node, int],
         last_use: dict[Node, int],
         fenvs: list[Env] | None = None,
@@ -303,16 +308,17 @@ class GPTQ(QQQPass):
             if s.node in node_set and s.node in todo:
                 by_x.setdefault(s.x, []).append(s)
         first = {group[0].node: x for x, group in by_x.items()}
-        overrides = self._overrides(sites, node_set)
+        overrides = self._overrides(ctx, sites, node_set)
         for n in nodes:
             if n in first:
                 group = by_x[first[n]]
                 x = first[n]
-                h, dxx = _hessian([env[x] for env in envs], None if fenvs is None else [f[x] for f in fenvs])
-                self._solve(gm, ctx, group, h, dxx, *fmt)
+                floats = None if fenvs is None else [f[x] for f in fenvs]
+                h, dxx = _hessian([env[x] for env in envs], floats, ctx.target.fake_quant_act)
+                self._solve(gm, ctx, group, h, dxx, group_size)
                 del h, dxx  # memory stays bounded by one Hessian at a time
                 todo.difference_update(s.node for s in group)
-                overrides.update(self._overrides(group, {s.node for s in group}))
+                overrides.update(self._overrides(ctx, group, {s.node for s in group}))
             with torch.no_grad():
                 for env in envs:
                     env[n] = run_node(gm, n, env, overrides.get(n))
@@ -331,12 +337,12 @@ class GPTQ(QQQPass):
         h: torch.Tensor,
         dxx: torch.Tensor | None,
         group_size: int,
-        dtype: GroupScaleDtype,
     ) -> None:
         weights = [get_weight(gm, s).float() for s in group]
         w = torch.cat(weights) if len(weights) > 1 else weights[0]
         clip = ClipSearch(self.clip_grid, self.clip_min) if self.clip_search else None
-        grid = Grid(w, group_size, dtype, clip=clip, col_weight=torch.diag(h) if self.clip_weighted else None)
+        col_weight = torch.diag(h) if self.clip_weighted else None
+        grid = ctx.target.grid(w, ctx.quant, group_size, clip=clip, col_weight=col_weight)
         names = ", ".join(s.name for s in group)
         try:
             res = gptq_quantize(

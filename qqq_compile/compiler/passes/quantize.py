@@ -16,8 +16,7 @@ from qqq_compile.compiler.pipeline import (
 )
 from qqq_compile.config import check_group_size
 from qqq_compile.graph import ensure_info, get_weight, is_skipped, linear_sites
-from qqq_compile.targets.w4a8.formats import PackedW4
-from qqq_compile.targets.w4a8.grid import ClipSearch, Grid, check_clip
+from qqq_compile.targets.registry import ClipSearch, check_clip
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class QuantizeRTNConfig(PassConfig):
 @register_pass("quantize_rtn")
 class QuantizeRTN(QQQPass):
     """Quantize every linear weight to int4 by rounding to nearest, in ``ctx.quant``'s
-    format, and store the :class:`~qqq_compile.targets.w4a8.formats.PackedW4` in ``meta["qqq"]``.
+    target's format, and store the packed weight in ``meta["qqq"]``.
     ``group_size`` None follows ``ctx.quant.group_size`` (like ``smooth`` and ``gptq``).
 
     Annotation only: the graph still computes in float until ``lower`` rewrites it, so
@@ -61,7 +60,6 @@ class QuantizeRTN(QQQPass):
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module
         group_size = ctx.quant.group_size if self.group_size is None else self.group_size
-        dtype = ctx.quant.group_scale_dtype
         for site in linear_sites(gm):
             li = ensure_info(gm, site)
             if li.packed is not None or is_skipped(site.name, ctx.quant.skip):
@@ -72,10 +70,10 @@ class QuantizeRTN(QQQPass):
             if self.clip_search:
                 # Scales searched on the final format; rounding on the same Grid, so the
                 # packed weight decodes exactly to what the search measured.
-                grid = Grid(w, group_size, dtype, clip=ClipSearch(self.clip_grid, self.clip_min))
+                grid = ctx.target.grid(w, ctx.quant, group_size, clip=ClipSearch(self.clip_grid, self.clip_min))
                 li.packed = grid.pack(grid.quantize_all(w)[0])
             else:
-                li.packed = PackedW4.from_float(w, group_size, dtype)
+                li.packed = ctx.target.quantize_rtn(w, ctx.quant, group_size)
             li.method = "rtn"
             li.weight_sqnr_db = sqnr_db(w, li.packed.dequantize())
         return PassResult(gm, False)

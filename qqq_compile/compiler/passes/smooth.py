@@ -37,8 +37,7 @@ from qqq_compile.graph import (
     static_size,
 )
 from qqq_compile.graph.smooth_groups import SmoothGroup, fold_scales, smoothing_groups, unsmoothable
-from qqq_compile.targets.w4a8 import formats
-from qqq_compile.targets.w4a8.formats import fake_quant_act
+from qqq_compile.targets.registry import get_target
 
 METHODS = ("qqq", "smoothquant", "awq", "qoq_down")
 
@@ -64,10 +63,12 @@ class SmoothRecord:
 
 
 def fake_quant_weight(w: torch.Tensor, quant: QuantConfig, group_size: int | None = None) -> torch.Tensor:
-    """:func:`qqq_compile.targets.w4a8.formats.fake_quant_weight` in ``quant``'s format (``group_size``
-    None: ``quant.group_size``)."""
+    """Round-to-nearest quantize-dequantize of ``w`` in ``quant``'s target format
+    (:meth:`Target.fake_quant_weight`; ``group_size`` None: ``quant``'s, resolved by the target)."""
+    target = get_target(quant.target)
+    quant = target.resolve(quant)
     gs = quant.group_size if group_size is None else group_size
-    return formats.fake_quant_weight(w, gs, quant.group_scale_dtype)
+    return target.fake_quant_weight(w, quant, gs)
 
 
 def _x_index(site: LinearSite) -> int:
@@ -81,15 +82,18 @@ def fake_linear(
     in_scale: torch.Tensor | None = None,
     quant_act: bool = True,
     cache: dict[tuple[int, bool], torch.Tensor] | None = None,
+    *,
+    act_quant: Any,
 ):
-    """An override for ``site``'s node: ``fq(x / in_scale) @ w_nk.T + bias``. Linears
-    that share an input and a ``cache`` dict quantize that input once."""
+    """An override for ``site``'s node: ``fq(x / in_scale) @ w_nk.T + bias``, with ``fq``
+    the target's activation quantizer ``act_quant``. Linears that share an input and a
+    ``cache`` dict quantize that input once."""
     i = _x_index(site)
 
     def prep(x: torch.Tensor) -> torch.Tensor:
         if in_scale is not None:
             x = x / in_scale
-        return fake_quant_act(x) if quant_act else x
+        return act_quant(x) if quant_act else x
 
     def run(*args: Any, **kwargs: Any) -> torch.Tensor:
         x = args[i]
@@ -109,13 +113,16 @@ def fake_linear(
 
 
 def run_w4a8_fake(gm: GraphModule, inputs: dict[str, torch.Tensor], quant: QuantConfig | None = None) -> Any:
-    """Run the graph with every quantizable linear in W4A8 fake quant (RTN int4 weights,
-    per-token int8 activations); returns the graph's flat outputs."""
+    """Run the graph with every quantizable linear in fake quant of ``quant``'s target (RTN
+    weights; W4A8 by default: int4 weights, per-token int8 activations); returns the graph's
+    flat outputs."""
     quant = quant or QuantConfig()
+    act = get_target(quant.target).fake_quant_act
     overrides = {}
     for s in linear_sites(gm):
         if not is_skipped(s.name, quant.skip):
-            overrides[s.node] = fake_linear(s, fake_quant_weight(get_weight(gm, s).float(), quant), get_bias(gm, s))
+            w = fake_quant_weight(get_weight(gm, s).float(), quant)
+            overrides[s.node] = fake_linear(s, w, get_bias(gm, s), act_quant=act)
     env: dict[Node, Any] = {n: inputs[n.target] for n in gm.graph.nodes if n.op == "placeholder"}
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     with torch.no_grad():
@@ -283,15 +290,17 @@ class Smooth(QQQPass):
         refs = [[e[n] for n in loss_nodes] for e in base]
         energy = [sum(r.float().pow(2).sum().item() for r in rs) + 1e-30 for rs in refs]
         ws = {s.node: (get_weight(gm, s).float(), get_bias(gm, s)) for s in g.linears}
+        act = get_target(quant.target).fake_quant_act
 
         def loss(s: torch.Tensor) -> float:
             ov, cache = {}, {}
             for site in g.linears:
                 w, b = ws[site.node]
                 if is_skipped(site.name, quant.skip):
-                    ov[site.node] = fake_linear(site, w * s, b, s, quant_act=False, cache=cache)
+                    ov[site.node] = fake_linear(site, w * s, b, s, quant_act=False, cache=cache, act_quant=act)
                 else:
-                    ov[site.node] = fake_linear(site, fake_quant_weight(w * s, quant, gsize), b, s, cache=cache)
+                    wq = fake_quant_weight(w * s, quant, gsize)
+                    ov[site.node] = fake_linear(site, wq, b, s, cache=cache, act_quant=act)
             total = 0.0
             for env, rs, en in zip(base, refs, energy, strict=True):
                 cache.clear()  # one entry per shared input and window (q/k/v read one tensor)

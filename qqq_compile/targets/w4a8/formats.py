@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
+
+from qqq_compile.targets.registry import register_format
 
 GroupScaleDtype = Literal["int8", "float16"]
 
@@ -159,9 +161,12 @@ def quantize_to_int4(w: torch.Tensor, scales: WeightScales) -> torch.Tensor:
     return torch.clamp(torch.round(w.float() / step), scales.qmin, scales.qmax).to(torch.int8)
 
 
+@register_format
 @dataclass
 class PackedW4:
     """A packed W4 weight; see the module docstring for the layout."""
+
+    format: ClassVar[str] = "w4a8"
 
     qweight: torch.Tensor  # uint8 [N, ceil(K/2)]
     channel_scale: torch.Tensor  # float32 [N]
@@ -215,6 +220,22 @@ class PackedW4:
 
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes() / (self.out_features * self.in_features)
+
+    def record(self) -> dict[str, Any]:
+        """The facts an artifact stores next to :meth:`tensors` (see :meth:`from_record`)."""
+        return {
+            "bits": 4,
+            "act_bits": 8,
+            "group_size": self.group_size,
+            "group_scale_dtype": self.group_scale_dtype,
+            "bits_per_weight": self.bits_per_weight(),
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any], tensors: dict[str, torch.Tensor], in_features: int) -> PackedW4:
+        return cls(
+            tensors["qweight"], tensors["channel_scale"], tensors.get("group_scale"), in_features, rec["group_size"]
+        )
 
     @classmethod
     def from_int4(cls, q4: torch.Tensor, scales: WeightScales, group_scale_dtype: GroupScaleDtype = "int8") -> PackedW4:

@@ -17,11 +17,10 @@ never has a larger error than absmax on the metric it minimises.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from qqq_compile.config import ConfigError
+from qqq_compile.targets.registry import ClipSearch
 from qqq_compile.targets.w4a8.formats import (
     ACT_QMAX,
     CHANNEL_QMAX,
@@ -37,25 +36,6 @@ from qqq_compile.targets.w4a8.formats import (
     num_groups,
     pack_int4,
 )
-
-
-@dataclass(frozen=True)
-class ClipSearch:
-    """``n_grid`` shrink ratios from 1.0 down to ``min_ratio`` (inclusive)."""
-
-    n_grid: int = 11
-    min_ratio: float = 0.6
-
-    def ratios(self) -> list[float]:
-        return torch.linspace(1.0, self.min_ratio, self.n_grid).tolist()
-
-
-def check_clip(n_grid: int, min_ratio: float, where: str) -> None:
-    """Reject clip-search options no search can use (raised by the pass configs)."""
-    if n_grid < 1:
-        raise ConfigError(f"{where}: clip_grid must be >= 1 (number of shrink ratios), got {n_grid}")
-    if not 0 < min_ratio <= 1:
-        raise ConfigError(f"{where}: clip_min must lie in (0, 1] (smallest shrink ratio, e.g. 0.6), got {min_ratio}")
 
 
 def absmax_scales(w: torch.Tensor, group_size: int, dtype: GroupScaleDtype) -> tuple[torch.Tensor, torch.Tensor | None]:

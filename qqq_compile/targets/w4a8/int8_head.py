@@ -11,23 +11,14 @@ from torch.fx import GraphModule, Node
 from qqq_compile.annotations import annotate
 from qqq_compile.compiler.pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
 from qqq_compile.config import ConfigError
-from qqq_compile.graph import (
-    LinearSite,
-    consumers,
-    get_attr,
-    get_bias,
-    get_weight,
-    info,
-    linear_sites,
-    match_linear,
-)
+from qqq_compile.graph import LinearSite, get_attr, get_bias, get_weight
+from qqq_compile.graph.head import embedding_table, find_lm_head, token_embeddings
 from qqq_compile.targets.w4a8 import kernels  # noqa: F401 - registers torch.ops.qqq.*
 from qqq_compile.targets.w4a8.formats import quantize_int8_per_row
 
 aten = torch.ops.aten
 _EMBEDDING = aten.embedding.default
 _W8A8 = torch.ops.qqq.w8a8_linear.default
-_QQQ_LINEARS = (_W8A8, torch.ops.qqq.w4a8_linear.default, torch.ops.qqq.w4a8_linear_q.default)
 
 
 @dataclass(frozen=True)
@@ -77,6 +68,7 @@ class Int8Head(QQQPass):
     name = "int8_head"
     config_class = Int8HeadConfig
     replay_mode = "rerun"  # deterministic given the graph and the config; saved tensors then win
+    whole_model = True  # the head and the embedding: never on a decoder block alone
 
     def __init__(self, embedding: bool = False):
         super().__init__(Int8HeadConfig(embedding))
@@ -85,7 +77,7 @@ class Int8Head(QQQPass):
         gm = graph_module
         before = tensor_bytes(gm)
         site = find_lm_head(gm)
-        embeddings = _token_embeddings(gm, site) if self.embedding else []
+        embeddings = token_embeddings(gm, site) if self.embedding else []
         if site is None and not embeddings:
             return PassResult(gm, False)
         done: list[str] = []
@@ -112,51 +104,6 @@ class Int8Head(QQQPass):
             f"({(before - after) / 1e6:+.1f} MB saved)",
         )
         return PassResult(gm, True)
-
-
-# ----------------------------------------------------------------------------- finding the head
-
-
-def _reaches_output(n: Node) -> bool:
-    return any(u.op == "output" for u in consumers(n))
-
-
-def find_lm_head(gm: GraphModule) -> LinearSite | None:
-    """The float linear that produces the logits (see :class:`Int8Head`), or None."""
-    sites = [s for s in linear_sites(gm) if not (info(s.node) is not None and info(s.node).lowered)]
-    to_output = [s for s in sites if _reaches_output(s.node)]
-    if to_output:
-        return to_output[-1]
-    # e.g. logit soft-capping between the head and the output: the graph's last linear.
-    last = None
-    for n in gm.graph.nodes:
-        if match_linear(gm, n) is not None or n.target in _QQQ_LINEARS:
-            last = n
-    return next((s for s in sites if s.node is last), None)
-
-
-def _is_embedding(n: Node) -> bool:
-    return (
-        n.op == "call_function"
-        and n.target is _EMBEDDING
-        and isinstance(n.args[0], Node)
-        and n.args[0].op == "get_attr"
-        and _attr(n).is_floating_point()
-    )
-
-
-def _token_embeddings(gm: GraphModule, site: LinearSite | None) -> list[Node]:
-    """The lookups of the token embedding: float tables with one row per output of the
-    (float) lm_head, tied to it or not. None without such a head: an encoder's or a
-    position embedding stays as it is (the pass is on by default)."""
-    if site is None:
-        return []
-    vocab = get_weight(gm, site).shape[0]
-    return [n for n in gm.graph.nodes if _is_embedding(n) and _attr(n).shape[0] == vocab]
-
-
-def _attr(n: Node) -> torch.Tensor:
-    return get_attr(n.graph.owning_module, n.args[0].target)
 
 
 # ----------------------------------------------------------------------------- rewriting
@@ -202,7 +149,7 @@ def _rewrite_head(gm: GraphModule, site: LinearSite, w8: str, scale: str) -> Non
 def _rewrite_embedding(gm: GraphModule, node: Node, w8: str, scale: str) -> None:
     """``embedding(W, ids)`` -> ``(embedding(W8, ids).float() * embedding(s[:, None], ids)).to(W.dtype)``."""
     g = gm.graph
-    dtype = _attr(node).dtype
+    dtype = embedding_table(node).dtype
     ids = node.args[1]
     with g.inserting_before(node):
         rows = g.call_function(_EMBEDDING, (g.get_attr(w8), ids))

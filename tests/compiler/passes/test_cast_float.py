@@ -7,10 +7,10 @@ import qqq_compile as qc
 from qqq_compile import CompileContext, QuantConfig
 from qqq_compile.compiler.capture import capture
 from qqq_compile.compiler.passes.cast_float import CastFloatWeights
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.pipeline import sqnr_db
 from qqq_compile.graph import get_attr, linear_sites
-from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_calib, tiny_model
 
 CAST = torch.ops.aten._to_copy.default
@@ -25,7 +25,7 @@ def lowered(arch="llama", **overrides):
     gm = capture(tiny_model(arch, **overrides), torch.randint(0, 256, (2, 8))).graph_module
     ctx = CompileContext(quant=QuantConfig(group_size=32))
     QuantizeRTN()(gm, ctx)
-    LowerW4A8()(gm, ctx)
+    Lower()(gm, ctx)
     return gm, ctx
 
 

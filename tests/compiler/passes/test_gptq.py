@@ -11,9 +11,10 @@ import torch
 from qqq_compile import CompileContext, QuantConfig, calib_batches
 from qqq_compile.compiler.capture import capture
 from qqq_compile.compiler.passes import gptq as gptq_mod
-from qqq_compile.compiler.passes.gptq import GPTQ, GPTQError, Grid, gptq_quantize
+from qqq_compile.compiler.passes.gptq import GPTQ, GPTQError, gptq_quantize
 from qqq_compile.graph import get_weight, info, linear_sites
 from qqq_compile.targets.w4a8.formats import PackedW4, choose_scales, fake_quant_act
+from qqq_compile.targets.w4a8.grid import Grid
 from tests.conftest import tiny_calib, tiny_model
 
 # Hidden 96 is not a multiple of the group size 64: the last group is shorter.

@@ -12,13 +12,14 @@ import torch
 
 from qqq_compile import CompileContext, QuantConfig, calib_batches
 from qqq_compile.compiler.capture import capture
-from qqq_compile.compiler.passes.gptq import GPTQ, GPTQConfig, Grid, gptq_quantize
+from qqq_compile.compiler.passes.gptq import GPTQ, GPTQConfig, gptq_quantize
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.pipeline import sqnr_db
 from qqq_compile.graph import info, linear_sites
+from qqq_compile.targets.registry import ClipSearch
 from qqq_compile.targets.w4a8.formats import fake_quant_act
-from qqq_compile.targets.w4a8.grid import ClipSearch
-from qqq_compile.targets.w4a8.lower import LowerW4A8
+from qqq_compile.targets.w4a8.grid import Grid
 from tests.conftest import tiny_calib, tiny_model
 from tests.targets.w4a8.test_lower import fake_quant_reference
 
@@ -107,7 +108,7 @@ def _quality(model, captured, batches, passes) -> tuple[float, float]:
     for p in passes:
         p(gm, ctx)
     ref_model = fake_quant_reference(copy.deepcopy(model), _packed(gm))
-    LowerW4A8()(gm, ctx)
+    Lower()(gm, ctx)
     with torch.no_grad():
         fp = model(EVAL).logits
         ref = ref_model(EVAL).logits

@@ -13,6 +13,7 @@ from qqq_compile import CompileContext
 from qqq_compile.annotations import node_annotation
 from qqq_compile.compiler.block_runner import run_nodes
 from qqq_compile.compiler.capture import capture
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.passes.rotate import (
     Rotate,
@@ -25,7 +26,6 @@ from qqq_compile.compiler.passes.rotate import (
 from qqq_compile.compiler.passes.smooth import Smooth, run_w4a8_fake
 from qqq_compile.compiler.pipeline import first_tensor, sqnr_db
 from qqq_compile.graph import get_attr, get_weight, linear_sites
-from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_calib, tiny_model
 
 CH = [3, 17, 40]
@@ -166,7 +166,7 @@ def test_layernorm_model_is_skipped_with_a_note():
 def test_rotate_smooth_quantize_lower_pipeline():
     model = with_outliers(tiny_model("llama"))
     calib = tiny_calib(8, 32)
-    compiled = qc.compile(model, calib, passes=[Rotate(), Smooth(n_grid=4), QuantizeRTN(), LowerW4A8()], progress=False)
+    compiled = qc.compile(model, calib, passes=[Rotate(), Smooth(n_grid=4), QuantizeRTN(), Lower()], progress=False)
     gm = compiled.graph_module
     ops = [n.target for n in gm.graph.nodes]
     assert ops.count(torch.ops.qqq.w4a8_linear.default) == 14  # every linear but lm_head

@@ -5,12 +5,12 @@ import torch
 
 from qqq_compile import CompileContext
 from qqq_compile.compiler.capture import capture
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.runtime import steps as runtime
 from qqq_compile.targets.w4a8.fuse_linears import W4A8, W4A8_Q, FuseLinears
 from qqq_compile.targets.w4a8.fuse_norm_quant import FuseNormQuant
 from qqq_compile.targets.w4a8.kernels import cpp_call_counts, ensure_cpp_kernels
-from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_model
 
 
@@ -22,7 +22,7 @@ def _lowered(arch, group_size=-1, norm_quant=False):
     gm = capture(tiny_model(arch), torch.randint(0, 256, (2, 8))).graph_module
     ctx = CompileContext()
     QuantizeRTN(group_size=group_size)(gm, ctx)
-    LowerW4A8()(gm, ctx)
+    Lower()(gm, ctx)
     if norm_quant:
         FuseNormQuant()(gm, ctx)
     return gm

@@ -5,10 +5,10 @@ import torch
 
 from qqq_compile import CompileContext
 from qqq_compile.compiler.capture import capture
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.pipeline import sqnr_db
 from qqq_compile.targets.w4a8.fuse_norm_quant import RMSNORM_QUANT, W4A8, W4A8_Q, FuseNormQuant
-from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_model
 
 
@@ -21,7 +21,7 @@ def test_fusion_counts_and_numerics(arch, fused):
     gm = capture(tiny_model(arch), torch.randint(0, 256, (2, 8))).graph_module
     ctx = CompileContext()
     QuantizeRTN()(gm, ctx)
-    LowerW4A8()(gm, ctx)
+    Lower()(gm, ctx)
     n_lin = _count(gm, W4A8)
     x = torch.randint(0, 256, (2, 9))
     with torch.no_grad():

@@ -11,8 +11,9 @@ import torch
 
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.config import ConfigError
+from qqq_compile.targets.registry import ClipSearch, check_clip
 from qqq_compile.targets.w4a8.formats import PackedW4, fake_quant_act
-from qqq_compile.targets.w4a8.grid import ClipSearch, Grid, check_clip
+from qqq_compile.targets.w4a8.grid import Grid
 
 FORMATS = [(-1, "int8"), (32, "int8"), (32, "float16")]
 N, K = 40, 80  # K = 2.5 groups of 32: the last group is shorter

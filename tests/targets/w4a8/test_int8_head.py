@@ -13,14 +13,15 @@ import qqq_compile as qc
 from qqq_compile import CompileContext, QuantConfig
 from qqq_compile.annotations import KEY, LEGACY_NODE_KEYS, node_annotation
 from qqq_compile.compiler.capture import capture
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.pipeline import PASSES, sqnr_db
 from qqq_compile.config import ConfigError
 from qqq_compile.graph import get_attr, linear_sites
+from qqq_compile.graph.head import find_lm_head
 from qqq_compile.targets.w4a8.formats import quantize_int8_per_row
-from qqq_compile.targets.w4a8.int8_head import Int8Head, find_lm_head, tensor_bytes
+from qqq_compile.targets.w4a8.int8_head import Int8Head, tensor_bytes
 from qqq_compile.targets.w4a8.kernels import cpu
-from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_calib, tiny_model
 
 aten = torch.ops.aten
@@ -38,7 +39,7 @@ def _graph(tied: bool, lower: bool):
     if lower:
         ctx = CompileContext(quant=QuantConfig(group_size=32))
         QuantizeRTN()(gm, ctx)
-        LowerW4A8()(gm, ctx)
+        Lower()(gm, ctx)
     return gm
 
 
@@ -153,7 +154,7 @@ def test_only_the_token_embedding_goes_int8():
     gm = capture(tiny_model("llama"), torch.randint(0, 256, (2, 8))).graph_module
     ctx = CompileContext(quant=QuantConfig(skip=()))
     QuantizeRTN()(gm, ctx)
-    LowerW4A8()(gm, ctx)
+    Lower()(gm, ctx)
     assert find_lm_head(gm) is None and not Int8Head(embedding=True)(gm, ctx).modified
 
 

@@ -5,11 +5,11 @@ import torch
 
 from qqq_compile import CompileContext, QuantConfig
 from qqq_compile.compiler.capture import capture
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.pipeline import sqnr_db
 from qqq_compile.graph import info, linear_sites
 from qqq_compile.targets.w4a8.formats import fake_quant_act
-from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_model
 
 W4A8 = torch.ops.qqq.w4a8_linear.default
@@ -44,7 +44,7 @@ def test_lower_rewrites_linears_and_matches_reference(arch, gs):
     n_linear = len(linear_sites(gm))
     QuantizeRTN()(gm, ctx)
     packed = {s.name: info(s.node).packed for s in linear_sites(gm) if info(s.node).packed is not None}
-    res = LowerW4A8()(gm, ctx)
+    res = Lower()(gm, ctx)
     assert res.modified
     assert count(gm, W4A8) == len(packed) == n_linear - 1  # lm_head stays float
     assert len(linear_sites(gm)) == 1
@@ -63,7 +63,7 @@ def test_lowered_graph_reexports_and_prints_qqq_ops():
     gm = capture(tiny_model("llama"), torch.randint(0, 256, (2, 8))).graph_module
     ctx = CompileContext()
     QuantizeRTN()(gm, ctx)
-    LowerW4A8()(gm, ctx)
+    Lower()(gm, ctx)
     assert "torch.ops.qqq.w4a8_linear.default" in gm.code
     x = torch.randint(0, 256, (2, 9))
     ep = torch.export.export(
@@ -79,4 +79,4 @@ def test_lowered_graph_reexports_and_prints_qqq_ops():
 
 def test_lower_without_annotations_is_a_noop():
     gm = capture(tiny_model("llama"), torch.randint(0, 256, (2, 8))).graph_module
-    assert not LowerW4A8()(gm, CompileContext()).modified
+    assert not Lower()(gm, CompileContext()).modified

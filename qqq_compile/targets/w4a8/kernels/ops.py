@@ -289,6 +289,11 @@ def _(x: Tensor, w8: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], n))
 
 
+#: The ops a W4 linear lowers to (float input; int8 rows + scales from ``rmsnorm_quant``).
+W4A8_OPS = (torch.ops.qqq.w4a8_linear.default, torch.ops.qqq.w4a8_linear_q.default)
+#: Every linear op of the W4A8 target: the W4 linears and the int8 head's W8A8 linear.
+LINEAR_OPS = (*W4A8_OPS, torch.ops.qqq.w8a8_linear.default)
+
 # The ops as callables (the names the package has always exported).
 quantize_act = torch.ops.qqq.quantize_act
 rmsnorm_quant = torch.ops.qqq.rmsnorm_quant
@@ -297,7 +302,9 @@ w4a8_linear_q = torch.ops.qqq.w4a8_linear_q
 w8a8_linear = torch.ops.qqq.w8a8_linear
 
 __all__ = [
+    "LINEAR_OPS",
     "SCHEMAS",
+    "W4A8_OPS",
     "check_w8_args",
     "quantize_act",
     "quantize_act_triton",

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch.fx import GraphModule
 
 import qqq_compile
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.passes.rotate import Rotate
 from qqq_compile.compiler.pipeline import sqnr_db
@@ -33,7 +34,6 @@ from qqq_compile.targets.w4a8.export import (
     qqq_linears,
 )
 from qqq_compile.targets.w4a8.export.compressed_tensors import pack_int4_to_int32
-from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_calib, tiny_model
 
 W4A8_INPUT_ACTIVATIONS = {
@@ -287,7 +287,7 @@ def compile_rotated(online: bool):
     model = tiny_model(tie_word_embeddings=True)
     with torch.no_grad():
         model.model.norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
-    passes = [Rotate(online_down_proj=online), QuantizeRTN(), LowerW4A8()]
+    passes = [Rotate(online_down_proj=online), QuantizeRTN(), Lower()]
     return qqq_compile.compile(model, tiny_calib(), {"quant": {"group_size": 32}}, passes=passes, progress=False)
 
 

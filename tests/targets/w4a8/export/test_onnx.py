@@ -16,6 +16,7 @@ from torch.fx import GraphModule
 
 import qqq_compile
 from qqq_compile.compiler.capture import export_graph
+from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.passes.rotate import Rotate
 from qqq_compile.compiler.pipeline import sqnr_db
@@ -23,7 +24,6 @@ from qqq_compile.runtime.compiled import CompiledModel
 from qqq_compile.targets.w4a8.export import ExportError, export_onnx, qqq_linears, time_onnx
 from qqq_compile.targets.w4a8.export.onnx import matmulnbits_weight, ort_session, run_onnx
 from qqq_compile.targets.w4a8.formats import PackedW4
-from qqq_compile.targets.w4a8.lower import LowerW4A8
 from tests.conftest import tiny_calib, tiny_model
 
 
@@ -220,7 +220,7 @@ def test_online_hadamard_exports(tmp_path):
     """Rotation with an online Hadamard before down_proj (plain matmuls against constant
     factors) exports and runs like ours."""
     model = tiny_model("llama", num_hidden_layers=1)
-    passes = [Rotate(online_down_proj=True), QuantizeRTN(), LowerW4A8()]
+    passes = [Rotate(online_down_proj=True), QuantizeRTN(), Lower()]
     compiled = qqq_compile.compile(model, tiny_calib(), {"quant": {"group_size": 32}}, passes=passes, progress=False)
     path = export_onnx(compiled, tmp_path / "m.onnx")
     ids = torch.cat(tiny_calib(2, 24, seed=3))

@@ -1,0 +1,84 @@
+"""The W4A8 target: QQQ's packed int4 weights with dynamic per-token int8 activations.
+
+Weights are symmetric int4 per output channel or in groups with two-level scales
+(:mod:`.formats`), so the kernels (:mod:`.kernels`: C++ on CPU, Triton on GPU) run one int8
+GEMM. The config's ``int8_head`` adds the int8 lm_head (:mod:`.int8_head`); decode steps get
+their projections fused (:mod:`.fuse_linears`); the exporters write compressed-tensors
+(vLLM, SGLang, transformers) and ONNX (onnxruntime).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qqq_compile.compiler.pipeline import CompileContext, QQQPass
+from qqq_compile.config import QuantConfig
+from qqq_compile.targets.registry import Target, register_target
+from qqq_compile.targets.w4a8 import formats, fuse_norm_quant, lower  # noqa: F401 - registers fuse_norm_quant
+from qqq_compile.targets.w4a8.fuse_linears import FuseLinears
+from qqq_compile.targets.w4a8.grid import Grid
+from qqq_compile.targets.w4a8.int8_head import Int8Head
+from qqq_compile.targets.w4a8.kernels import ensure_cpp_kernels
+from qqq_compile.targets.w4a8.kernels.ops import LINEAR_OPS
+
+
+@register_target
+class W4A8(Target):
+    name = "w4a8"
+    summary = "int4 weights (per channel or two-level groups) x per-token int8 activations, this package's kernels"
+    #: Per output channel. (A measured choice: docs/RESULTS.md, "default format".)
+    default_group_size = -1
+    export_formats = {
+        "compressed-tensors": "a Hugging Face folder vLLM, SGLang and transformers load",
+        "onnx": "an ONNX file for onnxruntime (MatMulNBits or int4 DequantizeLinear)",
+    }
+
+    def grid(
+        self,
+        w: torch.Tensor,
+        quant: QuantConfig,
+        group_size: int,
+        *,
+        clip: Any = None,
+        col_weight: torch.Tensor | None = None,
+    ) -> Grid:
+        return Grid(w, group_size, quant.group_scale_dtype, clip=clip, col_weight=col_weight)
+
+    def quantize_rtn(self, w: torch.Tensor, quant: QuantConfig, group_size: int) -> formats.PackedW4:
+        return formats.PackedW4.from_float(w, group_size, quant.group_scale_dtype)
+
+    def fake_quant_weight(self, w: torch.Tensor, quant: QuantConfig, group_size: int) -> torch.Tensor:
+        return formats.fake_quant_weight(w, group_size, quant.group_scale_dtype)
+
+    def fake_quant_act(self, x: torch.Tensor) -> torch.Tensor:
+        return formats.fake_quant_act(x)
+
+    def linear_ops(self) -> tuple[Any, ...]:
+        return LINEAR_OPS
+
+    def lower_linear(self, gm: GraphModule, site: Any, li: Any) -> Node:
+        return lower.lower_linear(gm, site, li)
+
+    def config_passes(self, config: Any) -> list[QQQPass]:
+        # The int8 head and embedding (one int8 table when tied).
+        return [Int8Head(embedding=True)] if config.quant.int8_head else []
+
+    def prepare_step(self, gm: GraphModule) -> list[str]:
+        ctx = CompileContext()
+        FuseLinears()(gm, ctx)
+        notes = [n.message for n in ctx.notes]
+        if not self.load_kernels():
+            notes.append("C++ W4A8 kernels unavailable: the step calls the Python kernels")
+        return notes
+
+    def load_kernels(self) -> bool:
+        return ensure_cpp_kernels()
+
+    def exporters(self) -> dict[str, Any]:
+        from qqq_compile.targets.w4a8.export.compressed_tensors import export_compressed_tensors
+        from qqq_compile.targets.w4a8.export.onnx import export_onnx
+
+        return {"compressed-tensors": export_compressed_tensors, "onnx": export_onnx}
