@@ -110,9 +110,43 @@ def compile_config(args: argparse.Namespace, preset: str | None = None) -> Any:
     from qqq_compile.config import CalibConfig, CompileConfig, QuantConfig
 
     quant = QuantConfig(
-        group_size=args.group_size, float_weight_dtype=args.float_weight_dtype, int8_head=args.int8_head
+        target=getattr(args, "target", "w4a8"),
+        group_size=args.group_size,
+        float_weight_dtype=args.float_weight_dtype,
+        int8_head=args.int8_head,
     )
     return CompileConfig(preset=preset or args.preset, quant=quant, calib=CalibConfig(batch_size=args.batch_size))
+
+
+def add_target(p: argparse.ArgumentParser) -> None:
+    """``--target`` (the registered targets) and ``--group-size`` (the target's default)."""
+    from qqq_compile.targets import builtin  # noqa: F401 - registers the shipped targets
+    from qqq_compile.targets.registry import targets
+
+    known = targets()
+    p.add_argument(
+        "--target",
+        choices=[t.name for t in known],
+        default="w4a8",
+        help="weight format and runtime: " + "; ".join(f"{t.name}: {t.summary}" for t in known) + " (default: w4a8)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="-1: per output channel, or e.g. 128 (default: the target's: "
+        + ", ".join(f"{t.name} {t.default_group_size}" for t in known)
+        + ")",
+    )
+
+
+def export_formats() -> dict[str, str]:
+    """Every format some registered target can be exported to: name -> description."""
+    from qqq_compile.targets import builtin  # noqa: F401 - registers the shipped targets
+    from qqq_compile.targets.registry import targets
+
+    return {k: v for t in targets() for k, v in t.export_formats.items()}
 
 
 def add_float_weight_dtype(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from qqq_compile.cli.common import (
     PRESET_CHOICES,
     Steps,
     add_float_weight_dtype,
+    add_target,
     check_preset,
     compile_config,
     float_bytes,
@@ -51,7 +52,7 @@ def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
     d.add_argument(
         "--preset", choices=PRESET_CHOICES, default=DEFAULT_PRESET, help="quantization method (default: %(default)s)"
     )
-    d.add_argument("--group-size", type=int, default=-1, metavar="N", help="-1: per output channel (default); e.g. 128")
+    add_target(d)
     d.add_argument("--n-calib", type=int, default=32, metavar="N", help="calibration windows (default: 32, see below)")
     d.add_argument("--n-eval", type=int, default=40, metavar="N", help="evaluation windows (default: 40)")
     d.add_argument("--seq-len", type=int, default=512, metavar="N", help="tokens per window incl. BOS (default: 512)")
@@ -194,7 +195,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with steps(f"saving the W4A8 model to {args.out}"):
             save(compiled, args.out, tokenizer=tokenizer)
     fp_mem, q_mem = float_bytes(model), compiled.weight_bytes()
-    gs = "per-channel" if args.group_size == -1 else f"group {args.group_size}"
+    group = compiled.report.config["quant"]["group_size"]  # as the target resolved it
+    gs = "per-channel" if group == -1 else f"group {group}"
     rows = [("FP32", f"{fp_ppl:.3f}", "", mb(fp_mem), f"{fp_tps:.0f}")]
     if rtn_ppl is not None:
         rows.append((f"W4A8 (rtn, {gs})", f"{rtn_ppl:.3f}", f"{100 * (rtn_ppl / fp_ppl - 1):+.2f}%", "", ""))
@@ -220,7 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.json,
         {
             "preset": args.preset,
-            "group_size": args.group_size,
+            "group_size": group,
             "n_calib": args.n_calib,
             "n_eval": args.n_eval,
             "seq_len": args.seq_len,

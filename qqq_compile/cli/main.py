@@ -24,8 +24,10 @@ from qqq_compile.cli.common import (
     CLIError,
     Steps,
     add_float_weight_dtype,
+    add_target,
     check_preset,
     compile_config,
+    export_formats,
     float_bytes,
     load_artifact,
     mb,
@@ -34,8 +36,6 @@ from qqq_compile.cli.common import (
 )
 from qqq_compile.cli.demo import add_command as add_demo_command
 from qqq_compile.config import DEFAULT_PRESET
-
-EXPORT_FORMATS = ("compressed-tensors", "onnx")
 
 DESCRIPTION = """\
 Compile Hugging Face causal language models to W4A8: int4 weights (QQQ, GPTQ, SmoothQuant
@@ -135,7 +135,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     with steps(f"tokenizing {args.n_calib} calibration windows of {args.seq_len} tokens from {args.calib}"):
         windows = _calib_windows(tokenizer, args.calib, args.n_calib, args.seq_len, args.seed)
     how = "streaming from disk, " if args.streaming else ""
-    with steps(f"compiling with preset '{args.preset}' ({how}group size {args.group_size})"):
+    gs = resolved_group_size(config)
+    with steps(f"compiling with preset '{args.preset}' for target {config.quant.target} ({how}group size {gs})"):
         compiled = qcompile(model, windows, config, progress=not args.quiet, streaming=args.streaming)
     with steps(f"saving to {args.out}"):
         save(compiled, args.out, tokenizer=tokenizer)
@@ -187,19 +188,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolved_group_size(config: Any) -> int:
+    """The config's group size as its target resolves it (the target's default for None)."""
+    from qqq_compile.targets.registry import get_target
+
+    return get_target(config.quant.target).resolve(config.quant).group_size
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.format == "onnx":
-        fn = _lazy("qqq_compile.targets.w4a8.export.onnx", "export_onnx", "ONNX export")
-        compiled, _ = load_artifact(args.artifact)
-        out = _call(fn, compiled, args.out, kind=args.onnx_kind)
-    else:
-        fn = _lazy(
-            "qqq_compile.targets.w4a8.export.compressed_tensors",
-            "export_compressed_tensors",
-            "compressed-tensors export",
-        )
-        compiled, tokenizer = load_artifact(args.artifact)
-        out = _call(fn, compiled, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    compiled, tokenizer = load_artifact(args.artifact)
+    options = {"kind": args.onnx_kind} if args.format == "onnx" else {}
+    # The artifact's target writes its own formats, and names the target to quantize for
+    # when it cannot write this one.
+    out = _call(
+        compiled.target.export, args.format, compiled, args.out, tokenizer=tokenizer, overwrite=args.force, **options
+    )
     print(f"wrote {out or args.out}")
     return 0
 
@@ -259,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--preset", choices=PRESET_CHOICES, default=DEFAULT_PRESET, help="quantization method (default: %(default)s)"
     )
-    q.add_argument("--group-size", type=int, default=-1, metavar="N", help="-1: per channel (default), or e.g. 128")
+    add_target(q)
     q.add_argument("--n-calib", type=int, default=128, metavar="N", help="calibration windows (default: 128)")
     q.add_argument("--seq-len", type=int, default=512, metavar="N", help="tokens per window incl. BOS (default: 512)")
     q.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per calibration batch (default: 8)")
@@ -304,15 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
         "  qqq-compile export smollm2-w4a8 --format onnx --out smollm2.onnx",
     )
     x.add_argument("artifact", metavar="DIR", help="artifact folder")
-    x.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="output format")
-    x.add_argument("--out", required=True, metavar="PATH", help="output folder (compressed-tensors) or .onnx file")
+    formats = export_formats()
+    x.add_argument(
+        "--format",
+        required=True,
+        choices=sorted(formats),
+        help="output format: " + "; ".join(f"{k}: {v}" for k, v in sorted(formats.items())),
+    )
+    x.add_argument("--out", required=True, metavar="PATH", help="output folder (compressed-tensors) or file")
     x.add_argument(
         "--onnx-kind",
         choices=("matmulnbits", "matmulnbits_blockwise", "dq"),
         default="matmulnbits",
         help="ONNX weight ops",
     )
-    x.add_argument("--overwrite", action="store_true", help="replace an existing compressed-tensors folder")
+    x.add_argument("--force", "--overwrite", action="store_true", help="replace an existing output file or folder")
     x.set_defaults(func=cmd_export)
 
     b = add(

@@ -10,6 +10,7 @@ from torch.fx import GraphModule
 
 from qqq_compile.compiler.report import Note, Report
 from qqq_compile.graph import LinearInfo, info
+from qqq_compile.targets.registry import get_target
 
 
 class CompiledModel(torch.nn.Module):
@@ -180,6 +181,12 @@ class CompiledModel(torch.nn.Module):
         size = max(need, 512, old.spec.max_len if old else 0)  # 512 positions at least
         self._auto_step = self._build_step(max(rows, old.spec.max_batch if old else 1), size, runtime or "auto")
         return self._auto_step
+
+    @property
+    def target(self) -> Any:
+        """The :class:`~qqq_compile.targets.registry.Target` this model was compiled for
+        (from its report's config; ``w4a8`` for a model compiled before targets existed)."""
+        return get_target(((self.report.config or {}).get("quant") or {}).get("target", "w4a8"))
 
     def linears(self) -> list[LinearInfo]:
         """Per-linear facts (name, shape, format, method), in graph order."""

@@ -16,6 +16,7 @@ from torch.fx import GraphModule, Node
 
 from qqq_compile.compiler.pipeline import CompileContext, QQQPass
 from qqq_compile.config import QuantConfig
+from qqq_compile.export import check_new_file
 from qqq_compile.targets.registry import Target, register_target
 from qqq_compile.targets.w4a8 import formats, fuse_norm_quant, lower  # noqa: F401 - registers fuse_norm_quant
 from qqq_compile.targets.w4a8.fuse_linears import FuseLinears
@@ -81,4 +82,11 @@ class W4A8(Target):
         from qqq_compile.targets.w4a8.export.compressed_tensors import export_compressed_tensors
         from qqq_compile.targets.w4a8.export.onnx import export_onnx
 
-        return {"compressed-tensors": export_compressed_tensors, "onnx": export_onnx}
+        def compressed_tensors(compiled: Any, out: Any, *, tokenizer: Any = None, overwrite: bool = False, **kw: Any):
+            return export_compressed_tensors(compiled, out, tokenizer, overwrite=overwrite, **kw)
+
+        def onnx(compiled: Any, out: Any, *, tokenizer: Any = None, overwrite: bool = False, **kw: Any):
+            check_new_file(out, overwrite)
+            return export_onnx(compiled, out, **kw)
+
+        return {"compressed-tensors": compressed_tensors, "onnx": onnx}
