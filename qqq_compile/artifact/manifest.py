@@ -52,7 +52,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     major = version.split(".")[0]
     supported = FORMAT_VERSION.split(".")[0]
     if not major.isdigit():
-        raise ArtifactError(f"{mpath} has an unreadable format_version {version!r}")
+        raise ArtifactError(
+            f"{mpath} has an unreadable format_version {version!r}; the manifest is corrupt: save the model again"
+        )
     if int(major) > int(supported):
         writer = manifest.get("versions", {}).get("qqq-compile", "a newer release")
         raise ArtifactError(

@@ -102,9 +102,11 @@ def skeleton(manifest: dict[str, Any]) -> torch.nn.Module:
     try:
         config = AutoConfig.for_model(model_type, **cfg_dict)
     except (ValueError, KeyError) as e:
+        saved = (manifest.get("versions") or {}).get("transformers", "unknown")
         raise ArtifactError(
             f"the saved config has model_type {model_type!r}, which this transformers "
-            f"({transformers.__version__}) does not know: {e}"
+            f"({transformers.__version__}) does not know (the artifact was saved with transformers {saved}): "
+            "install a transformers release that has this architecture (pip install -U transformers)"
         ) from e
     dtype = getattr(torch, str(manifest.get("model_dtype", "float32")))
     cls = getattr(transformers, str(manifest["model_class"]), None)

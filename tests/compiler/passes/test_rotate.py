@@ -176,7 +176,9 @@ def test_rotate_smooth_quantize_lower_pipeline():
     assert "rotated the residual stream" in notes
     with torch.no_grad():
         ref = model(**EVAL).logits
-        assert sqnr_db(ref, compiled(**EVAL).logits) > 10
+        # Measured 16.63 dB (deterministic: seeded model and data; 13.10 dB without the
+        # rotation, same passes otherwise); 1 dB of margin for float-order differences.
+        assert sqnr_db(ref, compiled(**EVAL).logits) > 15.6
 
 
 @pytest.mark.slow

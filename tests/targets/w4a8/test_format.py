@@ -15,6 +15,7 @@ from qqq_compile.targets.w4a8.formats import (
     quantize_to_int4,
     unpack_int4,
 )
+from tests.targets.w4a8 import numpy_reference as rule
 
 
 @settings(max_examples=200, deadline=None)
@@ -68,11 +69,21 @@ def test_bits_per_weight(gs, dtype, lo, hi):
 
 
 def test_per_token_activation_quant():
+    """The exact rule (written independently in NumPy), on every float dtype, with ties,
+    an all-zero row and an outlier row; and what it means: max |q| is 127 per row."""
     x = torch.randn(3, 5, 64) * torch.linspace(0.1, 10, 64)
-    q, s = quantize_act_per_token(x)
-    assert q.dtype == torch.int8 and s.shape == (3, 5, 1)
-    assert int(q.abs().max()) == 127
-    assert sqnr_db(x, q.float() * s) > 30
+    x[0, 0] = 0
+    x[0, 1] = 0
+    x[0, 1, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # s = 1: halves round to even
+    x[1, 2, 7] = 5e3
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xd = x.to(dtype)
+        q, s = quantize_act_per_token(xd)
+        qr, sr = rule.act_quant(xd)
+        assert q.dtype == torch.int8 and s.shape == (3, 5, 1) and s.dtype == torch.float32
+        assert torch.equal(q, qr) and torch.equal(s, sr)
+    assert q[0, 1, :4].tolist() == [127, 0, 2, -2] and int(q[0, 0].abs().max()) == 0
+    assert bool((q.abs().amax(-1)[x.abs().amax(-1) > 0] == 127).all())
 
 
 def test_format_errors_are_clear():

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qqq_compile.targets.w4a8.formats import quantize_act_per_token
 from qqq_compile.targets.w4a8.kernels import act_quant
+from tests.targets.w4a8 import numpy_reference as rule
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,10 +51,18 @@ def test_rmsnorm_quant(m, k, dtype, make_act):
     assert_rmsnorm_close(q, s, *act_quant.rmsnorm_quant_ref(x, w, 1e-6))
 
 
-def test_reference_matches_formats(make_act):
-    x = make_act((5, 64))
-    for a, b in zip(act_quant.quantize_act_ref(x), quantize_act_per_token(x), strict=True):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_follows_the_rule(make_act, dtype):
+    """The torch reference (what the kernels are compared with) against the rule written
+    independently in NumPy, including rows with ties, zeros and huge outliers."""
+    x = make_act((6, 576), dtype=dtype)
+    x[1] = 0
+    x[2] = 0
+    x[2, :6] = torch.tensor([127.0, 0.5, -0.5, 1.5, 2.5, -2.5]).to(dtype)  # s = 1: ties round to even
+    x[3, 0] = 1e4
+    for a, b in zip(act_quant.quantize_act_ref(x), rule.act_quant(x), strict=True):
         assert torch.equal(a, b)
+    assert act_quant.quantize_act_ref(x)[0][2, :6].tolist() == [127, 0, 0, 2, 2, -2]
 
 
 def test_rmsnorm_ref_matches_hf_style_norm(make_act):

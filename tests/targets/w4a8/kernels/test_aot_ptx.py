@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]  # the repository
 CAPABILITIES = (80, 90)
 # Shared memory per block available with the opt-in Triton applies: A100 and H100.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}

@@ -21,11 +21,12 @@ import pytest
 import torch
 from torch.export import Dim
 
+import qqq_compile
 from qqq_compile.targets.w4a8.formats import PackedW4, quantize_int8_per_row
 from qqq_compile.targets.w4a8.kernels import cpu
 
 qqq = torch.ops.qqq
-PACKAGE_ROOT = Path(cpu.__file__).resolve().parents[1]  # qqq_compile/
+PACKAGE_ROOT = Path(qqq_compile.__file__).resolve().parent  # qqq_compile/
 
 
 class _Tiny(torch.nn.Module):
