@@ -59,16 +59,11 @@ __all__ = [
     "ensure_cpp_kernels",
     "extension_available",
     "int8_weight",
-    "quantize_act",
     "quantize_act_torch",
-    "rmsnorm_quant",
     "rmsnorm_quant_torch",
     "use_packed_kernel",
-    "w4a8_linear",
-    "w4a8_linear_q",
     "w4a8_linear_q_torch",
     "w4a8_linear_torch",
-    "w8a8_linear",
     "w8a8_linear_torch",
 ]
 
@@ -270,62 +265,3 @@ def w8a8_linear_torch(
     q, s = quantize_act_per_token(x.reshape(-1, k))
     y = _epilogue(_int_mm(q, w8), s, scale, bias, x.dtype)
     return y.reshape(*x.shape[:-1], w8.shape[0])
-
-
-# ---------------------------------------------------------------------------- public API
-# C++ when the extension is loaded, else the torch reference. Inputs are assumed valid (the
-# ops validate); the C++ functions validate again and count the call.
-
-
-def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric int8: returns ``(q int8 [..., K], s float32 [..., 1])``."""
-    ext = _ext()
-    return quantize_act_torch(x) if ext is None else tuple(ext.quantize_act(x))
-
-
-def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm in fp32 (``x * rsqrt(mean(x^2) + eps) * weight``) followed by per-token int8.
-
-    The fused C++ kernel sums ``x^2`` in a different order than torch, so ``s`` may differ
-    from the torch composition by an ulp and ``q`` by one step where a value sits on a tie.
-    """
-    ext = _ext()
-    return rmsnorm_quant_torch(x, weight, eps) if ext is None else tuple(ext.rmsnorm_quant(x, weight, float(eps)))
-
-
-def w4a8_linear_q(
-    xq: torch.Tensor,
-    xscale: torch.Tensor,
-    qweight: torch.Tensor,
-    channel_scale: torch.Tensor,
-    group_scale: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    group_size: int,
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """``(xq @ W8.T) * xscale * channel_scale + bias`` for int8 ``xq [..., K]``, ``xscale [..., 1]``."""
-    ext = _ext()
-    args = (xq, xscale, qweight, channel_scale, group_scale, bias, group_size, out_dtype)
-    return w4a8_linear_q_torch(*args) if ext is None else ext.w4a8_linear_q(*args)
-
-
-def w4a8_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    channel_scale: torch.Tensor,
-    group_scale: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    group_size: int,
-) -> torch.Tensor:
-    """W4A8 linear on float ``x [..., K]``: per-token int8 quantization inside; output in x's dtype."""
-    ext = _ext()
-    args = (x, qweight, channel_scale, group_scale, bias, group_size)
-    return w4a8_linear_torch(*args) if ext is None else ext.w4a8_linear(*args)
-
-
-def w8a8_linear(
-    x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """W8A8 linear on float ``x [..., K]``; output in x's dtype."""
-    ext = _ext()
-    return w8a8_linear_torch(x, w8, scale, bias) if ext is None else ext.w8a8_linear(x, w8, scale, bias)
