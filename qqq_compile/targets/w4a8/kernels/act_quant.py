@@ -131,6 +131,36 @@ def _flatten_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _run_rows(
+    kernel: Any, x: torch.Tensor, tensors: tuple, scalars: tuple, block: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch a row kernel ``kernel(x, *tensors, q, s, M, K, stride_xm, stride_qm, *scalars)``
+    over the rows of ``x`` ``[..., K]``; returns int8 ``q`` like ``x`` and float32 ``s [..., 1]``."""
+    x2 = _flatten_rows(x, "x")
+    run = launcher(kernel, x2, *tensors)
+    m, k = x2.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        block_m, block_k, num_warps = _rows_config(k, block)
+        run[(triton.cdiv(m, block_m),)](
+            x2,
+            *tensors,
+            q,
+            s,
+            m,
+            k,
+            x2.stride(0),
+            q.stride(0),
+            *scalars,
+            BLOCK_M=block_m,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+            **LAUNCH_OPTIONS,
+        )
+    return q.view(x.shape), s.view(*x.shape[:-1], 1)
+
+
 # --------------------------------------------------------------------------- quantize
 
 
@@ -178,28 +208,7 @@ def quantize_act(x: torch.Tensor, *, block: tuple[int, int] | None = None) -> tu
     ``block`` overrides (rows per program, columns per step), both powers of two; tests
     use large blocks because the interpreter's cost grows with the number of programs.
     """
-    x2 = _flatten_rows(x, "x")
-    kernel = launcher(_quantize_act_kernel, x2)
-    m, k = x2.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    if m:
-        block_m, block_k, num_warps = _rows_config(k, block)
-        grid = (triton.cdiv(m, block_m),)
-        kernel[grid](
-            x2,
-            q,
-            s,
-            m,
-            k,
-            x2.stride(0),
-            q.stride(0),
-            BLOCK_M=block_m,
-            BLOCK_K=block_k,
-            num_warps=num_warps,
-            **LAUNCH_OPTIONS,
-        )
-    return q.view(x.shape), s.view(*x.shape[:-1], 1)
+    return _run_rows(_quantize_act_kernel, x, (), (), block)
 
 
 # --------------------------------------------------------------------------- rmsnorm + quantize
@@ -283,32 +292,9 @@ def rmsnorm_quant(
     Returns int8 ``q`` shaped like ``x`` and the float32 scale ``[..., 1]``; ``block`` as
     in :func:`quantize_act`.
     """
-    x2 = _flatten_rows(x, "x")
+    _flatten_rows(x, "x")  # x is checked before the weight, as everywhere
     _check_norm_weight(x, weight)
-    kernel = launcher(_rmsnorm_quant_kernel, x2, weight)
-    w = weight.contiguous()
-    m, k = x2.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    if m:
-        block_m, block_k, num_warps = _rows_config(k, block)
-        grid = (triton.cdiv(m, block_m),)
-        kernel[grid](
-            x2,
-            w,
-            q,
-            s,
-            m,
-            k,
-            x2.stride(0),
-            q.stride(0),
-            float(eps),
-            BLOCK_M=block_m,
-            BLOCK_K=block_k,
-            num_warps=num_warps,
-            **LAUNCH_OPTIONS,
-        )
-    return q.view(x.shape), s.view(*x.shape[:-1], 1)
+    return _run_rows(_rmsnorm_quant_kernel, x, (weight.contiguous(),), (float(eps),), block)
 
 
 # --------------------------------------------------------------------------- AOT specs

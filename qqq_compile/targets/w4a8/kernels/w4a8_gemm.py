@@ -22,6 +22,7 @@ group 128) and ragged M/N/K edges are handled by masking.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -170,6 +171,28 @@ class GemmConfig:
             raise ValueError(f"group_size={group_size} must be a multiple of 32 for the Triton W4A8 GEMM")
         return GemmConfig(self.block_m, self.block_n, bk, self.group_m, self.num_warps, self.num_stages)
 
+    def grid(self, m: int, n: int) -> tuple[int]:
+        """One program per output tile."""
+        return (triton.cdiv(m, self.block_m) * triton.cdiv(n, self.block_n),)
+
+    def launch_options(self) -> dict[str, Any]:
+        """The tile constexprs and launch options every GEMM kernel here takes."""
+        return {
+            "BLOCK_M": self.block_m,
+            "BLOCK_N": self.block_n,
+            "BLOCK_K": self.block_k,
+            "GROUP_M": self.group_m,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+            **LAUNCH_OPTIONS,
+        }
+
+
+def int8_rows(xq: torch.Tensor) -> torch.Tensor:
+    """``xq [..., K]`` as ``[M, K]`` with unit column stride (what the GEMM kernels read)."""
+    a = xq.reshape(-1, xq.shape[-1])
+    return a if a.stride(-1) == 1 else a.contiguous()
+
 
 # The configurations shipped (and compiled ahead of time in the tests), keyed by the
 # largest M each is picked for. Small M is weight-bandwidth bound: narrow N tiles spread
@@ -259,17 +282,14 @@ def _launch(
     k = xq.shape[-1]
     n = check_weight_args(k, qweight, channel_scale, group_scale, bias, group_size)
     kernel = launcher(_w4a8_gemm_kernel, xq, x_scale, qweight, channel_scale, group_scale, bias)
-    a = xq.reshape(-1, k)
-    if a.stride(-1) != 1:
-        a = a.contiguous()
+    a = int8_rows(xq)
     m = a.shape[0]
     c = torch.empty((m, n), dtype=out_dtype if epilogue else torch.int32, device=xq.device)
     if m and n:
         cfg = (config or pick_config(m)).for_group_size(group_size)
         mode = weight_mode(group_scale)
         gs = group_scale.contiguous() if group_scale is not None else None
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        kernel[grid](
+        kernel[cfg.grid(m, n)](
             a,
             x_scale.reshape(-1).contiguous(),
             qweight.contiguous(),
@@ -288,13 +308,7 @@ def _launch(
             WEIGHT_MODE=mode,
             HAS_BIAS=bias is not None,
             EPILOGUE=epilogue,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-            **LAUNCH_OPTIONS,
+            **cfg.launch_options(),
         )
     return c.view(*xq.shape[:-1], n)
 
@@ -352,9 +366,7 @@ def w4a8_gemm_int32_ref(
     """Pure-torch int32 accumulator ``Xq @ W8.T`` (``torch._int_mm``)."""
     k = xq.shape[-1]
     w8 = int8_weight_ref(qweight, group_scale, group_size, k)
-    a = xq.reshape(-1, k)
-    if a.stride(-1) != 1:
-        a = a.contiguous()
+    a = int8_rows(xq)
     if a.device.type == "cpu" or (a.shape[0] > 16 and k % 8 == 0 and w8.shape[0] % 8 == 0):
         acc = torch._int_mm(a, w8.t())
     else:  # CUDA's _int_mm wants M > 16 and multiples of 8; int64 matmul is exact too.

@@ -20,6 +20,7 @@ from qqq_compile.targets.w4a8.kernels.w4a8_gemm import (
     OUT_DTYPES,
     GemmConfig,
     check_act_args,
+    int8_rows,
     pick_config,
 )
 
@@ -114,16 +115,13 @@ def w8a8_gemm(
     k = xq.shape[-1]
     n = check_w8_args(k, w8, scale, bias)
     kernel = launcher(_w8a8_gemm_kernel, xq, x_scale, w8, scale, bias)
-    a = xq.reshape(-1, k)
-    if a.stride(-1) != 1:
-        a = a.contiguous()
+    a = int8_rows(xq)
     m = a.shape[0]
     c = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m and n:
         cfg = config or pick_config(m)
         w = w8.contiguous()
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        kernel[grid](
+        kernel[cfg.grid(m, n)](
             a,
             x_scale.reshape(-1).contiguous(),
             w,
@@ -137,13 +135,7 @@ def w8a8_gemm(
             w.stride(0),
             c.stride(0),
             HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-            **LAUNCH_OPTIONS,
+            **cfg.launch_options(),
         )
     return c.view(*xq.shape[:-1], n)
 
