@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from qqq_compile.compiler.analysis_notes import float_weights_note  # noqa: F401 - its old home; re-exported
 from qqq_compile.compiler.blockwise import compile_blockwise
 from qqq_compile.compiler.calibration import MIN_CALIB_TOKENS, calib_batches, check_calib, example_call  # noqa: F401 - re-exported
 from qqq_compile.compiler.capture import Captured, CaptureError, bind_names, capture, split_call

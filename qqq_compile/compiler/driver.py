@@ -22,9 +22,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
-from qqq_compile.compiler.analysis_notes import float_weights_note
 from qqq_compile.compiler.passes.cast_float import CastFloatWeights
 from qqq_compile.compiler.pipeline import (
     CompileContext,
@@ -40,6 +39,7 @@ from qqq_compile.compiler.presets import get_preset
 from qqq_compile.compiler.report import Report
 from qqq_compile.config import CompileConfig, ConfigError
 from qqq_compile.errors import PipelineError
+from qqq_compile.graph import TRANSPARENT, get_attr, info
 from qqq_compile.targets import builtin  # noqa: F401 - registers the shipped targets
 from qqq_compile.targets.registry import get_target
 
@@ -210,3 +210,39 @@ class Replay(QQQPass):
 def replay_passes(pass_list: Sequence[QQQPass], states: dict[str, Any]) -> list[QQQPass]:
     """``pass_list`` wrapped for replay at load time (see :class:`Replay`)."""
     return [Replay(p, states.get(p.name)) for p in pass_list]
+
+
+# ----------------------------------------------------------------------------- report notes
+
+aten = torch.ops.aten
+# Views a weight may pass through on its way to the op that reads it.
+_VIEWS = TRANSPARENT | {
+    aten.t.default,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.unsqueeze.default,
+    aten.expand.default,
+    aten.squeeze.dim,
+    aten.squeeze.default,
+}
+
+
+def float_weights_note(gm: GraphModule) -> str | None:
+    """Name every weight (float tensor, 2-D or more) the graph reads outside a linear
+    site: embeddings, convolutions, ops no pass matches (einsum → bmm...). They stay in
+    float and keep working; the report says so. (Linears kept in float are listed by
+    ``CompiledModel.linears()`` with their reason instead.)"""
+
+    def ends(n: Node) -> list[Node]:
+        return [e for u in n.users for e in (ends(u) if u.target in _VIEWS and info(u) is None else [u])]
+
+    found = []
+    for n in gm.graph.nodes:
+        t = get_attr(gm, n.target) if n.op == "get_attr" else None
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 2:
+            continue
+        users = ends(n)
+        if users and all(info(u) is None for u in users):
+            ops = sorted({str(getattr(u.target, "overloadpacket", u.target)).removeprefix("aten.") for u in users})
+            found.append(f"{n.target} {list(t.shape)} ({', '.join(ops)})")
+    return "weights kept in float (no W4A8 rewrite for their ops): " + "; ".join(found) if found else None
