@@ -97,7 +97,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
             raise  # the blockwise fallback drives token-id models only
         if example_inputs is not None:  # the fallback takes keyword inputs: {"input_ids": ...}
             example_inputs = bind_names(model, *split_call(example_inputs))
-        return compile_blockwise(  # type: ignore[return-value] - CompiledModel-like
+        return compile_blockwise(
             model,
             batches,
             config,

@@ -48,6 +48,9 @@ from qqq_compile.compiler.report import Note, PassRecord, Report
 from qqq_compile.config import CompileConfig
 from qqq_compile.errors import ArtifactError
 from qqq_compile.graph import LinearInfo, info, module_block_stack
+from qqq_compile.runtime.compiled import CompiledModel
+from qqq_compile.runtime.generate import GenerationError, context_limit
+from qqq_compile.runtime.kv_cache import CacheSpec
 
 PASS_NAME = "blockwise"
 
@@ -111,10 +114,40 @@ def _short(v: Any) -> str:
     return f"a tensor {list(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)[:80]
 
 
-class BlockwiseCompiledModel(nn.Module):
+class FullForwardStep:
+    """A decode step without a KV cache, for :class:`BlockwiseCompiledModel`: its blocks were
+    exported without one, so every call runs the whole sequence so far (cost quadratic in
+    the length). Same call as a cached step: ``(input_ids, attention_mask, cache_position)``."""
+
+    runtime = "full-forward"
+
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int):
+        self.model = model
+        self.spec = CacheSpec(max_batch=max_batch, max_len=max_len)
+        self.notes = ["blockwise model: no KV cache, each step runs the whole sequence"]
+        self._ids: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache_position: torch.Tensor) -> Any:
+        if not bool(attention_mask.all()):
+            raise GenerationError(
+                "a model compiled block by block generates without a KV cache and cannot take padded batches "
+                "(its blocks were exported without a padding mask): generate one prompt (or equal-length prompts) "
+                "per call"
+            )
+        start = int(cache_position[0])
+        self._ids = input_ids if start == 0 or self._ids is None else torch.cat([self._ids[:, :start], input_ids], 1)
+        with torch.no_grad():
+            out = self.model(input_ids=self._ids)
+        logits = out if isinstance(out, torch.Tensor) else out.logits if hasattr(out, "logits") else out[0]
+        return logits[:, -1:]
+
+
+class BlockwiseCompiledModel(CompiledModel):
     """What ``compile(..., fallback="blockwise")`` returns when the whole model could not
     be exported: behaves like the model (same call, same outputs), with each decoder
-    block running its lowered W4A8 graph.
+    block running its lowered W4A8 graph. It is a :class:`CompiledModel`: ``generate()``
+    works (with :class:`FullForwardStep`: no KV cache, one prompt or equal-length prompts
+    per call); ``save()`` and ``prepare_generation()`` raise an error naming what is missing.
 
     * ``.model``: the copy of the model with :class:`LoweredBlock` s in place of blocks.
     * ``.blocks``: qualified block name → lowered ``GraphModule``.
@@ -122,7 +155,10 @@ class BlockwiseCompiledModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, blocks: dict[str, GraphModule], report: Report, block_path: str):
-        super().__init__()
+        nn.Module.__init__(self)  # no whole-model graph: the CompiledModel fields that need one stay empty
+        self.graph_module = None
+        self.input_names, self.output_kind, self.source_graph = ["input_ids"], "hf", None
+        self._prepared, self._auto_step, self.aot_dir = [], None, None
         self.model = model
         self.blocks = blocks
         self.block_path = block_path
@@ -150,7 +186,17 @@ class BlockwiseCompiledModel(nn.Module):
                 out.append(li)
         return out
 
-    def save(self, path: str) -> None:
+    def prepare_generation(self, *args: Any, **kwargs: Any) -> Any:
+        raise GenerationError(
+            "prepare_generation builds a KV-cache step from the whole model's graph, which a model compiled block by "
+            "block does not have; call generate() directly (it runs without a KV cache)"
+        )
+
+    def _pick_step(self, rows: int, need: int, runtime: str | None) -> FullForwardStep:
+        limit = context_limit(self.model_config)
+        return FullForwardStep(self.model, rows, limit or need)
+
+    def save(self, path: str, tokenizer: Any = None) -> None:
         raise ArtifactError(
             "models compiled block by block (the whole model could not be exported) cannot be saved as artifacts "
             "yet: load() rebuilds the model by exporting it whole. Keep the compiled object, or make the model "

@@ -15,6 +15,7 @@ from qqq_compile.compiler.passes.observe import InsertObservers
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.compiler.pipeline import FunctionPass, sqnr_db
 from qqq_compile.graph import get_attr, linear_sites
+from qqq_compile.runtime.generate import GenerationError
 from tests.conftest import tiny_calib, tiny_model
 
 W4A8 = torch.ops.qqq.w4a8_linear.default
@@ -111,6 +112,26 @@ def test_whole_export_fails_and_blocks_are_lowered(compiled):
     assert [r.name for r in out.report.passes][-1] == "lower [lm.model.layers.1]"
     # the default int8 lm_head is not run on block graphs: the head stays eager float outside them
     assert any("int8_head not applied" in n.message for n in out.report.notes)
+
+
+def test_the_result_is_a_compiled_model_that_generates(compiled, tmp_path):
+    """The blockwise result has CompiledModel's interface: generate() (no KV cache), and
+    clear errors for what it lacks."""
+    _, out, _ = compiled
+    assert isinstance(out, qc.CompiledModel)
+    ids = torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(3))
+    got = out.generate(ids, max_new_tokens=5)
+    seq = ids  # independently: greedy argmax over full forwards of the compiled model
+    for _ in range(5):
+        with torch.no_grad():
+            seq = torch.cat([seq, out(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, seq)
+    with pytest.raises(GenerationError, match="generate one prompt"):
+        out.generate(torch.tensor([[5, 6, 7], [0, 8, 9]]), torch.tensor([[1, 1, 1], [0, 1, 1]]), max_new_tokens=2)
+    with pytest.raises(GenerationError, match=r"call generate\(\) directly"):
+        out.prepare_generation()
+    with pytest.raises(qc.ArtifactError, match="cannot be saved as artifacts yet"):
+        out.save(str(tmp_path / "a"))
 
 
 def test_logits_match_the_float_model_at_new_shapes(compiled):
