@@ -83,7 +83,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
             "block, or load the model first (qqq_compile.models.load_model)"
         )
     config = as_config(config)
-    build_passes(config, passes)  # bad options or a broken order fail before any work
+    changes: list[str] = []
+    pass_list = build_passes(config, passes, changes)  # bad options or a broken order fail before any work
     batches = calib_batches(calib, tokenizer, config.calib.batch_size, config.calib.max_samples, model=model)
     check_calib(model, batches)
     tokens = not batches or set(batches[0]) == {"input_ids"}
@@ -108,9 +109,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
             progress=progress,
             reason=e,
         )
-    return compile_captured(
-        captured, batches, config, passes=passes, instruments=instruments, dump_dir=dump_dir, progress=progress
-    )
+    return _run_captured(captured, batches, config, pass_list, changes, instruments, dump_dir, progress)
 
 
 def compile_captured(
@@ -124,14 +123,27 @@ def compile_captured(
     progress: bool = True,
 ) -> CompiledModel:
     """Run the driver over a captured whole-model graph and wrap the result."""
+    changes: list[str] = []
+    pass_list = build_passes(config, passes, changes)
+    return _run_captured(captured, batches, config, pass_list, changes, instruments, dump_dir, progress)
+
+
+def _run_captured(
+    captured: Captured,
+    batches: list[dict[str, torch.Tensor]],
+    config: CompileConfig,
+    pass_list: list[Any],
+    changes: list[str],
+    instruments: Sequence[Instrument],
+    dump_dir: str | None,
+    progress: bool,
+) -> CompiledModel:
     gm = captured.graph_module
     source_graph = readable_graph(gm)
     graph_batches = [captured.graph_inputs(b) for b in batches]
     ctx = build_context(config, graph_batches, progress=progress, device=captured.device)
     if not captured.dynamic.startswith("dynamic") or set(captured.input_names) != {"input_ids"}:
         ctx.note("capture", f"captured with {captured.dynamic}")
-    changes: list[str] = []
-    pass_list = build_passes(config, passes, changes)
     for msg in changes:
         ctx.note("target", msg)
     gm, report = run_pipeline(gm, ctx, pass_list, instruments, config=config, dump_dir=dump_dir)

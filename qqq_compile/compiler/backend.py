@@ -88,7 +88,13 @@ class QQQBackend:
         self.config = CompileConfig(preset="rtn") if config is None else as_config(config)
         self.passes = passes
         self.progress = progress
-        build_passes(self.config, passes() if passes else None)  # bad options fail here, not inside dynamo
+        # Bad options fail here, not inside dynamo; the first graph runs this list, later ones
+        # (recompiles) get fresh pass objects.
+        changes: list[str] = []
+        self._first: tuple[list[Any], list[str]] | None = (
+            build_passes(self.config, passes() if passes else None, changes),
+            changes,
+        )
         self.last_graph: GraphModule | None = None  # for inspection and tests
         self.last_report: Report | None = None
 
@@ -132,8 +138,11 @@ class QQQBackend:
             for b in calib_batches(self.calib, batch_size=self.config.calib.batch_size):
                 batches.append({names[tensor_inputs[0]]: b["input_ids"]})
         ctx = build_context(self.config, batches, progress=self.progress, device=_device_of(args))
-        changes: list[str] = []
-        pass_list = build_passes(self.config, self.passes() if self.passes else None, changes)
+        if self._first is not None:
+            (pass_list, changes), self._first = self._first, None
+        else:
+            changes = []
+            pass_list = build_passes(self.config, self.passes() if self.passes else None, changes)
         for msg in changes:
             ctx.note("target", msg)
         out, self.last_report = run_pipeline(ep_gm, ctx, pass_list, config=self.config)
