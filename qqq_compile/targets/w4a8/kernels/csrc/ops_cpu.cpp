@@ -227,6 +227,9 @@ TORCH_LIBRARY(qqq_cpu, m) {
   m.def("w4a8_linear_q", &qqq::w4a8_linear_q_op);
   m.def("w8a8_linear", &qqq::w8a8_linear_op);
   m.def("call_counts", &call_counts);
+  m.def("path_counts", &qqq::path_counts);
+  m.def("note_join_wait", &qqq::note_join_wait);
+  m.def("set_stall_backoff", &qqq::set_stall_backoff);
   // 2-D building blocks, for tests and benchmarks.
   m.def("unpack_w8", &qqq::unpack_w8);
   m.def("use_packed", &qqq::use_packed);

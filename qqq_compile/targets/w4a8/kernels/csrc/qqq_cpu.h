@@ -5,9 +5,27 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace qqq {
+
+// parallel_cpu.cpp
+// Which path a kernel call took (qqq_cpu::path_counts(), cpu.cpp_path_counts(); tests prove
+// the fast path ran). kTeam/kSolo/kStall count parallel_items calls: run by the OpenMP team,
+// run on the caller alone during a back-off, and team runs whose fork or join stalled.
+enum Path { kW4Gemv, kW4GemmPacked, kW4IntMm, kW8Gemv, kW8GemmVnni, kW8IntMm, kTeam, kSolo, kStall, kNumPaths };
+void count_path(Path p);
+std::vector<int64_t> path_counts();
+// f(i, i + 1) for every item i in [0, n): items claimed by whichever team thread runs; on
+// the calling thread alone when !parallel, and during a back-off after a stalled join.
+void parallel_items(int64_t n, bool parallel, const std::function<void(int64_t, int64_t)>& f);
+// The back-off rule, given how long a team call waited on other threads (fork + join; exposed
+// for tests: a wait past the threshold puts the next calls on the caller alone).
+void note_join_wait(int64_t waited_ns);
+// Enable/disable the back-off (benchmarks compare with the always-team behaviour); returns
+// the previous setting and clears any back-off in progress.
+bool set_stall_backoff(bool enabled);
 
 // act_cpu.cpp
 // x [M, K] float/bf16/f16 -> (q int8 [M, K] natural or [M, Kp] permuted, s f32 [M], asum int32 [M]).
