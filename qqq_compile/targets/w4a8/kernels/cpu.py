@@ -95,6 +95,7 @@ PATH_NAMES = (
     "team",
     "solo",
     "stall",
+    "attention_bf16kv",
 )
 
 
@@ -110,7 +111,7 @@ def use_packed_kernel(m: int, k: int) -> bool:
 
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("act_cpu.cpp", "w4a8_cpu.cpp", "w8a8_cpu.cpp", "parallel_cpu.cpp", "ops_cpu.cpp")
+_SOURCES = ("act_cpu.cpp", "w4a8_cpu.cpp", "w8a8_cpu.cpp", "parallel_cpu.cpp", "attention_cpu.cpp", "ops_cpu.cpp")
 _EXT_NAME = "qqq_cpu_kernels"
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi", "f16c")
 # The loaded extension's ops namespace ``torch.ops.qqq_cpu`` (or None: torch fallback), per
@@ -163,6 +164,7 @@ def _load_extension() -> Any:
             is_python_module=False,
             verbose=False,
         )
+        _register_fakes()
         return torch.ops.qqq_cpu
     except Exception as e:  # compiler missing, build error, ...
         warnings.warn(
@@ -171,6 +173,16 @@ def _load_extension() -> Any:
             stacklevel=3,
         )
         return None
+
+
+def _register_fakes() -> None:
+    """Shape functions of the extension's ops whose schema it defines without a kernel for
+    every key (torch.export traces them with fake tensors)."""
+
+    @torch.library.register_fake("qqq_cpu::attention_bf16kv")
+    def _(q, k_t, v, mask, scale):
+        b, h, t, d = q.shape
+        return q.new_empty(b, t, h, d).transpose(1, 2)  # torch's CPU SDPA output layout
 
 
 def _ext() -> Any:
