@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-BASELINES = {"llamacpp-q4_1": "llama.cpp Q4_1", "hf-fp32": "HF fp32"}
+BASELINES = {"llamacpp-q4_0": "llama.cpp Q4_0", "llamacpp-q4_1": "llama.cpp Q4_1", "hf-fp32": "HF fp32"}
 METRICS = ("ttft_s", "prefill_tok_s", "decode_tok_s")
 
 

@@ -62,9 +62,10 @@ class HFEngine:
 class OursEngine:
     """``qqq_compile.compile(...)`` (or ``qqq_compile.load(artifact)``), then its ``generate()``."""
 
-    def __init__(self, runtime: str = "eager", int8_head: bool = True) -> None:
+    def __init__(self, runtime: str = "eager", int8_head: bool = True, cache_dtype: str | None = None) -> None:
         self.runtime = runtime
         self.int8_head = int8_head  # lm_head + tied embedding in int8 (QuantConfig.int8_head, the default)
+        self.cache_dtype = getattr(torch, cache_dtype) if cache_dtype else None  # KV cache (None: fp32)
         self.compiled = None
 
     def load(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -98,12 +99,14 @@ class OursEngine:
         # generate() takes the smallest that fits each request.
         t0 = time.perf_counter()
         for rows in sorted({1, int(options["batch"]) or 1}):
+            kw = {"cache_dtype": self.cache_dtype} if self.cache_dtype is not None else {}
             step = self.compiled.prepare_generation(
-                max_batch=rows, max_len=int(options["max_len"]), runtime=self.runtime
+                max_batch=rows, max_len=int(options["max_len"]), runtime=self.runtime, **kw
             )
         info["step_build_s"] = round(time.perf_counter() - t0, 1)
         info["step_runtime"] = step.runtime
         info["int8_head"] = self.int8_head
+        info["kv_cache_dtype"] = str(self.cache_dtype or "float32")
         if callable(getattr(self.compiled, "weight_bytes", None)):
             info["weight_bytes"] = int(self.compiled.weight_bytes())
             info["weight_bytes_source"] = "compiled.weight_bytes()"
