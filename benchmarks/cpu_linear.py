@@ -3,6 +3,7 @@ and torchao 8da4w (when importable).
 
     python benchmarks/cpu_linear.py [--threads 2] [--min-run-time 0.3] [--quick]
     python benchmarks/cpu_linear.py --compiled-only [--rounds 40]
+    python benchmarks/cpu_linear.py --decode-shapes
 
 Prints a markdown table (median ms; ratios are measured in the same run). Numbers on a
 shared machine are indicative only.
@@ -187,6 +188,60 @@ def compiled_single_linear(threads: int, rounds: int, calls: int = 25, size: int
     print(f"\nkernel paths taken: {paths}\n", flush=True)
 
 
+# SmolLM2-135M's decode GEMVs after fuse_linears (per-channel W4A8) and its int8 lm_head:
+# (name, K, N, calls per token).
+DECODE_SHAPES = [
+    ("q/k/v fused", 576, 960, 30),
+    ("o_proj", 576, 576, 30),
+    ("gate/up fused", 576, 3072, 30),
+    ("down_proj", 1536, 576, 30),
+    ("lm_head (int8 W8A8)", 576, 49152, 1),
+]
+
+
+def decode_shapes(threads: int, rounds: int) -> None:
+    """M = 1 time and achieved read bandwidth of each SmolLM2 decode GEMV, with its weights
+    cycled through enough copies (>= 96 MB) that they come from memory, as in a decode step
+    (~100 MB per token, three times the 32 MB L3), next to the machine's read bandwidth."""
+    from qqq_compile.targets.w4a8.formats import quantize_int8_per_row
+
+    x_big = torch.ones(256 * 1024 * 1024)  # 1 GiB
+    x_big.sum()
+    t_sum = min(bench(x_big.sum, 0.5) for _ in range(3))
+    bw = x_big.numel() * 4 / t_sum / 1e6  # GB/s (t in ms)
+    del x_big
+    print(f"\nSmolLM2 decode GEMVs at M=1, per-channel W4A8 / int8 head, threads={threads}, weights cycled from memory")
+    print(f"read bandwidth (torch sum over 1 GiB, same run): {bw:.1f} GB/s\n")
+    print("| GEMV | K x N | bytes | ms per call | GB/s | of bandwidth | calls/token | ms/token |")
+    print("|---|---|---|---|---|---|---|---|")
+    total_ms = total_bytes = 0.0
+    for name, k, n, calls in DECODE_SHAPES:
+        if "int8" in name:
+            w8, scale = quantize_int8_per_row(torch.randn(n, k))
+            one = w8.numel() + scale.numel() * 4
+            copies = [(w8.clone(), scale.clone()) for _ in range(max(2, math.ceil(96e6 / one)))]
+            fns = [partial(cpu.w8a8_linear, torch.randn(1, k), w, s_) for w, s_ in copies]
+        else:
+            p = PackedW4.from_float(torch.randn(n, k), -1)
+            one = p.qweight.numel() + p.channel_scale.numel() * 4
+            copies = [(p.qweight.clone(), p.channel_scale.clone()) for _ in range(max(2, math.ceil(96e6 / one)))]
+            fns = [partial(cpu.w4a8_linear, torch.randn(1, k), q, c, None, None, -1) for q, c in copies]
+        it = iter(range(10**12))
+        cycle = lambda fns=fns, it=it: fns[next(it) % len(fns)]()  # noqa: E731
+        t = min(bench(cycle, 0.3) for _ in range(rounds))
+        total_ms += t * calls
+        total_bytes += one * calls
+        print(
+            f"| {name} | {k}x{n} | {one / 1e6:.2f} MB | {t:.4f} | {one / t / 1e6:.1f} | "
+            f"{one / t / 1e6 / bw:.0%} | {calls} | {t * calls:.3f} |",
+            flush=True,
+        )
+    print(
+        f"| all | | {total_bytes / 1e6:.1f} MB/token | | {total_bytes / total_ms / 1e6:.1f} | "
+        f"{total_bytes / total_ms / 1e6 / bw:.0%} | | {total_ms:.3f} |\n"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -202,12 +257,16 @@ def main() -> None:
     ap.add_argument("--stat", default="median", choices=["median", "min"])
     ap.add_argument("--rounds", type=int, default=40, help="round-robin rounds of the compiled-linear table")
     ap.add_argument("--compiled-only", action="store_true", help="only the compiled single-linear table")
+    ap.add_argument("--decode-shapes", action="store_true", help="only the SmolLM2 decode GEMV bandwidth table")
     args = ap.parse_args()
     global STAT
     STAT = args.stat
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     use_ext = cpu.extension_available()  # build before timing anything
+    if args.decode_shapes:
+        decode_shapes(args.threads, 3)
+        return
     compiled_single_linear(args.threads, args.rounds)
     if args.compiled_only:
         return
