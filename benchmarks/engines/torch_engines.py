@@ -24,6 +24,27 @@ def _unique_bytes(tensors) -> int:
     return total
 
 
+def _embedding_only_bytes(gm: torch.fx.GraphModule) -> int:
+    """Bytes of tensors that only embedding lookups read: a decode step reads one row of
+    them, not the table (a loaded artifact keeps the int8 embedding apart from the tied
+    lm_head, so weight_bytes() counts the 28 MB table twice for SmolLM2)."""
+    users: dict[str, set] = {}
+    for n in gm.graph.nodes:
+        for a in n.args:
+            if getattr(a, "op", None) == "get_attr":
+                users.setdefault(a.target, set()).add(n.target)
+    emb = torch.ops.aten.embedding.default
+    tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    only = {t for t, targets in users.items() if targets == {emb} and t in tensors}
+    # A table sharing storage with a tensor read in full (a tied lm_head) is read in full.
+    full = {tensors[t].data_ptr() for t in tensors if t not in only}
+    seen: dict[int, int] = {}
+    for t in only:
+        if tensors[t].data_ptr() not in full:
+            seen[tensors[t].data_ptr()] = tensors[t].numel() * tensors[t].element_size()
+    return sum(seen.values())
+
+
 class HFEngine:
     """transformers ``generate()`` with its default (dynamic) KV cache, greedy."""
 
@@ -110,6 +131,7 @@ class OursEngine:
         if callable(getattr(self.compiled, "weight_bytes", None)):
             info["weight_bytes"] = int(self.compiled.weight_bytes())
             info["weight_bytes_source"] = "compiled.weight_bytes()"
+            info["decode_read_bytes"] = info["weight_bytes"] - _embedding_only_bytes(self.compiled.graph_module)
         return info
 
     @staticmethod
