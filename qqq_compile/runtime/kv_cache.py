@@ -143,10 +143,12 @@ def _converted_cache_attention(
     scale = float(scale) if scale is not None else head_dim**-0.5
     if ensure_cpp_kernels():
         return graph.call_function(torch.ops.qqq_cpu.attention_bf16kv.default, (q, kv[0], kv[1], mask, scale))
-    dtype = _val(q).dtype
+    # Contiguous upcasts: SDPA then takes its flash kernel, whose [B, T, H, D] output layout
+    # the captured graph's views after attention rely on (as with an fp32 cache).
+    up = {"dtype": _val(q).dtype, "memory_format": torch.contiguous_format}
     k_nat = graph.call_function(aten.transpose.int, (kv[0], 2, 3))
-    k = graph.call_function(aten._to_copy.default, (k_nat,), {"dtype": dtype})
-    v = graph.call_function(aten._to_copy.default, (kv[1],), {"dtype": dtype})
+    k = graph.call_function(aten._to_copy.default, (k_nat,), up)
+    v = graph.call_function(aten._to_copy.default, (kv[1],), up)
     return graph.call_function(
         aten.scaled_dot_product_attention.default, (q, k, v, mask, 0.0, False), {"scale": scale, "enable_gqa": gqa}
     )
