@@ -71,6 +71,10 @@ ENGINES: dict[str, EngineSpec] = {
     # ... and the float head (results before the default changed list these two as
     # "ours-compiled" (float head) and "ours-compiled-int8head")
     "ours-compiled-fp32head": EngineSpec("engines.torch_engines:OursEngine", {"runtime": "aot", "int8_head": False}),
+    # the default compile with the KV cache in bf16 (prepare_generation(cache_dtype=torch.bfloat16))
+    "ours-compiled-bf16kv": EngineSpec(
+        "engines.torch_engines:OursEngine", {"runtime": "aot", "cache_dtype": "bfloat16"}
+    ),
 }
 
 

@@ -24,6 +24,27 @@ def _unique_bytes(tensors) -> int:
     return total
 
 
+def _embedding_only_bytes(gm: torch.fx.GraphModule) -> int:
+    """Bytes of tensors that only embedding lookups read: a decode step reads one row of
+    them, not the table (a loaded artifact keeps the int8 embedding apart from the tied
+    lm_head, so weight_bytes() counts the 28 MB table twice for SmolLM2)."""
+    users: dict[str, set] = {}
+    for n in gm.graph.nodes:
+        for a in n.args:
+            if getattr(a, "op", None) == "get_attr":
+                users.setdefault(a.target, set()).add(n.target)
+    emb = torch.ops.aten.embedding.default
+    tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    only = {t for t, targets in users.items() if targets == {emb} and t in tensors}
+    # A table sharing storage with a tensor read in full (a tied lm_head) is read in full.
+    full = {tensors[t].data_ptr() for t in tensors if t not in only}
+    seen: dict[int, int] = {}
+    for t in only:
+        if tensors[t].data_ptr() not in full:
+            seen[tensors[t].data_ptr()] = tensors[t].numel() * tensors[t].element_size()
+    return sum(seen.values())
+
+
 class HFEngine:
     """transformers ``generate()`` with its default (dynamic) KV cache, greedy."""
 
@@ -62,9 +83,10 @@ class HFEngine:
 class OursEngine:
     """``qqq_compile.compile(...)`` (or ``qqq_compile.load(artifact)``), then its ``generate()``."""
 
-    def __init__(self, runtime: str = "eager", int8_head: bool = True) -> None:
+    def __init__(self, runtime: str = "eager", int8_head: bool = True, cache_dtype: str | None = None) -> None:
         self.runtime = runtime
         self.int8_head = int8_head  # lm_head + tied embedding in int8 (QuantConfig.int8_head, the default)
+        self.cache_dtype = getattr(torch, cache_dtype) if cache_dtype else None  # KV cache (None: fp32)
         self.compiled = None
 
     def load(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -98,15 +120,18 @@ class OursEngine:
         # generate() takes the smallest that fits each request.
         t0 = time.perf_counter()
         for rows in sorted({1, int(options["batch"]) or 1}):
+            kw = {"cache_dtype": self.cache_dtype} if self.cache_dtype is not None else {}
             step = self.compiled.prepare_generation(
-                max_batch=rows, max_len=int(options["max_len"]), runtime=self.runtime
+                max_batch=rows, max_len=int(options["max_len"]), runtime=self.runtime, **kw
             )
         info["step_build_s"] = round(time.perf_counter() - t0, 1)
         info["step_runtime"] = step.runtime
         info["int8_head"] = self.int8_head
+        info["kv_cache_dtype"] = str(self.cache_dtype or "float32")
         if callable(getattr(self.compiled, "weight_bytes", None)):
             info["weight_bytes"] = int(self.compiled.weight_bytes())
             info["weight_bytes_source"] = "compiled.weight_bytes()"
+            info["decode_read_bytes"] = info["weight_bytes"] - _embedding_only_bytes(self.compiled.graph_module)
         return info
 
     @staticmethod

@@ -74,6 +74,7 @@ class CompiledModel(torch.nn.Module):
         runtime: str = "auto",
         package_dir: str | None = None,
         progress: bool = True,
+        cache_dtype: torch.dtype | None = None,
     ) -> Any:
         """Build the KV-cache decode step that :meth:`generate` uses (see :mod:`qqq_compile.runtime.steps`).
 
@@ -83,15 +84,22 @@ class CompiledModel(torch.nn.Module):
         built). A step prepared here is kept as built; several may be prepared (say
         ``max_batch=1`` and ``max_batch=8``: a one-row step has a static batch and decodes
         faster), and :meth:`generate` takes the smallest that fits each request. Requests
-        that fit none are refused."""
-        step = self._build_step(max_batch, max_len, runtime, package_dir, progress)
+        that fit none are refused. ``cache_dtype=torch.bfloat16`` keeps the KV cache in bf16
+        (:func:`~qqq_compile.runtime.kv_cache.add_kv_cache`)."""
+        step = self._build_step(max_batch, max_len, runtime, package_dir, progress, cache_dtype)
         same = (step.runtime, step.spec.max_batch, step.spec.max_len)
         self._prepared = [s for s in self._prepared if (s.runtime, s.spec.max_batch, s.spec.max_len) != same]
         self._prepared.append(step)
         return step
 
     def _build_step(
-        self, max_batch: int, max_len: int | None, runtime: str, package_dir: str | None = None, progress: bool = True
+        self,
+        max_batch: int,
+        max_len: int | None,
+        runtime: str,
+        package_dir: str | None = None,
+        progress: bool = True,
+        cache_dtype: torch.dtype | None = None,
     ) -> Any:
         from qqq_compile.runtime.generate import context_limit
         from qqq_compile.runtime.steps import RUNTIMES, build_step
@@ -109,6 +117,8 @@ class CompiledModel(torch.nn.Module):
         if package_dir is None and self.aot_dir and os.access(os.path.dirname(self.aot_dir), os.W_OK):
             package_dir = self.aot_dir
         kw = {"max_batch": max_batch, "max_len": max_len, "package_dir": package_dir, "progress": progress}
+        if cache_dtype is not None:
+            kw["cache_dtype"] = cache_dtype
         try:
             step = build_step(self.graph_module, runtime=choice, **kw)
         except Exception as e:  # noqa: BLE001 - auto falls back to the reference path

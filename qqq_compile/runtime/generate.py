@@ -99,6 +99,15 @@ def process_logits(logits: torch.Tensor, seqs: torch.Tensor, cfg: SamplingConfig
     return logits
 
 
+def _argmax(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(-1)``. For CPU float32 rows numpy's argmax returns the same index
+    (the first maximum; a NaN counts as the maximum) ~30x faster: 3 us against 100 us for a
+    49152-token vocabulary, measured on the 2-core EPYC, once per generated token."""
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and not scores.requires_grad:
+        return torch.from_numpy(scores.numpy().argmax(-1))
+    return scores.argmax(-1)
+
+
 def _check_left_padded(mask: torch.Tensor) -> None:
     # A real token after a pad in any row means right padding: the new tokens would then
     # not follow the prompt.
@@ -147,7 +156,13 @@ def generate(
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
-    seqs = input_ids
+    # Per-token work is kept to a few small ops (it cost ~0.3 ms/token on a busy 2-core machine
+    # with torch's argmax, torch.cat of the sequence, where and isin every step): the sequence
+    # is written into a preallocated buffer, greedy decoding without penalty takes numpy's
+    # argmax of the raw logits, and the pad/EOS bookkeeping runs only when some row can stop.
+    out = torch.empty(b, t + cfg.max_new_tokens, dtype=torch.long)
+    out[:, :t] = input_ids
+    plain_greedy = not cfg.do_sample and cfg.repetition_penalty == 1.0
     done = torch.zeros(b, dtype=torch.bool)
     full_mask = torch.cat([mask, torch.ones(b, cfg.max_new_tokens, dtype=torch.long)], dim=1)
     positions = torch.arange(t + cfg.max_new_tokens)
@@ -155,22 +170,29 @@ def generate(
     logits = step(input_ids, mask, positions[:t])
     prefill_s, t1, new = time.perf_counter() - t0, time.perf_counter(), 0
     for i in range(cfg.max_new_tokens):
-        scores = process_logits(logits[:, -1].float(), seqs, cfg)
-        if cfg.do_sample:
-            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        if plain_greedy:
+            nxt = _argmax(logits[:, -1])
         else:
-            nxt = scores.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+            scores = process_logits(logits[:, -1].float(), out[:, : t + i], cfg)
+            if cfg.do_sample:
+                nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                nxt = _argmax(scores)
+        if len(eos) and b > 1:  # a finished row keeps emitting pad (a single row stops instead)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        out[:, t + i] = nxt
         new += 1
         if streamer is not None:
             streamer.put(nxt.cpu())
         if len(eos):
             done |= torch.isin(nxt, eos)
-        if bool(done.all()) or i == cfg.max_new_tokens - 1:
+            if bool(done.all()):
+                break
+        if i == cfg.max_new_tokens - 1:
             break
         pos = t + i
         logits = step(nxt[:, None], full_mask[:, : pos + 1], positions[pos : pos + 1])
+    seqs = out[:, : t + new].contiguous()
     decode_s = time.perf_counter() - t1
     if streamer is not None:
         streamer.end()

@@ -133,6 +133,27 @@ def _lm_head(out: Node) -> tuple[Node, int] | None:
     return None
 
 
+def _converted_cache_attention(
+    graph: Graph, q: Node, kv: list[Node], mask: Node, scale: float | None, head_dim: int, gqa: bool
+) -> Node:
+    """Attention over a bf16 cache (K d-major): the C++ op when loaded, else SDPA over the
+    cache upcast to q's dtype (same numbers up to float rounding)."""
+    from qqq_compile.targets.w4a8.kernels.cpu import ensure_cpp_kernels
+
+    scale = float(scale) if scale is not None else head_dim**-0.5
+    if ensure_cpp_kernels():
+        return graph.call_function(torch.ops.qqq_cpu.attention_bf16kv.default, (q, kv[0], kv[1], mask, scale))
+    # Contiguous upcasts: SDPA then takes its flash kernel, whose [B, T, H, D] output layout
+    # the captured graph's views after attention rely on (as with an fp32 cache).
+    up = {"dtype": _val(q).dtype, "memory_format": torch.contiguous_format}
+    k_nat = graph.call_function(aten.transpose.int, (kv[0], 2, 3))
+    k = graph.call_function(aten._to_copy.default, (k_nat,), up)
+    v = graph.call_function(aten._to_copy.default, (kv[1],), up)
+    return graph.call_function(
+        aten.scaled_dot_product_attention.default, (q, k, v, mask, 0.0, False), {"scale": scale, "enable_gqa": gqa}
+    )
+
+
 def add_kv_cache(
     gm: GraphModule,
     *,
@@ -140,9 +161,17 @@ def add_kv_cache(
     max_len: int,
     input_name: str = "input_ids",
     last_logits_only: bool = True,
+    cache_dtype: torch.dtype | None = None,
 ) -> tuple[GraphModule, CacheSpec]:
     """A new GraphModule ``(input_ids, attention_mask, cache_position) -> logits`` with a
-    static KV cache in its buffers. ``gm`` is left as it was; weights are shared, not copied."""
+    static KV cache in its buffers. ``gm`` is left as it was; weights are shared, not copied.
+
+    ``cache_dtype``: None keeps K/V's dtype. ``torch.bfloat16`` stores them rounded to bf16
+    (half the bytes each decode step reads), K d-major, and attention runs
+    ``qqq_cpu::attention_bf16kv`` (a one-token kernel; torch's CPU SDPA on bf16 was slower
+    than on fp32) when the C++ kernels are loaded, else SDPA over the upcast cache."""
+    if cache_dtype not in (None, torch.bfloat16):
+        raise CacheError(f"cache_dtype must be None or torch.bfloat16, got {cache_dtype}")
     if max_batch < 1 or max_len < 2:
         raise CacheError(f"max_batch must be >= 1 and max_len >= 2, got {max_batch} and {max_len}")
     graph = Graph()
@@ -212,22 +241,34 @@ def add_kv_cache(
             name = f"qqq_{which}_cache_{i}"
             # One spare slot: a read of all max_len slots is then never the whole (contiguous)
             # buffer, so export does not specialise the kernel choice on L == max_len.
-            buffers[name] = torch.zeros(max_batch, int(bv.shape[1]), max_len + 1, int(bv.shape[3]), dtype=bv.dtype)
+            hkv, d = int(bv.shape[1]), int(bv.shape[3])
+            # A converted cache keeps K d-major [B, Hkv, D, L] (the layout attention_bf16kv reads).
+            slot_dim = 3 if cache_dtype is not None and which == "k" else 2
+            shape = (max_batch, hkv, d, max_len + 1) if slot_dim == 3 else (max_batch, hkv, max_len + 1, d)
+            buffers[name] = torch.zeros(shape, dtype=cache_dtype or bv.dtype)
             with graph.inserting_before(sd):
                 buf = graph.get_attr(name)
                 rows = graph.call_function(aten.narrow.default, (buf, 0, 0, batch))
-                written = graph.call_function(aten.index_copy_.default, (rows, 2, pos_in, base))
-                new_kv.append(graph.call_function(aten.narrow.default, (written, 2, 0, kv_len)))
+                src_kv = base
+                if cache_dtype is not None:
+                    src_kv = graph.call_function(aten._to_copy.default, (base,), {"dtype": cache_dtype})
+                    if slot_dim == 3:
+                        src_kv = graph.call_function(aten.transpose.int, (src_kv, 2, 3))
+                written = graph.call_function(aten.index_copy_.default, (rows, slot_dim, pos_in, src_kv))
+                new_kv.append(graph.call_function(aten.narrow.default, (written, slot_dim, 0, kv_len)))
         kv_heads, head_dim = int(shapes[0].shape[1]), int(shapes[0].shape[3])
-        itemsize = shapes[0].element_size()
+        itemsize = buffers[f"qqq_k_cache_{i}"].element_size()
         spec.layers.append({"sdpa": sd.name, "kv_heads": kv_heads, "head_dim": head_dim, "itemsize": itemsize})
         scale = _sdpa_arg(sd, 6, "scale")
         with graph.inserting_before(sd):
-            new = graph.call_function(
-                aten.scaled_dot_product_attention.default,
-                (q, new_kv[0], new_kv[1], mask, 0.0, False),
-                {"scale": scale, "enable_gqa": int(qv.shape[1]) != kv_heads},
-            )
+            if cache_dtype is not None:
+                new = _converted_cache_attention(graph, q, new_kv, mask, scale, head_dim, int(qv.shape[1]) != kv_heads)
+            else:
+                new = graph.call_function(
+                    aten.scaled_dot_product_attention.default,
+                    (q, new_kv[0], new_kv[1], mask, 0.0, False),
+                    {"scale": scale, "enable_gqa": int(qv.shape[1]) != kv_heads},
+                )
         new.meta.update(sd.meta)
         sd.replace_all_uses_with(new)
         graph.erase_node(sd)

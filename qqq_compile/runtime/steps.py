@@ -125,13 +125,15 @@ def build_step(
     runtime: str = "eager",
     package_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    cache_dtype: torch.dtype | None = None,
 ) -> DecodeStep:
     """Rewrite ``gm`` for a KV cache of ``max_batch`` rows and ``max_len`` positions and
-    return the step for ``runtime`` (``"eager"`` or ``"aot"``)."""
+    return the step for ``runtime`` (``"eager"`` or ``"aot"``); ``cache_dtype``: see
+    :func:`~qqq_compile.runtime.kv_cache.add_kv_cache`."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime={runtime!r} is not known; use one of {RUNTIMES}")
     t0 = time.perf_counter()
-    cached, spec = add_kv_cache(gm, max_batch=max_batch, max_len=max_len)
+    cached, spec = add_kv_cache(gm, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype)
     # One kernel call per group of projections reading one input (q/k/v, gate/up): exact,
     # and at one token per step the per-call costs are a large share of each GEMV.
     ctx = CompileContext()

@@ -36,6 +36,12 @@ fp32; unpack-in-torch + ``_int_mm`` takes 24-190 ms and ``aten._dyn_quant_matmul
 C++ unpack adds only ~0.4 ms, hence the dispatch in :func:`use_packed_kernel`.
 
 No weight-dependent state is cached: the kernels need no prepacking.
+
+Threads: the GEMV/GEMM loops share 32-row blocks through an atomic counter and, when a call
+finds the other cores busy (libgomp's fork or join waited > 0.2 ms), run the next calls on
+the calling thread alone for a doubling back-off (``csrc/parallel_cpu.cpp``): on a loaded
+2-core machine a 4096x4096 GEMV otherwise waited ~28 ms (median) for a descheduled OpenMP
+thread. :func:`cpp_path_counts` shows which path and threading each call took.
 """
 
 from __future__ import annotations
@@ -53,7 +59,9 @@ from qqq_compile.targets.w4a8.formats import PackedW4, quantize_act_per_token
 
 __all__ = [
     "OP_NAMES",
+    "PATH_NAMES",
     "cpp_call_counts",
+    "cpp_path_counts",
     "cpu_kernel_source",
     "cpu_supports_kernels",
     "ensure_cpp_kernels",
@@ -68,6 +76,22 @@ __all__ = [
 ]
 
 OP_NAMES = ("quantize_act", "rmsnorm_quant", "w4a8_linear", "w4a8_linear_q", "w8a8_linear")
+# The C++ kernels' paths, in the order of qqq::Path (csrc/qqq_cpu.h): W4A8 packed GEMV (one
+# token), packed GEMM (a few tokens), unpack + torch._int_mm (many tokens); the same for W8A8;
+# then how the parallel GEMV/GEMM loops ran: by the OpenMP team, on the calling thread alone
+# (back-off after a stalled join), and team runs whose join stalled (csrc/parallel_cpu.cpp).
+PATH_NAMES = (
+    "w4a8_gemv",
+    "w4a8_gemm_packed",
+    "w4a8_int_mm",
+    "w8a8_gemv",
+    "w8a8_gemm_vnni",
+    "w8a8_int_mm",
+    "team",
+    "solo",
+    "stall",
+    "attention_bf16kv",
+)
 
 
 def use_packed_kernel(m: int, k: int) -> bool:
@@ -82,7 +106,7 @@ def use_packed_kernel(m: int, k: int) -> bool:
 
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("act_cpu.cpp", "w4a8_cpu.cpp", "w8a8_cpu.cpp", "ops_cpu.cpp")
+_SOURCES = ("act_cpu.cpp", "w4a8_cpu.cpp", "w8a8_cpu.cpp", "parallel_cpu.cpp", "attention_cpu.cpp", "ops_cpu.cpp")
 _EXT_NAME = "qqq_cpu_kernels"
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi", "f16c")
 # The loaded extension's ops namespace ``torch.ops.qqq_cpu`` (or None: torch fallback), per
@@ -135,6 +159,7 @@ def _load_extension() -> Any:
             is_python_module=False,
             verbose=False,
         )
+        _register_fakes()
         return torch.ops.qqq_cpu
     except Exception as e:  # compiler missing, build error, ...
         warnings.warn(
@@ -143,6 +168,16 @@ def _load_extension() -> Any:
             stacklevel=3,
         )
         return None
+
+
+def _register_fakes() -> None:
+    """Shape functions of the extension's ops whose schema it defines without a kernel for
+    every key (torch.export traces them with fake tensors)."""
+
+    @torch.library.register_fake("qqq_cpu::attention_bf16kv")
+    def _(q, k_t, v, mask, scale):
+        b, h, t, d = q.shape
+        return q.new_empty(b, t, h, d).transpose(1, 2)  # torch's CPU SDPA output layout
 
 
 def _ext() -> Any:
@@ -178,6 +213,15 @@ def cpp_call_counts() -> dict[str, int]:
     ext = _ext_state.get("mod")
     counts = ext.call_counts() if ext is not None else [0] * len(OP_NAMES)
     return dict(zip(OP_NAMES, (int(c) for c in counts), strict=True))
+
+
+def cpp_path_counts() -> dict[str, int]:
+    """How many times each C++ kernel path ran in this process (:data:`PATH_NAMES`; all zero
+    if the extension is not loaded). Tests use it to prove that, e.g., one token took the
+    packed GEMV rather than unpack + ``torch._int_mm``."""
+    ext = _ext_state.get("mod")
+    counts = ext.path_counts() if ext is not None else [0] * len(PATH_NAMES)
+    return dict(zip(PATH_NAMES, (int(c) for c in counts), strict=True))
 
 
 def cpu_kernel_source(op: str) -> str:

@@ -227,9 +227,17 @@ TORCH_LIBRARY(qqq_cpu, m) {
   m.def("w4a8_linear_q", &qqq::w4a8_linear_q_op);
   m.def("w8a8_linear", &qqq::w8a8_linear_op);
   m.def("call_counts", &call_counts);
+  m.def("path_counts", &qqq::path_counts);
+  m.def("note_join_wait", &qqq::note_join_wait);
+  m.def("set_stall_backoff", &qqq::set_stall_backoff);
+  // Schema only (the CPU kernel below; the fake is registered from Python, cpu.py): a
+  // catch-all kernel would be traced through, with fake tensors, by torch.export.
+  m.def("attention_bf16kv(Tensor q, Tensor k_t, Tensor v, Tensor mask, float scale) -> Tensor");
   // 2-D building blocks, for tests and benchmarks.
   m.def("unpack_w8", &qqq::unpack_w8);
   m.def("use_packed", &qqq::use_packed);
   m.def("use_packed_w8", &qqq::use_packed_w8);
   m.def("w8a8_linear_path", &qqq::w8a8_linear_path_op);
 }
+
+TORCH_LIBRARY_IMPL(qqq_cpu, CPU, m) { m.impl("attention_bf16kv", &qqq::attention_bf16kv); }

@@ -5,9 +5,28 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace qqq {
+
+// parallel_cpu.cpp
+// Which path a kernel call took (qqq_cpu::path_counts(), cpu.cpp_path_counts(); tests prove
+// the fast path ran). kTeam/kSolo/kStall count parallel_items calls: run by the OpenMP team,
+// run on the caller alone during a back-off, and team runs whose fork or join stalled;
+// kAttnBf16: one-token attention over a bf16 KV cache by the kernel (attention_cpu.cpp).
+enum Path { kW4Gemv, kW4GemmPacked, kW4IntMm, kW8Gemv, kW8GemmVnni, kW8IntMm, kTeam, kSolo, kStall, kAttnBf16, kNumPaths };
+void count_path(Path p);
+std::vector<int64_t> path_counts();
+// f(i, i + 1) for every item i in [0, n): items claimed by whichever team thread runs; on
+// the calling thread alone when !parallel, and during a back-off after a stalled join.
+void parallel_items(int64_t n, bool parallel, const std::function<void(int64_t, int64_t)>& f);
+// The back-off rule, given how long a team call waited on other threads (fork + join; exposed
+// for tests: a wait past the threshold puts the next calls on the caller alone).
+void note_join_wait(int64_t waited_ns);
+// Enable/disable the back-off (benchmarks compare with the always-team behaviour); returns
+// the previous setting and clears any back-off in progress.
+bool set_stall_backoff(bool enabled);
 
 // act_cpu.cpp
 // x [M, K] float/bf16/f16 -> (q int8 [M, K] natural or [M, Kp] permuted, s f32 [M], asum int32 [M]).
@@ -43,5 +62,13 @@ at::Tensor w8a8_linear_2d(const at::Tensor& x, const at::Tensor& w8, const at::T
                           const c10::optional<at::Tensor>& bias, int64_t path = -1);
 // Whether M tokens take the VNNI kernel rather than torch._int_mm (the rule for path -1).
 bool use_packed_w8(int64_t M, int64_t K);
+
+// attention_cpu.cpp
+// SDPA of q [B, H, T, D] (fp32) over a bf16 KV cache: k_t [B, Hkv, D, L] (d-major), v
+// [B, Hkv, L, D], bool mask broadcastable to [B, 1, T, L]; -> [B, H, T, D] laid out [B, T, H, D].
+// T == 1 (head dim 16/32/64/128, up to 8 query heads per KV head) runs the decode kernel,
+// other shapes torch's SDPA over the upcast cache.
+at::Tensor attention_bf16kv(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor& v, const at::Tensor& mask,
+                            double scale);
 
 }  // namespace qqq

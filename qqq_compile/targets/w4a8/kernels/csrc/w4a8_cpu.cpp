@@ -246,10 +246,13 @@ void gemm_packed_run(const ActView& a, int64_t M, const WeightView& w, const Epi
   constexpr int64_t NB = 32;
   const int64_t nblocks = ceil_div(N, NB);
   // Tiny problems run on the calling thread: waking the pool costs more than the work.
-  const int64_t grain = M * N * w.K < (1 << 19) ? nblocks : 1;
-  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<__m512i> scratch(SCRATCH ? NB * nchunks : 0);
-    std::vector<float> gsf(kF16Inline<MODE, WIDE, SCRATCH> ? NB * w.G : 0);
+  // parallel_items, not at::parallel_for: it does not stall on a busy machine (parallel_cpu.cpp).
+  parallel_items(nblocks, M * N * w.K >= (1 << 19), [&](int64_t b0, int64_t b1) {
+    // thread_local: one allocation per thread, not one per 32-row block.
+    thread_local std::vector<__m512i> scratch;
+    thread_local std::vector<float> gsf;
+    if (SCRATCH && scratch.size() < static_cast<size_t>(NB * nchunks)) scratch.resize(NB * nchunks);
+    if (kF16Inline<MODE, WIDE, SCRATCH> && gsf.size() < static_cast<size_t>(NB * w.G)) gsf.resize(NB * w.G);
     const __m512i* luts = scratch.data();
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n_begin = blk * NB, n_end = std::min(N, n_begin + NB);
@@ -423,6 +426,7 @@ at::Tensor gemm_packed(const at::Tensor& qperm, const at::Tensor& asum, const at
   at::Tensor out = at::empty({M, N}, qweight.options().dtype(out_dtype));
   ActView a{qperm.data_ptr<int8_t>(), qperm.size(1), as.data_ptr<int32_t>(), xsf.data_ptr<float>()};
   Epilogue e{sch.data_ptr<float>(), b ? b->data_ptr<float>() : nullptr, out.data_ptr(), N, out_kind(out_dtype)};
+  count_path(M == 1 ? kW4Gemv : kW4GemmPacked);
   DISPATCH_MODE(mode, wide, gemm_packed_impl, a, M, w, e);
   return out;
 }
@@ -458,6 +462,7 @@ at::Tensor w4a8_linear_2d(const at::Tensor& x, const at::Tensor& xq_nat, const a
     q = qa[0];
     s = qa[1];
   }
+  count_path(kW4IntMm);
   at::Tensor acc = int_mm(q.contiguous(), unpack_w8(qw, gs, K, group_size));
   return epilogue(acc, s, channel_scale, bias, out_dtype);
 }

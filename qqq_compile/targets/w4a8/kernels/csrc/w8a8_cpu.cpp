@@ -76,8 +76,8 @@ inline void rows8(const ActView& a, const int8_t* w, int64_t K, const Epilogue& 
 void gemm_w8(const ActView& a, int64_t M, const int8_t* w, int64_t K, const Epilogue& e) {
   constexpr int64_t NB = 32;  // rows per block: they stay in L2 while the token tiles pass
   const int64_t nblocks = ceil_div(e.N, NB);
-  const int64_t grain = M * e.N * K < (1 << 19) ? nblocks : 1;
-  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+  // parallel_items, not at::parallel_for: it does not stall on a busy machine (parallel_cpu.cpp).
+  parallel_items(nblocks, M * e.N * K >= (1 << 19), [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n_begin = blk * NB, n_end = std::min(e.N, n_begin + NB);
       int64_t m = 0;
@@ -104,6 +104,7 @@ at::Tensor w8a8_linear_2d(const at::Tensor& x, const at::Tensor& w8_in, const at
   const at::ScalarType out_dtype = x.scalar_type();
   const at::Tensor w8 = w8_in.contiguous();
   const bool vnni = K < 2 || (path < 0 ? use_packed_w8(M, K) : path == 1);
+  count_path(!vnni ? kW8IntMm : M == 1 ? kW8Gemv : kW8GemmVnni);
   if (!vnni) {
     std::vector<at::Tensor> qa = quantize(x, false);
     return epilogue(int_mm(qa[0], w8), qa[1], scale, bias, out_dtype);
