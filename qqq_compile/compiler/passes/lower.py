@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from torch.fx import GraphModule
+import dataclasses
+
+from torch.fx import GraphModule, Node
 
 from qqq_compile.annotations import KEY, node_annotation, set_node_annotation
 from qqq_compile.compiler.pipeline import CompileContext, PassResult, QQQPass, register_pass
@@ -27,11 +29,14 @@ class Lower(QQQPass):
     def call(self, graph_module: GraphModule, ctx: CompileContext) -> PassResult:
         gm = graph_module
         modified = False
+        replaced: dict[Node, Node] = {}  # a linear's input may be an earlier linear, rewritten here
         for site in linear_sites(gm):
             li = info(site.node)
             if li is None or li.packed is None or li.lowered:
                 continue
+            site = dataclasses.replace(site, x=replaced.get(site.x, site.x))
             new = ctx.target.lower_linear(gm, site, li)
+            replaced[site.node] = new
             new.meta.update({k: v for k, v in site.node.meta.items() if k != KEY})
             li.lowered = True
             set_node_annotation(new, node_annotation(site.node))  # the LinearInfo and the other facts
