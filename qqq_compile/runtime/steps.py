@@ -66,7 +66,9 @@ def default_package_dir() -> Path:
 
 @dataclass
 class DecodeStep:
-    """``step(input_ids [B, T], attention_mask [B, L], cache_position [T]) -> logits [B, 1, V]``."""
+    """``step(input_ids [B, T], attention_mask [B, L], cache_position [T], cache_row=0) -> logits [B, 1, V]``.
+
+    The batch uses cache rows ``cache_row .. cache_row + B - 1`` (default: the first ``B``)."""
 
     runtime: str
     spec: CacheSpec
@@ -76,9 +78,18 @@ class DecodeStep:
     build_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache_position: torch.Tensor) -> Any:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache_position: torch.Tensor, cache_row: int = 0
+    ) -> Any:
+        rows = input_ids.shape[0]
+        if not 0 <= cache_row <= self.spec.max_batch - rows:
+            raise ValueError(
+                f"cache rows {cache_row}..{cache_row + rows - 1} are outside the {self.spec.max_batch} rows "
+                f"this step's KV cache holds"
+            )
+        row = torch.tensor(cache_row, dtype=torch.long)
         with torch.no_grad():
-            return self.fn(input_ids.contiguous(), attention_mask.contiguous(), cache_position.contiguous())
+            return self.fn(input_ids.contiguous(), attention_mask.contiguous(), cache_position.contiguous(), row)
 
 
 def _ensure_cpp_kernels() -> bool:
@@ -100,8 +111,9 @@ def _aot_compile(cached: GraphModule, spec: CacheSpec, path: Path, progress: boo
         torch.zeros(b, 2, dtype=torch.long),
         torch.ones(b, 2, dtype=torch.long),
         torch.arange(2),
+        torch.tensor(0),  # cache_row: data-dependent (see kv_cache._first_row)
     )
-    dyn = ({0: batch, 1: seq} if batch else {1: seq}, {0: batch, 1: kv} if batch else {1: kv}, {0: seq})
+    dyn = ({0: batch, 1: seq} if batch else {1: seq}, {0: batch, 1: kv} if batch else {1: kv}, {0: seq}, None)
     if progress:
         print(f"qqq_compile: AOT-compiling the decode step (once; cached at {path}) ...", flush=True)
     with torch.no_grad():

@@ -57,7 +57,7 @@ def test_aot_step_runs_the_cpp_kernels_without_python_per_op(aot_step):
     ids = torch.randint(0, 256, (1, 1))
     sys.setprofile(spy)
     try:
-        step.fn(ids, torch.ones(1, 5, dtype=torch.long), torch.tensor([4]))
+        step.fn(ids, torch.ones(1, 5, dtype=torch.long), torch.tensor([4]), torch.tensor(0))
     finally:
         sys.setprofile(None)
     # 2 layers x 4 calls (q/k/v fused, o, gate/up fused, down: fuse_linears), each one C++
