@@ -132,6 +132,7 @@ class Job:
     cancelled: bool = False
     finish_reason: str | None = None
     row: int | None = None
+    start: int | None = None  # the position of its first prompt token (0: as generate() places it)
     pending: int | None = None  # sampled, not yet fed to the step
     generator: torch.Generator | None = None
     submitted: float = field(default_factory=time.perf_counter)
@@ -323,6 +324,8 @@ class BatchingEngine:
             t = len(self._rows[r].prompt)
             self._mask[r].zero_()
             self._mask[r, cur - t : cur] = 1
+            self._rows[r].start = cur - t
+            self._counts["joined_shifted" if cur - t else "joined_at_0"] += 1
         for run in self._runs(sorted(rows)):
             jobs = [self._rows[r] for r in run]
             width = max(len(j.prompt) for j in jobs)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -159,7 +159,7 @@ class OpenAIServer:
                 top_k=req.top_k if sample else None,
                 top_p=req.top_p if sample else None,
                 repetition_penalty=req.repetition_penalty,
-                eos_token_id=self.eos_token_ids,
+                eos_token_id=[] if req.ignore_eos else self.eos_token_ids,
             )
             stream = TextStream(self._decode, req.stop)
             jobs.append(Job(ids, cfg, stream, sink_for(i), seed=req.seed))
@@ -201,17 +201,23 @@ class OpenAIServer:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return JSONResponse(await self._collect(request, jobs, queue, meta, chat))
+        result = await self._collect(request, jobs, queue, meta, chat)
+        return JSONResponse(result) if result is not None else Response(status_code=499)  # 499: client gone
 
-    async def _collect(self, request: Request, jobs: list[Job], queue: asyncio.Queue, meta: dict, chat: bool) -> dict:
+    async def _collect(
+        self, request: Request, jobs: list[Job], queue: asyncio.Queue, meta: dict, chat: bool
+    ) -> dict | None:
         texts, reasons, done = [""] * len(jobs), [None] * len(jobs), 0
+        next_check = time.monotonic() + 0.5
         try:
             while done < len(jobs):
+                if time.monotonic() >= next_check:  # every 0.5 s, events or not
+                    if await request.is_disconnected():
+                        return None  # its jobs are cancelled below: their rows free at the next step
+                    next_check = time.monotonic() + 0.5
                 try:
                     i, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise
                     continue
                 texts[i] += ev.text
                 if ev.finish_reason is not None:

@@ -1,7 +1,7 @@
 """Parsing and checking the JSON of OpenAI ``/v1/completions`` and ``/v1/chat/completions`` requests.
 
-Fields are OpenAI's, plus ``top_k`` and ``repetition_penalty`` (extensions, as in vLLM and
-llama.cpp's server). Fields that would change the output but are not implemented
+Fields are OpenAI's, plus ``top_k``, ``repetition_penalty`` and ``ignore_eos`` (extensions,
+as in vLLM and llama.cpp's server). Fields that would change the output but are not implemented
 (``n`` > 1, ``logprobs``, ``echo``, ``suffix``, penalties, ``logit_bias``) are refused
 with a 400 that names them, never silently ignored. Unknown fields are ignored (clients
 send their own extras).
@@ -48,6 +48,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False  # extension (benchmarks): decode max_tokens whatever comes
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
@@ -107,6 +108,7 @@ def _common(body: dict, req: GenerationRequest, max_tokens_names: tuple[str, ...
             raise _bad(f"'stop' may hold at most {MAX_STOP} strings, got {len(stops)}", "stop")
         req.stop = [s for s in stops if s]
     req.stream = bool(_opt(body, "stream", (bool,), "true or false"))
+    req.ignore_eos = bool(_opt(body, "ignore_eos", (bool,), "true or false"))
     opts = _opt(body, "stream_options", (dict,), "an object")
     req.include_usage = bool(opts and opts.get("include_usage"))
     n = _opt(body, "n", (int,), "an integer")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch.fx import GraphModule
 
 from qqq_compile.compiler.pipeline import CompileContext
@@ -33,6 +34,8 @@ from qqq_compile.runtime.kv_cache import CacheSpec, add_kv_cache
 from qqq_compile.targets.w4a8.fuse_linears import FuseLinears
 
 RUNTIMES = ("eager", "aot")
+# How the graph is exported for AOTInductor; part of the package key, so a change rebuilds.
+EXPORT_RECIPE = "cache_row+size_oblivious"
 
 
 def _cpu_id() -> str:
@@ -55,7 +58,7 @@ def package_key(gm: GraphModule, max_batch: int, max_len: int) -> str:
     for name, t in sorted({**dict(gm.named_parameters()), **dict(gm.named_buffers())}.items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
-    h.update(f"{max_batch}:{max_len}:{torch.__version__}:{_cpu_id()}".encode())
+    h.update(f"{max_batch}:{max_len}:{torch.__version__}:{_cpu_id()}:{EXPORT_RECIPE}".encode())
     return h.hexdigest()[:24]
 
 
@@ -117,7 +120,10 @@ def _aot_compile(cached: GraphModule, spec: CacheSpec, path: Path, progress: boo
     if progress:
         print(f"qqq_compile: AOT-compiling the decode step (once; cached at {path}) ...", flush=True)
     with torch.no_grad():
-        ep = torch.export.export(cached, example, dynamic_shapes=dyn, strict=False)
+        # Size-oblivious: a dynamic batch ranges over [1, max_batch] in export's reasoning (by
+        # default it assumes >= 2, and would then fold the cache_row clamp of a 2-row cache to 0).
+        with fx_config.patch(backed_size_oblivious=True):
+            ep = torch.export.export(cached, example, dynamic_shapes=dyn, strict=False)
         # Functionalise: KV writes become buffer mutations AOTInductor performs in place. SDPA
         # stays whole: its CPU flash kernel reads the KV heads directly (GQA), where the math
         # decomposition would copy the cache into every query head each step.

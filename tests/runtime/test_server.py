@@ -16,18 +16,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import openai  # the dev extra has it (scripts/setup.sh); serving itself needs only fastapi + uvicorn
 import pytest
 import torch
 
-openai = pytest.importorskip("openai")  # the serve extra (installed by scripts/setup.sh)
-
-import qqq_compile as qc  # noqa: E402
-from qqq_compile.artifact import load, load_tokenizer, save  # noqa: E402
-from qqq_compile.cli.main import main  # noqa: E402
-from qqq_compile.runtime.batching import BatchingEngine, Job, TextStream  # noqa: E402
-from qqq_compile.runtime.generate import SamplingConfig  # noqa: E402
-from qqq_compile.runtime.server import BackgroundServer, OpenAIServer, ServeConfig, create_app  # noqa: E402
-from tests.conftest import tiny_calib, tiny_model  # noqa: E402
+import qqq_compile as qc
+from qqq_compile.artifact import load, load_tokenizer, save
+from qqq_compile.cli.main import main
+from qqq_compile.runtime.batching import BatchingEngine, Job, TextStream
+from qqq_compile.runtime.generate import SamplingConfig
+from qqq_compile.runtime.server import BackgroundServer, OpenAIServer, ServeConfig, create_app
+from tests.conftest import tiny_calib, tiny_model
 
 MAX_LEN = 64
 TEMPLATE = (
@@ -268,6 +267,15 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(artifact):
         assert st["rows_in_use"] == 0 and st["rows_released"] == 1 and st["completion_tokens"] < 50
         r = client(bg.url).completions.create(model="tiny", prompt=words(9, 3), max_tokens=4, temperature=0)
         assert r.choices[0].finish_reason == "length"
+        # A non-streaming client that leaves: noticed within 0.5 s, its row freed as well.
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        body = {**body, "stream": False}
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert wait_for(lambda: srv.engine.stats()["rows_in_use"] == 1)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        assert wait_for(lambda: srv.engine.stats().get("cancelled", 0) == 2)
+        assert srv.engine.stats()["rows_in_use"] == 0
     srv.close()
 
 
