@@ -197,7 +197,9 @@ class BatchingEngine:
         self._rows: list[Job | None] = [None] * self.max_batch
         self._mask = torch.zeros(self.max_batch, self.max_len, dtype=torch.long)
         self._cur = 0
-        self._counts: Counter[str] = Counter()
+        names = ("accepted", "completed", "cancelled", "failed", "rejected_queue_full", "rows_released")
+        names += ("joined_at_0", "joined_shifted", "prefill_calls", "decode_steps", "decode_row_steps")
+        self._counts: Counter[str] = Counter(dict.fromkeys(names + ("prompt_tokens", "completion_tokens"), 0))
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qqq-serve-engine", daemon=True)
 

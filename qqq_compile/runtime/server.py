@@ -105,7 +105,10 @@ class OpenAIServer:
             if req.messages is not None:
                 if not getattr(self.tok, "chat_template", None):
                     raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions", "messages")
-                ids = self.tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
+                try:
+                    ids = self.tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
+                except Exception as e:  # noqa: BLE001 - a template raises what it likes (jinja errors, ...)
+                    raise ApiError(400, f"the chat template refused these messages: {e}", "messages") from e
                 return [list(getattr(ids, "input_ids", ids))]
             return [p if isinstance(p, list) else list(self.tok(p).input_ids) for p in req.prompts]
 

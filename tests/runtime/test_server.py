@@ -305,6 +305,22 @@ def test_bad_requests_get_openai_error_json(served, body, status, code, says):
     assert resp["error"]["code"] == code and says in resp["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "body, code, says",
+    [
+        ({"model": "tiny"}, "missing_required_parameter", "'messages' is required"),
+        ({"model": "tiny", "messages": []}, "invalid_type", "non-empty list"),
+        ({"model": "tiny", "messages": [{"content": "w1"}]}, "invalid_type", "string 'role'"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "invalid_value", "text parts"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "w1"}], "tools": [{"type": "function"}]},
+         "unsupported_parameter", "'tools'"),
+    ],
+)  # fmt: skip
+def test_bad_chat_requests_get_openai_error_json(served, body, code, says):
+    status, _, resp = raw(served[0], "POST", "/v1/chat/completions", body)
+    assert status == 400 and resp["error"]["code"] == code and says in resp["error"]["message"]
+
+
 def test_an_oversize_prompt_is_refused_before_tokenizing(served):
     url, _ = served
     t0 = time.perf_counter()
@@ -420,6 +436,9 @@ def test_eos_ends_a_request_with_stop(artifact):
     assert j.generated == free[: free.index(eos) + 1] and events[-1].finish_reason == "stop"
 
 
-def test_serve_is_a_cli_command():
+def test_serve_is_a_cli_command(capsys):
     assert main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "example" in out and "--max-batch" in out and "127.0.0.1" in out
     assert main(["serve", "/nonexistent/artifact", "--quiet"]) == 2
+    assert "qqq-compile: error:" in capsys.readouterr().err
