@@ -336,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     from qqq_compile.cli.generate import add_commands
 
     add_commands(add, Steps, load_artifact)
+    from qqq_compile.cli.serve import add_command as add_serve_command
+
+    add_serve_command(add, Steps, load_artifact)
     return p
 
 

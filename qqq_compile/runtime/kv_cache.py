@@ -21,11 +21,14 @@ What it finds and rewrites:
 * **Logits**: optionally only the last position's (what generation needs; prefill then
   skips ``T - 1`` rows of the lm_head GEMM).
 
-The step takes ``(input_ids [B, T], attention_mask [B, L], cache_position [T])`` with
-``L = past + T`` (transformers' convention) and returns logits. One graph serves prefill
+The step takes ``(input_ids [B, T], attention_mask [B, L], cache_position [T], cache_row)``
+with ``L = past + T`` (transformers' convention) and returns logits. One graph serves prefill
 (``T > 1``) and decode (``T = 1``). Batch rows share positions: rows of a left-padded
 batch are shifted copies, which rotary attention does not see (it depends on position
-differences only).
+differences only). ``cache_row`` (optional, a 0-d long tensor, default 0) is the cache row
+of the batch's first row: the batch reads and writes cache rows ``cache_row .. cache_row + B - 1``,
+so one row can be prefilled while the others keep their cache (a server's requests join a
+running batch that way).
 """
 
 from __future__ import annotations
@@ -154,6 +157,17 @@ def _converted_cache_attention(
     )
 
 
+def _first_row(cache_row: torch.Tensor | None, batch: Any, max_batch: int) -> Any:
+    """The cache row of the batch's first row: ``cache_row`` (0 when not given). Under
+    export it is data-dependent; clamping it to ``max_batch - B`` lets export prove the
+    row slice in range (callers check the range first: :class:`~qqq_compile.runtime.steps.DecodeStep`)."""
+    if cache_row is None:
+        return 0
+    row = cache_row.item()
+    torch._check(row >= 0)
+    return torch.sym_min(row, max_batch - batch)
+
+
 def add_kv_cache(
     gm: GraphModule,
     *,
@@ -163,8 +177,8 @@ def add_kv_cache(
     last_logits_only: bool = True,
     cache_dtype: torch.dtype | None = None,
 ) -> tuple[GraphModule, CacheSpec]:
-    """A new GraphModule ``(input_ids, attention_mask, cache_position) -> logits`` with a
-    static KV cache in its buffers. ``gm`` is left as it was; weights are shared, not copied.
+    """A new GraphModule ``(input_ids, attention_mask, cache_position, cache_row=None) -> logits``
+    with a static KV cache in its buffers. ``gm`` is left as it was; weights are shared, not copied.
 
     ``cache_dtype``: None keeps K/V's dtype. ``torch.bfloat16`` stores them rounded to bf16
     (half the bytes each decode step reads), K d-major, and attention runs
@@ -204,7 +218,9 @@ def add_kv_cache(
     with graph.inserting_before(first):
         mask_in = graph.placeholder("attention_mask")
         pos_in = graph.placeholder("cache_position")
+        row_in = graph.placeholder("cache_row", default_value=None)
         batch = graph.call_function(aten.sym_size.int, (ids, 0))
+        first_row = graph.call_function(_first_row, (row_in, batch, max_batch))
         kv_len = graph.call_function(aten.sym_size.int, (mask_in, 1))
         slots = graph.call_function(aten.arange.default, (kv_len,), {"dtype": torch.long})
         key_row = graph.call_function(aten.unsqueeze.default, (slots, 0))  # [1, L]
@@ -248,7 +264,7 @@ def add_kv_cache(
             buffers[name] = torch.zeros(shape, dtype=cache_dtype or bv.dtype)
             with graph.inserting_before(sd):
                 buf = graph.get_attr(name)
-                rows = graph.call_function(aten.narrow.default, (buf, 0, 0, batch))
+                rows = graph.call_function(aten.narrow.default, (buf, 0, first_row, batch))
                 src_kv = base
                 if cache_dtype is not None:
                     src_kv = graph.call_function(aten._to_copy.default, (base,), {"dtype": cache_dtype})

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch.fx import GraphModule
 
 from qqq_compile.compiler.pipeline import CompileContext
@@ -33,6 +34,8 @@ from qqq_compile.runtime.kv_cache import CacheSpec, add_kv_cache
 from qqq_compile.targets.w4a8.fuse_linears import FuseLinears
 
 RUNTIMES = ("eager", "aot")
+# How the graph is exported for AOTInductor; part of the package key, so a change rebuilds.
+EXPORT_RECIPE = "cache_row+size_oblivious"
 
 
 def _cpu_id() -> str:
@@ -55,7 +58,7 @@ def package_key(gm: GraphModule, max_batch: int, max_len: int) -> str:
     for name, t in sorted({**dict(gm.named_parameters()), **dict(gm.named_buffers())}.items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
-    h.update(f"{max_batch}:{max_len}:{torch.__version__}:{_cpu_id()}".encode())
+    h.update(f"{max_batch}:{max_len}:{torch.__version__}:{_cpu_id()}:{EXPORT_RECIPE}".encode())
     return h.hexdigest()[:24]
 
 
@@ -66,7 +69,9 @@ def default_package_dir() -> Path:
 
 @dataclass
 class DecodeStep:
-    """``step(input_ids [B, T], attention_mask [B, L], cache_position [T]) -> logits [B, 1, V]``."""
+    """``step(input_ids [B, T], attention_mask [B, L], cache_position [T], cache_row=0) -> logits [B, 1, V]``.
+
+    The batch uses cache rows ``cache_row .. cache_row + B - 1`` (default: the first ``B``)."""
 
     runtime: str
     spec: CacheSpec
@@ -76,9 +81,18 @@ class DecodeStep:
     build_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache_position: torch.Tensor) -> Any:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache_position: torch.Tensor, cache_row: int = 0
+    ) -> Any:
+        rows = input_ids.shape[0]
+        if not 0 <= cache_row <= self.spec.max_batch - rows:
+            raise ValueError(
+                f"cache rows {cache_row}..{cache_row + rows - 1} are outside the {self.spec.max_batch} rows "
+                f"this step's KV cache holds"
+            )
+        row = torch.tensor(cache_row, dtype=torch.long)
         with torch.no_grad():
-            return self.fn(input_ids.contiguous(), attention_mask.contiguous(), cache_position.contiguous())
+            return self.fn(input_ids.contiguous(), attention_mask.contiguous(), cache_position.contiguous(), row)
 
 
 def _ensure_cpp_kernels() -> bool:
@@ -100,12 +114,16 @@ def _aot_compile(cached: GraphModule, spec: CacheSpec, path: Path, progress: boo
         torch.zeros(b, 2, dtype=torch.long),
         torch.ones(b, 2, dtype=torch.long),
         torch.arange(2),
+        torch.tensor(0),  # cache_row: data-dependent (see kv_cache._first_row)
     )
-    dyn = ({0: batch, 1: seq} if batch else {1: seq}, {0: batch, 1: kv} if batch else {1: kv}, {0: seq})
+    dyn = ({0: batch, 1: seq} if batch else {1: seq}, {0: batch, 1: kv} if batch else {1: kv}, {0: seq}, None)
     if progress:
         print(f"qqq_compile: AOT-compiling the decode step (once; cached at {path}) ...", flush=True)
     with torch.no_grad():
-        ep = torch.export.export(cached, example, dynamic_shapes=dyn, strict=False)
+        # Size-oblivious: a dynamic batch ranges over [1, max_batch] in export's reasoning (by
+        # default it assumes >= 2, and would then fold the cache_row clamp of a 2-row cache to 0).
+        with fx_config.patch(backed_size_oblivious=True):
+            ep = torch.export.export(cached, example, dynamic_shapes=dyn, strict=False)
         # Functionalise: KV writes become buffer mutations AOTInductor performs in place. SDPA
         # stays whole: its CPU flash kernel reads the KV heads directly (GQA), where the math
         # decomposition would copy the cache into every query head each step.
