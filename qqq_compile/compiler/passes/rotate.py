@@ -186,13 +186,13 @@ class Rotate(QQQPass):
                 continue
             name = "qqq_untied_" + re.sub(r"\W", "_", s.name) + "_weight"
             src = get_attr(gm, t).detach()
-            if isinstance(src, LazyWeight):
-                gm.register_parameter(name, None)
-                assign_attr(gm, name, src)  # a Parameter would wrap the lazy tensor's placeholder data
-            else:
-                gm.register_parameter(name, torch.nn.Parameter(src.clone(), requires_grad=False))
+            lazy = isinstance(src, LazyWeight)
+            copy = torch.empty(0) if lazy else src.clone()
+            gm.register_parameter(name, torch.nn.Parameter(copy, requires_grad=False))
             with gm.graph.inserting_before(s.node):
                 new = gm.graph.get_attr(name)
+            if lazy:  # the slot takes the lazy tensor itself (a Parameter would wrap its placeholder data)
+                assign_attr(gm, name, src)
             new.meta = dict(s.weight.meta)
             for u in list(s.weight.users):
                 if u is s.node or u in s.node.all_input_nodes:

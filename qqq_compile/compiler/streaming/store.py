@@ -143,12 +143,15 @@ class StreamWeights(Instrument):
     def offload(self, gm: GraphModule) -> None:
         """Spill every streamed attribute a pass replaced with an in-memory tensor."""
         spilled: dict[int, LazyWeight] = {}
+        held = 0
         for target in self.sources:
             cur = lookup_attr(gm, target)
             if isinstance(cur, torch.Tensor) and not isinstance(cur, LazyWeight):
                 if id(cur) not in spilled:
                     spilled[id(cur)] = self.store.put(cur.detach(), self._group.get(target))
+                    held += cur.numel() * cur.element_size()
                 assign_attr(gm, target, spilled[id(cur)])
+        self.store.stats.held_bytes = max(self.store.stats.held_bytes, held)
         self.store.clear_cache()
         release_memory()
 
