@@ -66,9 +66,16 @@ class Rotate(QQQPass):
     """Fold every RMSNorm weight into its readers, then rotate the residual stream by an
     orthonormal ``Q`` (randomized Hadamard when the hidden size allows, else seeded
     random orthogonal). Tied embeddings are untied (lm_head gets its own attribute).
-    With ``online_down_proj`` an ``x·H`` node (two ``aten.matmul`` against constant
-    Kronecker factors) is inserted before each MLP output projection whose width admits
-    a Hadamard, and ``H`` is folded into that projection's weight.
+    With ``online_down_proj`` an ``x·H`` computation (one ``aten.matmul`` per constant
+    Kronecker factor of ``H``: 1536 = 12·128 is ``Aᵀ·X·B``) is inserted before each MLP
+    output projection whose width admits a Hadamard, and ``H`` is folded into that
+    projection's weight. Widths without one get a warning note naming what was done
+    instead (a random orthogonal residual rotation; no online transform).
+
+    The graph is edited first; the weight rewrites are queued and then run segment by
+    segment (embeddings, each decoder block, the head), each segment's weights
+    :func:`~qqq_compile.compiler.residency.resident` only while it is rewritten: with a
+    streamed checkpoint the pass holds one block of float weights, not the model.
 
     With ``head_rotation`` (QuaRot/SpinQuant's R2) every value head is rotated by a
     head-dim Hadamard ``H``: ``v_proj``'s output rows (and bias) per KV-head block by
@@ -101,10 +108,10 @@ class Rotate(QQQPass):
         self._untie(gm, plan)
         self._fold_norms(gm, plan, work)
         for target, node in {e.args[0].target: e for e in plan.embeddings}.items():
-            work.attr(node, target, lambda e: e @ q)
+            work.attr(node, target, lambda e: e @ q, rows=True)
         for sites in plan.readers.values():
             for s in sites:
-                work.site(s, lambda w: w @ q)
+                work.site(s, lambda w: w @ q, rows=True)
                 annotate(s.node, rotate="reader")
         for s in plan.writers:
             work.site(s, lambda w: q.T @ w)
@@ -157,7 +164,7 @@ class Rotate(QQQPass):
             if a.value.bias is not None:
                 work.attr(a.value.node, a.value.bias.target, lambda b, h=h, hd=hd: (b.reshape(-1, hd) @ h).reshape(-1))
             for o in a.output:
-                work.site(o, lambda w, h=h, hd=hd: (w.reshape(w.shape[0], -1, hd) @ h).reshape(w.shape))
+                work.site(o, lambda w, h=h, hd=hd: (w.reshape(w.shape[0], -1, hd) @ h).reshape(w.shape), rows=True)
             _mark(a.value.node, "head_value")
             for o in a.output:
                 _mark(o.node, "head_output")
@@ -206,7 +213,7 @@ class Rotate(QQQPass):
                 w = get_attr(gm, norm.weight.target).double()  # a norm weight is small: read it now
                 eff = 1 + w if norm.kind == "rmsnorm_plus_one" else w
                 for s in plan.readers[norm.output]:
-                    work.site(s, lambda ws, eff=eff: ws * eff[None, :])
+                    work.site(s, lambda ws, eff=eff: ws * eff[None, :], rows=True)
             for target, kind in {n.weight.target: n.kind for n in plan.norms}.items():
                 w = get_attr(gm, target)
                 fill = torch.zeros if kind == "rmsnorm_plus_one" else torch.ones
@@ -234,7 +241,7 @@ class Rotate(QQQPass):
             for n in [y, *list(y.all_input_nodes)]:
                 n.meta.setdefault("nn_module_stack", _parent_stack(s.node))
             s.node.replace_input_with(s.x, y)
-            work.site(s, lambda w, mats=mats: _fold_online(w, mats))
+            work.site(s, lambda w, mats=mats: _fold_online(w, mats), rows=True)
             annotate(s.node, rotate="writer+online_hadamard")
             count += 1
         out = f"online Hadamard before {count} MLP output projection(s)"
@@ -309,12 +316,18 @@ def _fold_online(w: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
     return kron_matmul(w, mats)
 
 
+#: A row-wise step on a tensor above this many elements (32 MiB in float64) runs in
+#: chunks of rows: an embedding's float64 copy and product would be 4x its size at once.
+CHUNK_ELEMENTS = 1 << 22
+
+
 class _Rewrites:
     """Weight rewrites queued in order, then run segment by segment (prefix, each
     decoder block, suffix), each segment's weights resident at once (:func:`resident`):
     with streamed weights only one segment's float weights are in memory, and each
     rewritten weight goes back to disk when its segment is done. Each step computes in
-    float64 and stores in the weight's dtype, as the steps did when they ran in place."""
+    float64 and stores in the weight's dtype, as the steps did when they ran in place;
+    ``rows=True`` marks a step whose output rows depend only on the same input rows."""
 
     def __init__(self, gm: GraphModule):
         self.gm = gm
@@ -324,20 +337,21 @@ class _Rewrites:
             self._segment.update({n: b.name for n in b.nodes})
         self._jobs: dict[str | None, list[tuple[str, Callable[[], None]]]] = {}
 
-    def site(self, s: LinearSite, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def site(self, s: LinearSite, fn: Callable[[torch.Tensor], torch.Tensor], rows: bool = False) -> None:
         """Queue ``W ← fn(W)`` on the site's weight in ``[N, K]`` orientation."""
 
         def job() -> None:
-            set_weight(self.gm, s, fn(get_weight(self.gm, s).double()))
+            w = get_weight(self.gm, s)
+            set_weight(self.gm, s, _apply(fn, w, w.dtype, rows))
 
         self._add(s.node, s.weight.target, job)
 
-    def attr(self, node: Node, target: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def attr(self, node: Node, target: str, fn: Callable[[torch.Tensor], torch.Tensor], rows: bool = False) -> None:
         """Queue ``t ← fn(t)`` on the attribute ``target`` (read by ``node``)."""
 
         def job() -> None:
             t = get_attr(self.gm, target)
-            set_attr(self.gm, target, fn(t.double()).to(t.dtype))
+            set_attr(self.gm, target, _apply(fn, t, t.dtype, rows))
 
         self._add(node, target, job)
 
@@ -351,6 +365,21 @@ class _Rewrites:
                     for _, job in jobs:
                         job()
         self._jobs.clear()
+
+
+def _apply(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, dtype: torch.dtype, rows: bool) -> torch.Tensor:
+    """``fn(t)`` in float64, stored as ``dtype``; row-wise steps on large tensors run in
+    chunks of rows, so only a chunk is ever in float64."""
+    if not rows or t.dim() != 2 or t.numel() <= CHUNK_ELEMENTS:
+        return fn(t.double()).to(dtype)
+    # A power of two rows per chunk: BLAS then computes every row with the kernel the
+    # whole matrix would use (odd chunk heights moved rows onto its tail kernel, whose
+    # different summation order changed 54 of SmolLM2's lm_head entries by an ulp).
+    step = 1 << max(6, (CHUNK_ELEMENTS // t.shape[1]).bit_length() - 1)
+    out = torch.empty(t.shape, dtype=dtype)
+    for i in range(0, t.shape[0], step):
+        out[i : i + step] = fn(t[i : i + step].double())
+    return out
 
 
 def _mark(node: Node, role: str) -> None:
