@@ -46,9 +46,9 @@ def test_width_gets_a_hadamard_and_stays_float_equivalent(width):
     x = tiny_calib(2, 12, vocab=VOCAB, seed=1)[0]
     with torch.no_grad():
         ref, got = model(x).logits, compiled(x).logits
-    # Measured max |Δ| 1e-7 … 4e-7 (logits of magnitude ~0.5; float32 rounding of the
-    # folded weights and of the online transform): 20x margin.
-    assert (got - ref).abs().max().item() < 5e-6
+    # float32 rounding of the folded weights and of the online transform: measured max |Δ|
+    # 1.4e-6 at width 896 (logits up to 1.8), 2.7e-7 … 3.6e-7 at the MLP widths (up to 0.66).
+    assert (got - ref).abs().max().item() < 1e-5
     notes = [n for n in compiled.report.notes if n.pass_name == "rotate"]
     assert not [n for n in notes if n.level == "warning"], [n.message for n in notes]
     msg = " ".join(n.message for n in notes)
@@ -76,4 +76,4 @@ def test_width_without_a_hadamard_is_a_warning():
     assert any("MLP width 184 admits no Hadamard" in m and "no online transform" in m for m in warnings), warnings
     x = tiny_calib(2, 12, vocab=VOCAB, seed=1)[0]
     with torch.no_grad():
-        assert (compiled(x).logits - model(x).logits).abs().max().item() < 5e-6
+        assert (compiled(x).logits - model(x).logits).abs().max().item() < 1e-5
