@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -193,13 +192,6 @@ def compile_from_disk(
         )
     if not (folder / "config.json").is_file():
         raise StreamingError(f"{folder} has no config.json: pass a folder written by save_pretrained")
-    opts = config.get("preset_options", {}) if isinstance(config, dict) else getattr(config, "preset_options", {})
-    if opts.get("rotation") or any(getattr(p, "name", "") == "rotate" for p in compile_kwargs.get("passes") or ()):
-        warnings.warn(
-            "the rotate pass rewrites every weight in one go, outside the block runner: while it runs the "
-            "whole rotated model is in memory, so streaming does not bound its peak",
-            stacklevel=2,
-        )
     files = index_folder(folder)
     skeleton = build_skeleton(folder, dtype)
     sources = weight_sources(skeleton, files)

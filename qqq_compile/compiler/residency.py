@@ -108,6 +108,9 @@ class StreamStats:
     other_bytes: int = 0  # weights outside the blocks (embeddings, final norm, lm_head)
     total_bytes: int = 0  # every streamed weight (what loading the model would hold)
     final_bytes: int = 0  # float weights the compiled model keeps
+    # Most bytes of rewritten weights a pass left in memory at its end (spilled then):
+    # a pass that rewrites weights outside resident() scopes holds them all until then.
+    held_bytes: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -95,6 +95,31 @@ def test_qqq_streamed_equals_in_memory(tmp_path):
     assert _fingerprint(folder) == before
 
 
+def test_default_preset_streams_the_rotation(tmp_path):
+    # The default preset (qqq_rot) starts with rotate, which rewrites every weight outside
+    # the block runner. It does so one segment at a time inside resident() scopes, so the
+    # streamed compile still holds one block of float weights (before: the whole rotated
+    # model, 4 blocks here). Tied embeddings: the untied lm_head is a second lazy handle.
+    folder = _save(tmp_path, num_hidden_layers=4, tie_word_embeddings=True)
+    before = _fingerprint(folder)
+    calib = tiny_calib(8, 32)
+    ref = _reference(folder, calib, None)
+    got = compile_from_disk(folder, calib, None, progress=False, scratch_dir=tmp_path)
+    assert [p["name"] for p in got.report.pass_configs][0] == "rotate"
+    assert any("rotated the residual stream" in n.message for n in got.report.notes)
+    x = tiny_calib(2, 24, seed=1)[0]
+    assert torch.equal(got(x).logits, ref(x).logits)
+    st = got.stream_stats
+    _assert_one_block(st)
+    # Rotated weights go back to disk segment by segment, not at the end of the pass:
+    # what rotate leaves in memory is its norm weights (made neutral). Before: all of it.
+    assert 0 < st.held_bytes < st.block_bytes / 10
+    assert st.spilled > 0
+    assert not any(isinstance(t, LazyWeight) for t in got.graph_module.parameters())
+    assert not list(tmp_path.glob("qqq-stream-*"))
+    assert _fingerprint(folder) == before
+
+
 def test_lazy_weight_reads_only_when_used(tmp_path):
     folder = _save(tmp_path)
     skeleton = build_skeleton(folder)

@@ -14,16 +14,27 @@ The graph analysis lives in :mod:`qqq_compile.graph.residual` (the stream) and
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import reduce
 
 import torch
 from torch.fx import GraphModule, Node
 
 from qqq_compile.annotations import annotate, node_annotation, set_node_annotation
-from qqq_compile.compiler.hadamard import hadamard, hadamard_factors, paley_hadamard, rotation_matrix
+from qqq_compile.compiler.hadamard import (
+    describe,
+    hadamard,
+    hadamard_factors,
+    kron_matmul,
+    paley_hadamard,
+    rotation_matrix,
+)
 from qqq_compile.compiler.pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
-from qqq_compile.graph import get_attr, get_bias, get_weight, set_attr, set_weight
+from qqq_compile.compiler.residency import LazyWeight, assign_attr, resident
+from qqq_compile.graph import LinearSite, get_attr, get_weight, partition, set_attr, set_weight
 from qqq_compile.graph.attention import attention_heads
 from qqq_compile.graph.residual import NotRotatable, ResidualPlan, from_attention, residual_plan
 
@@ -55,9 +66,16 @@ class Rotate(QQQPass):
     """Fold every RMSNorm weight into its readers, then rotate the residual stream by an
     orthonormal ``Q`` (randomized Hadamard when the hidden size allows, else seeded
     random orthogonal). Tied embeddings are untied (lm_head gets its own attribute).
-    With ``online_down_proj`` an ``x·H`` node (two ``aten.matmul`` against constant
-    Kronecker factors) is inserted before each MLP output projection whose width admits
-    a Hadamard, and ``H`` is folded into that projection's weight.
+    With ``online_down_proj`` an ``x·H`` computation (one ``aten.matmul`` per constant
+    Kronecker factor of ``H``: 1536 = 12·128 is ``Aᵀ·X·B``) is inserted before each MLP
+    output projection whose width admits a Hadamard, and ``H`` is folded into that
+    projection's weight. Widths without one get a warning note naming what was done
+    instead (a random orthogonal residual rotation; no online transform).
+
+    The graph is edited first; the weight rewrites are queued and then run segment by
+    segment (embeddings, each decoder block, the head), each segment's weights
+    :func:`~qqq_compile.compiler.residency.resident` only while it is rewritten: with a
+    streamed checkpoint the pass holds one block of float weights, not the model.
 
     With ``head_rotation`` (QuaRot/SpinQuant's R2) every value head is rotated by a
     head-dim Hadamard ``H``: ``v_proj``'s output rows (and bias) per KV-head block by
@@ -86,46 +104,52 @@ class Rotate(QQQPass):
             ctx.note(self.name, f"rotation skipped: {e}", level="warning")
             return self._heads_only(gm, ctx)
         q, kind = rotation_matrix(plan.hidden, self.seed)
+        work = _Rewrites(gm)
         self._untie(gm, plan)
-        with torch.no_grad():
-            self._fold_norms(gm, plan)
-            for target in {e.args[0].target for e in plan.embeddings}:
-                e = get_attr(gm, target)
-                set_attr(gm, target, (e.double() @ q).to(e.dtype))
-            for sites in plan.readers.values():
-                for s in sites:
-                    w = get_weight(gm, s)
-                    set_weight(gm, s, w.double() @ q)
-                    annotate(s.node, rotate="reader")
-            for s in plan.writers:
-                w = get_weight(gm, s)
-                set_weight(gm, s, q.T @ w.double())
-                if s.bias is not None:
-                    b = get_bias(gm, s)
-                    set_attr(gm, s.bias.target, (q.T @ b.double()).to(b.dtype))
-                annotate(s.node, rotate="writer")
+        self._fold_norms(gm, plan, work)
+        for target, node in {e.args[0].target: e for e in plan.embeddings}.items():
+            work.attr(node, target, lambda e: e @ q, rows=True)
+        for sites in plan.readers.values():
+            for s in sites:
+                work.site(s, lambda w: w @ q, rows=True)
+                annotate(s.node, rotate="reader")
+        for s in plan.writers:
+            work.site(s, lambda w: q.T @ w)
+            if s.bias is not None:
+                work.attr(s.node, s.bias.target, lambda b: q.T @ b)
+            annotate(s.node, rotate="writer")
         msg = (
             f"rotated the residual stream (width {plan.hidden}) with a {kind} matrix: {len(plan.embeddings)} "
             f"embedding(s), {sum(map(len, plan.readers.values()))} readers, {len(plan.writers)} writers"
         )
+        if kind == "random orthogonal":
+            ctx.note(
+                self.name,
+                f"residual width {plan.hidden} admits no Hadamard that qqq_compile builds: the residual stream is "
+                f"rotated by a seeded random orthogonal matrix instead (dense, seed {self.seed})",
+                level="warning",
+            )
         if self.online_down_proj:
-            msg += "; " + self._online(gm, plan)
+            msg += "; " + self._online(gm, plan, ctx, work)
         ctx.note(self.name, msg)
         if self.head_rotation:
-            self._heads(gm, ctx)
+            self._heads(gm, ctx, work)
+        work.run()
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)
 
     def _heads_only(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         """The per-head rotation alone (the residual stream could not be rotated)."""
-        if not self.head_rotation or not self._heads(gm, ctx):
+        work = _Rewrites(gm)
+        if not self.head_rotation or not self._heads(gm, ctx, work):
             return PassResult(gm, False)
+        work.run()
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)
 
-    def _heads(self, gm: GraphModule, ctx: CompileContext) -> int:
+    def _heads(self, gm: GraphModule, ctx: CompileContext, work: _Rewrites) -> int:
         """Fold a head-dim Hadamard into each attention's value rows and output columns;
         returns how many attentions were rotated."""
         found, why = attention_heads(gm)
@@ -135,22 +159,19 @@ class Rotate(QQQPass):
             if h is None:
                 skipped.append(f"{a.value.name} (head dim {hd} admits no Hadamard)")
                 continue
-            with torch.no_grad():
-                w = get_weight(gm, a.value).double()  # [kv_heads * hd, K]: Hᵀ on each head's rows
-                set_weight(gm, a.value, (h.T @ w.reshape(-1, hd, w.shape[1])).reshape(w.shape))
-                if a.value.bias is not None:
-                    b = get_bias(gm, a.value)
-                    set_attr(gm, a.value.bias.target, (b.double().reshape(-1, hd) @ h).reshape(-1).to(b.dtype))
-                for o in a.output:  # [N, heads * hd]: H on each head's columns
-                    w = get_weight(gm, o).double()
-                    set_weight(gm, o, (w.reshape(w.shape[0], -1, hd) @ h).reshape(w.shape))
+            # v_proj [kv_heads * hd, K]: Hᵀ on each head's rows; o_proj [N, heads * hd]: H on each head's columns
+            work.site(a.value, lambda w, h=h, hd=hd: (h.T @ w.reshape(-1, hd, w.shape[1])).reshape(w.shape))
+            if a.value.bias is not None:
+                work.attr(a.value.node, a.value.bias.target, lambda b, h=h, hd=hd: (b.reshape(-1, hd) @ h).reshape(-1))
+            for o in a.output:
+                work.site(o, lambda w, h=h, hd=hd: (w.reshape(w.shape[0], -1, hd) @ h).reshape(w.shape), rows=True)
             _mark(a.value.node, "head_value")
             for o in a.output:
                 _mark(o.node, "head_output")
             done += 1
             dims.add(hd)
         if done:
-            kinds = ", ".join(f"{d} (hadamard {'·'.join(map(str, hadamard_factors(d)))})" for d in sorted(dims))
+            kinds = ", ".join(f"{d} ({describe(d)})" for d in sorted(dims))
             msg = f"rotated {done} attention(s) per head: head dim {kinds} in v_proj rows and o_proj columns"
             ctx.note(self.name, msg + (f"; not {', '.join(skipped)}" if skipped else ""))
         else:
@@ -160,7 +181,8 @@ class Rotate(QQQPass):
 
     def _untie(self, gm: GraphModule, plan: ResidualPlan) -> None:
         """Give each linear that shares its weight with the embedding (or another
-        linear) a weight attribute of its own, so each copy is rotated once."""
+        linear) a weight attribute of its own, so each copy is rotated once. A streamed
+        weight gets a second lazy handle on the same data (nothing is read)."""
         emb = {e.args[0].target for e in plan.embeddings}
         sites = [s for ss in plan.readers.values() for s in ss] + plan.writers
         used = set(emb)
@@ -170,73 +192,98 @@ class Rotate(QQQPass):
                 used.add(t)
                 continue
             name = "qqq_untied_" + re.sub(r"\W", "_", s.name) + "_weight"
-            gm.register_parameter(name, torch.nn.Parameter(get_attr(gm, t).detach().clone(), requires_grad=False))
+            src = get_attr(gm, t).detach()
+            lazy = isinstance(src, LazyWeight)
+            copy = torch.empty(0) if lazy else src.clone()
+            gm.register_parameter(name, torch.nn.Parameter(copy, requires_grad=False))
             with gm.graph.inserting_before(s.node):
                 new = gm.graph.get_attr(name)
+            if lazy:  # the slot takes the lazy tensor itself (a Parameter would wrap its placeholder data)
+                assign_attr(gm, name, src)
             new.meta = dict(s.weight.meta)
             for u in list(s.weight.users):
                 if u is s.node or u in s.node.all_input_nodes:
                     u.replace_input_with(s.weight, new)
             s.weight = new
 
-    def _fold_norms(self, gm: GraphModule, plan: ResidualPlan) -> None:
-        done: set[str] = set()
-        for norm in plan.norms:
-            w = get_attr(gm, norm.weight.target).double()
-            eff = 1 + w if norm.kind == "rmsnorm_plus_one" else w
-            for s in plan.readers[norm.output]:
-                ws = get_weight(gm, s)
-                set_weight(gm, s, ws.double() * eff[None, :])
-            done.add(norm.weight.target)
-        for norm in plan.norms:
-            if norm.weight.target in done:
-                w = get_attr(gm, norm.weight.target)
-                neutral = torch.zeros_like(w) if norm.kind == "rmsnorm_plus_one" else torch.ones_like(w)
-                set_attr(gm, norm.weight.target, neutral)
+    def _fold_norms(self, gm: GraphModule, plan: ResidualPlan, work: _Rewrites) -> None:
+        """Queue each norm weight's fold into its readers, then make the norms neutral."""
+        with torch.no_grad():
+            for norm in plan.norms:
+                w = get_attr(gm, norm.weight.target).double()  # a norm weight is small: read it now
+                eff = 1 + w if norm.kind == "rmsnorm_plus_one" else w
+                for s in plan.readers[norm.output]:
+                    work.site(s, lambda ws, eff=eff: ws * eff[None, :], rows=True)
+            for target, kind in {n.weight.target: n.kind for n in plan.norms}.items():
+                w = get_attr(gm, target)
+                fill = torch.zeros if kind == "rmsnorm_plus_one" else torch.ones
+                set_attr(gm, target, fill(w.shape, dtype=w.dtype))
 
-    def _online(self, gm: GraphModule, plan: ResidualPlan) -> str:
+    def _online(self, gm: GraphModule, plan: ResidualPlan, ctx: CompileContext, work: _Rewrites) -> str:
         """Insert ``x·H`` before MLP writers and fold ``H`` into their weights."""
-        g = gm.graph
-        count, skipped = 0, []
+        count, skipped, no_hadamard, widths = 0, [], [], {}
         for s in plan.writers:
-            k = get_weight(gm, s).shape[1]
-            f = hadamard_factors(k)
-            x_val = s.x.meta.get("val")
             if from_attention(s.x):
                 continue
-            if f is None or x_val is None:
-                skipped.append(f"{s.name} (width {k} admits no Hadamard)" if f is None else s.name)
+            k = get_weight(gm, s).shape[1]
+            if s.x.meta.get("val") is None:
+                skipped.append(s.name)
                 continue
-            b = f[-1] if f and f[-1] & (f[-1] - 1) == 0 else 1  # the Sylvester factor
-            a = k // b
-            mats = {}
-            for size in (a, b):
-                if size > 1 and size not in mats:
-                    mats[size] = hadamard(size)
-            # x H with H = A ⊗ B: view x as [..., a, b], then Aᵀ · X · B (cheaper than a k×k matmul)
-            fake = x_val.fake_mode if hasattr(x_val, "fake_mode") else None
-            with g.inserting_before(s.node):
-                y = s.x
-                if a > 1:
-                    y = self._op(g, aten.unflatten.int, (y, -1, [a, b]))
-                if b > 1:
-                    y = self._op(g, aten.matmul.default, (y, self._const(gm, g, mats[b], fake)))
-                if a > 1:
-                    y = self._op(g, aten.matmul.default, (self._const(gm, g, mats[a].T.contiguous(), fake), y))
-                    y = self._op(g, aten.flatten.using_ints, (y, -2, -1))
+            if k not in widths:
+                f = hadamard_factors(k)
+                widths[k] = None if f is None else (f or [1], [hadamard(n) for n in f or [1]])
+            if widths[k] is None:
+                no_hadamard.append(f"{s.name} (width {k})")
+                continue
+            factors, mats = widths[k]
+            y = self._kron_chain(gm, s, factors, mats)
             annotate(y, online_hadamard=k)
             for n in [y, *list(y.all_input_nodes)]:
                 n.meta.setdefault("nn_module_stack", _parent_stack(s.node))
             s.node.replace_input_with(s.x, y)
-            one = torch.ones(1, 1, dtype=torch.float64)
-            h = torch.kron(mats.get(a, one), mats.get(b, one))
-            w = get_weight(gm, s)
-            with torch.no_grad():
-                set_weight(gm, s, w.double() @ h)
+            work.site(s, lambda w, mats=mats: _fold_online(w, mats), rows=True)
             annotate(s.node, rotate="writer+online_hadamard")
             count += 1
         out = f"online Hadamard before {count} MLP output projection(s)"
+        done = [k for k, v in widths.items() if v is not None]
+        if done:
+            out += " (" + ", ".join(f"width {k}: {describe(k)}" for k in done) + ")"
+        if no_hadamard:
+            bad = sorted(k for k, v in widths.items() if v is None)
+            ctx.note(
+                self.name,
+                f"MLP width {', '.join(map(str, bad))} admits no Hadamard that qqq_compile builds: no online "
+                f"transform before {', '.join(no_hadamard)}; their inputs are quantized unrotated",
+                level="warning",
+            )
+        skipped += no_hadamard
         return out + (f"; none for {', '.join(skipped)}" if skipped else "")
+
+    def _kron_chain(self, gm: GraphModule, at: LinearSite, factors: list[int], mats: list[torch.Tensor]) -> Node:
+        """Nodes computing ``x·(F1 ⊗ … ⊗ Fr)``, ``x`` the input of ``at``, one factor at
+        a time: the last as ``X·Fr`` over the last axis, each other one as ``Fiᵀ·X`` with
+        ``x`` viewed as ``[..., pre, fi, post]``. Two factors give ``Aᵀ·X·B`` on
+        ``[..., a, b]``. The cost is ``k·(f1 + … + fr)`` per token, not ``k²``."""
+        g, x = gm.graph, at.x
+        val = x.meta["val"]
+        fake = val.fake_mode if hasattr(val, "fake_mode") else None
+        k = math.prod(factors)
+        with g.inserting_before(at.node):
+            y, tail = x, [k]
+            if len(factors) > 1:
+                tail = [k // factors[-1], factors[-1]]
+                y = self._op(g, aten.unflatten.int, (y, -1, tail))
+            y = self._op(g, aten.matmul.default, (y, self._const(gm, g, mats[-1], fake)))
+            for i in reversed(range(len(factors) - 1)):
+                want = ([math.prod(factors[:i])] if i else []) + [factors[i], math.prod(factors[i + 1 :])]
+                if want != tail:
+                    y = self._op(g, aten.flatten.using_ints, (y, -len(tail), -1))
+                    y = self._op(g, aten.unflatten.int, (y, -1, want))
+                    tail = want
+                y = self._op(g, aten.matmul.default, (self._const(gm, g, mats[i].T.contiguous(), fake), y))
+            if len(tail) > 1:
+                y = self._op(g, aten.flatten.using_ints, (y, -len(tail), -1))
+        return y
 
     def _op(self, g, target, args) -> Node:
         n = g.call_function(target, args)
@@ -255,6 +302,84 @@ class Rotate(QQQPass):
         if fake is not None:
             attr.meta["val"] = fake.from_tensor(get_attr(gm, name))
         return self._op(g, aten.view.default, (attr, [n, n]))
+
+
+#: Widths up to this fold ``W·H`` with the formed ``k×k`` matrix, as the first version did
+#: (so their weights stay bit-identical: SmolLM2's 1536); wider ones apply the factors one
+#: at a time (:func:`kron_matmul`) and never form it (2.9 GB in float64 at k = 18944).
+DENSE_FOLD_MAX = 4096
+
+
+def _fold_online(w: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
+    if w.shape[1] <= DENSE_FOLD_MAX:
+        return w @ reduce(torch.kron, mats)
+    return kron_matmul(w, mats)
+
+
+#: A row-wise step on a tensor above this many elements (32 MiB in float64) runs in
+#: chunks of rows: an embedding's float64 copy and product would be 4x its size at once.
+CHUNK_ELEMENTS = 1 << 22
+
+
+class _Rewrites:
+    """Weight rewrites queued in order, then run segment by segment (prefix, each
+    decoder block, suffix), each segment's weights resident at once (:func:`resident`):
+    with streamed weights only one segment's float weights are in memory, and each
+    rewritten weight goes back to disk when its segment is done. Each step computes in
+    float64 and stores in the weight's dtype, as the steps did when they ran in place;
+    ``rows=True`` marks a step whose output rows depend only on the same input rows."""
+
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        part = partition(gm)
+        self._segment = {n: "" for n in part.prefix} | {n: "~" for n in part.suffix}
+        for b in part.blocks:
+            self._segment.update({n: b.name for n in b.nodes})
+        self._jobs: dict[str | None, list[tuple[str, Callable[[], None]]]] = {}
+
+    def site(self, s: LinearSite, fn: Callable[[torch.Tensor], torch.Tensor], rows: bool = False) -> None:
+        """Queue ``W ← fn(W)`` on the site's weight in ``[N, K]`` orientation."""
+
+        def job() -> None:
+            w = get_weight(self.gm, s)
+            set_weight(self.gm, s, _apply(fn, w, w.dtype, rows))
+
+        self._add(s.node, s.weight.target, job)
+
+    def attr(self, node: Node, target: str, fn: Callable[[torch.Tensor], torch.Tensor], rows: bool = False) -> None:
+        """Queue ``t ← fn(t)`` on the attribute ``target`` (read by ``node``)."""
+
+        def job() -> None:
+            t = get_attr(self.gm, target)
+            set_attr(self.gm, target, _apply(fn, t, t.dtype, rows))
+
+        self._add(node, target, job)
+
+    def _add(self, node: Node, target: str, job: Callable[[], None]) -> None:
+        self._jobs.setdefault(self._segment.get(node), []).append((target, job))
+
+    def run(self) -> None:
+        with torch.no_grad():
+            for jobs in self._jobs.values():
+                with resident(self.gm, {t for t, _ in jobs}):
+                    for _, job in jobs:
+                        job()
+        self._jobs.clear()
+
+
+def _apply(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, dtype: torch.dtype, rows: bool) -> torch.Tensor:
+    """``fn(t)`` in float64, stored as ``dtype``; row-wise steps on large tensors run in
+    chunks of rows, so only a chunk is ever in float64."""
+    if not rows or t.dim() != 2 or t.numel() <= CHUNK_ELEMENTS:
+        return fn(t.double()).to(dtype)
+    # A power of two rows per chunk: BLAS then computes every row with the kernel the
+    # whole matrix would use (odd chunk heights moved rows onto its tail kernel, whose
+    # different summation order changed 54 of SmolLM2's lm_head entries by an ulp).
+    step = 1 << max(6, (CHUNK_ELEMENTS // t.shape[1]).bit_length() - 1)
+    out = torch.empty(t.shape, dtype=dtype)
+    for i in range(0, t.shape[0], step):
+        out[i : i + step] = fn(t[i : i + step].double())
+    return out
 
 
 def _mark(node: Node, role: str) -> None:

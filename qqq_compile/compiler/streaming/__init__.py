@@ -15,7 +15,9 @@ without ever holding its float weights:
    runs in :func:`resident`: the block's weights are read once, stay in the graph while
    passes work on the block, and go back to disk when the runner moves on. A weight a
    pass replaced (smoothing folds scales) is first spilled to a scratch file, so later
-   passes read the new value. ``quantize_rtn`` and ``lower`` read through the cache.
+   passes read the new value. ``quantize_rtn`` and ``lower`` read through the cache;
+   ``rotate``, which rewrites every weight outside the runner, makes each segment
+   (embeddings, a block, the head) resident in turn itself.
 4. **Finish.** The packed int4 weights are in the graph; the float tensors it still reads
    (embeddings, norms, a float ``lm_head``) are loaded, and the scratch files deleted.
 

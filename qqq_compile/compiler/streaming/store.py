@@ -89,6 +89,9 @@ class StreamWeights(Instrument):
       to disk, so memory stays bounded between passes.
     * ``after_pipeline``: the float weights the compiled graph still reads are loaded
       into memory, and the scratch files are deleted.
+
+    Passes that rewrite weights outside the runner do it in :func:`resident` scopes
+    (``rotate``, segment by segment), so their new values are spilled as they go.
     """
 
     def __init__(
@@ -140,12 +143,15 @@ class StreamWeights(Instrument):
     def offload(self, gm: GraphModule) -> None:
         """Spill every streamed attribute a pass replaced with an in-memory tensor."""
         spilled: dict[int, LazyWeight] = {}
+        held = 0
         for target in self.sources:
             cur = lookup_attr(gm, target)
             if isinstance(cur, torch.Tensor) and not isinstance(cur, LazyWeight):
                 if id(cur) not in spilled:
                     spilled[id(cur)] = self.store.put(cur.detach(), self._group.get(target))
+                    held += cur.numel() * cur.element_size()
                 assign_attr(gm, target, spilled[id(cur)])
+        self.store.stats.held_bytes = max(self.store.stats.held_bytes, held)
         self.store.clear_cache()
         release_memory()
 
@@ -153,12 +159,14 @@ class StreamWeights(Instrument):
         self.finish(gm)
 
     def finish(self, gm: GraphModule) -> None:
-        """Load the float weights the graph still reads; delete the scratch files."""
+        """Load the float weights the graph still reads (the checkpoint's, and lazy
+        handles passes added, such as ``rotate``'s untied lm_head); delete the scratch files."""
         store = self.store
         store.tracking = False  # the peaks describe the compile, not the final model
         store.clear_cache()
         loaded: dict[int, torch.Tensor] = {}
-        for target in self.sources:
+        added = [n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target not in self.sources]
+        for target in [*self.sources, *added]:
             cur = lookup_attr(gm, target)
             if isinstance(cur, LazyWeight):
                 if cur._qqq_id not in loaded:

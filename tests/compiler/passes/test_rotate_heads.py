@@ -104,14 +104,14 @@ def test_fused_qkv_is_skipped_with_a_note():
 
 
 def test_head_dim_without_a_hadamard_is_skipped_with_a_note():
-    # head dim 28 = 4·7: no Hadamard is built for it (the residual width 112 gets a random orthogonal Q)
-    gm = graph("llama", hidden_size=112, head_dim=28)
-    plain = graph("llama", hidden_size=112, head_dim=28)
+    # head dim 30 is no multiple of 4: it has no Hadamard (the residual width 120 = 60·2 has one)
+    gm = graph("llama", hidden_size=120, head_dim=30)
+    plain = graph("llama", hidden_size=120, head_dim=30)
     ctx = CompileContext(progress=False)
     Rotate(head_rotation=True)(gm, ctx)
     Rotate()(plain, CompileContext(progress=False))
     msg = ctx.notes[-1].message
-    assert "head rotation skipped" in msg and "head dim 28 admits no Hadamard" in msg
+    assert "head rotation skipped" in msg and "head dim 30 admits no Hadamard" in msg
     for s, p in zip(linear_sites(gm), linear_sites(plain), strict=True):
         assert torch.equal(get_weight(gm, s), get_weight(plain, p))
 
