@@ -115,6 +115,12 @@ class BlockState:
         self.runner, self.index, self.block = runner, index, block
         self.overrides: dict[Node, Override] = {}  # used when the runner advances
 
+    def status(self, text: str) -> None:
+        """Show what the pass is doing inside this block next to the progress bar."""
+        bar = self.runner.bar
+        if bar is not None:
+            bar.set_postfix_str(f"{self.block.name}: {text}", refresh=True)
+
     @property
     def envs(self) -> list[Env]:
         return self.runner.envs
@@ -164,6 +170,7 @@ class BlockRunner:
         self._last_use = {n: max((order[u] for u in n.users), default=-1) for n in gm.graph.nodes}
         self._order = order
         self.envs: list[Env] = [graph_env(gm, b) for b in batches]
+        self.bar: tqdm | None = None  # the blocks' progress bar while blocks() runs
 
     def _advance(self, nodes: Sequence[Node], overrides: dict[Node, Override] | None = None) -> None:
         if not nodes:
@@ -180,14 +187,29 @@ class BlockRunner:
         executes it (with ``state.overrides``) to produce the next block's inputs."""
         self._advance(self.part.prefix)
         blocks = self.part.blocks
-        for i, block in enumerate(tqdm(blocks, desc=self.desc, disable=not self.progress, leave=False)):
-            # Streamed weights stay resident while the caller works on the block and the
-            # runner advances it; a weight the caller replaced is kept (on disk) after.
-            with resident(self.gm, attr_targets(block.nodes)):
-                state = BlockState(self, i, block)
-                if i >= start:
-                    yield state
-                self._advance(block.nodes, state.overrides)
+        # One line per pass, kept when done: the pass's name, block i/n, time per block, ETA.
+        bar = tqdm(
+            total=len(blocks),
+            desc=self.desc,
+            unit="block",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            initial=0,
+        )
+        self.bar = None if bar.disable else bar
+        try:
+            for i, block in enumerate(blocks):
+                # Streamed weights stay resident while the caller works on the block and the
+                # runner advances it; a weight the caller replaced is kept (on disk) after.
+                with resident(self.gm, attr_targets(block.nodes)):
+                    state = BlockState(self, i, block)
+                    if i >= start:
+                        yield state
+                    self._advance(block.nodes, state.overrides)
+                bar.update(1)
+        finally:
+            bar.close()
+            self.bar = None
 
     def suffix_state(self) -> BlockState:
         """The nodes after the last block (final norm, lm_head), as a pseudo-block."""

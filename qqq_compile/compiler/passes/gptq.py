@@ -1,15 +1,20 @@
 """``gptq``: GPTQ int4 weights (Frantar et al. 2022), block by block, as annotations.
 
-For every decoder block (in order) the pass executes the block *node-major* over all
-calibration batches (each node on every batch before the next node). When execution
-reaches the first linear reading an input ``x``, every batch's ``x`` is available: the
-Hessian ``H = 2/n · XᵀX`` (fp32) is accumulated, GPTQ solves all linears reading ``x``
-together (same ``H``, same column order), the packed weights are recorded in
-``meta["qqq"]``, and those linears run with their W4A8 behaviour (dequantized packed
-weight, per-token int8 fake-quantized input) from then on. One forward per block thus
-gives both the Hessians and the block's quantized outputs, which become the next
-block's inputs: GPTQ's sequential recompute, including within a block ("true
-sequential": ``o_proj``'s Hessian sees the quantized ``q/k/v``).
+For every decoder block (in order) the pass runs the block over all calibration batches,
+cut into *segments* at the first linear of every input ``x`` (q/k/v share one input, so
+four segments per LLaMA block). Within a segment the batches run one after the other
+(batch-major: a batch's intermediates die before the next batch starts, so memory holds
+one batch's intermediates, not every batch's), and each batch's ``x`` is added to the
+Hessian ``H = 2/n · XᵀX`` (:class:`~qqq_compile.compiler.gptq_solve.HessianAccumulator`,
+bf16 GEMMs with fp32 sums by default) as soon as the segment has produced it. At the cut
+every batch has been seen: GPTQ solves all linears reading ``x`` together (same ``H``,
+same column order), the packed weights are recorded in ``meta["qqq"]``, and those linears
+run from then on as the deployed model runs them: ``torch.ops.qqq.w4a8_linear`` on the
+packed weight (per-token int8 input, exact int32 accumulation). ``x`` itself is kept
+between the cut and its linears as those int8 codes and scales when nothing else reads
+it. One forward per block thus gives both the Hessians and the block's quantized
+outputs, which become the next block's inputs: GPTQ's sequential recompute, including
+within a block ("true sequential": ``o_proj``'s Hessian sees the quantized ``q/k/v``).
 
 Every packed weight decodes *exactly* to the weight GPTQ fed its error back from: each
 column is rounded to the nearest value the final format can represent (for the
@@ -17,9 +22,11 @@ column is rounded to the nearest value the final format can represent (for the
 16-value decode table is taken), never to an idealised grid that packing then changes.
 With ``clip_search`` the scales are searched on that same format before the solve.
 
-``asym`` (GPTAQ) also runs each block in float next to the quantized run (node-major
-too), so every linear sees both its float-model input ``X`` and the quantized model's
-``X̃``; the solve then targets ``W X`` instead of ``W X̃`` (see :mod:`qqq_compile.compiler.gptq_solve`).
+``asym`` (GPTAQ) also runs each block in float next to the quantized run (batch by batch,
+node by node; a node whose inputs are the same objects in both runs and that is not a
+quantized linear is computed once), so every linear sees both its float-model input
+``X`` and the quantized model's ``X̃``; the solve then targets ``W X`` instead of ``W X̃``
+(see :mod:`qqq_compile.compiler.gptq_solve`).
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from qqq_compile.compiler.block_runner import BlockRunner, Env, run_node
-from qqq_compile.compiler.gptq_solve import GPTQError, GPTQResult, gptq_quantize
+from qqq_compile.compiler.block_runner import BlockRunner, BlockState, Env, run_node
+from qqq_compile.compiler.gptq_solve import HESSIAN_DTYPES, GPTQError, GPTQResult, HessianAccumulator, gptq_quantize
 from qqq_compile.compiler.pipeline import (
     CompileContext,
     PassConfig,
@@ -43,10 +50,20 @@ from qqq_compile.compiler.pipeline import (
 )
 from qqq_compile.config import ConfigError, check_group_size
 from qqq_compile.graph import LinearSite, ensure_info, get_weight, info, is_skipped, linear_sites
-from qqq_compile.targets.w4a8.formats import GroupScaleDtype, fake_quant_act
+from qqq_compile.targets.w4a8 import kernels  # noqa: F401 - registers torch.ops.qqq.*
+from qqq_compile.targets.w4a8.formats import GroupScaleDtype, PackedW4
 from qqq_compile.targets.w4a8.grid import ClipSearch, Grid, check_clip
 
-__all__ = ["GPTQ", "GPTQConfig", "GPTQError", "GPTQResult", "Grid", "gptq_quantize", "quantized_override"]
+__all__ = [
+    "GPTQ",
+    "GPTQConfig",
+    "GPTQError",
+    "GPTQResult",
+    "Grid",
+    "QuantizedInput",
+    "gptq_quantize",
+    "quantized_override",
+]
 
 aten = torch.ops.aten
 
@@ -54,54 +71,73 @@ aten = torch.ops.aten
 # ----------------------------------------------------------------------------- the pass
 
 
-def _hessian(
-    xs: list[torch.Tensor], floats: list[torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``H = 2/n · XᵀX`` (fp32) over the rows of every batch's input ``[..., K]``.
+@dataclass
+class QuantizedInput:
+    """A linear's input kept as the W4A8 kernel consumes it: per-token int8 codes ``q``
+    ``[..., K]`` and scales ``scale`` ``[..., 1]`` (float32); ``dtype``: the float input's."""
 
-    With ``floats`` (the float model's inputs, batch by batch) also GPTAQ's
-    ``D = 2/n · (X_float - X̃)ᵀ X̃``, where ``X̃`` is the input the quantized linear
-    multiplies: per-token int8 fake-quantized, for ``H`` as well.
-    """
-    k = xs[0].shape[-1]
-    h = torch.zeros(k, k)
-    d = None if floats is None else torch.zeros(k, k)
-    n = 0
-    for i, x in enumerate(xs):
-        flat = x.detach().reshape(-1, k).float()
-        if d is not None:
-            flat = fake_quant_act(flat)  # per token = per row
-            d.addmm_((floats[i].detach().reshape(-1, k).float() - flat).t(), flat)
-        h.addmm_(flat.t(), flat)
-        n += flat.shape[0]
-    scale = 2.0 / max(n, 1)
-    return h.mul_(scale), None if d is None else d.mul_(scale)
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float().mul_(self.scale)
+
+
+def quantize_input(x: torch.Tensor) -> QuantizedInput:
+    """The activation quantizer of the deployed linears (per-token symmetric int8), as the
+    lowered ``qqq::w4a8_linear`` applies it to its input."""
+    q, s = torch.ops.qqq.quantize_act(x)
+    return QuantizedInput(q, s, x.dtype)
 
 
 def _x_index(site: LinearSite) -> int:
     return next(i for i, a in enumerate(site.node.args) if a is site.x)
 
 
-def _w_arg_index(site: LinearSite) -> int:
-    return 2 if site.node.target == aten.addmm.default else 1
+def _bias(site: LinearSite, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The bias value among a linear node's evaluated arguments."""
+    if site.bias is None:
+        return None
+    for i, a in enumerate(site.node.args):
+        if a is site.bias:
+            return args[i]
+    return kwargs.get("bias")
 
 
-def quantized_override(site: LinearSite, w_deq: torch.Tensor) -> Callable[..., Any]:
-    """Replacement for ``site.node`` computing the W4A8 behaviour: fake-quantized
-    per-token int8 input times the dequantized weight (same op, same argument layout)."""
-    xi, wi = _x_index(site), _w_arg_index(site)
-    # aten.linear takes W as [N, K]; mm/addmm/matmul take W.T.
-    w_arg = w_deq if site.node.target == aten.linear.default else w_deq.t()
-    target = site.node.target
+def quantized_override(site: LinearSite, packed: PackedW4) -> Callable[..., Any]:
+    """Replacement for ``site.node`` computing what the lowered model computes: the packed
+    W4A8 kernel (``torch.ops.qqq.w4a8_linear``, or ``w4a8_linear_q`` on an input already
+    held as :class:`QuantizedInput`) with the node's own bias."""
+    xi = _x_index(site)
+    w = (packed.qweight, packed.channel_scale, packed.group_scale)
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        args = list(args)
-        x = args[xi]
-        args[xi] = fake_quant_act(x)
-        args[wi] = w_arg.to(x.dtype)
-        return target(*args, **kwargs)
+        x, bias = args[xi], _bias(site, args, kwargs)
+        if isinstance(x, QuantizedInput):
+            return torch.ops.qqq.w4a8_linear_q(x.q, x.scale, *w, bias, packed.group_size, x.dtype)
+        return torch.ops.qqq.w4a8_linear(x, *w, bias, packed.group_size)
 
     return run
+
+
+class _LazyAccumulator:
+    """A :class:`HessianAccumulator` made at the first batch (when ``K`` is known)."""
+
+    def __init__(self, asym: bool, dtype: str):
+        self.asym, self.dtype = asym, dtype
+        self.acc: HessianAccumulator | None = None
+
+    def add(self, x: torch.Tensor | None = None, x_float: torch.Tensor | None = None, **codes: torch.Tensor) -> None:
+        if self.acc is None:
+            k = (x if x is not None else codes["q"]).shape[-1]
+            self.acc = HessianAccumulator(k, asym=self.asym, dtype=self.dtype)
+        self.acc.add(x, x_float, **codes)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.acc is None:
+            raise GPTQError("no calibration batch reached this linear")
+        return self.acc.result()
 
 
 @dataclass(frozen=True)
@@ -121,6 +157,7 @@ class GPTQConfig(PassConfig):
     clip_weighted: bool = True
     asym: bool = False
     asym_alpha: float = 0.25
+    hessian_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if not self.damp >= 0:
@@ -134,6 +171,11 @@ class GPTQConfig(PassConfig):
         if not self.asym_alpha >= 0:
             raise ConfigError(
                 f"asym_alpha must be >= 0 (GPTAQ's scale of the asymmetry term, e.g. 0.25), got {self.asym_alpha}"
+            )
+        if self.hessian_dtype not in HESSIAN_DTYPES:
+            raise ConfigError(
+                f"hessian_dtype must be one of {HESSIAN_DTYPES} (bf16 GEMMs with fp32 sums, or all fp32), "
+                f"got {self.hessian_dtype!r}"
             )
 
 
@@ -163,6 +205,10 @@ class GPTQ(QQQPass):
       ``W X`` (``X``: the float model's input) instead of ``W X̃``; ``asym_alpha`` scales
       the correction term (0.25 as published). Runs a float forward of every block next
       to the quantized one.
+    * ``hessian_dtype``: ``"bfloat16"`` (default) computes ``XᵀX`` and GPTAQ's term with
+      bf16 GEMMs summed in fp32 (2-4x faster; effect on the solve measured in
+      ``tests/compiler/passes/test_gptq_fast.py``); ``"float32"``: all in fp32. The
+      Cholesky and the column solve are fp32 either way.
 
     Preconditions: captured graph, calibration data; smoothing/rotation (which change
     weights) must run before. Position: after ``smooth``/``rotate``, before
@@ -193,6 +239,7 @@ class GPTQ(QQQPass):
         clip_weighted: bool = True,
         asym: bool = False,
         asym_alpha: float = 0.25,
+        hessian_dtype: str = "bfloat16",
     ):
         super().__init__(
             GPTQConfig(
@@ -209,6 +256,7 @@ class GPTQ(QQQPass):
                 clip_weighted,
                 asym,
                 asym_alpha,
+                hessian_dtype,
             )
         )
 
@@ -241,10 +289,10 @@ class GPTQ(QQQPass):
         for st in runner.blocks():
             if self.asym and fenvs is None:
                 fenvs = [dict(env) for env in st.envs]  # nothing is quantized before block 0
-            self._run_block(gm, ctx, st.block.nodes, st.envs, sites, todo, fmt, order, last_use, fenvs)
+            self._run_block(gm, ctx, st.block.nodes, st.envs, sites, todo, fmt, order, last_use, fenvs, st)
             done.update(st.block.nodes)
-            # The block's outputs are already in the envs (computed node-major above, with
-            # the quantized behaviour): an empty node list makes the runner's advance a
+            # The block's outputs are already in the envs (computed above, with the
+            # quantized behaviour): an empty node list makes the runner's advance a
             # no-op. The overrides make a runner that re-ran the block still correct.
             st.overrides = self._overrides(sites, set(st.block.nodes))
             st.block.nodes = []
@@ -270,7 +318,7 @@ class GPTQ(QQQPass):
         if not self.sequential:
             return {}
         return {
-            s.node: quantized_override(s, info(s.node).packed.dequantize())
+            s.node: quantized_override(s, info(s.node).packed)
             for s in sites
             if s.node in nodes and info(s.node).packed is not None
         }
@@ -280,22 +328,22 @@ class GPTQ(QQQPass):
         gm: GraphModule,
         ctx: CompileContext,
         nodes: list[Node],
-        envs: list[dict[Node, Any]],
+        envs: list[Env],
         sites: list[LinearSite],
         todo: set[Node],
         fmt: tuple[int, GroupScaleDtype],
         order: dict[Node, int],
         last_use: dict[Node, int],
         fenvs: list[Env] | None = None,
+        state: BlockState | None = None,
     ) -> None:
-        """Execute ``nodes`` node-major (each node on every batch before the next node).
+        """Execute ``nodes`` segment by segment, solving each input's linears at its cut.
 
-        When execution reaches the first linear of an input ``x``, every batch's ``x`` is
-        there: the Hessian is accumulated, GPTQ solves all linears reading ``x``, and they
-        run quantized from then on. So one forward per block yields both the Hessians and
-        the quantized block outputs, and each Hessian sees the quantized linears before it
-        in the block too (GPTQ's "true sequential"). Values are freed after their last use.
-        ``fenvs`` (asym): the same nodes run in float on the float model's values.
+        The cuts are the first linear of every input ``x`` still to quantize. Each segment
+        runs batch after batch; at its end every batch's ``x`` has gone into the Hessian,
+        GPTQ solves that input's linears, and they run quantized from then on (GPTQ's
+        "true sequential"). Values are freed after their last use. ``fenvs`` (asym): the
+        same nodes run in float on the float model's values.
         """
         node_set = set(nodes)
         by_x: dict[Node, list[LinearSite]] = {}
@@ -304,24 +352,69 @@ class GPTQ(QQQPass):
                 by_x.setdefault(s.x, []).append(s)
         first = {group[0].node: x for x, group in by_x.items()}
         overrides = self._overrides(sites, node_set)
-        for n in nodes:
-            if n in first:
-                group = by_x[first[n]]
-                x = first[n]
-                h, dxx = _hessian([env[x] for env in envs], None if fenvs is None else [f[x] for f in fenvs])
+        cuts = [i for i, n in enumerate(nodes) if n in first] + [len(nodes)]
+        start = 0
+        for cut in cuts:
+            x = first[nodes[cut]] if cut < len(nodes) else None
+            group = by_x.get(x, [])
+            acc = None if x is None else _LazyAccumulator(fenvs is not None, self.hessian_dtype)
+            # x is held as int8 codes between the cut and its linears when only they read it.
+            compact = x is not None and self.sequential and set(x.users) <= {s.node for s in group}
+            self._run_segment(gm, nodes[start:cut], envs, fenvs, overrides, order, last_use, acc, x, compact)
+            if x is not None:
+                if state is not None:
+                    state.status(", ".join(s.name.rsplit(".", 1)[-1] for s in group))
+                h, dxx = acc.result()
                 self._solve(gm, ctx, group, h, dxx, *fmt)
                 del h, dxx  # memory stays bounded by one Hessian at a time
                 todo.difference_update(s.node for s in group)
                 overrides.update(self._overrides(group, {s.node for s in group}))
-            with torch.no_grad():
-                for env in envs:
+            start = cut
+
+    def _run_segment(
+        self,
+        gm: GraphModule,
+        seg: list[Node],
+        envs: list[Env],
+        fenvs: list[Env] | None,
+        overrides: dict[Node, Callable[..., Any]],
+        order: dict[Node, int],
+        last_use: dict[Node, int],
+        acc: _LazyAccumulator | None,
+        x: Node | None,
+        compact: bool,
+    ) -> None:
+        """Run ``seg`` on every batch in turn (quantized run, and the float run with
+        ``fenvs``), then add the batch's ``x`` to ``acc``."""
+        with torch.no_grad():
+            for i, env in enumerate(envs):
+                fenv = None if fenvs is None else fenvs[i]
+                for n in seg:
+                    if n.op == "get_attr":
+                        continue
                     env[n] = run_node(gm, n, env, overrides.get(n))
-                for fenv in fenvs or ():
-                    fenv[n] = run_node(gm, n, fenv)
-            for a in (*n.all_input_nodes, n):
-                if last_use[a] <= order[n]:
-                    for env in (*envs, *(fenvs or ())):
-                        env.pop(a, None)
+                    if fenv is not None:
+                        if n not in overrides and all(
+                            a.op == "get_attr" or fenv[a] is env[a] for a in n.all_input_nodes
+                        ):
+                            fenv[n] = env[n]  # the same inputs: the same value
+                        else:
+                            fenv[n] = run_node(gm, n, fenv)
+                    for a in (*n.all_input_nodes, n):
+                        if last_use[a] <= order[n]:
+                            env.pop(a, None)
+                            if fenv is not None:
+                                fenv.pop(a, None)
+                if acc is None:
+                    continue
+                xv = env[x]
+                xq = quantize_input(xv) if (compact or fenv is not None) else None
+                if fenv is not None:  # GPTAQ: H of the quantized input X̃, D against the float one
+                    acc.add(x_float=fenv[x], q=xq.q, scale=xq.scale)
+                else:  # plain GPTQ: H of the raw input
+                    acc.add(xv)
+                if compact:
+                    env[x] = xq
 
     def _solve(
         self,
