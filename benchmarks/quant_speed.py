@@ -18,8 +18,9 @@ Per-block mode: the graph is captured and rotated once; then the GPTQ pass of ea
 variant runs over the first ``--blocks`` decoder blocks of a fresh copy, variants taking
 turns (round-robin, so load drift hits all alike), and the median seconds per block and
 the ratio against the first variant are printed. Variants: ``old`` (the GPTQ pass and solve
-of ``--baseline-rev``, loaded from git), ``new`` (this checkout's defaults), ``new-fp32h``
-(fp32 Hessians). The ratios are the figures to quote on a shared machine.
+of ``--baseline-rev``, loaded from git), ``new`` (this checkout's defaults), ``new-fp32``
+(fp32 Hessians and GPTAQ float run); ``NAME@B`` runs a variant on calibration batches of
+``B`` windows (default: ``CalibConfig.batch_size``). The ratios are the figures to quote on a shared machine.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def per_block(args: argparse.Namespace) -> dict:
     from qqq_compile.config import CompileConfig
     from qqq_compile.data import standard_splits
     from qqq_compile.models import load_model
+    from qqq_compile.targets.w4a8.kernels.cpu import ensure_cpp_kernels
 
     model, tok = load_model("demo")
     calib, _ = standard_splits(tok, n_calib=args.n_calib)
@@ -147,18 +149,23 @@ def per_block(args: argparse.Namespace) -> dict:
     i = [p.name for p in passes].index("gptq")
     gm, _ = run_pipeline(gm, ctx, passes[:i], config=config)
     options = passes[i].config.to_dict()
-    variants = {}
-    for v in args.variants.split(","):
+    variants, calibs = {}, {}
+    for spec in args.variants.split(","):
+        v, _, bs = spec.partition("@")  # NAME@B: calibration batches of B windows
+        if bs:
+            b = calib_batches(calib, None, int(bs), None)
+            calibs[spec] = [captured.graph_inputs(x) for x in b]
         if v == "old":
             old = load_baseline(args.baseline_rev)
             keep = {k: o for k, o in options.items() if k in old.config_class.__dataclass_fields__}
-            variants[v] = old(**keep)
+            variants[spec] = old(**keep)
         elif v == "new":
-            variants[v] = GPTQ(**options)
-        elif v == "new-fp32h":
-            variants[v] = GPTQ(**{**options, "hessian_dtype": "float32"})
+            variants[spec] = GPTQ(**options)
+        elif v == "new-fp32":
+            variants[spec] = GPTQ(**{**options, "hessian_dtype": "float32", "asym_dtype": "float32"})
         else:
-            raise SystemExit(f"unknown variant {v!r}: use old, new, new-fp32h")
+            raise SystemExit(f"unknown variant {v!r}: use old, new, new-fp32")
+    ensure_cpp_kernels()  # loading the extension is not GPTQ's time
     real = br.partition
 
     def first_blocks(g):
@@ -174,7 +181,7 @@ def per_block(args: argparse.Namespace) -> dict:
             for name, p in variants.items():
                 g = copy.deepcopy(gm)
                 t, c = time.perf_counter(), time.process_time()
-                p.call(g, CompileContext(calib=ctx.calib, quant=ctx.quant, progress=False))
+                p.call(g, CompileContext(calib=calibs.get(name, ctx.calib), quant=ctx.quant, progress=False))
                 times[name].append((time.perf_counter() - t) / args.blocks)
                 cpu[name].append((time.process_time() - c) / args.blocks)
                 del g
@@ -208,7 +215,7 @@ def main() -> None:
     ap.add_argument("--per-block", action="store_true", help="time GPTQ per block: variants round-robin")
     ap.add_argument("--blocks", type=int, default=2, help="per-block mode: decoder blocks per timing")
     ap.add_argument("--rounds", type=int, default=3, help="per-block mode: rounds of every variant")
-    ap.add_argument("--variants", default="old,new", help="per-block mode: old,new,new-fp32h (first = baseline)")
+    ap.add_argument("--variants", default="old,new", help="per-block mode: old,new,new-fp32 (first = baseline)")
     ap.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the 'old' variant")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--json", default=None, help="also write the results here")

@@ -114,7 +114,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     check_preset(args.preset)
     for name in ("n_calib", "seq_len", "batch_size"):
-        positive("--" + name.replace("_", "-"), getattr(args, name))
+        if getattr(args, name) is not None:
+            positive("--" + name.replace("_", "-"), getattr(args, name))
     config = compile_config(args)
     steps = Steps(4, args.quiet)
     torch.manual_seed(args.seed)
@@ -262,7 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=-1, metavar="N", help="-1: per channel (default), or e.g. 128")
     q.add_argument("--n-calib", type=int, default=128, metavar="N", help="calibration windows (default: 128)")
     q.add_argument("--seq-len", type=int, default=512, metavar="N", help="tokens per window incl. BOS (default: 512)")
-    q.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per calibration batch (default: 8)")
+    q.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="windows per calibration batch (default: by model width)",
+    )
     q.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write (replaced atomically)")
     q.add_argument(
         "--streaming",

@@ -24,7 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
-from qqq_compile.compiler.residency import attr_targets, resident
+from qqq_compile.compiler.residency import attr_targets, release_memory, resident
 from qqq_compile.graph import Block, Partition, get_attr, partition
 
 Env = dict[Node, Any]
@@ -167,7 +167,9 @@ class BlockRunner:
         self.progress = progress
         self.desc = desc
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        self._last_use = {n: max((order[u] for u in n.users), default=-1) for n in gm.graph.nodes}
+        # The graph's outputs are never read back from the envs: a value only the output
+        # node reads (the logits: tokens x vocab floats per batch) dies where it is made.
+        self._last_use = {n: max((order[u] for u in n.users if u.op != "output"), default=-1) for n in gm.graph.nodes}
         self._order = order
         self.envs: list[Env] = [graph_env(gm, b) for b in batches]
         self.bar: tqdm | None = None  # the blocks' progress bar while blocks() runs
@@ -206,6 +208,7 @@ class BlockRunner:
                     if i >= start:
                         yield state
                     self._advance(block.nodes, state.overrides)
+                release_memory()  # the block's freed temporaries go back to the OS
                 bar.update(1)
         finally:
             bar.close()

@@ -13,6 +13,8 @@ the quantized one in the lazy update across blocks; here both use the unquantize
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +54,8 @@ class HessianAccumulator:
     rounding the product; the first chunk runs in fp32). Rounding the inputs perturbs each
     token's contribution by at most 2⁻⁹ relative. The measured effect on the solve is in
     ``tests/compiler/passes/test_gptq_fast.py``. Column slabs keep the GEMM's output (the
-    only ``K x K``-sized transient besides the sums) to ``1024`` columns.
+    only ``K x K``-sized transient besides the sums) to 512 columns, and skip the part of
+    ``H`` below the diagonal slabs (``H`` is symmetric: mirrored at the end).
     """
 
     def __init__(self, k: int, *, asym: bool = False, dtype: str = "bfloat16", chunk_rows: int | None = None):
@@ -65,7 +68,9 @@ class HessianAccumulator:
             # Chunks of up to 4096 rows, buffers of at most 16 MiB.
             rows = chunk_rows or max(256, min(4096, (1 << 23) // self.sums.shape[0]))
             self.buf = torch.empty(rows, self.sums.shape[0], dtype=torch.bfloat16)
-            self.est = torch.empty(self.sums.shape[0], min(k, 1024), dtype=torch.bfloat16)
+            # Column slabs of 512 (one slab up to 768): the GEMM output stays small, and H's
+            # symmetry saves a third of its work at K = 1536.
+            self.est = torch.empty(k, k if k <= 768 else 512, dtype=torch.bfloat16)
             self.fill = self.rows_flushed = 0
 
     def add(
@@ -102,14 +107,10 @@ class HessianAccumulator:
         while i < rows:
             m = min(rows - i, self.buf.shape[0] - self.fill)
             dst, src = self.buf[self.fill : self.fill + m], slice(i, i + m)
-            if q is not None:
-                torch.mul(q[src], scale[src], out=dst[:, :k])
-                if xf is not None:
-                    torch.addcmul(xf[src], q[src], scale[src], value=-1.0, out=dst[:, k:])
-            else:
-                dst[:, :k] = x[src]
-                if xf is not None:
-                    torch.sub(xf[src], x[src], out=dst[:, k:])
+            xs = q[src].float().mul_(scale[src]) if q is not None else x[src]
+            dst[:, :k] = xs
+            if xf is not None:
+                dst[:, k:] = xf[src] - xs
             self.fill += m
             i += m
             if self.fill == self.buf.shape[0]:
@@ -118,28 +119,37 @@ class HessianAccumulator:
     def _flush(self) -> None:
         if not self.bf16 or self.fill == 0:
             return
-        a, seen, k = self.buf[: self.fill], self.rows_flushed, self.k
+        a, seen, k, width = self.buf[: self.fill], self.rows_flushed, self.k, self.est.shape[1]
         a_f = a.float() if seen == 0 else None  # the first chunk in fp32: the others are measured against it
-        for j in range(0, k, self.est.shape[1]):
-            cols = slice(j, min(j + self.est.shape[1], k))
-            tgt = self.sums[:, cols]
-            if a_f is not None:
-                tgt += a_f.t() @ a_f[:, cols]
-                continue
-            # The GEMM adds -E (this chunk's expected share of the sums so far) before its
-            # one rounding to bf16, so only the chunk's deviation from E is rounded.
-            est = torch.mul(tgt, self.fill / seen, out=self.est[:, : cols.stop - cols.start])
-            tgt += torch.addmm(est, a.t(), a[:, cols], beta=-1.0)
-            tgt += est
+        for j in range(0, k, width):
+            cols = slice(j, min(j + width, k))
+            # H is symmetric: per column slab only the rows down to the slab's end (the
+            # rest is mirrored in result()); D = ΔXᵀX̃ in full.
+            parts = [slice(0, cols.stop)] + ([slice(k, 2 * k)] if self.asym else [])
+            for rows in parts:
+                tgt = self.sums[rows, cols]
+                if a_f is not None:
+                    tgt += a_f[:, rows].t() @ a_f[:, cols]
+                    continue
+                # The GEMM adds -E (this chunk's expected share of the sums so far) before
+                # its one rounding to bf16, so only the chunk's deviation from E is rounded.
+                est = torch.mul(tgt, self.fill / seen, out=self.est[: tgt.shape[0], : tgt.shape[1]])
+                tgt += torch.addmm(est, a[:, rows].t(), a[:, cols], beta=-1.0)
+                tgt += est
         self.rows_flushed += self.fill
         self.fill = 0
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(H, D)`` (``D`` None without GPTAQ); the accumulator is spent afterwards."""
         self._flush()
+        k = self.k
+        if self.bf16:  # mirror the upper part of H that _flush computed
+            width = self.est.shape[1]
+            for j in range(width, k, width):
+                end = min(j + width, k)
+                self.sums[j:end, :j] = self.sums[:j, j:end].t()
         self.buf = self.est = None
         sums, self.sums = self.sums.mul_(2.0 / max(self.n, 1)), None
-        k = self.k
         return sums[:k], (sums[k:] if self.asym else None)
 
 
@@ -206,12 +216,19 @@ def gptq_quantize(
     """
     if not _all_finite(h) or (dxx is not None and not _all_finite(dxx)):
         raise GPTQError("the Hessian contains NaN/Inf (non-finite calibration activations)")
+    with single_thread():
+        return _gptq(w, h, grid, damp, block_size, act_order, max_retries, dxx, alpha)
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread inside: the column loop (and the clip search) run thousands
+    of small ops, and with more than one thread their synchronisation costs far more than
+    the arithmetic (100x on a busy 2-core box)."""
     threads = torch.get_num_threads()
-    # The column loop runs thousands of small ops: with more than one thread their
-    # synchronisation costs far more than the arithmetic (100x on a busy 2-core box).
     torch.set_num_threads(1)
     try:
-        return _gptq(w, h, grid, damp, block_size, act_order, max_retries, dxx, alpha)
+        yield
     finally:
         torch.set_num_threads(threads)
 
