@@ -77,6 +77,21 @@ def _eval_windows(tokenizer: Any, source: str, n: int, seq_len: int) -> list:
     return token_windows(tokenizer, load_text(source), seq_len, n=n, select="last")
 
 
+def _pass_lines() -> Any:
+    """An instrument printing one line per pass (name, then its time) on stderr, so a long
+    quantization says where it is between the per-block progress bars."""
+    from qqq_compile.compiler.pipeline import Instrument
+
+    class PassLines(Instrument):
+        def before_pass(self, index: int, pass_: Any, gm: Any) -> None:
+            print(f"      pass {index + 1}: {pass_.name} ...", file=sys.stderr, flush=True)
+
+        def after_pass(self, index: int, pass_: Any, result: Any, seconds: float) -> None:
+            print(f"      pass {index + 1}: {pass_.name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    return PassLines()
+
+
 def _call(fn: Callable[..., Any], *args: Any, **optional: Any) -> Any:
     """Call ``fn`` passing only the optional keyword arguments its signature accepts."""
     params = inspect.signature(fn).parameters
@@ -137,7 +152,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         windows = _calib_windows(tokenizer, args.calib, args.n_calib, args.seq_len, args.seed)
     how = "streaming from disk, " if args.streaming else ""
     with steps(f"compiling with preset '{args.preset}' ({how}group size {args.group_size})"):
-        compiled = qcompile(model, windows, config, progress=not args.quiet, streaming=args.streaming)
+        passes = [] if args.quiet else [_pass_lines()]
+        compiled = qcompile(
+            model, windows, config, progress=not args.quiet, streaming=args.streaming, instruments=passes
+        )
     with steps(f"saving to {args.out}"):
         save(compiled, args.out, tokenizer=tokenizer)
     lin = compiled.linears()

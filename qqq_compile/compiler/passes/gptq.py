@@ -39,6 +39,15 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qqq_compile.compiler.block_runner import BlockRunner, BlockState, Env, run_node
+from qqq_compile.compiler.gptq_forward import (
+    FLOAT_RUN_BUDGET,
+    QuantizedInput,
+    bf16_override,
+    float_run_bytes,
+    quantize_input,
+    quantized_override,
+    stash_float_run,
+)
 from qqq_compile.compiler.gptq_solve import (
     HESSIAN_DTYPES,
     GPTQError,
@@ -57,8 +66,7 @@ from qqq_compile.compiler.pipeline import (
 )
 from qqq_compile.config import ConfigError, check_group_size
 from qqq_compile.graph import LinearSite, ensure_info, get_weight, info, is_skipped, linear_sites
-from qqq_compile.targets.w4a8 import kernels  # noqa: F401 - registers torch.ops.qqq.*
-from qqq_compile.targets.w4a8.formats import GroupScaleDtype, PackedW4
+from qqq_compile.targets.w4a8.formats import GroupScaleDtype
 from qqq_compile.targets.w4a8.grid import ClipSearch, Grid, check_clip
 
 __all__ = [
@@ -72,77 +80,32 @@ __all__ = [
     "quantized_override",
 ]
 
-aten = torch.ops.aten
-
-
 # ----------------------------------------------------------------------------- the pass
 
 
 @dataclass
-class QuantizedInput:
-    """A linear's input kept as the W4A8 kernel consumes it: per-token int8 codes ``q``
-    ``[..., K]`` and scales ``scale`` ``[..., 1]`` (float32); ``dtype``: the float input's."""
+class _Call:
+    """The state of one :meth:`GPTQ.call`: the graph, the format, the linears still to
+    quantize, node order and last uses, and GPTAQ's float run (``fenvs``)."""
 
-    q: torch.Tensor
-    scale: torch.Tensor
-    dtype: torch.dtype
-
-    def dequantize(self) -> torch.Tensor:
-        return self.q.float().mul_(self.scale)
-
-
-def quantize_input(x: torch.Tensor) -> QuantizedInput:
-    """The activation quantizer of the deployed linears (per-token symmetric int8), as the
-    lowered ``qqq::w4a8_linear`` applies it to its input."""
-    q, s = torch.ops.qqq.quantize_act(x)
-    return QuantizedInput(q, s, x.dtype)
+    gm: GraphModule
+    ctx: CompileContext
+    fmt: tuple[int, GroupScaleDtype]
+    todo: set[Node]
+    order: dict[Node, int]
+    last_use: dict[Node, int]
+    fenvs: list[Env] | None = None
 
 
-def _x_index(site: LinearSite) -> int:
-    return next(i for i, a in enumerate(site.node.args) if a is site.x)
+@dataclass
+class _Cut:
+    """The end of a segment: the input ``x`` whose linears are solved there (None for a
+    block's last segment), its Hessian, and how ``x`` is held after it."""
 
-
-def _bias(site: LinearSite, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The bias value among a linear node's evaluated arguments."""
-    if site.bias is None:
-        return None
-    for i, a in enumerate(site.node.args):
-        if a is site.bias:
-            return args[i]
-    return kwargs.get("bias")
-
-
-def quantized_override(site: LinearSite, packed: PackedW4) -> Callable[..., Any]:
-    """Replacement for ``site.node`` computing what the lowered model computes: the packed
-    W4A8 kernel (``torch.ops.qqq.w4a8_linear``, or ``w4a8_linear_q`` on an input already
-    held as :class:`QuantizedInput`) with the node's own bias."""
-    xi = _x_index(site)
-    w = (packed.qweight, packed.channel_scale, packed.group_scale)
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        x, bias = args[xi], _bias(site, args, kwargs)
-        if isinstance(x, QuantizedInput):
-            return torch.ops.qqq.w4a8_linear_q(x.q, x.scale, *w, bias, packed.group_size, x.dtype)
-        return torch.ops.qqq.w4a8_linear(x, *w, bias, packed.group_size)
-
-    return run
-
-
-def bf16_override(gm: GraphModule, site: LinearSite) -> Callable[..., Any]:
-    """Replacement for ``site.node`` in GPTAQ's float run: the same linear as a bf16 GEMM
-    (input and weight rounded to bf16, fp32 accumulation inside, the result in the input's
-    dtype; the bias added in that dtype)."""
-    xi, cache = _x_index(site), {}
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        x, bias = args[xi], _bias(site, args, kwargs)
-        if "w" not in cache:  # read when the block runs (weights may be streamed)
-            w = get_weight(gm, site)
-            cache["w"], cache["dtype"] = w.to(torch.bfloat16), w.dtype
-        y = torch.nn.functional.linear(x.to(torch.bfloat16), cache["w"]).to(cache["dtype"])
-        return y if bias is None else y.add_(bias)
-
-    return run
+    x: Node | None = None
+    acc: _LazyAccumulator | None = None
+    compact: bool = False  # quantized run: int8 codes and scales
+    fcompact: bool = False  # float run: bf16
 
 
 class _LazyAccumulator:
@@ -319,13 +282,13 @@ class GPTQ(QQQPass):
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         # A value only the output node reads (the logits) is not kept in the envs.
         last_use = {n: max((order[u] for u in n.users if u.op != "output"), default=-1) for n in gm.graph.nodes}
+        c = _Call(gm, ctx, fmt, todo, order, last_use)
         runner = BlockRunner(gm, batches, progress=ctx.progress, desc="gptq")
         done: set[Node] = set()
-        fenvs: list[Env] | None = None  # asym: the float model's values, run alongside
         for st in runner.blocks():
-            if self.asym and fenvs is None:
-                fenvs = [dict(env) for env in st.envs]  # nothing is quantized before block 0
-            self._run_block(gm, ctx, st.block.nodes, st.envs, sites, todo, fmt, order, last_use, fenvs, st)
+            if self.asym and c.fenvs is None:
+                c.fenvs = [dict(env) for env in st.envs]  # nothing is quantized before block 0
+            self._run_block(c, st.block.nodes, st.envs, sites, st)
             done.update(st.block.nodes)
             # The block's outputs are already in the envs (computed above, with the
             # quantized behaviour): an empty node list makes the runner's advance a
@@ -338,7 +301,7 @@ class GPTQ(QQQPass):
         if tail:
             last = max(suffix.block.nodes.index(s.node) for s in tail)
             nodes = suffix.block.nodes[: last + 1]
-            self._run_block(gm, ctx, nodes, suffix.envs, tail, todo, fmt, order, last_use, fenvs)
+            self._run_block(c, nodes, suffix.envs, tail)
             done.update(suffix.block.nodes)
         left = [s.name for s in sites if s.node in todo and s.node not in done]
         if left:
@@ -360,107 +323,101 @@ class GPTQ(QQQPass):
         }
 
     def _run_block(
-        self,
-        gm: GraphModule,
-        ctx: CompileContext,
-        nodes: list[Node],
-        envs: list[Env],
-        sites: list[LinearSite],
-        todo: set[Node],
-        fmt: tuple[int, GroupScaleDtype],
-        order: dict[Node, int],
-        last_use: dict[Node, int],
-        fenvs: list[Env] | None = None,
-        state: BlockState | None = None,
+        self, c: _Call, nodes: list[Node], envs: list[Env], sites: list[LinearSite], state: BlockState | None = None
     ) -> None:
         """Execute ``nodes`` segment by segment, solving each input's linears at its cut.
 
         The cuts are the first linear of every input ``x`` still to quantize. Each segment
         runs batch after batch; at its end every batch's ``x`` has gone into the Hessian,
         GPTQ solves that input's linears, and they run quantized from then on (GPTQ's
-        "true sequential"). Values are freed after their last use. ``fenvs`` (asym): the
-        same nodes run in float on the float model's values.
+        "true sequential"). Values are freed after their last use. With GPTAQ
+        (``c.fenvs``) the same nodes also run in float on the float model's values.
         """
         node_set = set(nodes)
         by_x: dict[Node, list[LinearSite]] = {}
         for s in sites:
-            if s.node in node_set and s.node in todo:
+            if s.node in node_set and s.node in c.todo:
                 by_x.setdefault(s.x, []).append(s)
         first = {group[0].node: x for x, group in by_x.items()}
         overrides = self._overrides(sites, node_set)
         foverrides = {}
-        if fenvs is not None and self.asym_dtype == "bfloat16":
-            foverrides = {s.node: bf16_override(gm, s) for s in sites if s.node in node_set}
-        cuts = [i for i, n in enumerate(nodes) if n in first] + [len(nodes)]
+        if c.fenvs is not None and self.asym_dtype == "bfloat16":
+            foverrides = {s.node: bf16_override(c.gm, s) for s in sites if s.node in node_set}
+        stash = c.fenvs is not None and float_run_bytes(c.fenvs, envs) > FLOAT_RUN_BUDGET
         start = 0
-        for cut in cuts:
-            x = first[nodes[cut]] if cut < len(nodes) else None
-            group = by_x.get(x, [])
-            acc = None if x is None else _LazyAccumulator(fenvs is not None, self.hessian_dtype)
-            # x is held as int8 codes between the cut and its linears when only they read it.
-            compact = x is not None and self.sequential and set(x.users) <= {s.node for s in group}
-            # The float run keeps x for its bf16 linears in bf16 (what they read anyway).
-            fcompact = x is not None and bool(foverrides) and set(x.users) <= set(foverrides)
-            self._run_segment(
-                gm, nodes[start:cut], envs, fenvs, (overrides, foverrides), order, last_use, acc, x, (compact, fcompact)
-            )
-            if x is not None:
+        for end in [i for i, n in enumerate(nodes) if n in first] + [len(nodes)]:
+            cut = _Cut()
+            if end < len(nodes):
+                cut.x = first[nodes[end]]
+                group = by_x[cut.x]
+                cut.acc = _LazyAccumulator(c.fenvs is not None, self.hessian_dtype)
+                # x is held as int8 codes (quantized run) or in bf16 (the float run's bf16
+                # linears) between the cut and its linears when only they read it.
+                cut.compact = self.sequential and set(cut.x.users) <= {s.node for s in group}
+                cut.fcompact = bool(foverrides) and set(cut.x.users) <= set(foverrides)
+            self._run_segment(c, nodes[start:end], envs, (overrides, foverrides), cut, stash)
+            if cut.x is not None:
                 if state is not None:
                     state.status(", ".join(s.name.rsplit(".", 1)[-1] for s in group))
-                h, dxx = acc.result()
-                self._solve(gm, ctx, group, h, dxx, *fmt)
+                h, dxx = cut.acc.result()
+                self._solve(c.gm, c.ctx, group, h, dxx, *c.fmt)
                 del h, dxx  # memory stays bounded by one Hessian at a time
-                todo.difference_update(s.node for s in group)
+                c.todo.difference_update(s.node for s in group)
                 overrides.update(self._overrides(group, {s.node for s in group}))
-            start = cut
+            start = end
 
     def _run_segment(
         self,
-        gm: GraphModule,
+        c: _Call,
         seg: list[Node],
         envs: list[Env],
-        fenvs: list[Env] | None,
         both: tuple[dict[Node, Callable[..., Any]], dict[Node, Callable[..., Any]]],
-        order: dict[Node, int],
-        last_use: dict[Node, int],
-        acc: _LazyAccumulator | None,
-        x: Node | None,
-        compacts: tuple[bool, bool],
+        cut: _Cut,
+        stash: bool,
     ) -> None:
-        """Run ``seg`` on every batch in turn (quantized run with ``overrides``, and the
-        float run with ``fenvs`` and ``foverrides``), then add the batch's ``x`` to ``acc``."""
-        (overrides, foverrides), (compact, fcompact) = both, compacts
+        """Run ``seg`` on every batch in turn (the quantized run with its overrides, and
+        GPTAQ's float run with its own), then add the batch's ``cut.x`` to the Hessian.
+        ``stash``: the float run's values wait for the next segment in bf16."""
+        overrides, foverrides = both
         with torch.no_grad():
             for i, env in enumerate(envs):
-                fenv = None if fenvs is None else fenvs[i]
+                fenv = None if c.fenvs is None else c.fenvs[i]
+                if fenv is not None:
+                    stash_float_run(fenv, env, False)
                 for n in seg:
                     if n.op == "get_attr":
                         continue
-                    env[n] = run_node(gm, n, env, overrides.get(n))
+                    env[n] = run_node(c.gm, n, env, overrides.get(n))
                     if fenv is not None:
                         if n not in overrides and all(
                             a.op == "get_attr" or fenv[a] is env[a] for a in n.all_input_nodes
                         ):
                             fenv[n] = env[n]  # the same inputs: the same value
                         else:
-                            fenv[n] = run_node(gm, n, fenv, foverrides.get(n))
+                            fenv[n] = run_node(c.gm, n, fenv, foverrides.get(n))
                     for a in (*n.all_input_nodes, n):
-                        if last_use[a] <= order[n]:
+                        if c.last_use[a] <= c.order[n]:
                             env.pop(a, None)
                             if fenv is not None:
                                 fenv.pop(a, None)
-                if acc is None:
-                    continue
-                xv = env[x]
-                xq = quantize_input(xv) if (compact or fenv is not None) else None
-                if fenv is not None:  # GPTAQ: H of the quantized input X̃, D against the float one
-                    acc.add(x_float=fenv[x], q=xq.q, scale=xq.scale)
-                else:  # plain GPTQ: H of the raw input
-                    acc.add(xv)
-                if compact:
-                    env[x] = xq
-                if fcompact:
-                    fenv[x] = fenv[x].to(torch.bfloat16)
+                if cut.x is not None:
+                    self._at_cut(cut, env, fenv)
+                if stash:
+                    stash_float_run(fenv, env, True)
+
+    def _at_cut(self, cut: _Cut, env: Env, fenv: Env | None) -> None:
+        """One batch reached the cut: its ``x`` goes into the Hessian, then is held compact."""
+        x = cut.x
+        xv = env[x]
+        xq = quantize_input(xv) if (cut.compact or fenv is not None) else None
+        if fenv is not None:  # GPTAQ: H of the quantized input X̃, D against the float one
+            cut.acc.add(x_float=fenv[x], q=xq.q, scale=xq.scale)
+        else:  # plain GPTQ: H of the raw input
+            cut.acc.add(xv)
+        if cut.compact:
+            env[x] = xq
+        if cut.fcompact:
+            fenv[x] = fenv[x].to(torch.bfloat16)
 
     def _solve(
         self,
