@@ -9,13 +9,19 @@ reports its peak resident set (``ru_maxrss``) next to the model's size.
 
     python benchmarks/memory.py                          # RTN, 2 GiB cap
     python benchmarks/memory.py --preset gptq --calib 8  # GPTQ through the block runner
+    python benchmarks/memory.py --preset qqq_rot --calib 128 --seq 512 --cap-gib 3  # the default
     python benchmarks/memory.py --baseline               # also: in-memory compile, same cap
+    python benchmarks/memory.py --demo --calib 128       # `qqq-compile quantize demo` (SmolLM2-135M)
 
 The cap is a cgroup memory limit (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``,
 swap off), created as a child of this process's own cgroup and removed afterwards.
 ``RLIMIT_AS``/``RLIMIT_DATA`` cannot stand in for it: the skeleton used for export
 reserves (but never touches) the model's size in address space. Without a usable cgroup
 the run is uncapped and only the peak RSS is reported.
+
+``--demo`` measures ``qqq-compile quantize demo`` instead (the real SmolLM2-135M, the
+default preset, ``--calib`` windows of 512 tokens): its peak RSS against the float
+model's size, under the cap if one is given with ``--cap-gib``.
 """
 
 from __future__ import annotations
@@ -225,7 +231,7 @@ def child(args: argparse.Namespace) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(0, args.vocab, (args.calib, args.seq), generator=g)
-    cfg = {"preset": args.preset, "calib": {"batch_size": 4}}
+    cfg = {"preset": args.preset, "calib": {"batch_size": args.batch_size}}
     if args.in_memory:
         from transformers import AutoModelForCausalLM
 
@@ -254,6 +260,26 @@ def child(args: argparse.Namespace) -> None:
     )
 
 
+def demo(args: argparse.Namespace) -> None:
+    """Peak RSS of `qqq-compile quantize demo` (optionally capped) against the float model."""
+    float_bytes = 134_515_008 * 4  # SmolLM2-135M in fp32 (tied embedding counted once)
+    cap = MemoryCap(int(args.cap_gib * GiB))
+    print(f"`qqq-compile quantize demo --n-calib {args.calib}`; cap: {MemoryCap.describe(int(args.cap_gib * GiB))}")
+    with tempfile.TemporaryDirectory(prefix="qqq-memory-demo-", dir=args.workdir) as out:
+        cmd = [sys.executable, "-m", "qqq_compile.cli.main", "quantize", "demo", "--n-calib", str(args.calib)]
+        cmd += ["--seq-len", str(args.seq), "--out", str(Path(out) / "art"), "--quiet"]
+        t0 = time.perf_counter()
+        try:
+            rc, peak, events, text = run_capped(cmd, cap)
+        finally:
+            cap.close()
+    wall = time.perf_counter() - t0
+    print(f"exit status {rc}, wall {wall:.0f} s: {text.strip().splitlines()[-1] if text.strip() else ''}")
+    print(f"peak RSS {peak / GiB:.2f} GiB = {peak / float_bytes:.1f}x the fp32 model ({float_bytes / GiB:.2f} GiB)")
+    if events:
+        print(f"cgroup: {', '.join(f'{k} {v}' for k, v in events.items())}")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -267,7 +293,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--preset", default="rtn", help="rtn (default), gptq, qqq, ...")
     ap.add_argument("--calib", type=int, default=4, help="calibration windows")
-    ap.add_argument("--seq", type=int, default=64, help="tokens per calibration window")
+    ap.add_argument("--batch-size", type=int, default=None, help="windows per calibration batch (default: auto)")
+    ap.add_argument("--demo", action="store_true", help="measure `qqq-compile quantize demo` instead")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per calibration window (64; --demo: 512)")
     ap.add_argument("--cap-gib", type=float, default=2.0, help="memory cap for the quantizing process")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="where to write the model (default: a temp dir)")
@@ -277,10 +305,14 @@ def main() -> None:
     ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.seq = args.seq or (512 if args.demo else 64)
     if args.child:
         child(args)
         return
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when redirected to a file
+    if args.demo:
+        demo(args)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="qqq-memory-", dir=args.workdir))
     folder = work / "model"
@@ -297,6 +329,8 @@ def main() -> None:
         base = [sys.executable, os.path.abspath(__file__), "--child", "--folder", str(folder)]
         for k in ("vocab", "preset", "calib", "seq", "threads"):
             base += [f"--{k}", str(getattr(args, k))]
+        if args.batch_size is not None:
+            base += ["--batch-size", str(args.batch_size)]
         runs = [("streaming", base)] + ([("in-memory", [*base, "--in-memory"])] if args.baseline else [])
         for name, cmd in runs:
             cap = MemoryCap(int(args.cap_gib * GiB))  # a fresh cgroup per run: its peak is this run's

@@ -132,9 +132,11 @@ class QuantConfig(ConfigBase):
 
 @dataclass(frozen=True)
 class CalibConfig(ConfigBase):
-    """How calibration data is batched when a pass runs the graph."""
+    """How calibration data is batched when a pass runs the graph: ``batch_size`` windows
+    per batch (None: sized to the model, ``compiler.calibration.auto_batch_size``), at most
+    ``max_samples`` windows."""
 
-    batch_size: int = 8
+    batch_size: int | None = None
     max_samples: int | None = None
 
 

@@ -77,6 +77,21 @@ def _eval_windows(tokenizer: Any, source: str, n: int, seq_len: int) -> list:
     return token_windows(tokenizer, load_text(source), seq_len, n=n, select="last")
 
 
+def _pass_lines() -> Any:
+    """An instrument printing one line per pass (name, then its time) on stderr, so a long
+    quantization says where it is between the per-block progress bars."""
+    from qqq_compile.compiler.pipeline import Instrument
+
+    class PassLines(Instrument):
+        def before_pass(self, index: int, pass_: Any, gm: Any) -> None:
+            print(f"      pass {index + 1}: {pass_.name} ...", file=sys.stderr, flush=True)
+
+        def after_pass(self, index: int, pass_: Any, result: Any, seconds: float) -> None:
+            print(f"      pass {index + 1}: {pass_.name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    return PassLines()
+
+
 def _call(fn: Callable[..., Any], *args: Any, **optional: Any) -> Any:
     """Call ``fn`` passing only the optional keyword arguments its signature accepts."""
     params = inspect.signature(fn).parameters
@@ -114,7 +129,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     check_preset(args.preset)
     for name in ("n_calib", "seq_len", "batch_size"):
-        positive("--" + name.replace("_", "-"), getattr(args, name))
+        if getattr(args, name) is not None:
+            positive("--" + name.replace("_", "-"), getattr(args, name))
     config = compile_config(args)
     steps = Steps(4, args.quiet)
     torch.manual_seed(args.seed)
@@ -137,7 +153,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     how = "streaming from disk, " if args.streaming else ""
     gs = resolved_group_size(config)
     with steps(f"compiling with preset '{args.preset}' for target {config.quant.target} ({how}group size {gs})"):
-        compiled = qcompile(model, windows, config, progress=not args.quiet, streaming=args.streaming)
+        passes = [] if args.quiet else [_pass_lines()]
+        compiled = qcompile(
+            model, windows, config, progress=not args.quiet, streaming=args.streaming, instruments=passes
+        )
     with steps(f"saving to {args.out}"):
         save(compiled, args.out, tokenizer=tokenizer)
     lin = compiled.linears()
@@ -265,7 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_target(q)
     q.add_argument("--n-calib", type=int, default=128, metavar="N", help="calibration windows (default: 128)")
     q.add_argument("--seq-len", type=int, default=512, metavar="N", help="tokens per window incl. BOS (default: 512)")
-    q.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per calibration batch (default: 8)")
+    q.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="windows per calibration batch (default: by model width)",
+    )
     q.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write (replaced atomically)")
     q.add_argument(
         "--streaming",

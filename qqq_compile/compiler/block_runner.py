@@ -24,7 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
-from qqq_compile.compiler.residency import attr_targets, resident
+from qqq_compile.compiler.residency import attr_targets, release_memory, resident
 from qqq_compile.graph import Block, Partition, get_attr, partition
 
 Env = dict[Node, Any]
@@ -115,6 +115,12 @@ class BlockState:
         self.runner, self.index, self.block = runner, index, block
         self.overrides: dict[Node, Override] = {}  # used when the runner advances
 
+    def status(self, text: str) -> None:
+        """Show what the pass is doing inside this block next to the progress bar."""
+        bar = self.runner.bar
+        if bar is not None:
+            bar.set_postfix_str(f"{self.block.name}: {text}", refresh=True)
+
     @property
     def envs(self) -> list[Env]:
         return self.runner.envs
@@ -161,9 +167,12 @@ class BlockRunner:
         self.progress = progress
         self.desc = desc
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        self._last_use = {n: max((order[u] for u in n.users), default=-1) for n in gm.graph.nodes}
+        # The graph's outputs are never read back from the envs: a value only the output
+        # node reads (the logits: tokens x vocab floats per batch) dies where it is made.
+        self._last_use = {n: max((order[u] for u in n.users if u.op != "output"), default=-1) for n in gm.graph.nodes}
         self._order = order
         self.envs: list[Env] = [graph_env(gm, b) for b in batches]
+        self.bar: tqdm | None = None  # the blocks' progress bar while blocks() runs
 
     def _advance(self, nodes: Sequence[Node], overrides: dict[Node, Override] | None = None) -> None:
         if not nodes:
@@ -180,14 +189,30 @@ class BlockRunner:
         executes it (with ``state.overrides``) to produce the next block's inputs."""
         self._advance(self.part.prefix)
         blocks = self.part.blocks
-        for i, block in enumerate(tqdm(blocks, desc=self.desc, disable=not self.progress, leave=False)):
-            # Streamed weights stay resident while the caller works on the block and the
-            # runner advances it; a weight the caller replaced is kept (on disk) after.
-            with resident(self.gm, attr_targets(block.nodes)):
-                state = BlockState(self, i, block)
-                if i >= start:
-                    yield state
-                self._advance(block.nodes, state.overrides)
+        # One line per pass, kept when done: the pass's name, block i/n, time per block, ETA.
+        bar = tqdm(
+            total=len(blocks),
+            desc=self.desc,
+            unit="block",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            initial=0,
+        )
+        self.bar = None if bar.disable else bar
+        try:
+            for i, block in enumerate(blocks):
+                # Streamed weights stay resident while the caller works on the block and the
+                # runner advances it; a weight the caller replaced is kept (on disk) after.
+                with resident(self.gm, attr_targets(block.nodes)):
+                    state = BlockState(self, i, block)
+                    if i >= start:
+                        yield state
+                    self._advance(block.nodes, state.overrides)
+                release_memory()  # the block's freed temporaries go back to the OS
+                bar.update(1)
+        finally:
+            bar.close()
+            self.bar = None
 
     def suffix_state(self) -> BlockState:
         """The nodes after the last block (final norm, lm_head), as a pseudo-block."""

@@ -28,6 +28,14 @@ import torch
 
 Batch = dict[Any, Any]  # str keys: keyword inputs; int keys: positional inputs
 MIN_CALIB_TOKENS = 256
+#: Automatic batching (``batch_size=None``): a batch's widest activation (tokens x the
+#: widest linear width x 4 bytes) stays near this, and a batch holds at most
+#: ``MAX_BATCH_TOKENS`` tokens. Measured on SmolLM2 (GPTQ, 2 threads, 512-token windows):
+#: 16 windows per batch ran 3-6% faster than 8, 4 windows 13% slower, 1 window 2.3x slower
+#: (per-op overhead); larger batches only cost memory (one batch's intermediates).
+BATCH_ACT_BYTES = 64 << 20
+MAX_BATCH_TOKENS = 8192
+DEFAULT_BATCH_SIZE = 8  # windows per batch when the model's widths are unknown
 
 
 def is_hf(model: torch.nn.Module) -> bool:
@@ -85,10 +93,32 @@ def takes_token_ids(model: torch.nn.Module | None, calib: Any) -> bool:
     return isinstance(first, torch.Tensor) and not first.is_floating_point()
 
 
+def auto_batch_size(seq_len: int, widest: int | None) -> int:
+    """Windows of ``seq_len`` tokens per calibration batch: as many as keep one batch's
+    widest activation within :data:`BATCH_ACT_BYTES` and its tokens within
+    :data:`MAX_BATCH_TOKENS`, at least one; :data:`DEFAULT_BATCH_SIZE` if ``widest`` is unknown."""
+    if not widest:
+        return DEFAULT_BATCH_SIZE
+    tokens = min(MAX_BATCH_TOKENS, BATCH_ACT_BYTES // (4 * widest))
+    return max(1, tokens // max(seq_len, 1))
+
+
+def widest_linear(model: torch.nn.Module | None) -> int | None:
+    """The widest input or output of the model's linears, the output embedding (lm_head)
+    aside: the largest activation a block runs through. None without linears."""
+    if model is None:
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    widths = [
+        max(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+    ]
+    return max(widths, default=None)
+
+
 def calib_batches(
     calib: Any,
     tokenizer: Any = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     max_samples: int | None = None,
     seq_len: int = 512,
     *,
@@ -96,9 +126,10 @@ def calib_batches(
 ) -> list[Batch]:
     """Normalise calibration input to a list of batches (see the module docstring).
 
-    Token-id data becomes ``{"input_ids": [B, T]}`` batches; other data (when ``model``
-    does not take token ids, or, without a model, when the data is not integer) becomes
-    one ``{0: ..., "name": ...}`` call per item.
+    Token-id data becomes ``{"input_ids": [B, T]}`` batches of ``batch_size`` windows
+    (None: :func:`auto_batch_size` for the model's widest linear and each window length);
+    other data (when ``model`` does not take token ids, or, without a model, when the data
+    is not integer) becomes one ``{0: ..., "name": ...}`` call per item.
     """
     if calib is None:
         return []
@@ -138,9 +169,11 @@ def calib_batches(
     for r in rows:
         by_len.setdefault(r.shape[-1], []).append(r)
     batches: list[Batch] = []
-    for same in by_len.values():
-        for i in range(0, len(same), batch_size):
-            batches.append({"input_ids": torch.cat(same[i : i + batch_size]).long()})
+    widest = widest_linear(model) if batch_size is None else None
+    for length, same in by_len.items():
+        size = batch_size or auto_batch_size(length, widest)
+        for i in range(0, len(same), size):
+            batches.append({"input_ids": torch.cat(same[i : i + size]).long()})
     return batches
 
 

@@ -106,6 +106,19 @@ class LinearSite:
     def name(self) -> str:
         return module_fqn(self.node) or re.sub(r"\.weight$", "", str(self.weight.target))
 
+    def x_index(self) -> int:
+        """Position of the input ``x`` among the node's arguments."""
+        return next(i for i, a in enumerate(self.node.args) if a is self.x)
+
+    def bias_value(self, args: tuple, kwargs: dict) -> Any:
+        """The bias among the node's evaluated ``args``/``kwargs`` (None without one)."""
+        if self.bias is None:
+            return None
+        for i, a in enumerate(self.node.args):
+            if a is self.bias:
+                return args[i]
+        return kwargs.get("bias")
+
 
 def _get_attr_through(n: Any) -> tuple[Node | None, bool]:
     """(get_attr node, transposed?) for a weight operand, looking through t/permute."""

@@ -89,6 +89,19 @@ class Grid(Protocol):
     def pack(self, q4: torch.Tensor, rows: slice = ...) -> PackedWeight: ...
 
 
+@dataclass
+class QuantizedInput:
+    """An activation held as a target's kernels consume it: integer codes ``q`` ``[..., K]``
+    and per-row scales ``scale`` ``[..., 1]`` (float32); ``dtype``: the float input's."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float().mul_(self.scale)
+
+
 @dataclass(frozen=True)
 class ClipSearch:
     """``n_grid`` shrink ratios from 1.0 down to ``min_ratio`` (inclusive)."""
@@ -184,6 +197,32 @@ class Target:
     def fake_quant_act(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize an activation ``[..., K]`` exactly as the kernels quantize it."""
         raise NotImplementedError
+
+    def quantize_input(self, x: torch.Tensor) -> QuantizedInput | None:
+        """``x`` as this target's kernels consume it (integer codes and scales), or None when
+        the target has no such form; GPTQ then keeps :meth:`fake_quant_act`'s float value."""
+        return None
+
+    def calib_linear(self, site: Any, packed: PackedWeight) -> Callable[..., Any]:
+        """A replacement for the linear node ``site.node`` (a ``LinearSite``) computing what
+        the lowered model computes, for calibration runs after GPTQ packed it. Default: the
+        input through :meth:`fake_quant_act` times the dequantized weight, in the node's own
+        op and argument layout. A target with kernels overrides it to run them."""
+        xi = site.x_index()
+        wi = 2 if site.node.target == torch.ops.aten.addmm.default else 1
+        w_deq = packed.dequantize()
+        # aten.linear takes W as [N, K]; mm/addmm/matmul take W.T.
+        w_arg = w_deq if site.node.target == torch.ops.aten.linear.default else w_deq.t()
+        op = site.node.target
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            args = list(args)
+            x = args[xi]
+            args[xi] = self.fake_quant_act(x)
+            args[wi] = w_arg.to(x.dtype)
+            return op(*args, **kwargs)
+
+        return run
 
     # ---------------------------------------------------------------- lowering
 
@@ -284,6 +323,7 @@ __all__ = [
     "ClipSearch",
     "Grid",
     "PackedWeight",
+    "QuantizedInput",
     "check_clip",
     "Target",
     "format_class",

@@ -22,13 +22,34 @@ def test_blockwise_equals_whole_graph_and_overrides_apply():
         # a candidate run with outputs requested does not disturb the live state
         outs = st.run(outputs=[downs[0].node], batches=[0])
         assert outs[0][0].shape == (2, 32, 64)
-    runner._advance(runner.part.suffix)
-    for b, env in zip(batches, runner.envs, strict=True):
+    logits = runner.suffix_state().run(outputs=[lm_head.node])
+    for b, out in zip(batches, logits, strict=True):
         with torch.no_grad():
             ref = model(b["input_ids"]).logits
-        torch.testing.assert_close(env[lm_head.node], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[0], ref, rtol=1e-5, atol=1e-5)
+    # Advancing through the suffix (as calibrate does) keeps no graph output: the logits
+    # (tokens x vocab floats per batch) die where they are made.
+    runner._advance(runner.part.suffix)
+    assert all(lm_head.node not in env for env in runner.envs)
     # only a handful of values stay alive between blocks (residual, rotary, mask...)
     assert max(live_sizes) < 12
+
+
+def test_progress_bar_names_the_pass_the_block_and_the_step(capsys):
+    """The blocks' bar (stderr, kept when done): the pass's name, block i/n with a rate and
+    ETA, and what the pass said it is doing inside the block."""
+    gm = capture(tiny_model("llama"), torch.randint(0, 256, (2, 8))).graph_module
+    runner = BlockRunner(gm, calib_batches(tiny_calib(2)), progress=True, desc="mypass")
+    for st in runner.blocks():
+        assert runner.bar is not None
+        st.status(f"solving {st.index}")
+    assert runner.bar is None
+    err = capsys.readouterr().err
+    assert "mypass" in err and "2/2" in err and "block" in err and "model.layers.1: solving 1" in err
+    quiet = BlockRunner(gm, calib_batches(tiny_calib(2)), progress=False, desc="quiet")
+    for st in quiet.blocks():
+        st.status("nothing shown")
+    assert "quiet" not in capsys.readouterr().err
 
 
 def test_override_changes_what_the_next_block_sees():

@@ -7,7 +7,18 @@ import torch
 from torch import nn
 
 import qqq_compile as qc
-from qqq_compile.compiler.calibration import calib_batches, check_calib, example_call, takes_token_ids
+from qqq_compile.compiler.calibration import (
+    BATCH_ACT_BYTES,
+    DEFAULT_BATCH_SIZE,
+    MAX_BATCH_TOKENS,
+    auto_batch_size,
+    calib_batches,
+    check_calib,
+    example_call,
+    takes_token_ids,
+    widest_linear,
+)
+from qqq_compile.config import CalibConfig
 from tests.conftest import tiny_model
 
 
@@ -16,6 +27,25 @@ def test_token_windows_are_rebatched_by_length():
     batches = calib_batches(rows, batch_size=2)
     assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 8), (2, 8), (1, 8), (2, 4)]
     assert qc.calib_batches is calib_batches  # still exported at the top level
+
+
+def test_batches_are_sized_to_the_model():
+    """batch_size=None (CalibConfig's default): windows per batch from the widest linear
+    (the lm_head aside) and the window length: one batch's widest activation near
+    BATCH_ACT_BYTES, at most MAX_BATCH_TOKENS tokens, at least one window."""
+    assert CalibConfig().batch_size is None
+    llama = tiny_model("llama")  # hidden 64, MLP 160, vocab 256 (the lm_head is wider)
+    assert widest_linear(llama) == 160 and widest_linear(None) is None
+    rows = [torch.zeros(1, 32, dtype=torch.long)] * 300
+    batches = calib_batches(rows, model=llama)
+    assert [len(b["input_ids"]) for b in batches] == [256, 44]  # 8192 tokens / 32 per window
+    # SmolLM2 (MLP 1536) at 512 tokens: 16 windows; a 7B's MLP (11008): 2; a 70B's: 1.
+    assert auto_batch_size(512, 1536) == MAX_BATCH_TOKENS // 512 == 16
+    assert auto_batch_size(512, 11008) == BATCH_ACT_BYTES // (4 * 11008) // 512 == 2
+    assert auto_batch_size(512, 28672) == 1 and auto_batch_size(4096, 1536) == 2
+    assert auto_batch_size(512, None) == DEFAULT_BATCH_SIZE
+    assert [len(b["input_ids"]) for b in calib_batches(rows[:20])] == [8, 8, 4]  # no model: the default
+    assert [len(b["input_ids"]) for b in calib_batches(rows[:5], batch_size=2)] == [2, 2, 1]
 
 
 def test_lm_refuses_float_and_one_token_windows():

@@ -1,15 +1,21 @@
 """``gptq``: GPTQ int4 weights (Frantar et al. 2022), block by block, as annotations.
 
-For every decoder block (in order) the pass executes the block *node-major* over all
-calibration batches (each node on every batch before the next node). When execution
-reaches the first linear reading an input ``x``, every batch's ``x`` is available: the
-Hessian ``H = 2/n · XᵀX`` (fp32) is accumulated, GPTQ solves all linears reading ``x``
-together (same ``H``, same column order), the packed weights are recorded in
-``meta["qqq"]``, and those linears run with their W4A8 behaviour (dequantized packed
-weight, per-token int8 fake-quantized input) from then on. One forward per block thus
-gives both the Hessians and the block's quantized outputs, which become the next
-block's inputs: GPTQ's sequential recompute, including within a block ("true
-sequential": ``o_proj``'s Hessian sees the quantized ``q/k/v``).
+For every decoder block (in order) the pass runs the block over all calibration batches,
+cut into *segments* at the first linear of every input ``x`` (q/k/v share one input, so
+four segments per LLaMA block). Within a segment the batches run one after the other
+(batch-major: a batch's intermediates die before the next batch starts, so memory holds
+one batch's intermediates, not every batch's), and each batch's ``x`` is added to the
+Hessian ``H = 2/n · XᵀX`` (:class:`~qqq_compile.compiler.gptq_solve.HessianAccumulator`,
+bf16 GEMMs with fp32 sums by default) as soon as the segment has produced it. At the cut
+every batch has been seen: GPTQ solves all linears reading ``x`` together (same ``H``,
+same column order), the packed weights are recorded in ``meta["qqq"]``, and those linears
+run from then on as the deployed model runs them: the target's ``calib_linear`` (W4A8:
+``torch.ops.qqq.w4a8_linear`` on the packed weight, per-token int8 input, exact int32
+accumulation). ``x`` itself is kept between the cut and its linears as the target's
+``QuantizedInput`` (W4A8: int8 codes and scales) when nothing else reads it.
+One forward per block thus gives both the Hessians and the block's quantized outputs,
+which become the next block's inputs: GPTQ's sequential recompute, including
+within a block ("true sequential": ``o_proj``'s Hessian sees the quantized ``q/k/v``).
 
 Every packed weight decodes *exactly* to the weight GPTQ fed its error back from: each
 column is rounded to the nearest value the final format can represent (for the
@@ -17,9 +23,11 @@ column is rounded to the nearest value the final format can represent (for the
 16-value decode table is taken), never to an idealised grid that packing then changes.
 With ``clip_search`` the scales are searched on that same format before the solve.
 
-``asym`` (GPTAQ) also runs each block in float next to the quantized run (node-major
-too), so every linear sees both its float-model input ``X`` and the quantized model's
-``X̃``; the solve then targets ``W X`` instead of ``W X̃`` (see :mod:`qqq_compile.compiler.gptq_solve`).
+``asym`` (GPTAQ) also runs each block in float next to the quantized run (batch by batch,
+node by node; a node whose inputs are the same objects in both runs and that is not a
+quantized linear is computed once), so every linear sees both its float-model input
+``X`` and the quantized model's ``X̃``; the solve then targets ``W X`` instead of ``W X̃``
+(see :mod:`qqq_compile.compiler.gptq_solve`).
 """
 
 from __future__ import annotations
@@ -31,8 +39,21 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from qqq_compile.compiler.block_runner import BlockRunner, Env, run_node
-from qqq_compile.compiler.gptq_solve import GPTQError, GPTQResult, gptq_quantize
+from qqq_compile.compiler.block_runner import BlockRunner, BlockState, Env, run_node
+from qqq_compile.compiler.gptq_forward import (
+    FLOAT_RUN_BUDGET,
+    bf16_override,
+    float_run_bytes,
+    stash_float_run,
+)
+from qqq_compile.compiler.gptq_solve import (
+    HESSIAN_DTYPES,
+    GPTQError,
+    GPTQResult,
+    HessianAccumulator,
+    gptq_quantize,
+    single_thread,
+)
 from qqq_compile.compiler.pipeline import (
     CompileContext,
     PassConfig,
@@ -45,67 +66,53 @@ from qqq_compile.config import ConfigError, check_group_size
 from qqq_compile.graph import LinearSite, ensure_info, get_weight, info, is_skipped, linear_sites
 from qqq_compile.targets.registry import ClipSearch, check_clip
 
-__all__ = ["GPTQ", "GPTQConfig", "GPTQError", "GPTQResult", "gptq_quantize", "quantized_override"]
-
-aten = torch.ops.aten
-
+__all__ = ["GPTQ", "GPTQConfig", "GPTQError", "GPTQResult", "gptq_quantize"]
 
 # ----------------------------------------------------------------------------- the pass
 
 
-def _hessian(
-    xs: list[torch.Tensor],
-    floats: list[torch.Tensor] | None = None,
-    act_quant: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``H = 2/n · XᵀX`` (fp32) over the rows of every batch's input ``[..., K]``.
+@dataclass
+class _Call:
+    """The state of one :meth:`GPTQ.call`: the graph, the format, the linears still to
+    quantize, node order and last uses, and GPTAQ's float run (``fenvs``)."""
 
-    With ``floats`` (the float model's inputs, batch by batch) also GPTAQ's
-    ``D = 2/n · (X_float - X̃)ᵀ X̃``, where ``X̃ = act_quant(X)`` is the input the quantized
-    linear multiplies (the target's activation quantizer), for ``H`` as well.
-    """
-    k = xs[0].shape[-1]
-    h = torch.zeros(k, k, device=xs[0].device)
-    d = None if floats is None else torch.zeros(k, k, device=xs[0].device)
-    n = 0
-    for i, x in enumerate(xs):
-        flat = x.detach().reshape(-1, k).float()
-        if d is not None:
-            flat = act_quant(flat)  # rows are tokens
-            d.addmm_((floats[i].detach().reshape(-1, k).float() - flat).t(), flat)
-        h.addmm_(flat.t(), flat)
-        n += flat.shape[0]
-    scale = 2.0 / max(n, 1)
-    return h.mul_(scale), None if d is None else d.mul_(scale)
+    gm: GraphModule
+    ctx: CompileContext
+    group_size: int
+    todo: set[Node]
+    order: dict[Node, int]
+    last_use: dict[Node, int]
+    fenvs: list[Env] | None = None
 
 
-def _x_index(site: LinearSite) -> int:
-    return next(i for i, a in enumerate(site.node.args) if a is site.x)
+@dataclass
+class _Cut:
+    """The end of a segment: the input ``x`` whose linears are solved there (None for a
+    block's last segment), its Hessian, and how ``x`` is held after it."""
+
+    x: Node | None = None
+    acc: _LazyAccumulator | None = None
+    compact: bool = False  # quantized run: int8 codes and scales
+    fcompact: bool = False  # float run: bf16
 
 
-def _w_arg_index(site: LinearSite) -> int:
-    return 2 if site.node.target == aten.addmm.default else 1
+class _LazyAccumulator:
+    """A :class:`HessianAccumulator` made at the first batch (when ``K`` is known)."""
 
+    def __init__(self, asym: bool, dtype: str):
+        self.asym, self.dtype = asym, dtype
+        self.acc: HessianAccumulator | None = None
 
-def quantized_override(
-    site: LinearSite, w_deq: torch.Tensor, act_quant: Callable[[torch.Tensor], torch.Tensor]
-) -> Callable[..., Any]:
-    """Replacement for ``site.node`` computing the quantized behaviour: the input through
-    the target's activation quantizer ``act_quant`` times the dequantized weight (same op,
-    same argument layout)."""
-    xi, wi = _x_index(site), _w_arg_index(site)
-    # aten.linear takes W as [N, K]; mm/addmm/matmul take W.T.
-    w_arg = w_deq if site.node.target == aten.linear.default else w_deq.t()
-    target = site.node.target
+    def add(self, x: torch.Tensor | None = None, x_float: torch.Tensor | None = None, **codes: torch.Tensor) -> None:
+        if self.acc is None:
+            k = (x if x is not None else codes["q"]).shape[-1]
+            self.acc = HessianAccumulator(k, asym=self.asym, dtype=self.dtype)
+        self.acc.add(x, x_float, **codes)
 
-    def run(*args: Any, **kwargs: Any) -> Any:
-        args = list(args)
-        x = args[xi]
-        args[xi] = act_quant(x)
-        args[wi] = w_arg.to(x.dtype)
-        return target(*args, **kwargs)
-
-    return run
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.acc is None:
+            raise GPTQError("no calibration batch reached this linear")
+        return self.acc.result()
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,8 @@ class GPTQConfig(PassConfig):
     clip_weighted: bool = True
     asym: bool = False
     asym_alpha: float = 0.25
+    hessian_dtype: str = "bfloat16"
+    asym_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if not self.damp >= 0:
@@ -138,6 +147,16 @@ class GPTQConfig(PassConfig):
         if not self.asym_alpha >= 0:
             raise ConfigError(
                 f"asym_alpha must be >= 0 (GPTAQ's scale of the asymmetry term, e.g. 0.25), got {self.asym_alpha}"
+            )
+        if self.hessian_dtype not in HESSIAN_DTYPES:
+            raise ConfigError(
+                f"hessian_dtype must be one of {HESSIAN_DTYPES} (bf16 GEMMs with fp32 sums, or all fp32), "
+                f"got {self.hessian_dtype!r}"
+            )
+        if self.asym_dtype not in HESSIAN_DTYPES:
+            raise ConfigError(
+                f"asym_dtype must be one of {HESSIAN_DTYPES} (GPTAQ's float run with bf16 or fp32 linears), "
+                f"got {self.asym_dtype!r}"
             )
 
 
@@ -153,7 +172,7 @@ class GPTQ(QQQPass):
     * ``static_groups``: group scales from the whole weight in original column order
       (required with group formats: the two-level scales need every group up front).
     * ``sequential``: each Hessian comes from inputs computed with the linears
-      quantized so far (W4A8 fake-quant), across and within blocks; False: from the
+      quantized so far (as the target runs them), across and within blocks; False: from the
       float model.
     * ``group_size``: ``None`` → ``ctx.quant.group_size``; the group scale dtype is
       ``ctx.quant.group_scale_dtype``.
@@ -167,6 +186,13 @@ class GPTQ(QQQPass):
       ``W X`` (``X``: the float model's input) instead of ``W X̃``; ``asym_alpha`` scales
       the correction term (0.25 as published). Runs a float forward of every block next
       to the quantized one.
+    * ``hessian_dtype``: ``"bfloat16"`` (default) computes ``XᵀX`` and GPTAQ's term with
+      bf16 GEMMs summed in fp32 (2-4x faster; effect on the solve measured in
+      ``tests/compiler/passes/test_gptq_fast.py``); ``"float32"``: all in fp32. The
+      Cholesky and the column solve are fp32 either way.
+    * ``asym_dtype``: the linears of GPTAQ's float run as ``"bfloat16"`` GEMMs (default;
+      every other op of that run stays fp32) or ``"float32"``. Its rounding (2⁻⁹) is far
+      below the difference ``X - X̃`` it measures (effect in ``test_gptq_fast.py``).
 
     Preconditions: captured graph, calibration data; smoothing/rotation (which change
     weights) must run before. Position: after ``smooth``/``rotate``, before
@@ -197,6 +223,8 @@ class GPTQ(QQQPass):
         clip_weighted: bool = True,
         asym: bool = False,
         asym_alpha: float = 0.25,
+        hessian_dtype: str = "bfloat16",
+        asym_dtype: str = "bfloat16",
     ):
         super().__init__(
             GPTQConfig(
@@ -213,6 +241,8 @@ class GPTQ(QQQPass):
                 clip_weighted,
                 asym,
                 asym_alpha,
+                hessian_dtype,
+                asym_dtype,
             )
         )
 
@@ -237,17 +267,18 @@ class GPTQ(QQQPass):
             elif li.packed is None:
                 todo.add(site.node)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        last_use = {n: max((order[u] for u in n.users), default=-1) for n in gm.graph.nodes}
+        # A value only the output node reads (the logits) is not kept in the envs.
+        last_use = {n: max((order[u] for u in n.users if u.op != "output"), default=-1) for n in gm.graph.nodes}
+        c = _Call(gm, ctx, group_size, todo, order, last_use)
         runner = BlockRunner(gm, batches, progress=ctx.progress, desc="gptq")
         done: set[Node] = set()
-        fenvs: list[Env] | None = None  # asym: the float model's values, run alongside
         for st in runner.blocks():
-            if self.asym and fenvs is None:
-                fenvs = [dict(env) for env in st.envs]  # nothing is quantized before block 0
-            self._run_block(gm, ctx, st.block.nodes, st.envs, sites, todo, group_size, order, last_use, fenvs)
+            if self.asym and c.fenvs is None:
+                c.fenvs = [dict(env) for env in st.envs]  # nothing is quantized before block 0
+            self._run_block(c, st.block.nodes, st.envs, sites, st)
             done.update(st.block.nodes)
-            # The block's outputs are already in the envs (computed node-major above, with
-            # the quantized behaviour): an empty node list makes the runner's advance a
+            # The block's outputs are already in the envs (computed above, with the
+            # quantized behaviour): an empty node list makes the runner's advance a
             # no-op. The overrides make a runner that re-ran the block still correct.
             st.overrides = self._overrides(ctx, sites, set(st.block.nodes))
             st.block.nodes = []
@@ -257,7 +288,7 @@ class GPTQ(QQQPass):
         if tail:
             last = max(suffix.block.nodes.index(s.node) for s in tail)
             nodes = suffix.block.nodes[: last + 1]
-            self._run_block(gm, ctx, nodes, suffix.envs, tail, todo, group_size, order, last_use, fenvs)
+            self._run_block(c, nodes, suffix.envs, tail)
             done.update(suffix.block.nodes)
         left = [s.name for s in sites if s.node in todo and s.node not in done]
         if left:
@@ -271,65 +302,130 @@ class GPTQ(QQQPass):
     def _overrides(
         self, ctx: CompileContext, sites: list[LinearSite], nodes: set[Node]
     ) -> dict[Node, Callable[..., Any]]:
-        """Quantized behaviour of every packed linear among ``nodes`` (float otherwise)."""
+        """The deployed behaviour (the target's ``calib_linear``) of every packed linear among
+        ``nodes`` (float otherwise)."""
         if not self.sequential:
             return {}
         return {
-            s.node: quantized_override(s, info(s.node).packed.dequantize(), ctx.target.fake_quant_act)
+            s.node: ctx.target.calib_linear(s, info(s.node).packed)
             for s in sites
             if s.node in nodes and info(s.node).packed is not None
         }
 
     def _run_block(
-        self,
-        gm: GraphModule,
-        ctx: CompileContext,
-        nodes: list[Node],
-        envs: list[dict[Node, Any]],
-        sites: list[LinearSite],
-        todo: set[Node],
-        group_size: int,
-        order: dict[Node, int],
-        last_use: dict[Node, int],
-        fenvs: list[Env] | None = None,
+        self, c: _Call, nodes: list[Node], envs: list[Env], sites: list[LinearSite], state: BlockState | None = None
     ) -> None:
-        """Execute ``nodes`` node-major (each node on every batch before the next node).
+        """Execute ``nodes`` segment by segment, solving each input's linears at its cut.
 
-        When execution reaches the first linear of an input ``x``, every batch's ``x`` is
-        there: the Hessian is accumulated, GPTQ solves all linears reading ``x``, and they
-        run quantized from then on. So one forward per block yields both the Hessians and
-        the quantized block outputs, and each Hessian sees the quantized linears before it
-        in the block too (GPTQ's "true sequential"). Values are freed after their last use.
-        ``fenvs`` (asym): the same nodes run in float on the float model's values.
+        The cuts are the first linear of every input ``x`` still to quantize. Each segment
+        runs batch after batch; at its end every batch's ``x`` has gone into the Hessian,
+        GPTQ solves that input's linears, and they run quantized from then on (GPTQ's
+        "true sequential"). Values are freed after their last use. With GPTAQ
+        (``c.fenvs``) the same nodes also run in float on the float model's values.
         """
         node_set = set(nodes)
         by_x: dict[Node, list[LinearSite]] = {}
         for s in sites:
-            if s.node in node_set and s.node in todo:
+            if s.node in node_set and s.node in c.todo:
                 by_x.setdefault(s.x, []).append(s)
         first = {group[0].node: x for x, group in by_x.items()}
-        overrides = self._overrides(ctx, sites, node_set)
-        for n in nodes:
-            if n in first:
-                group = by_x[first[n]]
-                x = first[n]
-                floats = None if fenvs is None else [f[x] for f in fenvs]
-                h, dxx = _hessian([env[x] for env in envs], floats, ctx.target.fake_quant_act)
-                self._solve(gm, ctx, group, h, dxx, group_size)
+        overrides = self._overrides(c.ctx, sites, node_set)
+        foverrides = {}
+        if c.fenvs is not None and self.asym_dtype == "bfloat16":
+            foverrides = {s.node: bf16_override(c.gm, s) for s in sites if s.node in node_set}
+        stash = c.fenvs is not None and float_run_bytes(c.fenvs, envs) > FLOAT_RUN_BUDGET
+        start = 0
+        for end in [i for i, n in enumerate(nodes) if n in first] + [len(nodes)]:
+            cut = _Cut()
+            if end < len(nodes):
+                cut.x = first[nodes[end]]
+                group = by_x[cut.x]
+                cut.acc = _LazyAccumulator(c.fenvs is not None, self.hessian_dtype)
+                # x is held as int8 codes (quantized run) or in bf16 (the float run's bf16
+                # linears) between the cut and its linears when only they read it.
+                cut.compact = self.sequential and set(cut.x.users) <= {s.node for s in group}
+                cut.fcompact = bool(foverrides) and set(cut.x.users) <= set(foverrides)
+            self._run_segment(c, nodes[start:end], envs, (overrides, foverrides), cut, stash)
+            if cut.x is not None:
+                if state is not None:
+                    state.status(", ".join(s.name.rsplit(".", 1)[-1] for s in group))
+                h, dxx = cut.acc.result()
+                self._solve(c.gm, c.ctx, group, h, dxx, c.group_size)
                 del h, dxx  # memory stays bounded by one Hessian at a time
-                todo.difference_update(s.node for s in group)
-                overrides.update(self._overrides(ctx, group, {s.node for s in group}))
-            with torch.no_grad():
-                for env in envs:
-                    env[n] = run_node(gm, n, env, overrides.get(n))
-                for fenv in fenvs or ():
-                    fenv[n] = run_node(gm, n, fenv)
-            for a in (*n.all_input_nodes, n):
-                if last_use[a] <= order[n]:
-                    for env in (*envs, *(fenvs or ())):
-                        env.pop(a, None)
+                c.todo.difference_update(s.node for s in group)
+                overrides.update(self._overrides(c.ctx, group, {s.node for s in group}))
+            start = end
+
+    def _run_segment(
+        self,
+        c: _Call,
+        seg: list[Node],
+        envs: list[Env],
+        both: tuple[dict[Node, Callable[..., Any]], dict[Node, Callable[..., Any]]],
+        cut: _Cut,
+        stash: bool,
+    ) -> None:
+        """Run ``seg`` on every batch in turn (the quantized run with its overrides, and
+        GPTAQ's float run with its own), then add the batch's ``cut.x`` to the Hessian.
+        ``stash``: the float run's values wait for the next segment in bf16."""
+        overrides, foverrides = both
+        with torch.no_grad():
+            for i, env in enumerate(envs):
+                fenv = None if c.fenvs is None else c.fenvs[i]
+                if fenv is not None:
+                    stash_float_run(fenv, env, False)
+                for n in seg:
+                    if n.op == "get_attr":
+                        continue
+                    env[n] = run_node(c.gm, n, env, overrides.get(n))
+                    if fenv is not None:
+                        if n not in overrides and all(
+                            a.op == "get_attr" or fenv[a] is env[a] for a in n.all_input_nodes
+                        ):
+                            fenv[n] = env[n]  # the same inputs: the same value
+                        else:
+                            fenv[n] = run_node(c.gm, n, fenv, foverrides.get(n))
+                    for a in (*n.all_input_nodes, n):
+                        if c.last_use[a] <= c.order[n]:
+                            env.pop(a, None)
+                            if fenv is not None:
+                                fenv.pop(a, None)
+                if cut.x is not None:
+                    self._at_cut(c.ctx, cut, env, fenv)
+                if stash:
+                    stash_float_run(fenv, env, True)
+
+    def _at_cut(self, ctx: CompileContext, cut: _Cut, env: Env, fenv: Env | None) -> None:
+        """One batch reached the cut: its ``x`` goes into the Hessian, then is held compact
+        (when the target has a compact form of its kernels' input)."""
+        x = cut.x
+        xv = env[x]
+        xq = ctx.target.quantize_input(xv) if (cut.compact or fenv is not None) else None
+        if fenv is not None:  # GPTAQ: H of the quantized input X̃, D against the float one
+            if xq is not None:
+                cut.acc.add(x_float=fenv[x], q=xq.q, scale=xq.scale)
+            else:
+                cut.acc.add(ctx.target.fake_quant_act(xv), x_float=fenv[x])
+        else:  # plain GPTQ: H of the raw input
+            cut.acc.add(xv)
+        if cut.compact and xq is not None:
+            env[x] = xq
+        if cut.fcompact:
+            fenv[x] = fenv[x].to(torch.bfloat16)
 
     def _solve(
+        self,
+        gm: GraphModule,
+        ctx: CompileContext,
+        group: list[LinearSite],
+        h: torch.Tensor,
+        dxx: torch.Tensor | None,
+        group_size: int,
+    ) -> None:
+        with single_thread():  # the clip search, the solve and packing: many small ops
+            self._solve_group(gm, ctx, group, h, dxx, group_size)
+
+    def _solve_group(
         self,
         gm: GraphModule,
         ctx: CompileContext,

@@ -9,6 +9,7 @@ their projections fused (:mod:`.fuse_linears`); the exporters write compressed-t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch.fx import GraphModule, Node
 from qqq_compile.compiler.pipeline import CompileContext, QQQPass
 from qqq_compile.config import QuantConfig
 from qqq_compile.export import check_new_file
-from qqq_compile.targets.registry import Target, register_target
+from qqq_compile.targets.registry import QuantizedInput, Target, register_target
 from qqq_compile.targets.w4a8 import formats, fuse_norm_quant, lower  # noqa: F401 - registers fuse_norm_quant
 from qqq_compile.targets.w4a8.fuse_linears import FuseLinears
 from qqq_compile.targets.w4a8.grid import Grid
@@ -56,6 +57,25 @@ class W4A8(Target):
 
     def fake_quant_act(self, x: torch.Tensor) -> torch.Tensor:
         return formats.fake_quant_act(x)
+
+    def quantize_input(self, x: torch.Tensor) -> QuantizedInput:
+        """Per-token symmetric int8, as the lowered ``qqq::w4a8_linear`` quantizes its input."""
+        q, s = torch.ops.qqq.quantize_act(x)
+        return QuantizedInput(q, s, x.dtype)
+
+    def calib_linear(self, site: Any, packed: formats.PackedW4) -> Callable[..., Any]:
+        """The lowered model's kernel (``qqq::w4a8_linear``, or ``w4a8_linear_q`` on an input
+        already held as :class:`QuantizedInput`) with the node's own bias."""
+        xi = site.x_index()
+        w = (packed.qweight, packed.channel_scale, packed.group_scale)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            x, bias = args[xi], site.bias_value(args, kwargs)
+            if isinstance(x, QuantizedInput):
+                return torch.ops.qqq.w4a8_linear_q(x.q, x.scale, *w, bias, packed.group_size, x.dtype)
+            return torch.ops.qqq.w4a8_linear(x, *w, bias, packed.group_size)
+
+        return run
 
     def linear_ops(self) -> tuple[Any, ...]:
         return LINEAR_OPS
