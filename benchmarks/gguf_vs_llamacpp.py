@@ -186,10 +186,10 @@ def verdict(rows: dict) -> str:
     if f32 and q40 and ours and "error" not in ours:
         for s in ("eval", "lee"):
             loss_ours, loss_q40 = ours[f"ppl_{s}"] / f32[f"ppl_{s}"] - 1, q40[f"ppl_{s}"] / f32[f"ppl_{s}"] - 1
-            ok = loss_ours <= loss_q40 / 2
-            out.append(f"{s}: ours loses {100 * loss_ours:+.2f}%, Q4_0 {100 * loss_q40:+.2f}% -> {'PASS' if ok else 'FAIL'}")
-        ok = ours["file_mb"] <= 1.05 * q40["file_mb"]
-        out.append(f"size: {ours['file_mb']:.1f} MB vs Q4_0 {q40['file_mb']:.1f} MB (+5%) -> {'PASS' if ok else 'FAIL'}")
+            mark = "PASS" if loss_ours <= loss_q40 / 2 else "FAIL"
+            out.append(f"{s}: ours loses {100 * loss_ours:+.2f}%, Q4_0 {100 * loss_q40:+.2f}% -> {mark}")
+        mark = "PASS" if ours["file_mb"] <= 1.05 * q40["file_mb"] else "FAIL"
+        out.append(f"size: {ours['file_mb']:.1f} MB vs Q4_0 {q40['file_mb']:.1f} MB (+5%) -> {mark}")
     for name in OUR_ROWS:
         r = rows.get(name)
         if r and "agree_eval_pct" in r:

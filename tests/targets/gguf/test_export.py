@@ -42,7 +42,8 @@ def read(path) -> tuple[dict, dict]:
 
 
 def decoded(t) -> torch.Tensor:
-    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist()))).copy())
+    shape = tuple(reversed(t.shape.tolist()))
+    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).copy())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
