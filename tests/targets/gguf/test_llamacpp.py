@@ -14,8 +14,8 @@ from tests.targets.gguf.conftest import TEXT, gguf_calib, gguf_model
 # llama.cpp's logits against our graph's on the same file: the same Q4_0/Q8_0 arithmetic, but
 # float sums in another order, an fp16 KV cache and its own RoPE/softmax/RMSNorm; a Q8_0
 # rounding flipped by such a difference then moves the next layer. Measured on these tiny
-# models: see FLOOR_DB's uses (the figure is the lowest seen, with margin).
-FLOOR_DB = 30.0
+# models: 42.7-43.8 dB (our graph vs float: 20-22 dB); the floor leaves 6 dB of margin.
+FLOOR_DB = 36.0
 
 
 def export(compiled, tokenizer, path):
