@@ -195,7 +195,7 @@ def test_tiny_and_unsupported_layers_stay_listed(group):
     }
     (note,) = [n.message for n in compiled.report.notes if n.pass_name == "compile"]
     assert note == (
-        "weights kept in float (no W4A8 rewrite for their ops): embed.weight [64, 32] (embedding); "
+        "weights kept in float (no quantized rewrite for their ops): embed.weight [64, 32] (embedding); "
         "conv.weight [1, 1, 3, 3] (convolution); mix.w [32, 32] (bmm)"
     )
     ops = {n.target for n in compiled.graph_module.graph.nodes if n.op == "call_function"}

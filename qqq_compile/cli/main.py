@@ -95,6 +95,8 @@ def _pass_lines() -> Any:
 def _call(fn: Callable[..., Any], *args: Any, **optional: Any) -> Any:
     """Call ``fn`` passing only the optional keyword arguments its signature accepts."""
     params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **optional)  # e.g. Target.export(fmt, compiled, out, **kwargs): it takes them all
     return fn(*args, **{k: v for k, v in optional.items() if k in params})
 
 

@@ -227,6 +227,10 @@ _VIEWS = TRANSPARENT | {
 }
 
 
+def _target_op(n: Node) -> bool:
+    return n.op == "call_function" and getattr(n.target, "namespace", None) == "qqq"
+
+
 def float_weights_note(gm: GraphModule) -> str | None:
     """Name every weight (float tensor, 2-D or more) the graph reads outside a linear
     site: embeddings, convolutions, ops no pass matches (einsum → bmm...). They stay in
@@ -242,7 +246,9 @@ def float_weights_note(gm: GraphModule) -> str | None:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 2:
             continue
         users = ends(n)
-        if users and all(info(u) is None for u in users):
+        # Tensors read only by a target's own ops (the ``qqq`` namespace: a GGUF target's fp16
+        # block scales) are in that target's format, not float weights left behind.
+        if users and all(info(u) is None and not _target_op(u) for u in users):
             ops = sorted({str(getattr(u.target, "overloadpacket", u.target)).removeprefix("aten.") for u in users})
             found.append(f"{n.target} {list(t.shape)} ({', '.join(ops)})")
-    return "weights kept in float (no W4A8 rewrite for their ops): " + "; ".join(found) if found else None
+    return "weights kept in float (no quantized rewrite for their ops): " + "; ".join(found) if found else None

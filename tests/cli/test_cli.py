@@ -75,7 +75,7 @@ def test_each_command_has_help_with_an_example(command, capsys):
         (["quantize", "demo"], "the following arguments are required: --out"),
         (["quantize", "demo", "--out", "x", "--preset", "magic"], "invalid choice: 'magic'"),
         (["eval", "x", "--n-windows", "many"], "invalid int value: 'many'"),
-        (["export", "x", "--out", "y", "--format", "gguf"], "invalid choice: 'gguf'"),
+        (["export", "x", "--out", "y", "--format", "tflite"], "invalid choice: 'tflite'"),
     ],
 )
 def test_argument_errors_exit_2_with_usage(argv, message, capsys):
