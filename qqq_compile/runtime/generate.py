@@ -134,8 +134,8 @@ def generate(
     if t + cfg.max_new_tokens > spec.max_len:
         raise GenerationError(
             f"the prompt ({t} tokens) plus max_new_tokens ({cfg.max_new_tokens}) is {t + cfg.max_new_tokens} "
-            f"positions, more than the KV cache's {spec.max_len}; lower max_new_tokens or call "
-            f"prepare_generation(max_len={t + cfg.max_new_tokens}, ...)"
+            f"positions, more than the KV cache's {spec.max_len}; lower max_new_tokens, shorten the prompt, or "
+            f"call prepare_generation(max_len={t + cfg.max_new_tokens}, ...) once (up to the model's context)"
         )
     mask = torch.ones(b, t, dtype=torch.long) if attention_mask is None else attention_mask.to(torch.long)
     if mask.shape != input_ids.shape:
@@ -177,6 +177,20 @@ def generate(
     return GenerateOutput(seqs, t, new, prefill_s, decode_s, step.runtime)
 
 
+# Positions of the decode step a model gets unless asked otherwise: its whole context,
+# capped here (SmolLM2's 8192 positions would cost 4x the cache memory for contexts
+# few requests use; the cache's pages are only resident once written, so the cap costs
+# address space, not memory). ``prepare_generation(max_len=...)`` / ``save(..., max_len=...)``
+# choose another size, up to the model's context.
+DEFAULT_MAX_LEN = 2048
+
+
+def default_max_len(model_config: dict[str, Any] | None) -> int:
+    """The positions of a model's default decode step: its context, at most :data:`DEFAULT_MAX_LEN`."""
+    limit = context_limit(model_config)
+    return min(limit, DEFAULT_MAX_LEN) if limit else DEFAULT_MAX_LEN
+
+
 def context_limit(model_config: dict[str, Any] | None) -> int | None:
     """Positions a KV cache may hold for this model: ``max_position_embeddings``, and the
     sliding window when some layers use one (no ring buffer: past the window the cached
@@ -191,4 +205,13 @@ def context_limit(model_config: dict[str, Any] | None) -> int | None:
     return min(known) if known else None
 
 
-__all__ = ["GenerateOutput", "GenerationError", "SamplingConfig", "context_limit", "generate", "process_logits"]
+__all__ = [
+    "DEFAULT_MAX_LEN",
+    "GenerateOutput",
+    "GenerationError",
+    "SamplingConfig",
+    "context_limit",
+    "default_max_len",
+    "generate",
+    "process_logits",
+]
