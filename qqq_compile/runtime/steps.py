@@ -100,7 +100,7 @@ def default_package_dir() -> Path:
     return Path(root) / "aot"
 
 
-@dataclass
+@dataclass(eq=False)  # a step is a resource: equal only to itself
 class DecodeStep:
     """``step(input_ids [B, T], attention_mask [B, L], cache_position [T]) -> logits [B, 1, V]``.
 

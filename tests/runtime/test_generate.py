@@ -161,6 +161,7 @@ def test_invalid_sampling_values_name_the_fix(pair, kwargs, match):
 
 def test_request_larger_than_a_prepared_cache_is_refused(pair):
     _, compiled = pair
+    compiled._steps = []  # the steps earlier tests built on demand fit everything
     compiled.prepare_generation(max_batch=1, max_len=16, runtime="eager")
     with pytest.raises(GenerationError, match=r"more than the KV cache's 16; .* prepare_generation\(max_len=20, ...\)"):
         compiled.generate(torch.randint(0, 256, (1, 10)), max_new_tokens=10)
@@ -171,6 +172,7 @@ def test_request_larger_than_a_prepared_cache_is_refused(pair):
 
 def test_generate_takes_the_smallest_prepared_step_that_fits(pair):
     _, compiled = pair
+    compiled._steps = []
     small = compiled.prepare_generation(max_batch=1, max_len=24, runtime="eager")
     wide = compiled.prepare_generation(max_batch=2, max_len=24, runtime="eager")
     again = compiled.prepare_generation(max_batch=1, max_len=24, runtime="eager")  # replaces `small`
