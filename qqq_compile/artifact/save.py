@@ -123,7 +123,8 @@ def save(
     def fill(tmp: Path) -> None:
         manifest["weights_file"] = files.write_tensors(unique, tmp / WEIGHTS)
         # After the weights: building the step makes fused projections share storage.
-        manifest["decode_step"] = _ship_step(compiled, tmp / STEP_DIR, step_len, progress) if prepare_step else None
+        step_dir, shown = tmp / STEP_DIR, target / STEP_DIR
+        manifest["decode_step"] = _ship_step(compiled, step_dir, shown, step_len, progress) if prepare_step else None
         if graph_text is not None:
             (tmp / GRAPH).write_text(graph_text, encoding="utf-8")
             manifest["graph_file"]["sha256"] = hashlib.sha256(graph_text.encode()).hexdigest()
@@ -138,7 +139,9 @@ def save(
     return target
 
 
-def _ship_step(compiled: CompiledModel, folder: Path, max_len: int, progress: bool) -> dict[str, Any] | None:
+def _ship_step(
+    compiled: CompiledModel, folder: Path, shown: Path, max_len: int, progress: bool
+) -> dict[str, Any] | None:
     """The manifest's ``decode_step`` entry after putting the step's package in ``folder``;
     None (with a warning) when it cannot be built here."""
     from qqq_compile.runtime.steps import ship_step
@@ -151,6 +154,7 @@ def _ship_step(compiled: CompiledModel, folder: Path, max_len: int, progress: bo
             max_len=max_len,
             reuse=compiled.package_dirs(),
             progress=progress,
+            shown_as=shown,
         )
     except Exception as e:  # noqa: BLE001 - the artifact is still whole without it
         warnings.warn(

@@ -83,7 +83,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
     steps = args.steps(2, args.quiet)
     with steps(f"loading {args.artifact}"):
         compiled, tok = args.load_artifact(args.artifact, args.tokenizer, need_tokenizer=True)
-    with steps(f"building the decode step (runtime: {args.runtime})"):
+    with steps(f"preparing the decode step (runtime {args.runtime}: the artifact's own, else built once)"):
         compiled.prepare_generation(max_batch=1, max_len=args.max_len, runtime=args.runtime, progress=not args.quiet)
     return compiled, tok
 

@@ -279,9 +279,11 @@ def find_or_build_package(
     progress: bool = True,
     allow_compile: bool = True,
     into: Path | None = None,
+    shown_as: Path | None = None,
 ) -> tuple[Path, bool, list[str]]:
     """``(path, compiled, notes)``: the package for ``cached`` from the first of ``folders``
-    that has it, else compiled into ``into`` (default: the first writable folder)."""
+    that has it, else compiled into ``into`` (default: the first writable folder).
+    ``shown_as``: the folder the progress line names (where the package will end up)."""
     key = package_key(cached, spec.max_batch, spec.max_len)
     for folder in folders:
         path = folder / f"{key}.pt2"
@@ -303,7 +305,7 @@ def find_or_build_package(
         reason = f" ({why})" if why else ""
         print(
             f"qqq_compile: building the decode step for this CPU and torch{reason}; once, typically 1-3 minutes; "
-            f"kept at {path} ...",
+            f"kept in {shown_as or target} ...",
             flush=True,
         )
     t0 = time.perf_counter()
@@ -344,15 +346,19 @@ def ship_step(
     max_len: int,
     reuse: Sequence[str | os.PathLike] = (),
     progress: bool = True,
+    shown_as: Path | None = None,
 ) -> dict[str, Any]:
     """Put the AOT package of ``gm``'s decode step into ``folder`` (an artifact being
-    written): copied from ``reuse`` folders when one holds it, else compiled. Returns the
-    facts an artifact's manifest records about it."""
+    written; ``shown_as``: its final place, for the progress line): copied from ``reuse``
+    folders when one holds it, else compiled. Returns the facts an artifact's manifest
+    records about it."""
     import shutil
 
     cached, spec, _ = step_graph(gm, max_batch, max_len)
     dest = Path(folder)
-    path, compiled, _ = find_or_build_package(cached, spec, [Path(r) for r in reuse], progress, into=dest)
+    path, compiled, _ = find_or_build_package(
+        cached, spec, [Path(r) for r in reuse], progress, into=dest, shown_as=shown_as
+    )
     if path.parent != dest:
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest / path.name)
