@@ -189,6 +189,30 @@ def test_generate_takes_the_smallest_prepared_step_that_fits(pair):
         compiled._steps = []
 
 
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_result(pair):
+    from qqq_compile.runtime.generate import generate
+
+    _, compiled = pair
+    step = compiled.prepare_generation(max_batch=2, runtime="eager")
+    calls: list[int] = []
+    fn = step.fn
+    step.fn = lambda ids, mask, pos: (calls.append(ids.shape[1]), fn(ids, mask, pos))[1]
+    try:
+        g = torch.Generator().manual_seed(17)
+        short = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.randint(1, 256, (1, 63), generator=g)], 1)
+        ids = torch.cat([short, torch.randint(1, 256, (1, 70), generator=g)])  # left-padded rows of 63 and 70
+        mask = (ids != 0).long()
+        cfg = SamplingConfig(max_new_tokens=6, eos_token_id=[])
+        whole = generate(step, ids, mask, cfg, prefill_chunk=None)
+        assert calls[0] == 70
+        calls.clear()
+        chunked = generate(step, ids, mask, cfg, prefill_chunk=16)
+        assert calls[:5] == [16, 16, 16, 16, 6]  # then one call per new token
+        assert torch.equal(chunked.sequences, whole.sequences)
+    finally:
+        compiled._steps = []
+
+
 def test_right_padding_and_float_ids_are_refused(pair):
     _, compiled = pair
     with pytest.raises(GenerationError, match="padding_side = 'left'"):

@@ -19,7 +19,7 @@ import qqq_compile as qc
 from qqq_compile.artifact import MANIFEST, load, save
 from qqq_compile.compiler.pipeline import sqnr_db
 from qqq_compile.runtime import steps
-from qqq_compile.runtime.generate import GenerationError
+from qqq_compile.runtime.generate import PREFILL_CHUNK, GenerationError
 from tests.conftest import tiny_calib, tiny_model
 
 NEW = 6
@@ -131,11 +131,13 @@ def test_load_then_generate_runs_the_shipped_package_without_compiling(shipped, 
 
 def test_longer_requests_reuse_the_one_step(shipped, no_compile):
     compiled = load(shipped)
-    for n, new in ((5, 4), (300, 40), (1900, 100), (2000, 48)):
+    requests = ((5, 4), (300, 40), (1900, 100), (2000, 48))
+    for n, new in requests:
         out = compiled.generate(prompt(n), max_new_tokens=new, eos_token_id=[], return_dict_in_generate=True)
         assert out.runtime == "aot" and out.new_tokens == new
     (step,) = compiled.decode_steps
-    assert step.calls == 4 + 40 + 100 + 48
+    # Per request: one call per PREFILL_CHUNK prompt tokens, then one per new token after the first.
+    assert step.calls == sum(-(-n // PREFILL_CHUNK) + new - 1 for n, new in requests)
 
 
 def test_requests_past_the_context_and_empty_prompts_are_refused(shipped, no_compile):
