@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             print((proc.stderr or proc.stdout)[-3000:], file=sys.stderr)
             return 1
         rec = json.loads(lines[-1][len("RESULT ") :])
-        in_cache = sorted(p.name for p in Path(cache).rglob("*.pt2"))
-    packages = sorted((art / "step").glob("*.pt2")) if (art / "step").is_dir() else []
+        in_cache = sorted(p.name for p in Path(cache).rglob("[!.]*.pt2"))
+    packages = sorted((art / "step").glob("[!.]*.pt2")) if (art / "step").is_dir() else []
     weights = (art / "model.safetensors").stat().st_size
     rec["packages"] = {p.name: p.stat().st_size for p in packages}
     rec["packages_in_cache"] = in_cache

@@ -258,7 +258,7 @@ def _why_rebuild(folders: list[Path], spec: CacheSpec) -> str:
     for folder in folders:
         if folder.resolve() == shared:
             continue  # the cache holds packages of every graph ever built: no hint there
-        for p in sorted(folder.glob("*.pt2")) if folder.is_dir() else []:
+        for p in sorted(folder.glob("[!.]*.pt2")) if folder.is_dir() else []:  # not a compile's .tmp file
             info = _package_info(p)
             if info.get("max_batch", spec.max_batch) != spec.max_batch or info.get("max_len") != spec.max_len:
                 continue
