@@ -11,7 +11,9 @@ artifact folder holds afterwards (packages and their size against the weights').
 
 Goals (checked and printed): first generate ≤ 10 s after ``load()`` starts; each longer
 prompt ≤ 10 s; no compile; one package in the artifact, at most the weights' size + 10 %.
-Timings depend on the load of the machine: quote them with the load average printed.
+Timings depend on the load of the machine: quote them with the load average printed. On
+a shared, oversubscribed machine use ``--threads 1``: two OpenMP threads that rarely run at
+the same time decode 5-10x slower than one (measured at load average 5-17 on 2 cores).
 """
 
 from __future__ import annotations

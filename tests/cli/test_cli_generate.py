@@ -50,8 +50,8 @@ def test_chat_without_a_template_names_the_fix(artifact, capsys):  # noqa: F811
     assert "has no chat template" in capsys.readouterr().err
 
 
-def quantize_argv(files, out, *extra):
-    argv = ["quantize", str(files / "model"), "--calib", str(files / "text.txt"), "--preset", "rtn"]
+def quantize_argv(root, out, *extra):
+    argv = ["quantize", str(root / "model"), "--calib", str(root / "text.txt"), "--preset", "rtn"]
     return [*argv, "--n-calib", "4", "--seq-len", "32", "--out", str(out), "--quiet", *extra]
 
 
