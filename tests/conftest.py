@@ -7,6 +7,9 @@ import os
 # Kernels must see TRITON_INTERPRET before their @triton.jit decorators run, and any
 # test module may import qqq_compile (which imports the kernels) first.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# save() ships an AOT-compiled decode step by default (a minute per model): tests that
+# check it ask for it (prepare_step=True); every other save stays fast.
+os.environ.setdefault("QQQ_SAVE_STEP", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

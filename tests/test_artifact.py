@@ -83,7 +83,8 @@ def copy(saved, tmp_path):
 def test_manifest_records_config_pipeline_and_layers(saved):
     compiled, path, _, _ = saved
     m = json.loads((path / MANIFEST).read_text())
-    assert (m["format"], m["format_version"]) == ("qqq_compile.artifact", "1.1")
+    assert (m["format"], m["format_version"]) == ("qqq_compile.artifact", "1.2")
+    assert m["decode_step"] is None  # QQQ_SAVE_STEP=0 (tests/conftest.py): no AOT compile per save
     assert m["pipeline"] == ["quantize_rtn", "lower", "int8_head"]  # the int8 lm_head is the default
     assert m["pass_configs"][-1] == {"name": "int8_head", "options": {"embedding": True}}
     assert m["compile_config"]["quant"]["group_size"] == 32
@@ -251,6 +252,19 @@ def test_newer_major_version_asks_to_upgrade(copy):
 def test_newer_minor_version_is_accepted(copy):
     edit_manifest(copy, format_version="1.7", some_future_field=True)
     assert artifact.read_manifest(copy)["format_version"] == "1.7"
+
+
+def test_format_1_1_without_a_decode_step_loads_and_the_step_size_is_read(saved, copy):
+    _, _, x, ref = saved
+    m = json.loads((copy / MANIFEST).read_text())
+    del m["decode_step"]  # added by format 1.2
+    (copy / MANIFEST).write_text(json.dumps({**m, "format_version": "1.1"}))
+    old = load(copy)
+    assert torch.equal(old(x).logits, ref)
+    assert old.aot_dir == str(copy.absolute() / "step") and old.step_size is None
+    assert old.default_max_len() == 2048  # the tiny llama's context (2048), the default cap
+    edit_manifest(copy, format_version="1.2", decode_step={"folder": "step", "max_batch": 1, "max_len": 512})
+    assert load(copy).default_max_len() == 512  # generate() then sizes its step like the shipped one
 
 
 def test_truncated_weights(copy):

@@ -12,6 +12,9 @@ An artifact is a folder::
     graph.json          the lowered graph itself (nodes, targets, arguments; no code, no pickle)
     source_graph.txt    the readable graph before the pipeline (for reports)
     tokenizer/          optional: ``tokenizer.save_pretrained``
+    step/               the AOTInductor decode step, ``<key>.pt2`` + ``<key>.json`` (code only:
+                        the weights come from model.safetensors at load); one per CPU + torch,
+                        a rebuilt one is added beside the shipped one (format 1.2)
 
 Writes are atomic (:mod:`.files`): the folder is built and fsynced in a hidden sibling, then
 swapped into place, so a crash leaves the earlier artifact whole.

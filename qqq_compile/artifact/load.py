@@ -20,7 +20,7 @@ from torch.fx import GraphModule
 from qqq_compile.annotations import GraphAnnotation, decode_node, set_node_annotation
 from qqq_compile.artifact import files
 from qqq_compile.artifact.graphfile import GraphCodecError, decode_graph, restore_shapes
-from qqq_compile.artifact.manifest import GRAPH, MANIFEST, config_digest, read_manifest
+from qqq_compile.artifact.manifest import GRAPH, MANIFEST, STEP_DIR, config_digest, read_manifest
 from qqq_compile.artifact.replay import check_rebuilt, example_inputs, rebuild_by_replay, saved_pass_specs
 from qqq_compile.compiler.pipeline import readable_graph
 from qqq_compile.compiler.report import Note, PassRecord, Report
@@ -77,7 +77,12 @@ def load(path: str | os.PathLike, *, verify: bool = True, rebuild: str = "auto")
     )
     compiled.rebuilt_by = rebuilt_by
     compiled.rebuild_note = why or None  # why the graph file was not used, if it was not
-    compiled.aot_dir = str(root / "aot")  # compiled decode steps live beside the artifact
+    # The decode step lives beside the artifact: the one save() shipped, and those rebuilt
+    # for another CPU or torch (in $QQQ_CACHE/aot instead when the folder is read-only).
+    step = manifest.get("decode_step") or {}
+    compiled.aot_dir = str(root.absolute() / str(step.get("folder", STEP_DIR)))
+    if step.get("max_len"):
+        compiled.step_size = (int(step.get("max_batch", 1)), int(step["max_len"]))
     return compiled
 
 

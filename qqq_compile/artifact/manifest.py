@@ -17,13 +17,16 @@ from qqq_compile.errors import ArtifactError
 FORMAT = "qqq_compile.artifact"
 # Major bumps break old readers; minor bumps only add fields. 1.1 added ``pass_configs``
 # (the exact passes, replayed as they ran), ``graph_file`` (the lowered graph itself,
-# so load needs no capture) and ``source_graph_file``; 1.0 artifacts still load.
-FORMAT_VERSION = "1.1"
+# so load needs no capture) and ``source_graph_file``; 1.2 added ``decode_step`` (the
+# AOTInductor decode step shipped in ``step/``: its size, and the CPU and torch it was
+# built for). 1.0 and 1.1 artifacts still load.
+FORMAT_VERSION = "1.2"
 MANIFEST = "qqq_manifest.json"
 WEIGHTS = "model.safetensors"
 GRAPH = "graph.json"
 SOURCE_GRAPH = "source_graph.txt"
 TOKENIZER_DIR = "tokenizer"
+STEP_DIR = "step"  # AOT packages of the decode step, one per CPU + torch (code only, no weights)
 REQUIRED = ("model_class", "model_config", "layers", "graph_tensors", "tensors", "aliases", "weights_file")
 
 

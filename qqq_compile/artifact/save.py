@@ -6,6 +6,8 @@ import collections
 import hashlib
 import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from qqq_compile.artifact.manifest import (
     GRAPH,
     MANIFEST,
     SOURCE_GRAPH,
+    STEP_DIR,
     TOKENIZER_DIR,
     WEIGHTS,
     config_digest,
@@ -31,14 +34,32 @@ from qqq_compile.artifact.manifest import (
 from qqq_compile.errors import ArtifactError
 from qqq_compile.graph import get_attr
 from qqq_compile.runtime.compiled import CompiledModel
+from qqq_compile.runtime.generate import context_limit
 
 _LINEAR = "__qqq_linear__/"  # key prefix of per-linear tensors ("/" never occurs in attribute names)
 
 
-def save(compiled: CompiledModel, path: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+def save(
+    compiled: CompiledModel,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    prepare_step: bool | None = None,
+    max_len: int | None = None,
+    progress: bool = True,
+) -> Path:
     """Write ``compiled`` (and optionally its ``tokenizer``) to the folder ``path`` atomically.
 
     An existing artifact at ``path`` is replaced; any other existing folder or file is refused.
+
+    ``prepare_step`` (default: yes, unless the environment sets ``QQQ_SAVE_STEP=0``) also
+    ships the AOTInductor decode step in ``step/``: code only, for this CPU and torch, one
+    row and ``max_len`` positions (default: the model's context, capped at 2048), so
+    ``load()`` then ``generate()`` compiles nothing. It takes
+    one AOT compile (a minute or more) unless a package of this graph is already in
+    ``$QQQ_CACHE``; if it fails, the artifact is saved without it (with a warning) and the
+    step is built on first use instead. On another CPU or torch the step is rebuilt once
+    and kept beside the artifact.
     """
     if not isinstance(compiled, CompiledModel):
         raise ArtifactError(f"save expects a CompiledModel, got {type(compiled).__name__}")
@@ -92,8 +113,18 @@ def save(compiled: CompiledModel, path: str | os.PathLike, *, tokenizer: Any = N
         manifest["graph_file"] = None
         manifest["graph_file_skipped"] = str(e)
 
+    if prepare_step is None:
+        prepare_step = os.environ.get("QQQ_SAVE_STEP", "1") != "0"
+    step_len = max_len or compiled.default_max_len()
+    limit = context_limit(compiled.model_config)
+    if limit is not None and step_len > limit:
+        raise ArtifactError(f"max_len={step_len} exceeds this model's context of {limit} positions; use <= {limit}")
+
     def fill(tmp: Path) -> None:
         manifest["weights_file"] = files.write_tensors(unique, tmp / WEIGHTS)
+        # After the weights: building the step makes fused projections share storage.
+        step_dir, shown = tmp / STEP_DIR, target / STEP_DIR
+        manifest["decode_step"] = _ship_step(compiled, step_dir, shown, step_len, progress) if prepare_step else None
         if graph_text is not None:
             (tmp / GRAPH).write_text(graph_text, encoding="utf-8")
             manifest["graph_file"]["sha256"] = hashlib.sha256(graph_text.encode()).hexdigest()
@@ -106,6 +137,35 @@ def save(compiled: CompiledModel, path: str | os.PathLike, *, tokenizer: Any = N
 
     files.write_atomically(target, fill)
     return target
+
+
+def _ship_step(
+    compiled: CompiledModel, folder: Path, shown: Path, max_len: int, progress: bool
+) -> dict[str, Any] | None:
+    """The manifest's ``decode_step`` entry after putting the step's package in ``folder``;
+    None (with a warning) when it cannot be built here."""
+    from qqq_compile.runtime.steps import ship_step
+
+    try:
+        info = ship_step(
+            compiled.graph_module,
+            folder,
+            max_batch=1,
+            max_len=max_len,
+            reuse=compiled.package_dirs(),
+            progress=progress,
+            shown_as=shown,
+        )
+    except Exception as e:  # noqa: BLE001 - the artifact is still whole without it
+        warnings.warn(
+            f"qqq_compile: the decode step could not be built ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+            "the artifact is saved without it and generate() builds it on first use",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return {"folder": STEP_DIR, **{k: v for k, v in info.items() if k != "compiled"}}
 
 
 def graph_tensors_of(gm: GraphModule, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -171,9 +231,9 @@ def op_counts(gm: GraphModule) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _save_method(self: CompiledModel, path: str, tokenizer: Any = None) -> None:
-    """``CompiledModel.save``: :func:`save` as a method."""
-    save(self, path, tokenizer=tokenizer)
+def _save_method(self: CompiledModel, path: str, tokenizer: Any = None, **options: Any) -> None:
+    """``CompiledModel.save``: :func:`save` as a method (same keyword options)."""
+    save(self, path, tokenizer=tokenizer, **options)
 
 
 _save_method.__doc__ = CompiledModel.save.__doc__

@@ -48,12 +48,19 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely tokens")
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling threshold")
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="X", help="> 1 discourages repeats")
-    p.add_argument("--max-len", type=int, default=None, metavar="N", help="KV cache positions (default: 2048)")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="KV cache positions (default: the artifact's decode step, else the model's context up to 2048)",
+    )
     p.add_argument(
         "--runtime",
         choices=("auto", *RUNTIMES),
         default="auto",
-        help="auto (default): AOTInductor-compiled step (cached), eager FX if it cannot be built",
+        help="auto (default): the AOTInductor step the artifact ships (built once if absent), eager FX if it "
+        "cannot be built",
     )
     p.add_argument("--tokenizer", metavar="MODEL", help="tokenizer to use if the artifact has none")
 
@@ -76,7 +83,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
     steps = args.steps(2, args.quiet)
     with steps(f"loading {args.artifact}"):
         compiled, tok = args.load_artifact(args.artifact, args.tokenizer, need_tokenizer=True)
-    with steps(f"building the decode step (runtime: {args.runtime})"):
+    with steps(f"preparing the decode step (runtime {args.runtime}: the artifact's own, else built once)"):
         compiled.prepare_generation(max_batch=1, max_len=args.max_len, runtime=args.runtime, progress=not args.quiet)
     return compiled, tok
 

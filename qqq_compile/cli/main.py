@@ -159,8 +159,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         compiled = qcompile(
             model, windows, config, progress=not args.quiet, streaming=args.streaming, instruments=passes
         )
-    with steps(f"saving to {args.out}"):
-        save(compiled, args.out, tokenizer=tokenizer)
+    what = "" if args.no_step else " with its decode step (an AOT compile: a minute or more)"
+    with steps(f"saving to {args.out}{what}"):
+        save(compiled, args.out, tokenizer=tokenizer, prepare_step=not args.no_step, max_len=args.max_len)
     lin = compiled.linears()
     low = sum(1 for li in lin if li.lowered)
     fp = sum(f.stat().st_size for f in model.glob("*.safetensors")) if args.streaming else float_bytes(model)
@@ -298,6 +299,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--streaming",
         action="store_true",
         help="keep the float weights on disk, one decoder block in memory at a time (MODEL: a save_pretrained folder)",
+    )
+    q.add_argument(
+        "--no-step",
+        action="store_true",
+        help="do not ship the compiled decode step (generate then compiles it on first use)",
+    )
+    q.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="positions (prompt + new tokens) of the shipped decode step (default: the model's context, at most 2048)",
     )
     add_float_weight_dtype(q)
     q.set_defaults(func=cmd_quantize)

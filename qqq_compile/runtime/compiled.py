@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -40,12 +39,14 @@ class CompiledModel(torch.nn.Module):
         self.model_config = model_config
         self.model_class = model_class
         self.source_graph = source_graph  # readable graph before the pipeline (for reports)
-        # Decode steps: those prepare_generation built (kept as built, several sizes may
-        # coexist: a batch-1 step is static in the batch and faster), and the one generate()
-        # grows on demand when none was prepared.
-        self._prepared: list[Any] = []
-        self._auto_step: Any = None
-        self.aot_dir: str | None = None  # where AOT packages go (an artifact's aot/; else the cache)
+        # Decode steps (prepare_generation's, and the one generate() builds on first use): one
+        # step serves every request that fits its rows and positions; several may coexist
+        # (say 1 and 8 rows: a one-row step has a static batch and decodes faster).
+        self._steps: list[Any] = []
+        # Where AOT packages of this graph live: an artifact's step/ folder (load() sets it),
+        # searched before $QQQ_CACHE/aot; new packages go to the first writable of the two.
+        self.aot_dir: str | None = None
+        self.step_size: tuple[int, int] | None = None  # (rows, positions) of the artifact's shipped step
 
     def forward(self, input_ids: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         kwargs.pop("use_cache", None)
@@ -78,19 +79,37 @@ class CompiledModel(torch.nn.Module):
     ) -> Any:
         """Build the KV-cache decode step that :meth:`generate` uses (see :mod:`qqq_compile.runtime.steps`).
 
-        ``max_len`` (prompt + new tokens) defaults to the model's context capped at 2048.
-        ``runtime``: ``"eager"`` (FX, the reference), ``"aot"`` (AOTInductor, C++, cached on
-        disk) or ``"auto"`` (AOT, falling back to eager with a report note if it cannot be
-        built). A step prepared here is kept as built; several may be prepared (say
-        ``max_batch=1`` and ``max_batch=8``: a one-row step has a static batch and decodes
-        faster), and :meth:`generate` takes the smallest that fits each request. Requests
-        that fit none are refused. ``cache_dtype=torch.bfloat16`` keeps the KV cache in bf16
+        ``max_len`` (prompt + new tokens) defaults to the size of the step an artifact ships,
+        else the model's context capped at :data:`~qqq_compile.runtime.generate.DEFAULT_MAX_LEN`
+        (2048). ``runtime``: ``"eager"`` (FX, the reference), ``"aot"`` (AOTInductor, C++; its
+        package is looked up beside the artifact and in ``$QQQ_CACHE``, compiled once if
+        absent) or ``"auto"`` (AOT, falling back to eager with a warning if it cannot be
+        built). Several steps may be prepared (say ``max_batch=1`` and ``max_batch=8``: a
+        one-row step has a static batch and decodes faster); :meth:`generate` takes the
+        smallest that fits each request, the latest prepared among equals.
+        ``cache_dtype=torch.bfloat16`` keeps the KV cache in bf16
         (:func:`~qqq_compile.runtime.kv_cache.add_kv_cache`)."""
         step = self._build_step(max_batch, max_len, runtime, package_dir, progress, cache_dtype)
-        same = (step.runtime, step.spec.max_batch, step.spec.max_len)
-        self._prepared = [s for s in self._prepared if (s.runtime, s.spec.max_batch, s.spec.max_len) != same]
-        self._prepared.append(step)
+        self._steps = [s for s in self._steps if (s.runtime, s.spec.max_batch, s.spec.max_len) != _size(step)]
+        self._steps.append(step)
         return step
+
+    @property
+    def decode_steps(self) -> list[Any]:
+        """The decode steps built so far (``step.describe()``: runtime, rows x positions)."""
+        return list(self._steps)
+
+    def default_max_len(self) -> int:
+        """Positions of the step :meth:`generate` builds when none is prepared."""
+        from qqq_compile.runtime.generate import default_max_len
+
+        return self.step_size[1] if self.step_size else default_max_len(self.model_config)
+
+    def package_dirs(self) -> list[str]:
+        """Folders searched for AOT packages, in order (an artifact's step/, then the cache)."""
+        from qqq_compile.runtime.steps import default_package_dir
+
+        return [d for d in (self.aot_dir, str(default_package_dir())) if d]
 
     def _build_step(
         self,
@@ -107,16 +126,15 @@ class CompiledModel(torch.nn.Module):
         if runtime not in (*RUNTIMES, "auto"):
             raise ValueError(f"runtime={runtime!r} is not known; use 'auto', 'eager' or 'aot'")
         limit = context_limit(self.model_config)
-        max_len = max_len or min(limit or 2048, 2048)
+        max_len = max_len or self.default_max_len()
         if limit is not None and max_len > limit:
             raise ValueError(
                 f"max_len={max_len} exceeds this model's usable context of {limit} positions "
                 f"(max_position_embeddings or its sliding window); use max_len <= {limit}"
             )
         choice = "aot" if runtime == "auto" else runtime
-        if package_dir is None and self.aot_dir and os.access(os.path.dirname(self.aot_dir), os.W_OK):
-            package_dir = self.aot_dir
-        kw = {"max_batch": max_batch, "max_len": max_len, "package_dir": package_dir, "progress": progress}
+        dirs = [package_dir] if package_dir is not None else self.package_dirs()
+        kw = {"max_batch": max_batch, "max_len": max_len, "package_dir": dirs, "progress": progress}
         if cache_dtype is not None:
             kw["cache_dtype"] = cache_dtype
         try:
@@ -124,9 +142,18 @@ class CompiledModel(torch.nn.Module):
         except Exception as e:  # noqa: BLE001 - auto falls back to the reference path
             if runtime != "auto" or isinstance(e, ValueError):
                 raise
+            import warnings
+
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            warnings.warn(
+                f"qqq_compile: the AOTInductor decode step could not be built ({why}); generating with the eager "
+                "step, several times slower. runtime='aot' raises the error instead.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             step = build_step(self.graph_module, runtime="eager", **kw)
-            step.notes.append(f"AOT compile failed ({type(e).__name__}: {str(e)[:200]}); running eager")
-        for msg in [f"generation runtime: {step.runtime}", *step.notes]:
+            step.notes.append(f"AOT compile failed ({why}); running eager")
+        for msg in [f"generation runtime: {step.describe()}", *step.notes]:
             self.report.notes.append(Note("generate", msg))
         return step
 
@@ -151,10 +178,14 @@ class CompiledModel(torch.nn.Module):
     ) -> Any:
         """Generate like transformers' ``generate()``: returns ``[B, T + new]`` token ids
         (a :class:`~qqq_compile.runtime.generate.GenerateOutput` with timings when
-        ``return_dict_in_generate``). Uses the step from :meth:`prepare_generation`, or
-        builds one on first use (``runtime``, default ``"auto"``: see there), rebuilt larger
-        when a request outgrows it."""
-        from qqq_compile.runtime.generate import GenerationError, SamplingConfig
+        ``return_dict_in_generate``).
+
+        Uses a step from :meth:`prepare_generation`, or builds one on first use (``runtime``,
+        default ``"auto"``: see there) sized for the model's whole usable context
+        (:meth:`default_max_len`), so later, longer requests never build another. A request
+        that fits no existing step is refused with the fix, except with ``runtime="eager"``
+        (building an eager step compiles nothing)."""
+        from qqq_compile.runtime.generate import GenerationError, SamplingConfig, context_limit
         from qqq_compile.runtime.generate import generate as _generate
 
         meta = self.model_config or {}
@@ -169,28 +200,40 @@ class CompiledModel(torch.nn.Module):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
             attention_mask = attention_mask[None] if attention_mask is not None else None
-        step = self._pick_step(input_ids.shape[0], input_ids.shape[-1] + max_new_tokens, runtime)
+        if input_ids.dim() != 2 or input_ids.shape[-1] < 1:
+            raise GenerationError(
+                f"input_ids has shape {tuple(input_ids.shape)}: give [batch, tokens] with at least one prompt token"
+            )
+        need = input_ids.shape[-1] + max_new_tokens
+        limit = context_limit(meta)
+        if limit is not None and need > limit:
+            raise GenerationError(
+                f"the prompt ({input_ids.shape[-1]} tokens) plus max_new_tokens ({max_new_tokens}) is {need} "
+                f"positions, more than this model's context of {limit}: shorten the prompt or lower max_new_tokens"
+            )
+        step = self._pick_step(input_ids.shape[0], need, runtime)
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
         out = _generate(step, input_ids, attention_mask, cfg, streamer=streamer, generator=generator)
         return out if return_dict_in_generate else out.sequences
 
     def _pick_step(self, rows: int, need: int, runtime: str | None) -> Any:
-        """The smallest prepared step that fits ``rows`` x ``need`` positions; with prepared
-        steps but none fitting, the largest (which refuses the request with the fix);
-        without any, the on-demand step, grown (never shrunk) to what requests needed."""
-        prepared = [s for s in self._prepared if runtime is None or s.runtime == runtime]
-        if prepared:
-            fit = [s for s in prepared if s.spec.max_batch >= rows and s.spec.max_len >= need]
-            size = lambda s: (s.spec.max_batch, s.spec.max_len)  # noqa: E731
-            return min(fit, key=size) if fit else max(prepared, key=size)
-        old = self._auto_step
-        if old is not None and (runtime is None or old.runtime == runtime):
-            if old.spec.max_len >= need and old.spec.max_batch >= rows:
-                return old
-        size = max(need, 512, old.spec.max_len if old else 0)  # 512 positions at least
-        self._auto_step = self._build_step(max(rows, old.spec.max_batch if old else 1), size, runtime or "auto")
-        return self._auto_step
+        """The smallest step (of ``runtime``, if given) that fits ``rows`` x ``need``
+        positions, the latest built among equals. Without one: with ``runtime="eager"``, or
+        when no step of the runtime exists yet, a new step of :meth:`default_max_len`
+        positions; otherwise the largest existing step (which refuses the request with the
+        fix: a request never triggers a second AOT compile)."""
+        wanted = None if runtime in (None, "auto") else runtime
+        steps = [s for s in self._steps if wanted is None or s.runtime == wanted]
+        fit = [i for i, s in enumerate(self._steps) if s in steps and _fits(s, rows, need)]
+        if fit:
+            return self._steps[min(fit, key=lambda i: (*_size(self._steps[i])[1:], -i))]
+        if steps and wanted != "eager":
+            return max(steps, key=lambda s: _size(s)[1:])
+        size = max([rows, *(s.spec.max_batch for s in steps)])
+        step = self._build_step(size, max(self.default_max_len(), need if wanted == "eager" else 0), runtime or "auto")
+        self._steps.append(step)
+        return step
 
     @property
     def target(self) -> Any:
@@ -207,8 +250,9 @@ class CompiledModel(torch.nn.Module):
                 out.append(li)
         return out
 
-    def save(self, path: str, tokenizer: Any = None) -> None:
-        """Write packed weights + manifest atomically (see :mod:`qqq_compile.artifact`).
+    def save(self, path: str, tokenizer: Any = None, **options: Any) -> None:
+        """Write packed weights + manifest atomically, with the AOT decode step unless
+        ``prepare_step=False`` (see :func:`qqq_compile.artifact.save`).
 
         The work lives in the artifact layer, above this one: importing
         :mod:`qqq_compile.artifact` (``import qqq_compile`` does) installs it here, so no
@@ -228,4 +272,13 @@ class CompiledModel(torch.nn.Module):
     def __repr__(self) -> str:
         lin = self.linears()
         low = sum(1 for li in lin if li.lowered)
-        return f"CompiledModel({self.model_class or 'graph'}, {low}/{len(lin)} linears lowered to W4A8)"
+        steps = f"; decode steps: {', '.join(s.describe() for s in self._steps)}" if self._steps else ""
+        return f"CompiledModel({self.model_class or 'graph'}, {low}/{len(lin)} linears lowered to W4A8{steps})"
+
+
+def _size(step: Any) -> tuple[str, int, int]:
+    return step.runtime, step.spec.max_batch, step.spec.max_len
+
+
+def _fits(step: Any, rows: int, need: int) -> bool:
+    return step.spec.max_batch >= rows and step.spec.max_len >= need

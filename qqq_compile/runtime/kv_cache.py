@@ -9,9 +9,10 @@ What it finds and rewrites:
 * **Attention**: every ``aten.scaled_dot_product_attention`` node. Its K and V inputs
   are traced back through Hugging Face's ``repeat_kv`` chain (unsqueeze / expand / clone /
   view) to the per-KV-head tensors ``[B, Hkv, T, D]``; those are written into static
-  buffers ``[max_batch, Hkv, max_len, D]`` at ``cache_position`` (``index_copy_``, the
-  ExecuTorch pattern), and SDPA reads the first ``L`` slots back with ``enable_gqa`` (no
-  repeated copy of the cache per step).
+  buffers ``[max_batch, Hkv, max_len + 1, D]`` (memory that is resident only once written:
+  :func:`lazy_zeros`) at ``cache_position`` (``index_copy_``, the ExecuTorch pattern), and
+  SDPA reads the first ``L`` slots back with ``enable_gqa`` (no repeated copy of the cache
+  per step).
 * **Positions**: every ``arange(0, T)`` over the token axis becomes ``cache_position``
   (rotary embeddings, absolute position embeddings).
 * **Mask**: built once from positions, never ``is_causal`` (SDPA's ``is_causal`` is
@@ -33,6 +34,8 @@ running batch that way).
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +82,18 @@ class CacheSpec:
             2 * self.max_batch * layer["kv_heads"] * self.max_len * layer["head_dim"] * layer["itemsize"]
             for layer in self.layers
         )
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor whose pages are only resident once written: anonymous ``mmap`` memory
+    (zero-filled by the kernel on first touch; ``torch.zeros`` writes every page at once).
+    A cache sized for the model's whole context then costs memory in proportion to the
+    positions a request uses."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < 1 << 20:
+        return torch.zeros(shape, dtype=dtype)
+    # The tensor keeps a reference to the mapping; it is unmapped with the tensor.
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
 
 def _val(n: Any) -> Any:
@@ -261,7 +276,7 @@ def add_kv_cache(
             # A converted cache keeps K d-major [B, Hkv, D, L] (the layout attention_bf16kv reads).
             slot_dim = 3 if cache_dtype is not None and which == "k" else 2
             shape = (max_batch, hkv, d, max_len + 1) if slot_dim == 3 else (max_batch, hkv, max_len + 1, d)
-            buffers[name] = torch.zeros(shape, dtype=cache_dtype or bv.dtype)
+            buffers[name] = lazy_zeros(shape, cache_dtype or bv.dtype)
             with graph.inserting_before(sd):
                 buf = graph.get_attr(name)
                 rows = graph.call_function(aten.narrow.default, (buf, 0, first_row, batch))
@@ -328,4 +343,4 @@ def reset_cache(gm: GraphModule) -> None:
             buf.zero_()
 
 
-__all__ = ["CacheError", "CacheSpec", "add_kv_cache", "reset_cache"]
+__all__ = ["CacheError", "CacheSpec", "add_kv_cache", "lazy_zeros", "reset_cache"]

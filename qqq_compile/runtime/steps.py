@@ -7,20 +7,31 @@ pipeline produced and returns a :class:`DecodeStep` that runs it one of two ways
 * ``"aot"``: the graph exported and compiled with AOTInductor
   (``torch._inductor.aoti_compile_and_package``): elementwise chains (RMSNorm, RoPE,
   SiLU·mul, residual adds) fuse into C++ loops and the W4A8 ops are C++ dispatcher calls,
-  so a decode step pays no Python per op. The package is cached on disk, keyed by the
-  graph, the cache size, the torch version and the CPU, and rebuilt when any of them
-  changes.
+  so a decode step pays no Python per op.
+
+An AOT package holds **code only** (``aot_inductor.package_constants_in_so=False``): no
+weights and no KV cache. After loading it, :func:`load_package` hands the runner the graph's
+own tensors with ``load_constants(..., user_managed=True)``: the runner keeps their
+pointers, so the weights exist once in memory (the graph module's, i.e. the artifact's) and
+the runner writes the KV cache into the step's own buffers. A package is named by
+:func:`package_key`: the graph code, every tensor's name, shape, stride and dtype, the
+values of the tiny tensors Inductor writes into the code as literals (e.g. RoPE's
+``inv_freq`` of a small head), the cache size, the torch version and the CPU. Weight values are not part
+of it: the package does not hold them. A ``<key>.json`` beside each package records the
+CPU and torch it was built for, so a rebuild can say why it happens.
 
 The graph is functionalised (``run_decompositions``) before AOTInductor sees it: the KV
-writes then reach it as buffer mutations, which it orders and performs in place.
+writes then reach it as buffer mutations, which it performs in place (in our buffers).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,17 +40,24 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch.fx import GraphModule
 
-from qqq_compile.compiler.pipeline import CompileContext
+from qqq_compile.errors import QQQError
 from qqq_compile.runtime.kv_cache import CacheSpec, add_kv_cache
-from qqq_compile.targets.w4a8.fuse_linears import FuseLinears
+from qqq_compile.targets.registry import graph_targets
 
 RUNTIMES = ("eager", "aot")
 # How the graph is exported for AOTInductor; part of the package key, so a change rebuilds.
 EXPORT_RECIPE = "cache_row+size_oblivious"
+# Bumped whenever the package layout or what the key covers changes: old packages are then
+# never picked up (their key differs) and get rebuilt once.
+_PACKAGE_FORMAT = "qqq-step-2:constants-outside"
 
 
-def _cpu_id() -> str:
-    """The CPU model and flags: an AOT package is native code for this CPU only."""
+class StepError(QQQError, RuntimeError):
+    """A decode step cannot be built or loaded; the message names the cause and the fix."""
+
+
+def cpu_id() -> str:
+    """The CPU model and a hash of its flags: an AOT package is native code for this CPU only."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -49,29 +67,47 @@ def _cpu_id() -> str:
     return f"{model}|{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
 
 
+_cpu_id = cpu_id  # the older name (tests patch it)
+
+
+def graph_tensors(gm: GraphModule) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of ``gm`` by qualified name (what an exported program lifts)."""
+    return {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+
+
+def _inlined(t: torch.Tensor) -> bool:
+    """Tensors Inductor writes into the generated code as literals instead of taking them
+    as constants (``GraphLowering.get_attr``/``can_inline_constant`` in torch 2.13: 0-d, or
+    1-d with at most 8 elements, e.g. RoPE's ``inv_freq`` of a small head): their values
+    are part of the package."""
+    return t.dim() == 0 or (t.dim() == 1 and t.shape[0] <= 8)
+
+
 def package_key(gm: GraphModule, max_batch: int, max_len: int) -> str:
-    """Hash of everything an AOT package depends on: graph code, tensor shapes and dtypes,
-    cache size, torch version and CPU. Weight values are constants of the package too, so
-    their bytes are hashed (cheap next to an AOT compile)."""
-    h = hashlib.sha256()
+    """Hash of everything an AOT package depends on (see the module docstring)."""
+    h = hashlib.sha256(_PACKAGE_FORMAT.encode())
     h.update(gm.code.encode())
-    for name, t in sorted({**dict(gm.named_parameters()), **dict(gm.named_buffers())}.items()):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
-    h.update(f"{max_batch}:{max_len}:{torch.__version__}:{_cpu_id()}:{EXPORT_RECIPE}".encode())
+    for name, t in sorted(graph_tensors(gm).items()):
+        h.update(f"{name}:{tuple(t.shape)}:{tuple(t.stride())}:{t.dtype}".encode())
+        if _inlined(t):
+            h.update(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+    h.update(f"{max_batch}:{max_len}:{torch.__version__}:{cpu_id()}:{EXPORT_RECIPE}".encode())
     return h.hexdigest()[:24]
 
 
 def default_package_dir() -> Path:
+    """``$QQQ_CACHE/aot`` (default ``~/.cache/qqq_compile/aot``): packages of steps built
+    from graphs that are not (or not writably) an artifact's."""
     root = os.environ.get("QQQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qqq_compile")
     return Path(root) / "aot"
 
 
-@dataclass
+@dataclass(eq=False)  # a step is a resource: equal only to itself
 class DecodeStep:
     """``step(input_ids [B, T], attention_mask [B, L], cache_position [T], cache_row=0) -> logits [B, 1, V]``.
 
-    The batch uses cache rows ``cache_row .. cache_row + B - 1`` (default: the first ``B``)."""
+    The batch uses cache rows ``cache_row .. cache_row + B - 1`` (default: the first ``B``).
+    ``calls`` counts the calls that ran (prefill and decode alike)."""
 
     runtime: str
     spec: CacheSpec
@@ -80,6 +116,8 @@ class DecodeStep:
     package_path: str | None = None
     build_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    compiled: bool = False  # True when building this step ran an AOT compile
+    calls: int = 0
 
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache_position: torch.Tensor, cache_row: int = 0
@@ -91,19 +129,74 @@ class DecodeStep:
                 f"this step's KV cache holds"
             )
         row = torch.tensor(cache_row, dtype=torch.long)
+        self.calls += 1
         with torch.no_grad():
             return self.fn(input_ids.contiguous(), attention_mask.contiguous(), cache_position.contiguous(), row)
 
-
-def _ensure_cpp_kernels() -> bool:
-    """Load the C++ W4A8 kernels before a compiled package runs (it calls them through
-    the dispatcher). Without them (a CPU without VNNI) the ops run their torch reference."""
-    from qqq_compile.targets.w4a8.kernels import ensure_cpp_kernels
-
-    return ensure_cpp_kernels()
+    def describe(self) -> str:
+        """``"aot 1x2048"``: runtime, rows x positions."""
+        return f"{self.runtime} {self.spec.max_batch}x{self.spec.max_len}"
 
 
-def _aot_compile(cached: GraphModule, spec: CacheSpec, path: Path, progress: bool) -> None:
+class _Runner:
+    """An AOTInductor package loaded with the step's own tensors as its constants.
+
+    Calls the package loader directly (what ``AOTICompiledModel.__call__`` does, without
+    re-reading the call spec every step); the constants stay owned by the step's graph
+    module, which this object keeps alive."""
+
+    def __init__(self, loader: Any, owner: GraphModule):
+        self.loader = loader
+        self.owner = owner
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        (out,) = self.loader.boxed_run(list(inputs))
+        return out
+
+
+def _share_fused_storage(cached: GraphModule) -> None:
+    """One copy of each weight: the projections ``fuse_linears`` concatenated become views
+    into the fused tensor (same values; the separate copies are freed). When they already
+    are consecutive views of one storage (a second step built from one graph), the fused tensor
+    becomes a view of that storage instead of a third copy."""
+    sources: dict[str, list[str]] = cached.meta.get("qqq_fused_sources", {})
+    with torch.no_grad():
+        for name, targets in sources.items():
+            fused = getattr(cached, name)
+            parts = [_get(cached, t) for t in targets]
+            if any(p is None or not p.is_contiguous() or p.dtype != fused.dtype for p in parts):
+                continue
+            if _consecutive(parts):
+                fused.set_(parts[0].untyped_storage(), parts[0].storage_offset(), fused.shape, fused.stride())
+                continue
+            start = 0
+            for p in parts:
+                rows = p.shape[0]
+                p.set_(fused.untyped_storage(), fused.storage_offset() + start * fused.stride(0), p.shape, p.stride())
+                start += rows
+
+
+def _get(gm: GraphModule, target: str) -> torch.Tensor | None:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _consecutive(parts: list[torch.Tensor]) -> bool:
+    ptr = parts[0].untyped_storage().data_ptr()
+    end = parts[0].storage_offset()
+    for p in parts:
+        if p.untyped_storage().data_ptr() != ptr or p.storage_offset() != end:
+            return False
+        end += p.numel()
+    return True
+
+
+def _aot_compile(cached: GraphModule, spec: CacheSpec, path: Path) -> None:
+    """Export ``cached`` with dynamic prompt/context lengths up to ``spec.max_len`` and
+    compile it into a code-only package at ``path`` (written atomically)."""
+    import torch._inductor.config as inductor_config
     from torch.export import Dim
 
     b, t = spec.max_batch, spec.max_len
@@ -117,8 +210,6 @@ def _aot_compile(cached: GraphModule, spec: CacheSpec, path: Path, progress: boo
         torch.tensor(0),  # cache_row: data-dependent (see kv_cache._first_row)
     )
     dyn = ({0: batch, 1: seq} if batch else {1: seq}, {0: batch, 1: kv} if batch else {1: kv}, {0: seq}, None)
-    if progress:
-        print(f"qqq_compile: AOT-compiling the decode step (once; cached at {path}) ...", flush=True)
     with torch.no_grad():
         # Size-oblivious: a dynamic batch ranges over [1, max_batch] in export's reasoning (by
         # default it assumes >= 2, and would then fold the cache_row clamp of a 2-row cache to 0).
@@ -131,8 +222,164 @@ def _aot_compile(cached: GraphModule, spec: CacheSpec, path: Path, progress: boo
         table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
         ep = ep.run_decompositions(table)
         tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # must still end in .pt2
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+        # Code only: the weights and the KV cache are handed over at load time (load_package).
+        with inductor_config.patch({"aot_inductor.package_constants_in_so": False}):
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
     os.replace(tmp, path)  # atomic: a killed compile never leaves a half-written package
+
+
+def load_package(path: str | os.PathLike, cached: GraphModule) -> _Runner:
+    """Load a code-only package and give it ``cached``'s tensors (not copied) as constants."""
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    tensors = graph_tensors(cached)
+    fqns = list(loader.get_constant_fqns())
+    missing = [f for f in fqns if f not in tensors]
+    if missing:
+        raise StepError(
+            f"the AOT package {path} expects tensors {missing[:3]} that this graph lacks: it was built from another "
+            "graph; delete it and it is rebuilt"
+        )
+    # user_managed: the runner keeps these pointers (no copy); the graph module owns them.
+    loader.load_constants({f: tensors[f] for f in fqns}, False, True, True, False)
+    return _Runner(loader, cached)
+
+
+def _package_info(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _writable(folder: Path) -> bool:
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return os.access(probe, os.W_OK)
+
+
+def _why_rebuild(folders: list[Path], spec: CacheSpec) -> str:
+    """What the packages of this graph's own folders (an artifact's) were built for; empty
+    when there are none."""
+    here = {"cpu": cpu_id(), "torch": torch.__version__}
+    shared = default_package_dir().resolve()
+    for folder in folders:
+        if folder.resolve() == shared:
+            continue  # the cache holds packages of every graph ever built: no hint there
+        for p in sorted(folder.glob("[!.]*.pt2")) if folder.is_dir() else []:  # not a compile's .tmp file
+            info = _package_info(p)
+            if info.get("max_batch", spec.max_batch) != spec.max_batch or info.get("max_len") != spec.max_len:
+                continue
+            if info.get("torch") != here["torch"] or info.get("cpu") != here["cpu"]:
+                return (
+                    f"the decode step in {folder} was built for torch {info.get('torch', '?')} on "
+                    f"{str(info.get('cpu', '?')).split('|')[0] or 'another CPU'}; this is torch {here['torch']} on "
+                    f"{here['cpu'].split('|')[0] or 'this CPU'}"
+                )
+            return f"the decode step in {folder} was built from another graph (another qqq_compile version)"
+    return ""
+
+
+def find_or_build_package(
+    cached: GraphModule,
+    spec: CacheSpec,
+    folders: Sequence[Path],
+    progress: bool = True,
+    allow_compile: bool = True,
+    into: Path | None = None,
+    shown_as: Path | None = None,
+) -> tuple[Path, bool, list[str]]:
+    """``(path, compiled, notes)``: the package for ``cached`` from the first of ``folders``
+    that has it, else compiled into ``into`` (default: the first writable folder).
+    ``shown_as``: the folder the progress line names (where the package will end up)."""
+    key = package_key(cached, spec.max_batch, spec.max_len)
+    for folder in folders:
+        path = folder / f"{key}.pt2"
+        if path.is_file():
+            return path, False, [f"reused the AOT package {path}"]
+    target = into or next((f for f in folders if _writable(f)), None)
+    if target is None:
+        raise StepError(
+            f"no writable folder for the decode step's AOT package among {[str(f) for f in folders]}; "
+            "set QQQ_CACHE to a writable folder"
+        )
+    why = _why_rebuild(list(folders), spec)
+    if not allow_compile:
+        raise StepError(f"no AOT package for this decode step in {[str(f) for f in folders]} ({why or 'none built'})")
+    notes = [f"rebuilding the decode step once for this machine: {why}"] if why else []
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / f"{key}.pt2"
+    if progress:
+        reason = f" ({why})" if why else ""
+        print(
+            f"qqq_compile: building the decode step for this CPU and torch{reason}; once, typically 1-3 minutes; "
+            f"kept in {shown_as or target} ...",
+            flush=True,
+        )
+    t0 = time.perf_counter()
+    _aot_compile(cached, spec, path)
+    seconds = time.perf_counter() - t0
+    info = {"cpu": cpu_id(), "torch": torch.__version__, "max_batch": spec.max_batch, "max_len": spec.max_len}
+    info["build_seconds"] = round(seconds, 1)
+    tmp = path.with_name(f".tmp{os.getpid()}-{key}.json")
+    tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path.with_suffix(".json"))
+    if progress:
+        print(f"qqq_compile: decode step built in {seconds:.0f} s", flush=True)
+    notes.append(f"compiled the AOT package {path} in {seconds:.0f} s")
+    return path, True, notes
+
+
+def step_graph(
+    gm: GraphModule, max_batch: int, max_len: int, cache_dtype: torch.dtype | None = None
+) -> tuple[GraphModule, CacheSpec, list[str]]:
+    """``(step graph, cache spec, notes)``: ``gm`` with a KV cache, rewritten for decoding by
+    the targets whose ops it calls (``Target.prepare_step``: W4A8 fuses the projections that
+    share an input, one kernel call each), their kernels loaded."""
+    cached, spec = add_kv_cache(gm, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype)
+    notes: list[str] = []
+    # Kernels are loaded (on first use: built) here, for both runtimes, so that their one-time
+    # build is part of building the step and never of the first timed prefill.
+    for target in graph_targets(cached):
+        notes += target.prepare_step(cached)
+    _share_fused_storage(cached)
+    return cached, spec, notes
+
+
+def ship_step(
+    gm: GraphModule,
+    folder: str | os.PathLike,
+    *,
+    max_batch: int,
+    max_len: int,
+    reuse: Sequence[str | os.PathLike] = (),
+    progress: bool = True,
+    shown_as: Path | None = None,
+) -> dict[str, Any]:
+    """Put the AOT package of ``gm``'s decode step into ``folder`` (an artifact being
+    written; ``shown_as``: its final place, for the progress line): copied from ``reuse``
+    folders when one holds it, else compiled. Returns the facts an artifact's manifest
+    records about it."""
+    import shutil
+
+    cached, spec, _ = step_graph(gm, max_batch, max_len)
+    dest = Path(folder)
+    path, compiled, _ = find_or_build_package(
+        cached, spec, [Path(r) for r in reuse], progress, into=dest, shown_as=shown_as
+    )
+    if path.parent != dest:
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest / path.name)
+        info = _package_info(path) or {"cpu": cpu_id(), "torch": torch.__version__}
+        (dest / path.with_suffix(".json").name).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    return {
+        "package": path.name,
+        "max_batch": max_batch,
+        "max_len": max_len,
+        "cpu": cpu_id(),
+        "torch": torch.__version__,
+        "compiled": compiled,
+    }
 
 
 def build_step(
@@ -141,38 +388,45 @@ def build_step(
     max_batch: int,
     max_len: int,
     runtime: str = "eager",
-    package_dir: str | os.PathLike | None = None,
+    package_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     progress: bool = True,
+    allow_compile: bool = True,
     cache_dtype: torch.dtype | None = None,
 ) -> DecodeStep:
     """Rewrite ``gm`` for a KV cache of ``max_batch`` rows and ``max_len`` positions and
-    return the step for ``runtime`` (``"eager"`` or ``"aot"``); ``cache_dtype``: see
-    :func:`~qqq_compile.runtime.kv_cache.add_kv_cache`."""
+    return the step for ``runtime`` (``"eager"`` or ``"aot"``).
+
+    ``package_dir``: a folder, or folders searched in order, for the AOT package; a new one
+    is compiled into the first writable folder (default: :func:`default_package_dir`).
+    ``allow_compile=False`` raises :class:`StepError` instead of compiling. ``cache_dtype``:
+    see :func:`~qqq_compile.runtime.kv_cache.add_kv_cache`."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime={runtime!r} is not known; use one of {RUNTIMES}")
     t0 = time.perf_counter()
-    cached, spec = add_kv_cache(gm, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype)
-    # One kernel call per group of projections reading one input (q/k/v, gate/up): exact,
-    # and at one token per step the per-call costs are a large share of each GEMV.
-    ctx = CompileContext()
-    FuseLinears()(cached, ctx)
-    notes = [n.message for n in ctx.notes]
-    # Load (on first use: build) the C++ kernels here, for both runtimes, so that their
-    # one-time build is part of building the step and never of the first timed prefill.
-    if not _ensure_cpp_kernels():
-        notes.append("C++ W4A8 kernels unavailable: the step calls the Python kernels")
+    cached, spec, notes = step_graph(gm, max_batch, max_len, cache_dtype)
     if runtime == "eager":
         return DecodeStep("eager", spec, cached, cached, build_seconds=time.perf_counter() - t0, notes=notes)
-    folder = Path(package_dir) if package_dir is not None else default_package_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{package_key(cached, max_batch, max_len)}.pt2"
-    if path.exists():
-        notes.append(f"reused the AOT package {path}")
+    if package_dir is None:
+        folders = [default_package_dir()]
+    elif isinstance(package_dir, (str, os.PathLike)):
+        folders = [Path(package_dir)]
     else:
-        _aot_compile(cached, spec, path, progress)
-        notes.append(f"compiled the AOT package {path}")
-    runner = torch._inductor.aoti_load_package(str(path))
-    return DecodeStep("aot", spec, runner, cached, str(path), time.perf_counter() - t0, notes)
+        folders = [Path(p) for p in package_dir]
+    path, compiled, more = find_or_build_package(cached, spec, folders, progress, allow_compile)
+    runner = load_package(path, cached)
+    return DecodeStep("aot", spec, runner, cached, str(path), time.perf_counter() - t0, notes + more, compiled)
 
 
-__all__ = ["RUNTIMES", "DecodeStep", "build_step", "default_package_dir", "package_key"]
+__all__ = [
+    "RUNTIMES",
+    "DecodeStep",
+    "StepError",
+    "build_step",
+    "cpu_id",
+    "default_package_dir",
+    "find_or_build_package",
+    "load_package",
+    "package_key",
+    "ship_step",
+    "step_graph",
+]

@@ -314,6 +314,12 @@ def targets() -> list[Target]:
     return [_TARGETS[n] for n in sorted(_TARGETS)]
 
 
+def graph_targets(gm: torch.fx.GraphModule) -> list[Target]:
+    """The registered targets whose lowered-linear ops ``gm`` calls (none for a float graph)."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    return [t for t in targets() if called & set(t.linear_ops())]
+
+
 def lowered_linear_ops() -> tuple[Any, ...]:
     """The ops a lowered linear of any registered target calls."""
     return tuple(op for t in targets() for op in t.linear_ops())
@@ -328,6 +334,7 @@ __all__ = [
     "Target",
     "format_class",
     "get_target",
+    "graph_targets",
     "lowered_linear_ops",
     "register_format",
     "register_target",

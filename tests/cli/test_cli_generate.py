@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import json
 
 from qqq_compile.cli.main import main
 from tests.cli.test_cli import artifact, files, tiny_tokenizer  # noqa: F401 - shared fixtures
@@ -47,3 +48,29 @@ def test_chat_uses_the_template_and_keeps_the_conversation(artifact, files, tmp_
 def test_chat_without_a_template_names_the_fix(artifact, capsys):  # noqa: F811
     assert main(["chat", str(artifact), "--runtime", "eager", "--quiet"]) == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+def quantize_argv(root, out, *extra):
+    argv = ["quantize", str(root / "model"), "--calib", str(root / "text.txt"), "--preset", "rtn"]
+    return [*argv, "--n-calib", "4", "--seq-len", "32", "--out", str(out), "--quiet", *extra]
+
+
+def test_quantize_ships_the_decode_step_sized_by_max_len(files, tmp_path, monkeypatch):  # noqa: F811
+    from qqq_compile.runtime import steps
+
+    monkeypatch.setenv("QQQ_SAVE_STEP", "1")  # the default outside the test suite
+    monkeypatch.setenv("QQQ_CACHE", str(tmp_path / "cache"))
+    sizes = []
+
+    def fake_compile(cached, spec, path):  # the wiring, not the (minute-long) compile
+        sizes.append((spec.max_batch, spec.max_len))
+        path.write_bytes(b"package")
+
+    monkeypatch.setattr(steps, "_aot_compile", fake_compile)
+    assert main(quantize_argv(files, tmp_path / "a", "--max-len", "64")) == 0
+    m = json.loads((tmp_path / "a" / "qqq_manifest.json").read_text())
+    assert sizes == [(1, 64)] and (m["decode_step"]["max_batch"], m["decode_step"]["max_len"]) == (1, 64)
+    assert (tmp_path / "a" / "step" / m["decode_step"]["package"]).read_bytes() == b"package"
+    assert main(quantize_argv(files, tmp_path / "b", "--no-step")) == 0
+    assert json.loads((tmp_path / "b" / "qqq_manifest.json").read_text())["decode_step"] is None
+    assert sizes == [(1, 64)] and not (tmp_path / "b" / "step").exists()

@@ -161,21 +161,23 @@ def test_invalid_sampling_values_name_the_fix(pair, kwargs, match):
 
 def test_request_larger_than_a_prepared_cache_is_refused(pair):
     _, compiled = pair
+    compiled._steps = []  # the steps earlier tests built on demand fit everything
     compiled.prepare_generation(max_batch=1, max_len=16, runtime="eager")
-    with pytest.raises(GenerationError, match=r"more than the KV cache's 16; lower max_new_tokens or call"):
+    with pytest.raises(GenerationError, match=r"more than the KV cache's 16; .* prepare_generation\(max_len=20, ...\)"):
         compiled.generate(torch.randint(0, 256, (1, 10)), max_new_tokens=10)
     with pytest.raises(GenerationError, match="larger than the 1 rows the KV cache was built for"):
         compiled.generate(torch.randint(0, 256, (2, 4)), max_new_tokens=2)
-    compiled._prepared = []  # leave the shared fixture as it was
+    compiled._steps = []  # leave the shared fixture as it was
 
 
 def test_generate_takes_the_smallest_prepared_step_that_fits(pair):
     _, compiled = pair
+    compiled._steps = []
     small = compiled.prepare_generation(max_batch=1, max_len=24, runtime="eager")
     wide = compiled.prepare_generation(max_batch=2, max_len=24, runtime="eager")
     again = compiled.prepare_generation(max_batch=1, max_len=24, runtime="eager")  # replaces `small`
     try:
-        assert compiled._prepared == [wide, again] and small not in compiled._prepared
+        assert compiled.decode_steps == [wide, again] and small not in compiled.decode_steps
         assert compiled._pick_step(1, 20, None) is again
         assert compiled._pick_step(2, 20, None) is wide
         one = compiled.generate(torch.randint(0, 256, (1, 4)), max_new_tokens=3, return_dict_in_generate=True)
@@ -184,7 +186,31 @@ def test_generate_takes_the_smallest_prepared_step_that_fits(pair):
         with pytest.raises(GenerationError, match="larger than the 2 rows"):  # the largest refuses
             compiled.generate(torch.randint(0, 256, (3, 4)), max_new_tokens=2)
     finally:
-        compiled._prepared = []
+        compiled._steps = []
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_result(pair):
+    from qqq_compile.runtime.generate import generate
+
+    _, compiled = pair
+    step = compiled.prepare_generation(max_batch=2, runtime="eager")
+    calls: list[int] = []
+    fn = step.fn
+    step.fn = lambda ids, mask, pos: (calls.append(ids.shape[1]), fn(ids, mask, pos))[1]
+    try:
+        g = torch.Generator().manual_seed(17)
+        short = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.randint(1, 256, (1, 63), generator=g)], 1)
+        ids = torch.cat([short, torch.randint(1, 256, (1, 70), generator=g)])  # left-padded rows of 63 and 70
+        mask = (ids != 0).long()
+        cfg = SamplingConfig(max_new_tokens=6, eos_token_id=[])
+        whole = generate(step, ids, mask, cfg, prefill_chunk=None)
+        assert calls[0] == 70
+        calls.clear()
+        chunked = generate(step, ids, mask, cfg, prefill_chunk=16)
+        assert calls[:5] == [16, 16, 16, 16, 6]  # then one call per new token
+        assert torch.equal(chunked.sequences, whole.sequences)
+    finally:
+        compiled._steps = []
 
 
 def test_right_padding_and_float_ids_are_refused(pair):
@@ -223,7 +249,7 @@ def test_a_saved_model_generates_the_same_tokens_after_load(tmp_path):
     compiled = qc.compile(model, calib=tiny_calib(), config=qc.CompileConfig(preset="rtn"), progress=False)
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(21))
     want = compiled.generate(ids, max_new_tokens=10, runtime="eager", eos_token_id=[])
-    compiled.save(str(tmp_path / "art"))
+    compiled.save(str(tmp_path / "art"), prepare_step=False)
     again = qc.load(str(tmp_path / "art"))
-    assert again.aot_dir == str(tmp_path / "art" / "aot")  # compiled steps are kept beside the artifact
+    assert again.aot_dir == str(tmp_path / "art" / "step")  # compiled steps are kept beside the artifact
     assert torch.equal(again.generate(ids, max_new_tokens=10, runtime="eager", eos_token_id=[]), want)

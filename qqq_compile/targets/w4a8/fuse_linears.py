@@ -94,6 +94,8 @@ class FuseLinears(QQQPass):
                 continue
             name = f"qqq_fused{index}_{what}"
             gm.register_buffer(name, torch.cat([_attr(gm, a) for a in cols[j]], dim=0).contiguous())
+            # Which tensors it concatenates: the decode step makes them views of it (one copy).
+            gm.meta.setdefault("qqq_fused_sources", {})[name] = [a.target for a in cols[j]]
             with g.inserting_before(first):
                 attrs.append(g.get_attr(name))
         widths = [_attr(gm, n.args[i]).shape[0] for n in nodes]
