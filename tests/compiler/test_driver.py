@@ -32,11 +32,12 @@ def names(pass_list):
     return [p.name for p in pass_list]
 
 
-def builtin_pass_classes() -> dict[str, type[QQQPass]]:
-    """Every pass the package registers (target-neutral passes and the targets' own)."""
+def builtin_pass_classes(target: str | None = None) -> dict[str, type[QQQPass]]:
+    """Every pass the package registers: target-neutral passes and the targets' own (only
+    ``target``'s when given)."""
     import qqq_compile  # noqa: F401 - registers every built-in pass
 
-    own = ("qqq_compile.compiler.passes.", "qqq_compile.targets.")
+    own = ("qqq_compile.compiler.passes.", f"qqq_compile.targets.{target + '.' if target else ''}")
     return {n: PASSES.get(n) for n in PASSES.names() if PASSES.get(n).__module__.startswith(own)}
 
 
@@ -47,7 +48,7 @@ def test_every_builtin_pass_is_data():
     classes = builtin_pass_classes()
     assert set(classes) == {
         "observe", "calibrate", "rotate", "smooth", "gptq", "quantize_rtn", "lower", "fuse_norm_quant", "cast_float",
-        "int8_head",
+        "int8_head", "gguf_check", "gguf_head",
     }  # fmt: skip
     for name, cls in classes.items():
         p = cls()

@@ -196,7 +196,7 @@ def test_long_prompts_are_prefilled_in_chunks_with_the_same_result(pair):
     step = compiled.prepare_generation(max_batch=2, runtime="eager")
     calls: list[int] = []
     fn = step.fn
-    step.fn = lambda ids, mask, pos: (calls.append(ids.shape[1]), fn(ids, mask, pos))[1]
+    step.fn = lambda ids, mask, pos, row: (calls.append(ids.shape[1]), fn(ids, mask, pos, row))[1]
     try:
         g = torch.Generator().manual_seed(17)
         short = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.randint(1, 256, (1, 63), generator=g)], 1)
