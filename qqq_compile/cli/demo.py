@@ -23,6 +23,7 @@ from qqq_compile.cli.common import (
     write_json,
 )
 from qqq_compile.config import DEFAULT_PRESET
+from qqq_compile.runtime.steps import RUNTIMES
 
 PROTOCOL = (
     "protocol: windows of BOS + {body} tokens; calibration windows drawn (seed {seed}) from the first 80% "
@@ -75,7 +76,7 @@ def add_command(add: Callable[..., argparse.ArgumentParser]) -> None:
     )
     d.add_argument(
         "--runtime",
-        choices=("auto", "eager", "aot"),
+        choices=("auto", *RUNTIMES),
         default="eager",
         help="W4A8 decode step: eager FX (default: no compile wait), or aot/auto (AOTInductor: a "
         "one-time compile of a few minutes, then cached; the fast decode path)",
