@@ -355,3 +355,11 @@ def test_qqq_preset_artifacts_are_byte_identical(tmp_path):
     other = qc.compile(llama(seed=1), tiny_calib(), {"preset": "qqq", "quant": {"group_size": 32}}, progress=False)
     save(other, tmp_path / "other")
     assert (tmp_path / "other" / WEIGHTS).read_bytes() != files[0][WEIGHTS]  # the check can tell models apart
+
+
+def test_outputs_keep_no_autograd_graph(compiled_tiny):
+    """A call outside ``torch.no_grad()`` (what users write first) records no autograd graph:
+    the compiled model is for inference and its float weights are frozen."""
+    out = compiled_tiny(torch.randint(0, 256, (1, 8))).logits
+    assert out.grad_fn is None and not out.requires_grad
+    assert not any(p.requires_grad for p in compiled_tiny.parameters())

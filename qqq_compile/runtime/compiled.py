@@ -32,6 +32,10 @@ class CompiledModel(torch.nn.Module):
         source_graph: str | None = None,
     ):
         super().__init__()
+        # An inference model: the packed ops have no backward, and a call outside no_grad
+        # would otherwise keep an autograd graph of every float op's inputs alive.
+        for p in graph_module.parameters():
+            p.requires_grad_(False)
         self.graph_module = graph_module
         self.input_names = list(input_names)
         self.output_kind = output_kind
