@@ -23,8 +23,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -115,17 +114,6 @@ def torchao_8da4w(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | N
         warnings.warn(f"torchao 8da4w unavailable: {e}", stacklevel=2)
         return None
     return lin
-
-
-@contextmanager
-def fallback_only() -> Iterator[None]:
-    """Temporarily route cpu.w4a8_linear to its pure-torch path."""
-    saved = cpu._ext_state.get("mod")
-    cpu._ext_state["mod"] = None
-    try:
-        yield
-    finally:
-        cpu._ext_state["mod"] = saved
 
 
 def compiled_single_linear(threads: int, rounds: int, calls: int = 25, size: int = 4096) -> None:
@@ -220,12 +208,12 @@ def decode_shapes(threads: int, rounds: int) -> None:
             w8, scale = quantize_int8_per_row(torch.randn(n, k))
             one = w8.numel() + scale.numel() * 4
             copies = [(w8.clone(), scale.clone()) for _ in range(max(2, math.ceil(96e6 / one)))]
-            fns = [partial(cpu.w8a8_linear, torch.randn(1, k), w, s_) for w, s_ in copies]
+            fns = [partial(torch.ops.qqq.w8a8_linear, torch.randn(1, k), w, s_) for w, s_ in copies]
         else:
             p = PackedW4.from_float(torch.randn(n, k), -1)
             one = p.qweight.numel() + p.channel_scale.numel() * 4
             copies = [(p.qweight.clone(), p.channel_scale.clone()) for _ in range(max(2, math.ceil(96e6 / one)))]
-            fns = [partial(cpu.w4a8_linear, torch.randn(1, k), q, c, None, None, -1) for q, c in copies]
+            fns = [partial(torch.ops.qqq.w4a8_linear, torch.randn(1, k), q, c, None, None, -1) for q, c in copies]
         it = iter(range(10**12))
         cycle = lambda fns=fns, it=it: fns[next(it) % len(fns)]()  # noqa: E731
         t = min(bench(cycle, 0.3) for _ in range(rounds))
@@ -291,7 +279,7 @@ def main() -> None:
             x = torch.randn(m, k)
             x_bf16 = x.to(torch.bfloat16)
             mrt = args.min_run_time
-            ours = partial(cpu.w4a8_linear, x, p.qweight, p.channel_scale, p.group_scale, None, gs)
+            ours = partial(torch.ops.qqq.w4a8_linear, x, p.qweight, p.channel_scale, p.group_scale, None, gs)
             t_ours = bench(ours, mrt)
             t_fp32 = bench(partial(F.linear, x, w), mrt)
             t_bf16 = bench(partial(F.linear, x_bf16, w_bf16), mrt)
@@ -299,8 +287,8 @@ def main() -> None:
             t_ao = bench(partial(ao, x), mrt) if ao else float("nan")
             extra = ""
             if args.with_fallback:
-                with fallback_only():
-                    extra = f" {bench(ours, mrt):.3f} |"
+                torch_path = partial(cpu.w4a8_linear_torch, x, p.qweight, p.channel_scale, p.group_scale, None, gs)
+                extra = f" {bench(torch_path, mrt):.3f} |"
             print(
                 f"| {k}x{n} | {m} | {t_ours:.3f} | {t_fp32:.3f} | {t_bf16:.3f} | {t_ort:.3f} | "
                 f"{t_ao:.3f} | {t_fp32 / t_ours:.2f} | {t_ours / t_ort:.2f} |{extra}",
