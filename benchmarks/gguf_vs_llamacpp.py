@@ -220,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "gguf_vs_llamacpp.json")
     ap.add_argument("--table", action="store_true", help="re-render the markdown table from --out and exit")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="rows --out already holds (without an error) keep their perplexities; their files still join "
+        "the decode timing (a resumed run)",
+    )
     args = ap.parse_args(argv)
     if args.table:
         print(render(json.loads(args.out.read_text())))
@@ -257,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in rows:
         print(f"[gguf_vs_llamacpp] {name}", flush=True)
         try:
+            kept = data["rows"].get(name, {})
+            if args.keep and kept.get("file") and "error" not in kept and Path(kept["file"]).is_file():
+                files[name] = Path(kept["file"])
+                continue
             if name in LLAMACPP_ROWS:
                 ftype = LLAMACPP_ROWS[name]
                 path = shipped if ftype is None else cache / f"SmolLM2-135M-{name.upper()}-from-Q4_1.gguf"
@@ -267,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = cache / f"ours-{name}-c{args.n_calib}.gguf"
                 data["rows"][name] = our_row(name, model, tok, windows, path, args.threads)
             files[name] = path
+            data["rows"][name]["file"] = str(path)
         except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
             data["rows"][name] = {"error": f"{type(e).__name__}: {e}"}
         _write(args.out, data)

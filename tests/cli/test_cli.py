@@ -182,7 +182,7 @@ def test_bad_config_and_missing_model_exit_2(tmp_path, capsys):
     assert "Model path not found" in capsys.readouterr().err
     argv = ["quantize", "demo", "--preset", "rtn", "--group-size", "0", "--out", str(tmp_path / "o")]
     assert main(argv) == 2  # rejected before the model is loaded
-    assert "group_size must be -1" in capsys.readouterr().err
+    assert "group_size must be None, -1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -205,16 +205,21 @@ def test_inspect_calls_the_report_writer_or_says_it_is_missing(artifact, tmp_pat
 def test_export_passes_artifact_and_tokenizer(artifact, tmp_path, monkeypatch):
     calls = []
     onnx = types.ModuleType("qqq_compile.targets.w4a8.export.onnx")
-    onnx.export_onnx = lambda compiled, path, *, kind="matmulnbits": calls.append(("onnx", compiled, path, kind))
+    onnx.export_onnx = lambda compiled, path, *, kind="matmulnbits", **kw: calls.append(("onnx", compiled, path, kind))
     ct = types.ModuleType("qqq_compile.targets.w4a8.export.compressed_tensors")
-    ct.export_compressed_tensors = lambda compiled, out_dir, tokenizer=None: calls.append(("ct", compiled, tokenizer))
+    ct.export_compressed_tensors = lambda compiled, out_dir, tokenizer=None, **kw: calls.append(
+        ("ct", compiled, tokenizer)
+    )
     monkeypatch.setitem(sys.modules, "qqq_compile.targets.w4a8.export.onnx", onnx)
     monkeypatch.setitem(sys.modules, "qqq_compile.targets.w4a8.export.compressed_tensors", ct)
-    monkeypatch.setattr("qqq_compile.artifact.load", lambda path: "compiled")
+    from qqq_compile.targets.registry import get_target
+
+    compiled = types.SimpleNamespace(target=get_target("w4a8"))  # export dispatches on the artifact's target
+    monkeypatch.setattr("qqq_compile.artifact.load", lambda path: compiled)
     assert main(["export", str(artifact), "--format", "onnx", "--out", "m.onnx", "--onnx-kind", "dq"]) == 0
     assert main(["export", str(artifact), "--format", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 0
-    assert calls[0] == ("onnx", "compiled", "m.onnx", "dq")
-    assert calls[1][:2] == ("ct", "compiled") and calls[1][2]("w5")["input_ids"] == [8]
+    assert calls[0] == ("onnx", compiled, "m.onnx", "dq")
+    assert calls[1][:2] == ("ct", compiled) and calls[1][2]("w5")["input_ids"] == [8]
 
 
 def test_bench_runs_the_script_or_explains(tmp_path, monkeypatch, capfd):
