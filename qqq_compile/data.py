@@ -62,25 +62,35 @@ def gensim_wiki_path() -> Path:
     return gensim_test_data(GENSIM_WIKI_FILE)
 
 
-def gensim_test_data(filename: str) -> Path:
-    """Path of ``filename`` in the test data of the installed gensim wheel (found without
-    importing gensim)."""
+def packaged_file(package: str, dist: str, relpath: str) -> tuple[Path | None, list[Path]]:
+    """``(path, candidates)``: the file ``relpath`` inside the installed ``package`` (the
+    distribution ``dist``), found without importing it (its ``__init__`` may import what is
+    not installed); ``path`` is None when no candidate exists, ``candidates`` is empty when
+    the package is not installed."""
     candidates: list[Path] = []
     try:
-        spec = importlib.util.find_spec("gensim")
+        spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         spec = None
     if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(p) / "test" / "test_data" / filename for p in spec.submodule_search_locations]
+        candidates += [Path(p) / relpath for p in spec.submodule_search_locations]
     if not candidates:
+        # Fallback for unusual installs where find_spec fails: the wheel's file list.
+        name = Path(relpath).name
         try:
-            dist = importlib.metadata.distribution("gensim")
-            candidates += [Path(dist.locate_file(f)) for f in dist.files or [] if f.name == filename]
+            found = importlib.metadata.distribution(dist)
+            candidates += [Path(found.locate_file(f)) for f in found.files or [] if f.name == name]
         except importlib.metadata.PackageNotFoundError:
             pass
-    for path in candidates:
-        if path.is_file():
-            return path
+    return next((c for c in candidates if c.is_file()), None), candidates
+
+
+def gensim_test_data(filename: str) -> Path:
+    """Path of ``filename`` in the test data of the installed gensim wheel (found without
+    importing gensim)."""
+    path, candidates = packaged_file("gensim", "gensim", f"test/test_data/{filename}")
+    if path is not None:
+        return path
     if not candidates:
         raise RuntimeError(
             f"The text {filename} ships inside the gensim wheel, and gensim is not installed. "

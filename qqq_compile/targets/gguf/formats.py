@@ -98,33 +98,17 @@ def _check_scales(d: torch.Tensor, n: int, b: int, fmt: str) -> None:
         raise BlockFormatError(f"{fmt}: d must be float16 [{n}, {b}], got {d.dtype} {tuple(d.shape)}")
 
 
-@register_format
-@dataclass
-class PackedQ4_0:
-    """A weight ``[N, K]`` in llama.cpp's Q4_0 (see the module docstring for the layout)."""
+class _Blocks:
+    """What Q4_0 and Q8_0 share: ``qs`` codes and fp16 ``d`` per block of 32, ``[N, K]``."""
 
-    format: ClassVar[str] = "q4_0"
-
-    qs: torch.Tensor  # uint8 [N, K/2]
-    d: torch.Tensor  # float16 [N, K/32]
+    qs: torch.Tensor
+    d: torch.Tensor
     in_features: int
-
-    def __post_init__(self) -> None:
-        b = check_blocks(self.in_features, "in_features")
-        if self.qs.dtype != torch.uint8 or self.qs.dim() != 2 or self.qs.shape[1] != self.in_features // 2:
-            raise BlockFormatError(f"q4_0: qs must be uint8 [N, {self.in_features // 2}], got {tuple(self.qs.shape)}")
-        _check_scales(self.d, self.qs.shape[0], b, "q4_0")
+    bits: ClassVar[int] = 0
 
     @property
     def out_features(self) -> int:
         return self.qs.shape[0]
-
-    def codes(self) -> torch.Tensor:
-        """Codes ``[N, K]`` (uint8, 0..15)."""
-        return unpack_q4_0(self.qs)
-
-    def dequantize(self) -> torch.Tensor:
-        return decode_q4_0(self.qs, self.d)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"qs": self.qs, "d": self.d}
@@ -136,11 +120,37 @@ class PackedQ4_0:
         return 8.0 * self.nbytes() / (self.out_features * self.in_features)
 
     def record(self) -> dict[str, Any]:
-        return {"bits": 4, "act_bits": 8, "group_size": QK, "bits_per_weight": self.bits_per_weight()}
+        return {"bits": self.bits, "act_bits": 8, "group_size": QK, "bits_per_weight": self.bits_per_weight()}
 
     @classmethod
-    def from_record(cls, rec: dict[str, Any], tensors: dict[str, torch.Tensor], in_features: int) -> PackedQ4_0:
+    def from_record(cls, rec: dict[str, Any], tensors: dict[str, torch.Tensor], in_features: int) -> Any:
         return cls(tensors["qs"], tensors["d"], in_features)
+
+
+@register_format
+@dataclass
+class PackedQ4_0(_Blocks):
+    """A weight ``[N, K]`` in llama.cpp's Q4_0 (see the module docstring for the layout)."""
+
+    format: ClassVar[str] = "q4_0"
+    bits: ClassVar[int] = 4
+
+    qs: torch.Tensor  # uint8 [N, K/2]
+    d: torch.Tensor  # float16 [N, K/32]
+    in_features: int
+
+    def __post_init__(self) -> None:
+        b = check_blocks(self.in_features, "in_features")
+        if self.qs.dtype != torch.uint8 or self.qs.dim() != 2 or self.qs.shape[1] != self.in_features // 2:
+            raise BlockFormatError(f"q4_0: qs must be uint8 [N, {self.in_features // 2}], got {tuple(self.qs.shape)}")
+        _check_scales(self.d, self.qs.shape[0], b, "q4_0")
+
+    def codes(self) -> torch.Tensor:
+        """Codes ``[N, K]`` (uint8, 0..15)."""
+        return unpack_q4_0(self.qs)
+
+    def dequantize(self) -> torch.Tensor:
+        return decode_q4_0(self.qs, self.d)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, d: torch.Tensor) -> PackedQ4_0:
@@ -156,10 +166,11 @@ class PackedQ4_0:
 
 @register_format
 @dataclass
-class PackedQ8_0:
+class PackedQ8_0(_Blocks):
     """A weight or table ``[N, K]`` in llama.cpp's Q8_0: int8 ``qs`` and fp16 ``d`` per block."""
 
     format: ClassVar[str] = "q8_0"
+    bits: ClassVar[int] = 8
 
     qs: torch.Tensor  # int8 [N, K]
     d: torch.Tensor  # float16 [N, K/32]
@@ -171,28 +182,8 @@ class PackedQ8_0:
             raise BlockFormatError(f"q8_0: qs must be int8 [N, {self.in_features}], got {tuple(self.qs.shape)}")
         _check_scales(self.d, self.qs.shape[0], b, "q8_0")
 
-    @property
-    def out_features(self) -> int:
-        return self.qs.shape[0]
-
     def dequantize(self) -> torch.Tensor:
         return decode_q8_0(self.qs, self.d)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"qs": self.qs, "d": self.d}
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes() / (self.out_features * self.in_features)
-
-    def record(self) -> dict[str, Any]:
-        return {"bits": 8, "act_bits": 8, "group_size": QK, "bits_per_weight": self.bits_per_weight()}
-
-    @classmethod
-    def from_record(cls, rec: dict[str, Any], tensors: dict[str, torch.Tensor], in_features: int) -> PackedQ8_0:
-        return cls(tensors["qs"], tensors["d"], in_features)
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> PackedQ8_0:
