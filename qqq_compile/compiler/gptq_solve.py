@@ -275,7 +275,10 @@ def _gptq(
     diag = torch.diagonal(h).float()
     dead = diag == 0
     # Dead inputs sort as if H_ii = 1 (the value they get), as in the reference.
-    perm = torch.argsort(diag.masked_fill(dead, 1.0), descending=True, stable=True) if act_order else torch.arange(k, device=w.device)
+    if act_order:
+        perm = torch.argsort(diag.masked_fill(dead, 1.0), descending=True, stable=True)
+    else:
+        perm = torch.arange(k, device=w.device)
     dead_p = dead[perm]
     w = w.float()[:, perm]  # a copy: the solve updates it in place
     w[:, dead_p] = 0.0

@@ -23,15 +23,15 @@ class ActObserver(torch.nn.Module):
         self.absmax = torch.zeros(in_features, device=device)
         self.n = 0
         self.hessian = torch.zeros(in_features, in_features, device=device) if hessian else None
-        self.nonfinite = False
+        self._finite: torch.Tensor | None = None  # all values so far finite (a device flag: no sync per batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         if self.n == 0 and self.absmax.device != flat.device:
             self.absmax = self.absmax.to(flat.device)
             self.hessian = None if self.hessian is None else self.hessian.to(flat.device)
-        if not torch.isfinite(flat).all():
-            self.nonfinite = True
+        ok = torch.isfinite(flat).all()
+        self._finite = ok if self._finite is None else self._finite & ok
         self.absmax = torch.maximum(self.absmax, flat.abs().amax(dim=0))
         if self.hessian is not None:
             m = flat.shape[0]
@@ -40,3 +40,8 @@ class ActObserver(torch.nn.Module):
             self.hessian.addmm_(flat.t(), flat, alpha=2.0 / (self.n + m))
         self.n += flat.shape[0]
         return x
+
+    @property
+    def nonfinite(self) -> bool:
+        """Whether some observed value was NaN or Inf."""
+        return self._finite is not None and not bool(self._finite)

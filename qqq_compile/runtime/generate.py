@@ -167,16 +167,18 @@ def generate(
             f"call prepare_generation(max_len={t + cfg.max_new_tokens}, ...) once (up to the model's context)"
         )
     dev = step_device(step, input_ids)
-    mask = (
-        torch.ones(b, t, dtype=torch.long, device=dev)
-        if attention_mask is None
-        else attention_mask.to(dev, torch.long)
-    )
-    if mask.shape != input_ids.shape:
-        raise GenerationError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
-    _check_left_padded(mask)
-    eos = torch.tensor(cfg.eos_ids(), dtype=torch.long, device=dev)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    if attention_mask is None:
+        mask = torch.ones(b, t, dtype=torch.long, device=dev)
+    else:
+        if attention_mask.shape != input_ids.shape:
+            raise GenerationError(
+                f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
+            )
+        _check_left_padded(attention_mask.to(torch.long))  # where the caller made it: a host mask needs no sync
+        mask = attention_mask.to(dev, torch.long)
+    eos_ids = cfg.eos_ids()
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=dev)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     input_ids = input_ids.to(dev, torch.long)
     if streamer is not None:
         streamer.put(input_ids.cpu())

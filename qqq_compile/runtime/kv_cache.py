@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from qqq_compile.compiler.block_runner import graph_device
+
 aten = torch.ops.aten
 
 # Ops of transformers' repeat_kv chain (and layout no-ops) between the per-KV-head K/V
@@ -82,15 +84,6 @@ class CacheSpec:
             2 * self.max_batch * layer["kv_heads"] * self.max_len * layer["head_dim"] * layer["itemsize"]
             for layer in self.layers
         )
-
-
-def graph_device(gm: torch.nn.Module) -> torch.device:
-    """The device of ``gm``'s tensors (its first parameter, else its first buffer); torch's
-    default device when it has none."""
-    t = next(iter(gm.parameters()), None)
-    if t is None:
-        t = next(iter(gm.buffers()), None)
-    return t.device if t is not None else torch.get_default_device()
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
