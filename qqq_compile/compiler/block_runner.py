@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.utils._pytree import tree_map_only
 from tqdm.auto import tqdm
 
 from qqq_compile.compiler.residency import attr_targets, release_memory, resident
@@ -88,16 +89,29 @@ def whole_graph(part: Partition) -> Partition:
     return Partition([], [Block("graph", [*part.prefix, *[n for b in part.blocks for n in b.nodes], *part.suffix])], [])
 
 
-def graph_env(gm: GraphModule, batch: dict[str | int, Any]) -> Env:
+def graph_device(gm: GraphModule) -> torch.device:
+    """Where ``gm`` computes: the device of its first parameter, else of its first buffer
+    (streamed weights answer with their store's device); torch's default device when it
+    holds no tensor."""
+    t = next(iter(gm.parameters()), None)
+    if t is None:
+        t = next(iter(gm.buffers()), None)
+    return t.device if t is not None else torch.get_default_device()
+
+
+def graph_env(gm: GraphModule, batch: dict[str | int, Any], device: torch.device | None = None) -> Env:
     """The placeholder values of one calibration batch: a dict keyed by graph input name
     (placeholder target or node name), or by position for positional inputs (``0`` is the
-    first placeholder, as ``calib_batches`` writes them before the graph is known)."""
+    first placeholder, as ``calib_batches`` writes them before the graph is known).
+    ``device``: tensors (also inside lists and dicts) are moved there (a no-op for those
+    already there), so token ids tokenized on the host feed a model on an accelerator."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     env: Env = {}
     for i, p in enumerate(placeholders):
         for key in (p.target, p.name, i):
             if key in batch:
-                env[p] = batch[key]
+                v = batch[key]
+                env[p] = v if device is None else tree_map_only(torch.Tensor, lambda t: t.to(device), v)
                 break
         else:
             have = sorted(map(str, batch))
@@ -159,8 +173,11 @@ class BlockRunner:
         progress: bool = True,
         desc: str = "blocks",
         part: Partition | None = None,
+        device: torch.device | str | None = None,
     ):
         self.gm = gm
+        # Each batch's tensors are moved once, here, to where the graph computes.
+        self.device = torch.device(device) if device is not None else graph_device(gm)
         self.part = part or partition(gm)
         if not self.part.blocks:
             self.part = whole_graph(self.part)
@@ -171,7 +188,7 @@ class BlockRunner:
         # node reads (the logits: tokens x vocab floats per batch) dies where it is made.
         self._last_use = {n: max((order[u] for u in n.users if u.op != "output"), default=-1) for n in gm.graph.nodes}
         self._order = order
-        self.envs: list[Env] = [graph_env(gm, b) for b in batches]
+        self.envs: list[Env] = [graph_env(gm, b, self.device) for b in batches]
         self.bar: tqdm | None = None  # the blocks' progress bar while blocks() runs
 
     def _advance(self, nodes: Sequence[Node], overrides: dict[Node, Override] | None = None) -> None:

@@ -112,10 +112,10 @@ def _resize(t: Any, rows: int, seq: int) -> Any:
     if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return t
     if t.dim() >= 2:
-        idx = torch.arange(rows) % t.shape[0]
+        idx = torch.arange(rows, device=t.device) % t.shape[0]
         t = t[idx]
     d = t.dim() - 1 if t.dim() == 1 else 1
-    pos = torch.arange(seq) % t.shape[d]
+    pos = torch.arange(seq, device=t.device) % t.shape[d]
     return t.index_select(d, pos).contiguous()
 
 

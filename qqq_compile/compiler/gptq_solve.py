@@ -58,20 +58,43 @@ class HessianAccumulator:
     ``H`` below the diagonal slabs (``H`` is symmetric: mirrored at the end).
     """
 
-    def __init__(self, k: int, *, asym: bool = False, dtype: str = "bfloat16", chunk_rows: int | None = None):
+    def __init__(
+        self,
+        k: int,
+        *,
+        asym: bool = False,
+        dtype: str = "bfloat16",
+        chunk_rows: int | None = None,
+        device: torch.device | str | None = None,
+    ):
         if dtype not in HESSIAN_DTYPES:
             raise ValueError(f"hessian dtype must be one of {HESSIAN_DTYPES}, got {dtype!r}")
         self.k, self.n, self.asym = k, 0, asym
-        self.sums = torch.zeros((2 if asym else 1) * k, k)  # [H; D], unscaled
         self.bf16 = dtype == "bfloat16"
+        self._chunk_rows = chunk_rows
+        # The sums and buffers are made on ``device`` if given, else on the device of the
+        # first batch (the calibration activations'), so a CUDA model's Hessians stay on it.
+        self.sums: torch.Tensor | None = None
+        self.buf = self.est = None
+        self.fill = self.rows_flushed = 0
+        if device is not None:
+            self._alloc(torch.device(device))
+
+    def _alloc(self, device: torch.device | None) -> None:
+        k = self.k
+        self.sums = torch.zeros((2 if self.asym else 1) * k, k, device=device)  # [H; D], unscaled
         if self.bf16:
             # Chunks of up to 4096 rows, buffers of at most 16 MiB.
-            rows = chunk_rows or max(256, min(4096, (1 << 23) // self.sums.shape[0]))
-            self.buf = torch.empty(rows, self.sums.shape[0], dtype=torch.bfloat16)
+            rows = self._chunk_rows or max(256, min(4096, (1 << 23) // self.sums.shape[0]))
+            self.buf = torch.empty(rows, self.sums.shape[0], dtype=torch.bfloat16, device=device)
             # Column slabs of 512 (one slab up to 768): the GEMM output stays small, and H's
             # symmetry saves a third of its work at K = 1536.
-            self.est = torch.empty(k, k if k <= 768 else 512, dtype=torch.bfloat16)
-            self.fill = self.rows_flushed = 0
+            self.est = torch.empty(k, k if k <= 768 else 512, dtype=torch.bfloat16, device=device)
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the sums live (None before the first batch when no device was given)."""
+        return None if self.sums is None else self.sums.device
 
     def add(
         self,
@@ -96,6 +119,8 @@ class HessianAccumulator:
             x = x.detach().reshape(-1, k)
             rows = x.shape[0]
         xf = None if x_float is None else x_float.detach().reshape(-1, k)
+        if self.sums is None:
+            self._alloc((x if x is not None else q).device)
         self.n += rows
         if not self.bf16:
             x = x.float() if x is not None else q.float().mul_(scale)
@@ -141,6 +166,8 @@ class HessianAccumulator:
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(H, D)`` (``D`` None without GPTAQ); the accumulator is spent afterwards."""
+        if self.sums is None:  # no batch and no device given: zero sums on torch's default device
+            self._alloc(None)
         self._flush()
         k = self.k
         if self.bf16:  # mirror the upper part of H that _flush computed
@@ -165,7 +192,7 @@ def _upper_inverse_cholesky(
     """
     a = None
     buf = torch.empty_like(h, dtype=torch.float32)
-    info = torch.empty((), dtype=torch.int32)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
     for attempt in range(retries + 1):
         rel = damp * 10**attempt
         a = _permuted(h, perm, out=a)
@@ -189,7 +216,7 @@ def _all_finite(m: torch.Tensor) -> bool:
 def _permuted(m: torch.Tensor, perm: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``m[perm][:, perm]`` in float32 with one ``K x K`` allocation (``out`` reused if given)."""
     if out is None:
-        out = torch.empty(m.shape, dtype=torch.float32)
+        out = torch.empty(m.shape, dtype=torch.float32, device=m.device)
     for i in range(0, m.shape[0], 256):  # row slabs: the gather's transient stays small
         rows = perm[i : i + 256]
         out[i : i + 256] = m.index_select(0, rows).index_select(1, perm)
@@ -248,7 +275,10 @@ def _gptq(
     diag = torch.diagonal(h).float()
     dead = diag == 0
     # Dead inputs sort as if H_ii = 1 (the value they get), as in the reference.
-    perm = torch.argsort(diag.masked_fill(dead, 1.0), descending=True, stable=True) if act_order else torch.arange(k)
+    if act_order:
+        perm = torch.argsort(diag.masked_fill(dead, 1.0), descending=True, stable=True)
+    else:
+        perm = torch.arange(k, device=w.device)
     dead_p = dead[perm]
     w = w.float()[:, perm]  # a copy: the solve updates it in place
     w[:, dead_p] = 0.0
@@ -263,15 +293,15 @@ def _gptq(
         torch.mm(tmp.triu_(diagonal=1), hinv, out=p)
         del tmp
         p.mul_(alpha)
-    q_out = torch.empty(n, k)
-    deq = torch.empty(n, k)
-    row_loss = torch.zeros(n)
+    q_out = torch.empty(n, k, device=w.device)
+    deq = torch.empty(n, k, device=w.device)
+    row_loss = torch.zeros(n, device=w.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2]  # a view: updates land in w
         hinv1 = hinv[i1:i2, i1:i2]
         p1 = None if p is None else p[i1:i2, i1:i2]
-        err1 = torch.empty(n, i2 - i1)
+        err1 = torch.empty(n, i2 - i1, device=w.device)
         for i in range(i2 - i1):
             col = w1[:, i]  # updates below touch only later columns: col keeps its value
             q, dq = grid.quantize(col, groups[i1 + i])

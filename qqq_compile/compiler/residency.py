@@ -46,8 +46,9 @@ class TensorSource:
 
 
 def read_tensor(src: TensorSource) -> torch.Tensor:
-    """Read one tensor into fresh memory (a plain read: nothing stays mapped)."""
-    buf = torch.empty(src.nbytes, dtype=torch.uint8)
+    """Read one tensor into fresh host memory (a plain read: nothing stays mapped); the
+    store moves it to its device."""
+    buf = torch.empty(src.nbytes, dtype=torch.uint8)  # host: file bytes land in host memory (numpy view)
     view = memoryview(buf.numpy())
     with open(src.path, "rb", buffering=0) as f:
         f.seek(src.offset)
@@ -63,7 +64,8 @@ def read_tensor(src: TensorSource) -> torch.Tensor:
 def write_tensor(f: Any, t: torch.Tensor) -> tuple[int, int]:
     """Append ``t``'s bytes to the open file ``f``; returns (offset, nbytes)."""
     flat = t.detach().contiguous().reshape(-1)
-    raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+    flat = flat.cpu()  # host: the bytes go to a file through numpy (a no-op for a CPU tensor)
+    raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)  # host: as above
     offset = f.tell()
     f.write(memoryview(raw.numpy()))
     return offset, raw.numel()
@@ -124,8 +126,16 @@ class WeightStore:
     :meth:`put` go to a scratch file that :meth:`close` deletes.
     """
 
-    def __init__(self, *, cache_bytes: int = 0, scratch_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        *,
+        cache_bytes: int = 0,
+        scratch_dir: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+    ):
         self.cache_bytes = cache_bytes
+        # Where weights are read to (the compile's device); None: torch's default device.
+        self.device = torch.device(device) if device is not None else torch.get_default_device()
         self.stats = StreamStats()
         self.tracking = True
         self._src: dict[int, TensorSource] = {}
@@ -180,8 +190,8 @@ class WeightStore:
                 self._cached -= self.nbytes(self._cache.popitem(last=False)[0])
             release_memory()
         t = read_tensor(self._src[i])
-        if t.dtype != self._dtype[i]:
-            t = t.to(self._dtype[i])
+        if t.dtype != self._dtype[i] or t.device != self.device:
+            t = t.to(self.device, self._dtype[i])
         self._track(i, t)
         if cache:
             self._cache[i] = t
@@ -236,7 +246,7 @@ class LazyWeight(torch.Tensor):
 
     @staticmethod
     def __new__(cls, store: WeightStore, i: int, shape: Sequence[int], dtype: torch.dtype) -> LazyWeight:
-        base = torch.zeros((), dtype=dtype).expand(tuple(shape))
+        base = torch.zeros((), dtype=dtype, device=store.device).expand(tuple(shape))
         t = torch.Tensor._make_subclass(cls, base, False)
         t._qqq_store, t._qqq_id = store, i
         return t

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from qqq_compile.runtime.generate import SamplingConfig, process_logits
+from qqq_compile.runtime.generate import SamplingConfig, process_logits, step_device
 from qqq_compile.runtime.steps import DecodeStep
 
 
@@ -140,9 +140,16 @@ class Job:
 
     def __post_init__(self) -> None:
         if self.cfg.do_sample:
-            seed = self.seed if self.seed is not None else secrets.randbits(63)
-            self.generator = torch.Generator().manual_seed(seed)
+            self._seed = self.seed if self.seed is not None else secrets.randbits(63)
+            self.generator = torch.Generator().manual_seed(self._seed)
         self._eos = set(self.cfg.eos_ids())
+
+    def generator_on(self, device: torch.device) -> torch.Generator | None:
+        """The job's generator on ``device`` (sampling draws there), seeded alike; made anew
+        only when the job's first token is drawn on another device than the default."""
+        if self.generator is not None and self.generator.device != device and not self.generated:
+            self.generator = torch.Generator(device=device).manual_seed(self._seed)
+        return self.generator
 
     def push(self, token: int) -> str | None:
         """Record a sampled token and send its text; the finish reason if the job is done."""
@@ -195,7 +202,8 @@ class BatchingEngine:
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
         self._rows: list[Job | None] = [None] * self.max_batch
-        self._mask = torch.zeros(self.max_batch, self.max_len, dtype=torch.long)
+        self.device = step_device(step)  # ids, mask and positions are made where the step runs
+        self._mask = torch.zeros(self.max_batch, self.max_len, dtype=torch.long, device=self.device)
         self._cur = 0
         names = ("accepted", "completed", "cancelled", "failed", "rejected_queue_full", "rows_released")
         names += ("joined_at_0", "joined_shifted", "prefill_calls", "decode_steps", "decode_row_steps")
@@ -331,10 +339,11 @@ class BatchingEngine:
         for run in self._runs(sorted(rows)):
             jobs = [self._rows[r] for r in run]
             width = max(len(j.prompt) for j in jobs)
-            ids = torch.full((len(run), width), self.pad, dtype=torch.long)
+            ids = torch.full((len(run), width), self.pad, dtype=torch.long, device=self.device)
             for i, j in enumerate(jobs):
-                ids[i, width - len(j.prompt) :] = torch.tensor(j.prompt, dtype=torch.long)
-            logits = self.step(ids, self._mask[run[0] : run[-1] + 1, :cur], torch.arange(cur - width, cur), run[0])
+                ids[i, width - len(j.prompt) :] = torch.tensor(j.prompt, dtype=torch.long, device=self.device)
+            positions = torch.arange(cur - width, cur, device=self.device)
+            logits = self.step(ids, self._mask[run[0] : run[-1] + 1, :cur], positions, run[0])
             self._counts["prefill_calls"] += 1
             self._counts["prompt_tokens"] += sum(len(j.prompt) for j in jobs)
             for i, r in enumerate(run):
@@ -355,11 +364,11 @@ class BatchingEngine:
     def _decode(self) -> None:
         active = self._active()
         b, cur = active[-1] + 1, self._cur
-        ids = torch.full((b, 1), self.pad, dtype=torch.long)
+        ids = torch.full((b, 1), self.pad, dtype=torch.long, device=self.device)
         for r in active:
             ids[r, 0] = self._rows[r].pending
             self._mask[r, cur] = 1
-        logits = self.step(ids, self._mask[:b, : cur + 1], torch.tensor([cur]))
+        logits = self.step(ids, self._mask[:b, : cur + 1], torch.tensor([cur], device=self.device))
         self._cur = cur + 1
         self._counts["decode_steps"] += 1
         self._counts["decode_row_steps"] += len(active)
@@ -370,10 +379,14 @@ class BatchingEngine:
         """Sample row ``r``'s next token from its logits [V], as generate() does for one row."""
         job = self._rows[r]
         cfg = job.cfg
-        seqs = torch.tensor([job.prompt + job.generated], dtype=torch.long) if cfg.repetition_penalty != 1.0 else None
+        seqs = (
+            torch.tensor([job.prompt + job.generated], dtype=torch.long, device=logits.device)
+            if cfg.repetition_penalty != 1.0
+            else None
+        )
         scores = process_logits(logits[None].float(), seqs, cfg)
         if cfg.do_sample:
-            token = int(torch.multinomial(scores.softmax(-1), 1, generator=job.generator))
+            token = int(torch.multinomial(scores.softmax(-1), 1, generator=job.generator_on(scores.device)))
         else:
             token = int(scores.argmax(-1))
         self._counts["completion_tokens"] += 1

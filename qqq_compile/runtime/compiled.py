@@ -70,6 +70,15 @@ class CompiledModel(torch.nn.Module):
             raise TypeError(f"missing input(s) {missing}")
         return self.graph_module(**inputs)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the graph module's tensors live (its first parameter, else buffer; torch's
+        default device when it has none): :meth:`generate` makes its ids, masks and
+        positions there."""
+        from qqq_compile.runtime.kv_cache import graph_device
+
+        return graph_device(self.graph_module)
+
     # ------------------------------------------------------------------ generation
 
     def prepare_generation(
@@ -217,7 +226,7 @@ class CompiledModel(torch.nn.Module):
             )
         step = self._pick_step(input_ids.shape[0], need, runtime)
         if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator(device=step.device).manual_seed(seed)  # sampling runs on the step's device
         out = _generate(step, input_ids, attention_mask, cfg, streamer=streamer, generator=generator)
         return out if return_dict_in_generate else out.sequences
 

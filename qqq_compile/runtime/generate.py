@@ -124,6 +124,16 @@ def _check_left_padded(mask: torch.Tensor) -> None:
         )
 
 
+def step_device(step: Any, like: torch.Tensor | None = None) -> torch.device:
+    """The device a step's inputs are made on: its ``device`` (a :class:`DecodeStep`'s
+    weights and cache), else ``like``'s (a plain callable standing in for a step), else
+    torch's default device."""
+    dev = getattr(step, "device", None)
+    if dev is not None:
+        return torch.device(dev)
+    return like.device if like is not None else torch.get_default_device()
+
+
 def generate(
     step: DecodeStep,
     input_ids: torch.Tensor,
@@ -135,7 +145,9 @@ def generate(
     prefill_chunk: int | None = PREFILL_CHUNK,
 ) -> GenerateOutput:
     """Run ``cfg.max_new_tokens`` steps from ``input_ids [B, T]``; see the module docstring.
-    ``prefill_chunk``: prompt tokens per prefill call (None: the whole prompt in one)."""
+    ``prefill_chunk``: prompt tokens per prefill call (None: the whole prompt in one).
+    The ids, masks and positions are made on the step's device (``input_ids`` and
+    ``attention_mask`` are moved there); the returned sequences stay on it."""
     cfg.validate()
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise GenerationError("input_ids must be a LongTensor [batch, tokens] (tokenizer(..., return_tensors='pt'))")
@@ -154,13 +166,20 @@ def generate(
             f"positions, more than the KV cache's {spec.max_len}; lower max_new_tokens, shorten the prompt, or "
             f"call prepare_generation(max_len={t + cfg.max_new_tokens}, ...) once (up to the model's context)"
         )
-    mask = torch.ones(b, t, dtype=torch.long) if attention_mask is None else attention_mask.to(torch.long)
-    if mask.shape != input_ids.shape:
-        raise GenerationError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
-    _check_left_padded(mask)
-    eos = torch.tensor(cfg.eos_ids(), dtype=torch.long)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
-    input_ids = input_ids.to(torch.long)
+    dev = step_device(step, input_ids)
+    if attention_mask is None:
+        mask = torch.ones(b, t, dtype=torch.long, device=dev)
+    else:
+        if attention_mask.shape != input_ids.shape:
+            raise GenerationError(
+                f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
+            )
+        _check_left_padded(attention_mask.to(torch.long))  # where the caller made it: a host mask needs no sync
+        mask = attention_mask.to(dev, torch.long)
+    eos_ids = cfg.eos_ids()
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=dev)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    input_ids = input_ids.to(dev, torch.long)
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
@@ -168,12 +187,12 @@ def generate(
     # with torch's argmax, torch.cat of the sequence, where and isin every step): the sequence
     # is written into a preallocated buffer, greedy decoding without penalty takes numpy's
     # argmax of the raw logits, and the pad/EOS bookkeeping runs only when some row can stop.
-    out = torch.empty(b, t + cfg.max_new_tokens, dtype=torch.long)
+    out = torch.empty(b, t + cfg.max_new_tokens, dtype=torch.long, device=dev)
     out[:, :t] = input_ids
     plain_greedy = not cfg.do_sample and cfg.repetition_penalty == 1.0
-    done = torch.zeros(b, dtype=torch.bool)
-    full_mask = torch.cat([mask, torch.ones(b, cfg.max_new_tokens, dtype=torch.long)], dim=1)
-    positions = torch.arange(t + cfg.max_new_tokens)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    full_mask = torch.cat([mask, torch.ones(b, cfg.max_new_tokens, dtype=torch.long, device=dev)], dim=1)
+    positions = torch.arange(t + cfg.max_new_tokens, device=dev)
     t0 = time.perf_counter()
     chunk = prefill_chunk or t
     for start in range(0, t, chunk):  # the cache keeps each chunk for the next
@@ -248,4 +267,5 @@ __all__ = [
     "default_max_len",
     "generate",
     "process_logits",
+    "step_device",
 ]

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from qqq_compile.compiler.block_runner import graph_device
+
 aten = torch.ops.aten
 
 # Ops of transformers' repeat_kv chain (and layout no-ops) between the per-KV-head K/V
@@ -84,14 +86,15 @@ class CacheSpec:
         )
 
 
-def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor whose pages are only resident once written: anonymous ``mmap`` memory
-    (zero-filled by the kernel on first touch; ``torch.zeros`` writes every page at once).
-    A cache sized for the model's whole context then costs memory in proportion to the
-    positions a request uses."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes < 1 << 20:
-        return torch.zeros(shape, dtype=dtype)
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """A zero tensor on ``device`` (torch's default when None). In host memory its pages
+    are only resident once written: anonymous ``mmap`` memory (zero-filled by the kernel on
+    first touch; ``torch.zeros`` writes every page at once). A cache sized for the model's
+    whole context then costs memory in proportion to the positions a request uses."""
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < 1 << 20 or device.type != "cpu":  # an accelerator's memory has no such mapping
+        return torch.zeros(shape, dtype=dtype, device=device)
     # The tensor keeps a reference to the mapping; it is unmapped with the tensor.
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
@@ -227,6 +230,7 @@ def add_kv_cache(
     }
     ids_val = _val(ids)
     seq_sym = ids_val.shape[1] if isinstance(ids_val, torch.Tensor) else None
+    device = graph_device(gm)  # the cache buffers and the mask's slot indices live with the weights
 
     # New inputs and the shared mask [B, 1, T, L], built once before the first computation.
     first = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
@@ -237,7 +241,7 @@ def add_kv_cache(
         batch = graph.call_function(aten.sym_size.int, (ids, 0))
         first_row = graph.call_function(_first_row, (row_in, batch, max_batch))
         kv_len = graph.call_function(aten.sym_size.int, (mask_in, 1))
-        slots = graph.call_function(aten.arange.default, (kv_len,), {"dtype": torch.long})
+        slots = graph.call_function(aten.arange.default, (kv_len,), {"dtype": torch.long, "device": device})
         key_row = graph.call_function(aten.unsqueeze.default, (slots, 0))  # [1, L]
         q_col = graph.call_function(aten.unsqueeze.default, (pos_in, 1))  # [T, 1]
         causal = graph.call_function(aten.le.Tensor, (key_row, q_col))  # [T, L]
@@ -276,7 +280,7 @@ def add_kv_cache(
             # A converted cache keeps K d-major [B, Hkv, D, L] (the layout attention_bf16kv reads).
             slot_dim = 3 if cache_dtype is not None and which == "k" else 2
             shape = (max_batch, hkv, d, max_len + 1) if slot_dim == 3 else (max_batch, hkv, max_len + 1, d)
-            buffers[name] = lazy_zeros(shape, cache_dtype or bv.dtype)
+            buffers[name] = lazy_zeros(shape, cache_dtype or bv.dtype, device)
             with graph.inserting_before(sd):
                 buf = graph.get_attr(name)
                 rows = graph.call_function(aten.narrow.default, (buf, 0, first_row, batch))
@@ -343,4 +347,4 @@ def reset_cache(gm: GraphModule) -> None:
             buf.zero_()
 
 
-__all__ = ["CacheError", "CacheSpec", "add_kv_cache", "lazy_zeros", "reset_cache"]
+__all__ = ["CacheError", "CacheSpec", "add_kv_cache", "graph_device", "lazy_zeros", "reset_cache"]

@@ -41,7 +41,7 @@ import torch.fx.experimental._config as fx_config
 from torch.fx import GraphModule
 
 from qqq_compile.errors import QQQError
-from qqq_compile.runtime.kv_cache import CacheSpec, add_kv_cache
+from qqq_compile.runtime.kv_cache import CacheSpec, add_kv_cache, graph_device
 from qqq_compile.targets.registry import graph_targets
 
 RUNTIMES = ("eager", "aot")
@@ -90,7 +90,7 @@ def package_key(gm: GraphModule, max_batch: int, max_len: int) -> str:
     for name, t in sorted(graph_tensors(gm).items()):
         h.update(f"{name}:{tuple(t.shape)}:{tuple(t.stride())}:{t.dtype}".encode())
         if _inlined(t):
-            h.update(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+            h.update(t.detach().contiguous().view(torch.uint8).reshape(-1).cpu().numpy().tobytes())  # host: hashing
     h.update(f"{max_batch}:{max_len}:{torch.__version__}:{cpu_id()}:{EXPORT_RECIPE}".encode())
     return h.hexdigest()[:24]
 
@@ -128,10 +128,15 @@ class DecodeStep:
                 f"cache rows {cache_row}..{cache_row + rows - 1} are outside the {self.spec.max_batch} rows "
                 f"this step's KV cache holds"
             )
-        row = torch.tensor(cache_row, dtype=torch.long)
+        row = torch.tensor(cache_row, dtype=torch.long, device=input_ids.device)
         self.calls += 1
         with torch.no_grad():
             return self.fn(input_ids.contiguous(), attention_mask.contiguous(), cache_position.contiguous(), row)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the step's weights and KV cache live: its inputs are made there."""
+        return graph_device(self.graph_module)
 
     def describe(self) -> str:
         """``"aot 1x2048"``: runtime, rows x positions."""
@@ -203,11 +208,12 @@ def _aot_compile(cached: GraphModule, spec: CacheSpec, path: Path) -> None:
     batch = Dim("batch", min=1, max=b) if b > 1 else None  # a 1-row cache: batch stays static
     seq = Dim("seq", min=1, max=t)
     kv = Dim("kv", min=1, max=t)
+    dev = graph_device(cached)
     example = (
-        torch.zeros(b, 2, dtype=torch.long),
-        torch.ones(b, 2, dtype=torch.long),
-        torch.arange(2),
-        torch.tensor(0),  # cache_row: data-dependent (see kv_cache._first_row)
+        torch.zeros(b, 2, dtype=torch.long, device=dev),
+        torch.ones(b, 2, dtype=torch.long, device=dev),
+        torch.arange(2, device=dev),
+        torch.tensor(0, device=dev),  # cache_row: data-dependent (see kv_cache._first_row)
     )
     dyn = ({0: batch, 1: seq} if batch else {1: seq}, {0: batch, 1: kv} if batch else {1: kv}, {0: seq}, None)
     with torch.no_grad():

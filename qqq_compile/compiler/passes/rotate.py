@@ -103,20 +103,21 @@ class Rotate(QQQPass):
         except NotRotatable as e:
             ctx.note(self.name, f"rotation skipped: {e}", level="warning")
             return self._heads_only(gm, ctx)
-        q, kind = rotation_matrix(plan.hidden, self.seed)
+        q, kind = rotation_matrix(plan.hidden, self.seed)  # built on the host (hadamard.py): moved once
+        q = q.to(ctx.device)  # the steps below move it again only for a weight held elsewhere
         work = _Rewrites(gm)
         self._untie(gm, plan)
         self._fold_norms(gm, plan, work)
         for target, node in {e.args[0].target: e for e in plan.embeddings}.items():
-            work.attr(node, target, lambda e: e @ q, rows=True)
+            work.attr(node, target, lambda e: e @ _on(q, e), rows=True)
         for sites in plan.readers.values():
             for s in sites:
-                work.site(s, lambda w: w @ q, rows=True)
+                work.site(s, lambda w: w @ _on(q, w), rows=True)
                 annotate(s.node, rotate="reader")
         for s in plan.writers:
-            work.site(s, lambda w: q.T @ w)
+            work.site(s, lambda w: _on(q, w).T @ w)
             if s.bias is not None:
-                work.attr(s.node, s.bias.target, lambda b: q.T @ b)
+                work.attr(s.node, s.bias.target, lambda b: _on(q, b).T @ b)
             annotate(s.node, rotate="writer")
         msg = (
             f"rotated the residual stream (width {plan.hidden}) with a {kind} matrix: {len(plan.embeddings)} "
@@ -160,11 +161,16 @@ class Rotate(QQQPass):
                 skipped.append(f"{a.value.name} (head dim {hd} admits no Hadamard)")
                 continue
             # v_proj [kv_heads * hd, K]: Hᵀ on each head's rows; o_proj [N, heads * hd]: H on each head's columns
-            work.site(a.value, lambda w, h=h, hd=hd: (h.T @ w.reshape(-1, hd, w.shape[1])).reshape(w.shape))
+            h = h.to(ctx.device)  # built on the host (hadamard.py)
+            work.site(a.value, lambda w, h=h, hd=hd: (_on(h, w).T @ w.reshape(-1, hd, w.shape[1])).reshape(w.shape))
             if a.value.bias is not None:
-                work.attr(a.value.node, a.value.bias.target, lambda b, h=h, hd=hd: (b.reshape(-1, hd) @ h).reshape(-1))
+                work.attr(
+                    a.value.node, a.value.bias.target, lambda b, h=h, hd=hd: (b.reshape(-1, hd) @ _on(h, b)).reshape(-1)
+                )
             for o in a.output:
-                work.site(o, lambda w, h=h, hd=hd: (w.reshape(w.shape[0], -1, hd) @ h).reshape(w.shape), rows=True)
+                work.site(
+                    o, lambda w, h=h, hd=hd: (w.reshape(w.shape[0], -1, hd) @ _on(h, w)).reshape(w.shape), rows=True
+                )
             _mark(a.value.node, "head_value")
             for o in a.output:
                 _mark(o.node, "head_output")
@@ -194,7 +200,7 @@ class Rotate(QQQPass):
             name = "qqq_untied_" + re.sub(r"\W", "_", s.name) + "_weight"
             src = get_attr(gm, t).detach()
             lazy = isinstance(src, LazyWeight)
-            copy = torch.empty(0) if lazy else src.clone()
+            copy = torch.empty(0, device=src.device) if lazy else src.clone()
             gm.register_parameter(name, torch.nn.Parameter(copy, requires_grad=False))
             with gm.graph.inserting_before(s.node):
                 new = gm.graph.get_attr(name)
@@ -217,7 +223,7 @@ class Rotate(QQQPass):
             for target, kind in {n.weight.target: n.kind for n in plan.norms}.items():
                 w = get_attr(gm, target)
                 fill = torch.zeros if kind == "rmsnorm_plus_one" else torch.ones
-                set_attr(gm, target, fill(w.shape, dtype=w.dtype))
+                set_attr(gm, target, fill(w.shape, dtype=w.dtype, device=w.device))
 
     def _online(self, gm: GraphModule, plan: ResidualPlan, ctx: CompileContext, work: _Rewrites) -> str:
         """Insert ``x·H`` before MLP writers and fold ``H`` into their weights."""
@@ -273,14 +279,14 @@ class Rotate(QQQPass):
             if len(factors) > 1:
                 tail = [k // factors[-1], factors[-1]]
                 y = self._op(g, aten.unflatten.int, (y, -1, tail))
-            y = self._op(g, aten.matmul.default, (y, self._const(gm, g, mats[-1], fake)))
+            y = self._op(g, aten.matmul.default, (y, self._const(gm, g, mats[-1], fake, val.device)))
             for i in reversed(range(len(factors) - 1)):
                 want = ([math.prod(factors[:i])] if i else []) + [factors[i], math.prod(factors[i + 1 :])]
                 if want != tail:
                     y = self._op(g, aten.flatten.using_ints, (y, -len(tail), -1))
                     y = self._op(g, aten.unflatten.int, (y, -1, want))
                     tail = want
-                y = self._op(g, aten.matmul.default, (self._const(gm, g, mats[i].T.contiguous(), fake), y))
+                y = self._op(g, aten.matmul.default, (self._const(gm, g, mats[i].T.contiguous(), fake, val.device), y))
             if len(tail) > 1:
                 y = self._op(g, aten.flatten.using_ints, (y, -len(tail), -1))
         return y
@@ -290,12 +296,12 @@ class Rotate(QQQPass):
         _fake_val(n, target, args)
         return n
 
-    def _const(self, gm: GraphModule, g, m: torch.Tensor, fake) -> Node:
+    def _const(self, gm: GraphModule, g, m: torch.Tensor, fake, device: torch.device) -> Node:
         """A constant matrix as ``view(flat_buffer, [n, n])``: a 2-D get_attr would be
         matched as a linear weight by ``graph.match_linear`` and quantized."""
         n = m.shape[0]
         name = f"qqq_hadamard_{n}" + ("_t" if not torch.equal(m, m.T) else "")
-        flat = m.float().reshape(-1).contiguous()
+        flat = m.float().reshape(-1).contiguous().to(device)  # next to the activation it multiplies
         if not hasattr(gm, name):
             gm.register_buffer(name, flat)
         attr = g.get_attr(name)
@@ -311,9 +317,15 @@ DENSE_FOLD_MAX = 4096
 
 
 def _fold_online(w: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
+    mats = [_on(m, w) for m in mats]  # the factors are built on the host (hadamard.py)
     if w.shape[1] <= DENSE_FOLD_MAX:
         return w @ reduce(torch.kron, mats)
     return kron_matmul(w, mats)
+
+
+def _on(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``m`` on ``like``'s device (itself when it already is there)."""
+    return m.to(like.device)
 
 
 #: A row-wise step on a tensor above this many elements (32 MiB in float64) runs in
@@ -376,7 +388,7 @@ def _apply(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, dtype: t
     # whole matrix would use (odd chunk heights moved rows onto its tail kernel, whose
     # different summation order changed 54 of SmolLM2's lm_head entries by an ulp).
     step = 1 << max(6, (CHUNK_ELEMENTS // t.shape[1]).bit_length() - 1)
-    out = torch.empty(t.shape, dtype=dtype)
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
     for i in range(0, t.shape[0], step):
         out[i : i + step] = fn(t[i : i + step].double())
     return out

@@ -62,7 +62,7 @@ def search_scales(w: torch.Tensor, clip: ClipSearch, col_weight: torch.Tensor | 
     w = w.float()
     n, k = w.shape
     wb = _blocks(w)
-    c = torch.ones(k) if col_weight is None else col_weight.float().clamp_min(0)
+    c = torch.ones(k, device=w.device) if col_weight is None else col_weight.float().clamp_min(0)
     cb = c.reshape(1, k // QK, QK)
     mx = signed_absmax(w)
     best_e, best_d = None, None
@@ -99,7 +99,7 @@ class Q4_0Grid:
         self._safe = torch.where(self._df == 0, torch.ones_like(self._df), self._df)
 
     def col_group(self) -> torch.Tensor:
-        return torch.arange(self.k) // QK
+        return torch.arange(self.k, device=self.d.device) // QK
 
     def quantize(self, col: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes (float, 0..15) and decoded values of one column ``[N]`` in block ``g``."""

@@ -44,7 +44,7 @@ def absmax_scales(w: torch.Tensor, group_size: int, dtype: GroupScaleDtype) -> t
     scales = choose_scales(w, group_size, dtype)
     if group_size <= 0 or dtype == "int8":
         # Scales of these formats do not depend on the codes: read them off a packing.
-        ref = PackedW4.from_int4(torch.zeros(n, k, dtype=torch.int8), scales, dtype)
+        ref = PackedW4.from_int4(torch.zeros(n, k, dtype=torch.int8, device=w.device), scales, dtype)
         return ref.channel_scale, ref.group_scale
     # QQQ's fp16 two-level format: one int8 quantizer per row over the group-dequantized
     # weight. Fixed up front (±7 steps of the widest group map to ±127) so that every
@@ -97,7 +97,7 @@ def search_scales(
     """
     w = w.float()
     n, k = w.shape
-    c = torch.ones(k) if col_weight is None else col_weight.float().clamp_min(0)
+    c = torch.ones(k, device=w.device) if col_weight is None else col_weight.float().clamp_min(0)
     w3, wt3 = _grouped(w, group_size), _grouped(c[None, :], group_size)[0]
     amax = group_absmax(w, group_size).clamp_min(1e-8)  # [N, G], the clamp of choose_scales
     ratios = clip.ratios()
@@ -210,7 +210,7 @@ class Grid:
             self.step = self.s_ch[:, None] * self.gs.float()  # [N, G]
         self.table: torch.Tensor | None = None
         if self.gs is not None and dtype == "float16":
-            codes = torch.arange(self.qmin, self.qmax + 1, dtype=torch.float32)
+            codes = torch.arange(self.qmin, self.qmax + 1, dtype=torch.float32, device=w.device)
             w8 = torch.round(codes[None, None, :] * self.gs.float().t()[:, :, None])
             # Codes whose q4 * gs would need clamping to ±127 (q4 = -8 in the widest groups)
             # are never chosen: clamping only duplicates -7's value, and a kernel that got
@@ -218,7 +218,7 @@ class Grid:
             self.table = torch.where(w8.abs() <= ACT_QMAX, self.s_ch[None, :, None] * w8, math.inf)  # [G, N, 16]
 
     def col_group(self) -> torch.Tensor:
-        idx = torch.arange(self.k)
+        idx = torch.arange(self.k, device=self.s_ch.device)
         return idx // self.group_size if self.group_size > 0 else torch.zeros_like(idx)
 
     def quantize(self, col: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,8 +237,8 @@ class Grid:
         w = w.float()
         n, k = w.shape
         if self.table is not None:
-            q = torch.empty(n, k)
-            deq = torch.empty(n, k)
+            q = torch.empty(n, k, device=w.device)
+            deq = torch.empty(n, k, device=w.device)
             for g in range(self.table.shape[0]):
                 cols = slice(g * self.group_size, min((g + 1) * self.group_size, k))
                 t = self.table[g]  # [N, 16]
