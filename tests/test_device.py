@@ -289,3 +289,11 @@ def test_decode_step_device_and_cache_row_follow_the_graph_and_inputs():
     ids = torch.zeros(1, 2, dtype=torch.long, device=META)
     step(ids, torch.ones(1, 2, dtype=torch.long, device=META), torch.arange(2, device=META))
     assert seen == [[META] * 4]  # input_ids, attention_mask, cache_position, cache_row
+
+
+def test_streaming_reads_weights_to_the_compile_device():
+    """``compile_from_disk(device=...)`` reaches the store every streamed weight is read into."""
+    from qqq_compile.compiler.streaming import StreamWeights
+
+    assert StreamWeights({}, {}, device="meta").store.device == torch.device("meta")
+X

@@ -165,6 +165,7 @@ def compile_from_disk(
     dtype: torch.dtype | str = "auto",
     cache_bytes: int | None = None,
     scratch_dir: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
     instruments: Sequence[Instrument] = (),
     **compile_kwargs: Any,
 ) -> CompiledModel:
@@ -180,6 +181,8 @@ def compile_from_disk(
       decoder block's weights).
     * ``scratch_dir``: where weights changed by passes are spilled (default: the system
       temp dir); deleted afterwards.
+    * ``device``: where each block's weights are read to and quantized (default: torch's
+      default device).
 
     The result's ``stream_stats`` (:class:`~qqq_compile.compiler.streaming.StreamStats`) tells what
     was held in memory.
@@ -196,7 +199,7 @@ def compile_from_disk(
     skeleton = build_skeleton(folder, dtype)
     sources = weight_sources(skeleton, files)
     dtypes = {k: t.dtype for k, t in skeleton.state_dict(keep_vars=True).items()}
-    stream = StreamWeights(sources, dtypes, cache_bytes=cache_bytes, scratch_dir=scratch_dir)
+    stream = StreamWeights(sources, dtypes, cache_bytes=cache_bytes, scratch_dir=scratch_dir, device=device)
     # The blockwise fallback would run the skeleton itself, whose weights are empty.
     compile_kwargs.setdefault("fallback", "error")
     try:

@@ -101,9 +101,11 @@ class StreamWeights(Instrument):
         *,
         cache_bytes: int | None = None,
         scratch_dir: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
     ):
         self.sources, self.dtypes = sources, dtypes
-        self.store = WeightStore(scratch_dir=scratch_dir)
+        # Weights are read to ``device`` (the compile's); None: torch's default device.
+        self.store = WeightStore(scratch_dir=scratch_dir, device=device)
         self._cache_bytes = cache_bytes
         self._group: dict[str, str | None] = {}
 
