@@ -296,4 +296,4 @@ def test_streaming_reads_weights_to_the_compile_device():
     from qqq_compile.compiler.streaming import StreamWeights
 
     assert StreamWeights({}, {}, device="meta").store.device == torch.device("meta")
-X
+    assert StreamWeights({}, {}).store.device == torch.get_default_device()
