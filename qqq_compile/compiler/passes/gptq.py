@@ -413,19 +413,8 @@ class GPTQ(QQQPass):
         if cut.fcompact:
             fenv[x] = fenv[x].to(torch.bfloat16)
 
+    @single_thread()  # the clip search, the solve and packing: many small ops
     def _solve(
-        self,
-        gm: GraphModule,
-        ctx: CompileContext,
-        group: list[LinearSite],
-        h: torch.Tensor,
-        dxx: torch.Tensor | None,
-        group_size: int,
-    ) -> None:
-        with single_thread():  # the clip search, the solve and packing: many small ops
-            self._solve_group(gm, ctx, group, h, dxx, group_size)
-
-    def _solve_group(
         self,
         gm: GraphModule,
         ctx: CompileContext,
