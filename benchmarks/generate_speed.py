@@ -75,6 +75,10 @@ ENGINES: dict[str, EngineSpec] = {
     "ours-compiled-bf16kv": EngineSpec(
         "engines.torch_engines:OursEngine", {"runtime": "aot", "cache_dtype": "bfloat16"}
     ),
+    # a second artifact (--alt-artifact: e.g. another weight format), AOT step
+    "ours-compiled-alt": EngineSpec(
+        "engines.torch_engines:OursEngine", {"runtime": "aot", "artifact_key": "alt_artifact"}
+    ),
 }
 
 
@@ -269,6 +273,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--preset", default=DEFAULT_PRESET, help="ours: qqq_compile preset (default: %(default)s)")
     ap.add_argument("--calib-windows", type=int, default=16, help="ours: 512-token calibration windows")
     ap.add_argument("--artifact", help="ours: load this saved artifact (qqq_compile.load) instead of compiling")
+    ap.add_argument("--alt-artifact", help="engine ours-compiled-alt: a second artifact (e.g. another format)")
     ap.add_argument("--llamacpp-venv", type=Path, default=LLAMACPP_VENV)
     ap.add_argument("--out", type=Path, default=RESULT)
     args = ap.parse_args(argv)
@@ -300,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         "preset": args.preset,
         "calib_windows": args.calib_windows,
         "artifact": args.artifact,
+        "alt_artifact": args.alt_artifact,
         # The KV cache ours builds once: every case's rows, its longest prompt + new tokens.
         "batch": max(len(p) for p in cases.values()),
         "max_len": max(len(r) for p in cases.values() for r in p) + args.new_tokens,

@@ -209,7 +209,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-calib", type=int, default=128, help="calibration windows of 512 tokens (default 128)")
     ap.add_argument("--preset", default="qqq_rot")
-    ap.add_argument("--group-size", type=int, default=-1)
+    ap.add_argument("--group-size", type=int, default=None, help="default: the target's (w4a8: 128)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval", action="store_true", help="also the perplexity on the 40 standard eval windows")
     ap.add_argument("--per-block", action="store_true", help="time GPTQ per block: variants round-robin")

@@ -144,6 +144,12 @@ class CalibConfig(ConfigBase):
 #: rotation-first ``qqq_rot`` (rotation, GPTQ with clip search and GPTAQ, no smoothing),
 #: chosen on validation windows disjoint from calibration and evaluation
 #: (``benchmarks/accuracy.py``, docs/RESULTS.md). The paper's smoothing pipeline is ``qqq``.
+#:
+#: The default weight format is the target's (``Target.default_group_size``), chosen by one
+#: rule: the most accurate format (val/eval/lee perplexity on SmolLM2, 128 windows) whose
+#: decode speed is within 10% of the fastest format's. Measured for W4A8 (docs/RESULTS.md,
+#: "The default format"; ``benchmarks/accuracy.py``, ``benchmarks/generate_speed.py``,
+#: ``benchmarks/format_speed.py``): groups of 128 with two-level scales.
 DEFAULT_PRESET = "qqq_rot"
 
 

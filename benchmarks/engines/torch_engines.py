@@ -83,8 +83,12 @@ class HFEngine:
 class OursEngine:
     """``qqq_compile.compile(...)`` (or ``qqq_compile.load(artifact)``), then its ``generate()``."""
 
-    def __init__(self, runtime: str = "eager", int8_head: bool = True, cache_dtype: str | None = None) -> None:
+    def __init__(
+        self, runtime: str = "eager", int8_head: bool = True, cache_dtype: str | None = None, artifact_key: str = ""
+    ) -> None:
         self.runtime = runtime
+        # Which option names the artifact ("artifact"; "alt_artifact": a second one, e.g. another format).
+        self.artifact_key = artifact_key or "artifact"
         self.int8_head = int8_head  # lm_head + tied embedding in int8 (QuantConfig.int8_head, the default)
         self.cache_dtype = getattr(torch, cache_dtype) if cache_dtype else None  # KV cache (None: fp32)
         self.compiled = None
@@ -93,6 +97,7 @@ class OursEngine:
         import qqq_compile as qc
 
         torch.set_num_threads(int(options["threads"]))
+        options = {**options, "artifact": options.get(self.artifact_key)}
         if not options.get("artifact") and not callable(getattr(qc.CompiledModel, "generate", None)):
             # Say so before minutes of calibration, not after.
             raise RuntimeError(self._no_generate("qqq_compile.CompiledModel"))

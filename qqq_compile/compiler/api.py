@@ -44,7 +44,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
 ) -> CompiledModel:
     """Quantize ``model`` to W4A8 and return a callable that behaves like it.
 
-    ``config`` picks the preset and format (default: QQQ per-channel); ``passes``
+    ``config`` picks the preset and format (default: ``qqq_rot`` in the target's default format); ``passes``
     overrides the preset with an explicit pass list (pass objects or their
     ``{"name", "options"}`` dicts); passes the config implies are appended
     (:func:`qqq_compile.compiler.driver.build_passes`). The user's model is not modified.

@@ -248,7 +248,7 @@ def run_demo(tmp_path, capsys, preset: str) -> tuple[dict, str]:
 @pytest.mark.slow
 def test_demo_compares_fp32_and_w4a8(tmp_path, capsys):
     res, table = run_demo(tmp_path, capsys, "rtn")
-    assert "| FP32 |" in table and "| W4A8 (rtn, per-channel) |" in table
+    assert "| FP32 |" in table and "| W4A8 (rtn, group 128) |" in table
     assert 1 < res["fp_ppl"] < res["w4a8_ppl"] < 10 * res["fp_ppl"]
     assert res["w4a8_weight_bytes"] < 0.4 * res["fp_weight_bytes"]
     assert res["fp_prefill_tokens_per_s"] > 0 and res["w4a8_prefill_tokens_per_s"] > 0
@@ -260,6 +260,6 @@ def test_demo_compares_fp32_and_w4a8(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_shows_the_round_to_nearest_baseline(tmp_path, capsys):
     res, table = run_demo(tmp_path, capsys, "smoothquant")
-    assert "| W4A8 (rtn, per-channel) |" in table and "| W4A8 (smoothquant, per-channel) |" in table
+    assert "| W4A8 (rtn, group 128) |" in table and "| W4A8 (smoothquant, group 128) |" in table
     assert 1 < res["fp_ppl"] < res["rtn_w4a8_ppl"] < 10 * res["fp_ppl"]
     assert res["rtn_w4a8_ppl"] != res["w4a8_ppl"]  # two different models were evaluated

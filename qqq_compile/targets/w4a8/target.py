@@ -31,8 +31,9 @@ from qqq_compile.targets.w4a8.kernels.ops import LINEAR_OPS
 class W4A8(Target):
     name = "w4a8"
     summary = "int4 weights (per channel or two-level groups) x per-token int8 activations, this package's kernels"
-    #: Per output channel. (A measured choice: docs/RESULTS.md, "default format".)
-    default_group_size = -1
+    #: Groups of 128 with two-level scales: the format rule next to ``config.DEFAULT_PRESET``
+    #: picks it (measured: docs/RESULTS.md, "The default format").
+    default_group_size = 128
     export_formats = {
         "compressed-tensors": "a Hugging Face folder vLLM, SGLang and transformers load",
         "onnx": "an ONNX file for onnxruntime (MatMulNBits or int4 DequantizeLinear)",
