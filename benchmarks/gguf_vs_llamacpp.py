@@ -132,6 +132,27 @@ def our_row(name: str, model, tok, windows: dict, path: Path, threads: int) -> d
     return out
 
 
+def head_choice(model, windows: dict, threads: int) -> dict:
+    """The head / embedding type's own cost: the float model with only ``gguf_head`` (Q8_0 or
+    F16 tables), our perplexity on the eval and lee windows, and the tables' bytes."""
+    import torch
+
+    import qqq_compile as qc
+    from qqq_compile.eval import perplexity
+
+    torch.set_num_threads(threads)
+    out = {}
+    for fmt in ("q8_0", "f16"):
+        passes = [{"name": "gguf_head", "options": {"head": fmt, "embedding": fmt}}]
+        compiled = qc.compile(model, windows["calib"][:1], {"quant": {"target": "gguf"}}, passes=passes)
+        row = {f"ours_{split}": perplexity(compiled, windows[split], batch_size=4) for split in ("eval", "lee")}
+        tables = [t for n, t in compiled.graph_module.named_buffers() if n.rsplit(".", 1)[-1].startswith(f"{fmt}_")]
+        row["table_mb"] = sum(t.numel() * t.element_size() for t in tables) / 1e6
+        out[fmt] = row
+        print(f"[gguf_vs_llamacpp] head/embedding {fmt}: {row}", flush=True)
+    return out
+
+
 def decode_speed(files: dict[str, Path], args: argparse.Namespace, prompt: list[int]) -> dict[str, dict]:
     times: dict[str, list[float]] = {k: [] for k in files}
     n = args.decode_tokens
@@ -221,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "gguf_vs_llamacpp.json")
     ap.add_argument("--table", action="store_true", help="re-render the markdown table from --out and exit")
     ap.add_argument(
+        "--head-choice",
+        action="store_true",
+        help="also measure the head/embedding type (Q8_0 vs F16) on the float model, our perplexity",
+    )
+    ap.add_argument(
         "--keep",
         action="store_true",
         help="rows --out already holds (without an error) keep their perplexities; their files still join "
@@ -280,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             data["rows"][name]["file"] = str(path)
         except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
             data["rows"][name] = {"error": f"{type(e).__name__}: {e}"}
+        _write(args.out, data)
+    if args.head_choice:
+        data["head_choice"] = head_choice(model, windows, args.threads)
         _write(args.out, data)
     prompt = windows["eval"][0][0, :32].tolist()
     for name, speed in decode_speed(files, args, prompt).items():
