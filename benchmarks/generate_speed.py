@@ -79,6 +79,9 @@ ENGINES: dict[str, EngineSpec] = {
     "ours-compiled-alt": EngineSpec(
         "engines.torch_engines:OursEngine", {"runtime": "aot", "artifact_key": "alt_artifact"}
     ),
+    "ours-compiled-alt2": EngineSpec(
+        "engines.torch_engines:OursEngine", {"runtime": "aot", "artifact_key": "alt_artifact2"}
+    ),
 }
 
 
@@ -274,6 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--calib-windows", type=int, default=16, help="ours: 512-token calibration windows")
     ap.add_argument("--artifact", help="ours: load this saved artifact (qqq_compile.load) instead of compiling")
     ap.add_argument("--alt-artifact", help="engine ours-compiled-alt: a second artifact (e.g. another format)")
+    ap.add_argument("--alt-artifact2", help="engine ours-compiled-alt2: a third artifact")
     ap.add_argument("--llamacpp-venv", type=Path, default=LLAMACPP_VENV)
     ap.add_argument("--out", type=Path, default=RESULT)
     args = ap.parse_args(argv)
@@ -306,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         "calib_windows": args.calib_windows,
         "artifact": args.artifact,
         "alt_artifact": args.alt_artifact,
+        "alt_artifact2": args.alt_artifact2,
         # The KV cache ours builds once: every case's rows, its longest prompt + new tokens.
         "batch": max(len(p) for p in cases.values()),
         "max_len": max(len(r) for p in cases.values() for r in p) + args.new_tokens,
