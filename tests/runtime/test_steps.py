@@ -350,3 +350,22 @@ def test_cache_row_prefills_one_row_while_the_other_keeps_its_cache(w4a8, aot_st
         assert sqnr_db(want, got) > 100  # batch-of-2 vs one row: float rounding at most
     with pytest.raises(ValueError, match="outside the 2 rows"):
         step(b, pad, torch.arange(6, 11), cache_row=2)
+
+
+def test_aot_step_of_a_rotated_model_whose_mlp_hadamard_is_a_kronecker_chain(cache):
+    """The default preset rotates; an MLP width that is not a power of two (SmolLM2's 1536 =
+    12·128; here 192 = 12·16) gets its online Hadamard as a chain of Kronecker factors. The
+    decode step exports with a prompt length that may be 1, which a broadcasting ``Fᵀ·X``
+    matmul guarded away ("length != 1": every AOT build of the default SmolLM2 failed)."""
+    model = tiny_model("llama", intermediate_size=192)
+    passes = [{"name": "rotate"}, {"name": "quantize_rtn"}, {"name": "lower"}]
+    compiled = qc.compile(model, calib=tiny_calib(), passes=passes, progress=False)
+    assert "width 192" in " ".join(n.message for n in compiled.report.notes)
+    aot = steps.build_step(compiled.graph_module, max_batch=1, max_len=32, runtime="aot", progress=False)
+    eager = steps.build_step(compiled.graph_module, max_batch=1, max_len=32, runtime="eager")
+    ids = prompt(9, seed=2)
+    for s in (aot, eager):
+        s.out = [s(ids, torch.ones(1, 9, dtype=torch.long), torch.arange(9))]
+        s.out.append(s(ids[:, :1], torch.ones(1, 10, dtype=torch.long), torch.tensor([9])))  # one token
+    for a, e in zip(aot.out, eager.out, strict=True):
+        assert sqnr_db(e, a) > 100  # float rounding only (Inductor's fusion order)

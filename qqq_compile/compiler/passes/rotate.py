@@ -41,11 +41,11 @@ from qqq_compile.graph.residual import NotRotatable, ResidualPlan, from_attentio
 aten = torch.ops.aten
 
 
-def _fake_val(node: Node, target, args) -> None:
+def _fake_val(node: Node, target, args, kwargs=None) -> None:
     """Set ``node.meta["val"]`` by running ``target`` on fake inputs (for re-export)."""
     vals = torch.fx.node.map_arg(args, lambda n: n.meta.get("val"))
     try:
-        node.meta["val"] = target(*vals)
+        node.meta["val"] = target(*vals, **(kwargs or {}))
     except Exception:  # noqa: BLE001 - metadata only; a missing val merely costs a re-trace
         pass
 
@@ -286,14 +286,21 @@ class Rotate(QQQPass):
                     y = self._op(g, aten.flatten.using_ints, (y, -len(tail), -1))
                     y = self._op(g, aten.unflatten.int, (y, -1, want))
                     tail = want
-                y = self._op(g, aten.matmul.default, (self._const(gm, g, mats[i].T.contiguous(), fake, val.device), y))
+                # Fiᵀ·X as (Xᵀ·Fi)ᵀ on a contiguous Xᵀ: a matmul with a contiguous left and a
+                # 2-D right operand folds the leading dims into one mm, where Fiᵀ·X broadcasts
+                # over them, and exporting that with a dynamic length that may be 1 (the decode
+                # step's) fails on a guard "length != 1".
+                y = self._op(g, aten.transpose.int, (y, -1, -2))
+                y = self._op(g, aten.clone.default, (y,), {"memory_format": torch.contiguous_format})
+                y = self._op(g, aten.matmul.default, (y, self._const(gm, g, mats[i], fake, val.device)))
+                y = self._op(g, aten.transpose.int, (y, -1, -2))
             if len(tail) > 1:
                 y = self._op(g, aten.flatten.using_ints, (y, -len(tail), -1))
         return y
 
-    def _op(self, g, target, args) -> Node:
-        n = g.call_function(target, args)
-        _fake_val(n, target, args)
+    def _op(self, g, target, args, kwargs=None) -> Node:
+        n = g.call_function(target, args, kwargs or {})
+        _fake_val(n, target, args, kwargs or {})
         return n
 
     def _const(self, gm: GraphModule, g, m: torch.Tensor, fake, device: torch.device) -> Node:
