@@ -21,6 +21,7 @@ from qqq_compile.compiler.passes.smooth import Smooth
 from qqq_compile.compiler.pipeline import PASSES, CompileContext, PassConfig, QQQPass, pass_from_dict
 from qqq_compile.config import CompileConfig, ConfigError
 from qqq_compile.graph import get_attr, linear_sites
+from qqq_compile.targets.registry import get_target
 from qqq_compile.targets.w4a8.fuse_norm_quant import FuseNormQuant
 from tests.conftest import tiny_calib, tiny_model
 
@@ -124,14 +125,14 @@ def test_run_pipeline_reports_the_exact_passes():
     gm = qc.capture(tiny_model("llama", num_hidden_layers=1), torch.randint(0, 256, (2, 8))).graph_module
     config = CompileConfig.from_dict({"preset": "rtn", "quant": {"int8_head": False}})
     passes = driver.build_passes(config, [InsertObservers(hessian=True), Calibrate(), QuantizeRTN(32), Lower()])
-    ctx = CompileContext(calib=[{"input_ids": torch.randint(0, 256, (2, 16))}], progress=False)
+    ctx = driver.build_context(config, [{"input_ids": torch.randint(0, 256, (2, 16))}], progress=False)
     out, report = driver.run_pipeline(gm, ctx, passes, config=config)
     assert report.pipeline == ["observe", "calibrate", "quantize_rtn", "lower"]
     assert report.pass_configs[0] == {"name": "observe", "options": {"hessian": True}}
     assert [pass_from_dict(s) for s in report.pass_configs] == passes
     # the report stores the format as the target resolved it: group size filled in
     resolved = config.to_dict()
-    resolved["quant"]["group_size"] = -1
+    resolved["quant"]["group_size"] = get_target("w4a8").default_group_size  # the target's default
     assert config.quant.group_size is None and report.config == resolved and len(report.passes) == 4
     assert sum(n.target == torch.ops.qqq.w4a8_linear.default for n in out.graph.nodes) == 7
 

@@ -96,12 +96,12 @@ def reference(model, calib):
 @pytest.mark.parametrize(
     "preset,quant,floor",  # floors 1.2-1.7 dB under the measured logits SQNR
     [
-        ("qqq", {}, 20.0),  # 21.3 dB
+        ("qqq", {"group_size": -1}, 20.0),  # 21.3 dB
         ("qqq", {"group_size": 64}, 20.0),  # 21.6 dB
         ("qqq", {"group_size": 64, "group_scale_dtype": "float16"}, 20.0),  # 21.8 dB
         ("gptq", {"group_size": 64}, 20.5),  # 22.0 dB
-        ("smoothquant", {}, 15.5),  # 17.2 dB
-        ("qqq_rot", {}, 22.0),  # 23.3 dB: above qqq's 21.3
+        ("smoothquant", {"group_size": -1}, 15.5),  # 17.2 dB
+        ("qqq_rot", {"group_size": -1}, 22.0),  # 23.3 dB: above qqq's 21.3
         ("qqq_rot", {"group_size": 64}, 22.0),  # 23.6 dB
     ],
 )
@@ -111,7 +111,7 @@ def test_preset_compiles_to_w4a8(model, calib, reference, preset, quant, floor):
     assert len(ops) == 14  # 7 per block; lm_head stays float
     methods = {info(n).method for n in ops}
     assert methods == ({"rtn"} if preset == "smoothquant" else {"gptq"})
-    gs = quant.get("group_size", -1)
+    gs = quant["group_size"]
     assert {n.args[5] for n in ops} == {gs}
     ids, ref = reference
     with torch.no_grad():
