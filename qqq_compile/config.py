@@ -147,9 +147,11 @@ class CalibConfig(ConfigBase):
 #:
 #: The default weight format is the target's (``Target.default_group_size``), chosen by one
 #: rule: the most accurate format (val/eval/lee perplexity on SmolLM2, 128 windows) whose
-#: decode speed is within 10% of the fastest format's. Measured for W4A8 (docs/RESULTS.md,
-#: "The default format"; ``benchmarks/accuracy.py``, ``benchmarks/generate_speed.py``,
-#: ``benchmarks/format_speed.py``): groups of 128 with two-level scales.
+#: decode speed is within 10% of the fastest format's, both end to end on SmolLM2
+#: (``benchmarks/generate_speed.py``) and in the layer GEMVs at the median of the real-model
+#: widths (``benchmarks/format_speed.py``: 896 ... 18944, where decode is GEMV-bound).
+#: Measured for W4A8 (docs/RESULTS.md, "The default format"): groups of 128 with two-level
+#: scales (g64 is more accurate but its GEMVs cost 1.28x per-channel's at the median width).
 DEFAULT_PRESET = "qqq_rot"
 
 
