@@ -267,7 +267,7 @@ def demo(args: argparse.Namespace) -> None:
     print(f"`qqq-compile quantize demo --n-calib {args.calib}`; cap: {MemoryCap.describe(int(args.cap_gib * GiB))}")
     with tempfile.TemporaryDirectory(prefix="qqq-memory-demo-", dir=args.workdir) as out:
         cmd = [sys.executable, "-m", "qqq_compile.cli.main", "quantize", "demo", "--n-calib", str(args.calib)]
-        cmd += ["--seq-len", str(args.seq), "--out", str(args.keep or Path(out) / "art"), "--quiet"]
+        cmd += ["--seq-len", str(args.seq), "--out", str(args.demo_out or Path(out) / "art"), "--quiet"]
         t0 = time.perf_counter()
         try:
             rc, peak, events, text = run_capped(cmd, cap)
@@ -295,7 +295,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=4, help="calibration windows")
     ap.add_argument("--batch-size", type=int, default=None, help="windows per calibration batch (default: auto)")
     ap.add_argument("--demo", action="store_true", help="measure `qqq-compile quantize demo` instead")
-    ap.add_argument("--keep", default=None, metavar="DIR", help="--demo: write the artifact here (kept)")
+    ap.add_argument("--demo-out", default=None, metavar="DIR", help="--demo: write the artifact here (kept)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per calibration window (64; --demo: 512)")
     ap.add_argument("--cap-gib", type=float, default=2.0, help="memory cap for the quantizing process")
     ap.add_argument("--threads", type=int, default=2)

@@ -151,7 +151,7 @@ class CalibConfig(ConfigBase):
 #: (``benchmarks/generate_speed.py``) and in the layer GEMVs at the median of the real-model
 #: widths (``benchmarks/format_speed.py``: 896 ... 18944, where decode is GEMV-bound).
 #: Measured for W4A8 (docs/RESULTS.md, "The default format"): groups of 128 with two-level
-#: scales (g64 is more accurate but its GEMVs cost 1.28x per-channel's at the median width).
+#: scales (g64 is more accurate but its GEMVs cost 1.21x per-channel's at the median width).
 DEFAULT_PRESET = "qqq_rot"
 
 
