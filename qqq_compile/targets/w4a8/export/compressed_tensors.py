@@ -93,7 +93,7 @@ def _users(gm: GraphModule, target: str) -> str:
 def _online_rotation(gm: GraphModule, target: str) -> Node | None:
     """The node a rotation pass marked as an online Hadamard that ``target`` feeds, if any."""
     frontier = [u for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users]
-    for _ in range(6):
+    for _ in range(16):  # a Kronecker chain's first factor is 7 nodes from its end
         for n in frontier:
             if node_annotation(n).online_hadamard is not None:
                 return n

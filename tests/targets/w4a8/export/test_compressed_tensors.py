@@ -64,7 +64,7 @@ def require_compressed_tensors() -> None:
 
 def compile_tiny(arch="llama", quant=None, preset="rtn", **overrides):
     model = tiny_model(arch, **overrides)
-    config = {"preset": preset, "quant": quant or {}}
+    config = {"preset": preset, "quant": quant or {"group_size": -1}}  # per channel unless given
     return model, qqq_compile.compile(model, tiny_calib(), config, progress=False)
 
 
