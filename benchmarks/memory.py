@@ -27,6 +27,7 @@ model's size, under the cap if one is given with ``--cap-gib``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -200,7 +201,9 @@ class MemoryCap:
 
     def close(self) -> None:
         if self.dir is not None:
-            self.dir.rmdir()
+            # A cgroup that failed half-way (or that the system removed) is already gone.
+            with contextlib.suppress(FileNotFoundError):
+                self.dir.rmdir()
             self.dir = None
 
 
