@@ -8,33 +8,17 @@ import copy
 import pytest
 import torch
 
-from qqq_compile import CompileContext, QuantConfig, calib_batches
-from qqq_compile.compiler.capture import capture
+from qqq_compile import CompileContext, QuantConfig
 from qqq_compile.compiler.passes import gptq as gptq_mod
 from qqq_compile.compiler.passes.gptq import GPTQ, GPTQError, gptq_quantize
 from qqq_compile.graph import get_weight, info, linear_sites
 from qqq_compile.targets.w4a8.formats import PackedW4, choose_scales, fake_quant_act
 from qqq_compile.targets.w4a8.grid import Grid
-from tests.conftest import tiny_calib, tiny_model
+from tests.compiler.passes.conftest import HIDDEN
 
 # Hidden 96 is not a multiple of the group size 64: the last group is shorter.
-HIDDEN, INTER, GROUP = 96, 192, 64
+GROUP = 64
 FORMATS = [(-1, "int8"), (GROUP, "int8"), (GROUP, "float16")]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", hidden_size=HIDDEN, intermediate_size=INTER)
-
-
-@pytest.fixture(scope="module")
-def batches():
-    return calib_batches(tiny_calib(8, 64), batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def captured(model, batches):
-    return capture(model, {"input_ids": batches[0]["input_ids"][:2, :16].contiguous()}).graph_module
 
 
 def _fresh(captured):

@@ -11,9 +11,8 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from qqq_compile import CompileContext, QuantConfig, calib_batches
+from qqq_compile import CompileContext, QuantConfig
 from qqq_compile.compiler.block_runner import graph_env, run_nodes
-from qqq_compile.compiler.capture import capture
 from qqq_compile.compiler.gptq_forward import _Stashed as Stashed
 from qqq_compile.compiler.gptq_solve import HessianAccumulator
 from qqq_compile.compiler.passes import gptq as gptq_mod
@@ -25,9 +24,7 @@ from qqq_compile.targets.registry import QuantizedInput, get_target
 from qqq_compile.targets.w4a8.formats import fake_quant_act
 from qqq_compile.targets.w4a8.grid import ClipSearch, Grid
 from qqq_compile.targets.w4a8.kernels.cpu import cpp_call_counts, ensure_cpp_kernels
-from tests.conftest import tiny_calib, tiny_model
-
-HIDDEN, INTER = 96, 192
+from tests.compiler.passes.conftest import HIDDEN
 
 W4A8 = get_target("w4a8")
 quantize_input = W4A8.quantize_input
@@ -143,21 +140,6 @@ def test_gptq_solve_transient_is_three_hessians():
 
 
 # ----------------------------------------------------------------------------- the forward
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", hidden_size=HIDDEN, intermediate_size=INTER)
-
-
-@pytest.fixture(scope="module")
-def batches():
-    return calib_batches(tiny_calib(8, 64), batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def captured(model, batches):
-    return capture(model, {"input_ids": batches[0]["input_ids"][:2, :16].contiguous()}).graph_module
 
 
 @pytest.mark.parametrize("gs", [-1, 32])

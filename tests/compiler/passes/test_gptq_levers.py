@@ -10,8 +10,7 @@ import copy
 import pytest
 import torch
 
-from qqq_compile import CompileContext, QuantConfig, calib_batches
-from qqq_compile.compiler.capture import capture
+from qqq_compile import CompileContext, QuantConfig
 from qqq_compile.compiler.passes.gptq import GPTQ, GPTQConfig, gptq_quantize
 from qqq_compile.compiler.passes.lower import Lower
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
@@ -20,10 +19,11 @@ from qqq_compile.graph import info, linear_sites
 from qqq_compile.targets.registry import ClipSearch
 from qqq_compile.targets.w4a8.formats import fake_quant_act
 from qqq_compile.targets.w4a8.grid import Grid
-from tests.conftest import tiny_calib, tiny_model
+from tests.compiler.passes.conftest import HIDDEN
+from tests.conftest import tiny_calib
 from tests.targets.w4a8.test_lower import fake_quant_reference
 
-HIDDEN, INTER, GROUP = 96, 192, 64
+GROUP = 64
 FORMATS = [(-1, "int8"), (GROUP, "int8"), (GROUP, "float16")]
 
 
@@ -77,21 +77,6 @@ def test_asym_term_matches_the_float_output_better():
 
 
 # ----------------------------------------------------------------------------- the pass
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", hidden_size=HIDDEN, intermediate_size=INTER)
-
-
-@pytest.fixture(scope="module")
-def batches():
-    return calib_batches(tiny_calib(8, 64), batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def captured(model, batches):
-    return capture(model, {"input_ids": batches[0]["input_ids"][:2, :16].contiguous()}).graph_module
 
 
 EVAL = torch.cat(tiny_calib(4, 48, seed=7))
