@@ -92,12 +92,20 @@ def _users(gm: GraphModule, target: str) -> str:
 
 def _online_rotation(gm: GraphModule, target: str) -> Node | None:
     """The node a rotation pass marked as an online Hadamard that ``target`` feeds, if any."""
+    # The whole downstream of the tensor, however long the chain (a Kronecker chain's first
+    # factor is 7 nodes from the node the pass annotates), each node once.
     frontier = [u for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users]
-    for _ in range(16):  # a Kronecker chain's first factor is 7 nodes from its end
-        for n in frontier:
-            if node_annotation(n).online_hadamard is not None:
-                return n
-        frontier = [u for n in frontier for u in n.users]
+    seen: set[Node] = set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if node_annotation(n).online_hadamard is not None:
+            return n
+        if n.op == "call_function" and getattr(n.target, "namespace", None) == "qqq":
+            continue  # past a kernel call it is another computation, not this tensor's chain
+        frontier.extend(n.users)
     return None
 
 
