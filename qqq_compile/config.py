@@ -100,7 +100,9 @@ class QuantConfig(ConfigBase):
       The target checks what its format can hold.
     * ``group_scale_dtype`` (W4A8): ``"int8"`` (small-integer group scales, exact int8 GEMM)
       or ``"float16"`` (QQQ's storage; the kernel rounds ``q4 * gs`` to int8).
-    * ``skip``: fnmatch patterns of linear module names kept in full precision.
+    * ``skip``: fnmatch patterns of linear module names kept in full precision; None takes
+      the target's (``Target.default_skip``): W4A8 keeps ``lm_head`` out of the int4 GEMMs
+      (``int8_head`` then stores it in 8 bits), GGUF quantizes it onto Q4_0 with the rest.
     * ``float_weight_dtype``: storage of the weights that stay in float after lowering
       (``lm_head``, embeddings): None keeps the model's dtype; ``"bfloat16"`` or
       ``"float16"`` halves their memory (the ``cast_float`` pass).
@@ -114,7 +116,7 @@ class QuantConfig(ConfigBase):
     target: str = "w4a8"
     group_size: int | None = None
     group_scale_dtype: str = "int8"
-    skip: tuple[str, ...] = ("lm_head", "*.lm_head")
+    skip: tuple[str, ...] | None = None
     float_weight_dtype: str | None = None
     int8_head: bool = True
 

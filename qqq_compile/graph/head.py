@@ -52,14 +52,28 @@ def is_float_embedding(n: Node) -> bool:
     )
 
 
-def token_embeddings(gm: GraphModule, head: LinearSite | None) -> list[Node]:
+def lowered_head_rows(gm: GraphModule) -> int | None:
+    """The output width of the graph's last linear when it is already lowered (a head
+    quantized with the other linears, ``QuantConfig.skip=()``); None otherwise."""
+    lowered = set(lowered_linear_ops())
+    last = None
+    for n in gm.graph.nodes:
+        if match_linear(gm, n) is not None or n.target in lowered:
+            last = n
+    li = info(last) if last is not None else None
+    return li.out_features if li is not None and li.lowered and _reaches_output(last) else None
+
+
+def token_embeddings(gm: GraphModule, head: LinearSite | None, vocab: int | None = None) -> list[Node]:
     """The lookups of the token embedding: float tables with one row per output of the
-    (float) lm_head ``head``, tied to it or not. None without such a head: an encoder's or a
-    position embedding is not a token embedding here."""
-    if head is None:
+    (float) lm_head ``head``, tied to it or not (or with ``vocab`` rows, the width of a head
+    already lowered). None without either: an encoder's or a position embedding is not a
+    token embedding here."""
+    if head is not None:
+        vocab = get_weight(gm, head).shape[0]
+    if vocab is None:
         return []
-    vocab = get_weight(gm, head).shape[0]
     return [n for n in gm.graph.nodes if is_float_embedding(n) and embedding_table(n).shape[0] == vocab]
 
 
-__all__ = ["embedding_table", "find_lm_head", "is_float_embedding", "token_embeddings"]
+__all__ = ["embedding_table", "find_lm_head", "is_float_embedding", "lowered_head_rows", "token_embeddings"]

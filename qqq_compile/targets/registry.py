@@ -155,6 +155,8 @@ class Target:
     summary: ClassVar[str] = ""
     #: The group size a config that names none gets.
     default_group_size: ClassVar[int] = -1
+    #: The ``QuantConfig.skip`` a config that names none gets: linears kept in float.
+    default_skip: ClassVar[tuple[str, ...]] = ("lm_head", "*.lm_head")
     #: Export formats this target can be written to exactly: name -> one-line description.
     export_formats: ClassVar[dict[str, str]] = {}
 
@@ -162,10 +164,12 @@ class Target:
 
     def resolve(self, quant: QuantConfig) -> QuantConfig:
         """``quant`` with this target's defaults filled in (``group_size=None`` becomes
-        :attr:`default_group_size`), checked: raises :class:`ConfigError` for options the
-        format cannot hold."""
+        :attr:`default_group_size`, ``skip=None`` :attr:`default_skip`), checked: raises
+        :class:`ConfigError` for options the format cannot hold."""
         if quant.group_size is None:
             quant = quant.replace(group_size=self.default_group_size)
+        if quant.skip is None:
+            quant = quant.replace(skip=self.default_skip)
         self.check(quant)
         return quant
 

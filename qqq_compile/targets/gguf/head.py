@@ -5,8 +5,8 @@ The head becomes ``qqq::q8_0_linear`` (a Q8_0 weight times Q8_0 activations:
 ``ggml_vec_dot_q8_0_q8_0``) or ``qqq::f16_linear`` (an F16 weight times fp16 activations);
 the token embedding a lookup in a Q8_0 table (``qqq::q8_0_embedding``), a Q4_0 table
 (``qqq::q4_0_embedding``) or an F16 table (llama.cpp's ``get_rows`` decodes the row to
-float32). A head tied to the embedding and asked for in the same format keeps one table,
-which the GGUF writer stores once (llama.cpp then reads ``token_embd`` for the output).
+float32). A float head tied to the embedding keeps one table, in the head's format, which the
+GGUF writer stores once (llama.cpp then reads ``token_embd`` for the output).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from qqq_compile.compiler.passes.lower import drop_unused_attrs
 from qqq_compile.compiler.pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
 from qqq_compile.errors import ConfigError
 from qqq_compile.graph import LinearSite, get_attr, get_bias, get_weight
-from qqq_compile.graph.head import embedding_table, find_lm_head, token_embeddings
+from qqq_compile.graph.head import embedding_table, find_lm_head, lowered_head_rows, token_embeddings
 from qqq_compile.targets.gguf.formats import PackedQ8_0, check_blocks
 from qqq_compile.targets.gguf.grid import Q4_0Grid
 from qqq_compile.targets.gguf.ops import F16_LINEAR, Q4_0_EMBEDDING, Q8_0_EMBEDDING, Q8_0_LINEAR
@@ -85,7 +85,7 @@ class GGUFHead(QQQPass):
         gm = graph_module
         before = tensor_bytes(gm)
         site = find_lm_head(gm)
-        embeddings = token_embeddings(gm, site)
+        embeddings = token_embeddings(gm, site, None if site is not None else lowered_head_rows(gm))
         if site is None and not embeddings:
             return PassResult(gm, False)
         done: list[str] = []
@@ -108,11 +108,15 @@ class GGUFHead(QQQPass):
             names = stored(site.weight.target, get_weight(gm, site), self.head)
             _rewrite_head(gm, site, self.head, names)
             done.append(f"{site.name} {self.head}")
+        head_target = site.weight.target if site is not None else None
         for n in embeddings:
             target = n.args[0].target
-            names = stored(target, get_attr(gm, target), self.embedding)
-            _rewrite_embedding(gm, n, self.embedding, names)
-            done.append(f"embedding {target} {self.embedding}")
+            # A head tied to this table keeps one table (llama.cpp reads token_embd for the
+            # output), in the head's format: two tables would cost more than the one.
+            fmt = self.head if target == head_target else self.embedding
+            names = stored(target, get_attr(gm, target), fmt)
+            _rewrite_embedding(gm, n, fmt, names)
+            done.append(f"embedding {target} {fmt}" + (" (tied to the head)" if fmt != self.embedding else ""))
         drop_unused_attrs(gm)  # the replaced float tables
         gm.graph.lint()
         gm.recompile()

@@ -33,9 +33,14 @@ from qqq_compile.targets.gguf.ops import LINEAR_OPS
 from qqq_compile.targets.registry import Target, register_target
 
 #: The head and embedding types ``QuantConfig.int8_head`` selects: on (the default), a Q8_0
-#: head (llama.cpp's own choice for a head whose width is no multiple of 256) and a Q8_0
-#: embedding; off, both F16. (Measured on SmolLM2: docs/gguf.md, "head and embedding".)
-HEAD_DEFAULT = {"head": "q8_0", "embedding": "q8_0"}
+#: head (llama.cpp's own choice for a head whose width is no multiple of 256; it applies only
+#: to a head kept in float with ``QuantConfig.skip``) and a Q4_0 embedding; off, both F16.
+#: Why Q4_0 and a GPTQ'd head by default (:attr:`GGUF.default_skip`): the rotation unties the
+#: head from the embedding (the final norm's weight is folded into the head only), so the file
+#: holds two vocabulary tables where llama.cpp's own Q4_0 file holds one Q8_0 table. Two Q8_0
+#: tables made SmolLM2's file 33% larger than llama.cpp's Q4_0; two Q4_0 tables, the head's
+#: chosen by GPTQ on the calibration windows, keep it the same size (docs/gguf.md).
+HEAD_DEFAULT = {"head": "q8_0", "embedding": "q4_0"}
 HEAD_FLOAT = {"head": "f16", "embedding": "f16"}
 
 
@@ -44,6 +49,9 @@ class GGUF(Target):
     name = "gguf"
     summary = "llama.cpp Q4_0 weights (blocks of 32) x Q8_0 activations, written as a GGUF file"
     default_group_size = QK
+    #: The lm_head is quantized with the rest (GPTQ and clip search on the Q4_0 grid): see
+    #: :data:`HEAD_DEFAULT` for why.
+    default_skip = ()
     export_formats = {"gguf": "a GGUF file stock llama.cpp runs (ollama, LM Studio, llama-cpp-python)"}
 
     def check(self, quant: QuantConfig) -> None:

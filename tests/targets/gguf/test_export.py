@@ -22,11 +22,13 @@ gguf = pytest.importorskip("gguf")
 
 @pytest.fixture(scope="module")
 def compiled():
-    """A rotated, GPTQ-quantized tiny LLaMA (untied head) and an RTN tiny Qwen2 (tied head)."""
+    """A rotated, GPTQ-quantized tiny LLaMA (the default: untied head, quantized to Q4_0 with the
+    other linears) and an RTN tiny Qwen2 whose tied head is kept in float (one Q8_0 table)."""
     out = {}
     out["llama"] = qc.compile(gguf_model("llama"), gguf_calib(4), {"quant": {"target": "gguf"}}, progress=False)
     qwen = gguf_model("qwen2", tie_word_embeddings=True)
-    out["qwen2"] = qc.compile(qwen, gguf_calib(2), {"preset": "rtn", "quant": {"target": "gguf"}}, progress=False)
+    cfg = {"preset": "rtn", "quant": {"target": "gguf", "skip": ["lm_head"]}}
+    out["qwen2"] = qc.compile(qwen, gguf_calib(2), cfg, progress=False)
     return out
 
 
@@ -63,24 +65,28 @@ def test_file_holds_exactly_the_compiled_weights(compiled, tokenizer, tmp_path, 
         li = info(n)
         if li is None or li.packed is None or not li.lowered:
             continue
-        layer, proj = li.fqn.split(".")[2], li.fqn.split(".")[-1]
-        role = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}.get(proj)
-        t = tensors[f"blk.{layer}.{role or 'ffn_' + proj.removesuffix('_proj')}.weight"]
+        if li.fqn == "lm_head":
+            t, proj = tensors["output.weight"], "lm_head"
+        else:
+            layer, proj = li.fqn.split(".")[2], li.fqn.split(".")[-1]
+            role = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}.get(proj)
+            t = tensors[f"blk.{layer}.{role or 'ffn_' + proj.removesuffix('_proj')}.weight"]
         assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
         want = li.packed.dequantize()
         if arch == "llama" and proj in ("q_proj", "k_proj"):
             want = hf_permute(want, 4 if proj == "q_proj" else 2)
         assert torch.equal(decoded(t), want)
         n_q4 += 1
-    assert n_q4 == 14
     for name in ("blk.0.attn_norm.weight", "blk.1.ffn_norm.weight", "output_norm.weight"):
         assert tensors[name].tensor_type == gguf.GGMLQuantizationType.F32
-    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
-    if arch == "qwen2":  # tied and not rotated: one table, llama.cpp reuses it for the output
+    Q4_0, Q8_0 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0
+    if arch == "qwen2":  # tied, kept in float, not rotated: one Q8_0 table, llama.cpp reuses it for the output
+        assert n_q4 == 14 and tensors["token_embd.weight"].tensor_type == Q8_0
         assert "output.weight" not in tensors and "blk.0.attn_q.bias" in tensors
         assert fields["qwen2.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
-    else:  # rotated: the head reads the final norm's weight folded in, a table of its own
-        assert tensors["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    else:  # the default: rotated, the head (its own table) GPTQ'd to Q4_0, a Q4_0 embedding
+        assert n_q4 == 15 and tensors["output.weight"].tensor_type == Q4_0
+        assert tensors["token_embd.weight"].tensor_type == Q4_0
         assert torch.equal(decoded(tensors["output_norm.weight"]), torch.ones(64))  # folded by rotate
         assert fields["llama.rope.dimension_count"] == 16
 

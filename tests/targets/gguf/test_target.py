@@ -49,16 +49,17 @@ def test_pass_list_is_adapted_for_llamacpp():
     rotate = passes[names.index("rotate")]
     assert rotate.online_down_proj is False and any("online Hadamard" in n for n in notes)
     head = passes[-1]
-    assert (head.head, head.embedding) == ("q8_0", "q8_0")
+    assert (head.head, head.embedding) == ("q8_0", "q4_0")
     floats = build_passes({"quant": {"target": "gguf", "int8_head": False}})
     assert (floats[-1].head, floats[-1].embedding) == ("f16", "f16")
 
 
 def reference_logits(model: torch.nn.Module, compiled, ids: torch.Tensor) -> torch.Tensor:
-    """The Hugging Face model run as llama.cpp runs the file: each linear's weight replaced by
-    what its packed Q4_0 weight decodes to and its input by Q8_0 blocks; the head's Q8_0 table
-    with Q8_0 inputs; the embedding's decoded Q8_0 rows. Built from the model's own modules,
-    not from the compiled graph."""
+    """The Hugging Face model run as llama.cpp runs the file: each linear's weight (the head's
+    too, when it was quantized with them) replaced by what its packed Q4_0 weight decodes to
+    and its input by Q8_0 blocks; a head kept in float by its Q8_0 table with Q8_0 inputs; the
+    embedding by its table's decoded rows. Built from the model's own modules, not from the
+    compiled graph."""
     m = copy.deepcopy(model)
     gm = compiled.graph_module
     packed = {info(n).fqn: info(n).packed for n in gm.graph.nodes if info(n) is not None and info(n).packed}
@@ -66,10 +67,10 @@ def reference_logits(model: torch.nn.Module, compiled, ids: torch.Tensor) -> tor
 
     tables = {a["replaced"]: a for n in gm.graph.nodes if (a := node_annotation(n).int8_head)}
 
-    def q8(role: str) -> torch.Tensor:  # the gguf_head pass's Q8_0 table of the head or the embedding
-        assert tables[role]["format"] == "q8_0"
-        qs = buffers[tables[role]["qs"]]
-        return PackedQ8_0(qs, buffers[tables[role]["d"]], qs.shape[1]).dequantize()
+    def table(role: str) -> torch.Tensor:  # the gguf_head pass's table of the head or the embedding
+        qs, d = buffers[tables[role]["qs"]], buffers[tables[role]["d"]]
+        fmt = {"q8_0": PackedQ8_0, "q4_0": PackedQ4_0}[tables[role]["format"]]
+        return fmt(qs, d, compiled.model_config["hidden_size"]).dequantize()
 
     def quant_input(mod, args):
         return (fake_quant_act(args[0]),)
@@ -78,20 +79,27 @@ def reference_logits(model: torch.nn.Module, compiled, ids: torch.Tensor) -> tor
         for name, mod in m.named_modules():
             if name in packed:
                 assert isinstance(packed[name], PackedQ4_0)
-                mod.weight.data = packed[name].dequantize()
+                mod.weight = torch.nn.Parameter(packed[name].dequantize())  # a new tensor: unties a tied head
                 mod.register_forward_pre_hook(quant_input)
-        m.model.embed_tokens.weight.data = q8("embedding")
-        if not model.config.tie_word_embeddings:
-            m.lm_head.weight = torch.nn.Parameter(q8("linear"))
-        assert model.config.tie_word_embeddings == (tables["linear"]["qs"] == tables["embedding"]["qs"])
-        m.lm_head.register_forward_pre_hook(quant_input)
+        m.model.embed_tokens.weight = torch.nn.Parameter(table("embedding"))
+        if "linear" in tables:
+            tied = tables["linear"]["qs"] == tables["embedding"]["qs"]
+            assert tied == model.config.tie_word_embeddings
+            m.lm_head.weight = torch.nn.Parameter(table("linear"))
+            m.lm_head.register_forward_pre_hook(quant_input)
+        else:
+            assert "lm_head" in packed
         return m(ids).logits
 
 
-@pytest.mark.parametrize("arch, tied", [("llama", False), ("llama", True), ("qwen2", True)])
-def test_compiled_graph_computes_llamacpps_numerics(arch, tied):
+@pytest.mark.parametrize(
+    "arch, tied, skip",
+    [("llama", False, None), ("llama", True, None), ("llama", True, ["lm_head"]), ("qwen2", True, None)],
+)
+def test_compiled_graph_computes_llamacpps_numerics(arch, tied, skip):
     model = gguf_model(arch, tie_word_embeddings=tied)
-    compiled = qc.compile(model, gguf_calib(2), {"preset": "rtn", "quant": {"target": "gguf"}}, progress=False)
+    cfg = {"preset": "rtn", "quant": {"target": "gguf", "skip": skip}}
+    compiled = qc.compile(model, gguf_calib(2), cfg, progress=False)
     ids = gguf_calib(2, 24)[1]
     with torch.no_grad():
         got = compiled(ids).logits
@@ -100,6 +108,21 @@ def test_compiled_graph_computes_llamacpps_numerics(arch, tied):
     # rounding that flips on such a difference moves the next layer: measured 95-140 dB.
     assert sqnr_db(ref, got) > 80
     assert sqnr_db(model(ids).logits, got) < 60  # and it is quantized: about 25 dB here
+
+
+def test_head_and_embedding_types_by_default():
+    """The default quantizes the head with the other linears and stores a Q4_0 embedding (the
+    file llama.cpp's Q4_0 size); a tied head kept in float keeps one Q8_0 table."""
+    assert get_target("gguf").resolve(QuantConfig(target="gguf")).skip == ()
+    assert get_target("w4a8").resolve(QuantConfig()).skip == ("lm_head", "*.lm_head")
+    for skip, want in ((None, {"embedding": "q4_0"}), (["lm_head"], {"embedding": "q8_0", "linear": "q8_0"})):
+        cfg = {"preset": "rtn", "quant": {"target": "gguf", "skip": skip}}
+        compiled = qc.compile(gguf_model(tie_word_embeddings=True), gguf_calib(2), cfg, progress=False)
+        nodes = compiled.graph_module.graph.nodes
+        got = {a["replaced"]: a["format"] for n in nodes if (a := node_annotation(n).int8_head)}
+        assert got == want
+        lowered = {info(n).fqn for n in nodes if info(n) is not None and info(n).lowered}
+        assert ("lm_head" in lowered) == (skip is None)
 
 
 def test_artifact_round_trip(tmp_path):
