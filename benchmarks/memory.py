@@ -12,6 +12,7 @@ reports its peak resident set (``ru_maxrss``) next to the model's size.
     python benchmarks/memory.py --preset qqq_rot --calib 128 --seq 512 --cap-gib 3  # the default
     python benchmarks/memory.py --baseline               # also: in-memory compile, same cap
     python benchmarks/memory.py --demo --calib 128       # `qqq-compile quantize demo` (SmolLM2-135M)
+    python benchmarks/memory.py --demo --calib 128 --no-step --cap-gib 8   # without the step's compile
 
 The cap is a cgroup memory limit (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``,
 swap off), created as a child of this process's own cgroup and removed afterwards.
@@ -267,10 +268,12 @@ def demo(args: argparse.Namespace) -> None:
     """Peak RSS of `qqq-compile quantize demo` (optionally capped) against the float model."""
     float_bytes = 134_515_008 * 4  # SmolLM2-135M in fp32 (tied embedding counted once)
     cap = MemoryCap(int(args.cap_gib * GiB))
-    print(f"`qqq-compile quantize demo --n-calib {args.calib}`; cap: {MemoryCap.describe(int(args.cap_gib * GiB))}")
+    what = f"`qqq-compile quantize demo --n-calib {args.calib}{' --no-step' if args.no_step else ''}`"
+    print(f"{what}; cap: {MemoryCap.describe(int(args.cap_gib * GiB))}")
     with tempfile.TemporaryDirectory(prefix="qqq-memory-demo-", dir=args.workdir) as out:
         cmd = [sys.executable, "-m", "qqq_compile.cli.main", "quantize", "demo", "--n-calib", str(args.calib)]
         cmd += ["--seq-len", str(args.seq), "--out", str(args.demo_out or Path(out) / "art"), "--quiet"]
+        cmd += ["--no-step"] if args.no_step else []
         t0 = time.perf_counter()
         try:
             rc, peak, events, text = run_capped(cmd, cap)
@@ -299,6 +302,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="windows per calibration batch (default: auto)")
     ap.add_argument("--demo", action="store_true", help="measure `qqq-compile quantize demo` instead")
     ap.add_argument("--demo-out", default=None, metavar="DIR", help="--demo: write the artifact here (kept)")
+    ap.add_argument("--no-step", action="store_true", help="--demo: quantize without building the decode step")
     ap.add_argument("--seq", type=int, default=None, help="tokens per calibration window (64; --demo: 512)")
     ap.add_argument("--cap-gib", type=float, default=2.0, help="memory cap for the quantizing process")
     ap.add_argument("--threads", type=int, default=2)

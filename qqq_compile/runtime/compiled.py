@@ -94,7 +94,9 @@ class CompiledModel(torch.nn.Module):
 
         ``max_len`` (prompt + new tokens) defaults to the size of the step an artifact ships,
         else the model's context capped at :data:`~qqq_compile.runtime.generate.DEFAULT_MAX_LEN`
-        (2048). ``runtime``: ``"eager"`` (FX, the reference), ``"aot"`` (AOTInductor, C++; its
+        (2048); an AOT request for fewer positions than the shipped step (same rows, default
+        cache dtype) gets the shipped step, which serves every shorter length, instead of a
+        compile. ``runtime``: ``"eager"`` (FX, the reference), ``"aot"`` (AOTInductor, C++; its
         package is looked up beside the artifact and in ``$QQQ_CACHE``, compiled once if
         absent) or ``"auto"`` (AOT, falling back to eager with a warning if it cannot be
         built). Several steps may be prepared (say ``max_batch=1`` and ``max_batch=8``: a
@@ -146,6 +148,11 @@ class CompiledModel(torch.nn.Module):
                 f"(max_position_embeddings or its sliding window); use max_len <= {limit}"
             )
         choice = "aot" if runtime == "auto" else runtime
+        shipped = self.step_size
+        if choice == "aot" and cache_dtype is None and shipped and shipped[0] == max_batch and max_len < shipped[1]:
+            # The artifact's step serves every length up to its own (its KV pages are only
+            # resident as written): taking it costs nothing, a shorter one a compile.
+            max_len = shipped[1]
         dirs = [package_dir] if package_dir is not None else self.package_dirs()
         kw = {"max_batch": max_batch, "max_len": max_len, "package_dir": dirs, "progress": progress}
         if cache_dtype is not None:

@@ -135,6 +135,19 @@ def test_load_then_generate_runs_the_shipped_package_without_compiling(shipped, 
     assert fx_frames(lambda: eager(prompt(3), torch.ones(1, 3, dtype=torch.long), torch.arange(3)))
 
 
+def test_preparing_a_shorter_step_takes_the_shipped_one(shipped, no_compile):
+    """``prepare_generation(max_len=640)`` on an artifact shipping 2048 positions gets the
+    shipped package (it serves every shorter length), not a compile; eager steps, other row
+    counts and other cache dtypes are built as asked."""
+    compiled = load(shipped)
+    step = compiled.prepare_generation(max_len=640, runtime="aot", progress=False)
+    assert step.runtime == "aot" and step.spec.max_len == 2048 and not step.compiled
+    assert Path(step.package_path).parent == shipped / "step"
+    out = compiled.generate(prompt(9), max_new_tokens=3, eos_token_id=[], return_dict_in_generate=True)
+    assert out.runtime == "aot" and step.calls == 3
+    assert compiled.prepare_generation(max_len=64, runtime="eager").spec.max_len == 64
+
+
 def test_longer_requests_reuse_the_one_step(shipped, no_compile):
     compiled = load(shipped)
     requests = ((5, 4), (300, 40), (1900, 100), (2000, 48))

@@ -22,6 +22,7 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <vector>
 
 #include "qqq_cpu.h"
 
@@ -66,16 +67,35 @@ void parallel_items(int64_t n, bool parallel, const std::function<void(int64_t, 
     return;
   }
   count_path(kTeam);
-  std::atomic<int64_t> next{0};
+  // Each thread owns a contiguous share of the items (a GEMV's rows then stream through one
+  // core's prefetchers in order, as at::parallel_for's static halves did; one shared counter
+  // handing out items in turn interleaved the two cores' rows: SmolLM2's 120 decode linears
+  // at M=1 took 4.3-4.5 ms against 3.1-3.3 ms for the static halves, alternating processes on
+  // a quiet machine, and 3.3-4.3 vs 3.4-4.3 ms with shares) and claims them from its own
+  // cursor; a thread done with its share claims the rest of the others' from the same
+  // cursors, so a descheduled thread's work is still done by whoever runs.
+  struct alignas(64) Cursor {
+    std::atomic<int64_t> next;
+    int64_t end;
+  };
+  std::vector<Cursor> cur(threads);
+  for (int64_t t = 0; t < threads; ++t) {
+    cur[t].next.store(n * t / threads, std::memory_order_relaxed);
+    cur[t].end = n * (t + 1) / threads;
+  }
   const int64_t t_fork = now_ns();
   int64_t caller_start = 0, caller_done = 0;
 #pragma omp parallel num_threads(static_cast<int>(threads))
   {
-    const bool caller = omp_get_thread_num() == 0;
+    const int64_t me = omp_get_thread_num();
+    const bool caller = me == 0;
     if (caller) caller_start = now_ns();
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
-         i = next.fetch_add(1, std::memory_order_relaxed))
-      f(i, i + 1);
+    for (int64_t o = 0; o < threads; ++o) {
+      Cursor& c = cur[(me + o) % threads];
+      for (int64_t i = c.next.fetch_add(1, std::memory_order_relaxed); i < c.end;
+           i = c.next.fetch_add(1, std::memory_order_relaxed))
+        f(i, i + 1);
+    }
     if (caller) caller_done = now_ns();
   }
   // libgomp's fork waits until every pool thread has docked after the previous region, and
