@@ -16,6 +16,7 @@ from tests.targets.gguf.conftest import TEXT, gguf_calib, gguf_model
 # rounding flipped by such a difference then moves the next layer. Measured on these tiny
 # models: 42.7-43.8 dB (our graph vs float: 20-22 dB); the floor leaves 6 dB of margin.
 FLOOR_DB = 36.0
+SMOLLM2_FLOOR_DB = 22.0  # SmolLM2's 30 layers, the same comparison: measured in the test below
 
 
 def export(compiled, tokenizer, path):
@@ -53,29 +54,39 @@ def test_llamacpp_tokenizes_as_the_hf_tokenizer(llamacpp, tokenizer, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_file_in_llamacpp(llamacpp, smollm2, wiki_splits, tmp_path):
-    """SmolLM2, rotated and RTN on the Q4_0 grid (GPTQ is the benchmark's business): llama.cpp
-    loads the file, tokenizes like the HF tokenizer, and its greedy text is ours."""
+    """SmolLM2, rotated and RTN on the Q4_0 grid, head included (GPTQ is the benchmark's
+    business): llama.cpp loads the file, tokenizes like the HF tokenizer, computes our graph's
+    logits, and its greedy text is coherent."""
     model, tok = smollm2
     passes = [{"name": "rotate"}, {"name": "quantize_rtn"}, {"name": "lower"}]
     compiled = qc.compile(model, wiki_splits[0][:2], {"quant": {"target": "gguf"}}, passes=passes, progress=False)
     path = compiled.target.export("gguf", compiled, tmp_path / "smollm2.gguf", tokenizer=tok)
     sentence = "The Eiffel Tower, completed in 1889, is 330 metres tall; it's Paris's most-visited monument."
     prompt = tok("Monday, Tuesday, Wednesday,")["input_ids"]
+    text = wiki_splits[1][0][0, :64].tolist()  # a real evaluation window's first 64 tokens
     res = llamacpp(
         path,
-        [{"op": "tokenize", "text": sentence}, {"op": "generate", "ids": prompt, "n": 24}],
+        [
+            {"op": "tokenize", "text": sentence},
+            {"op": "generate", "ids": prompt, "n": 24},
+            {"op": "logits", "ids": text},
+        ],
         n_ctx=128,
     )
     assert res[0]["ids"] == tok(sentence)["input_ids"]
-    ids = list(prompt)
+    theirs = torch.from_numpy(res[2]["logits"])
     with torch.no_grad():
-        for _ in range(24):  # greedy by full forwards: the graph that was checked against llama.cpp above
-            ids.append(int(compiled(torch.tensor([ids])).logits[0, -1].argmax()))
-    ours = ids[len(prompt) :]
-    theirs = res[1]["tokens"]
-    same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), len(ours))
-    print(f"llama.cpp: {res[1]['text']!r}; ours: {tok.decode(ours)!r}; first {same} tokens equal")
-    assert same >= 8
+        ours = compiled(torch.tensor([text])).logits[0]
+        fp = model(torch.tensor([text])).logits[0]
+    agree, quant = sqnr_db(ours, theirs), sqnr_db(fp, ours)
+    same_top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    print(f"llama.cpp vs ours {agree:.1f} dB, ours vs float {quant:.1f} dB, top-1 equal {same_top1:.0%}")
+    print(f"llama.cpp's greedy text: {res[1]['text']!r}")
+    # Measured: 30.5 dB and 98% of positions' top-1 equal (ours vs float: 5.9 dB). The
+    # floors leave margin for llama.cpp's fp16 KV cache and float order; greedy texts may part
+    # at a near tie, so the tokens are not compared one by one.
+    assert agree > SMOLLM2_FLOOR_DB and agree > quant + 8
+    assert same_top1 >= 0.85
     # Coherent: a 135M model quantized by RTN alone loses facts ("The capital of France is"
     # gave " a testament to the human capacity for innovation."), not the order of weekdays.
     assert "Thursday" in res[1]["text"], res[1]["text"]
