@@ -230,7 +230,9 @@ def child(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(args.threads)
     import qqq_compile as qc
+    from qqq_compile.cli.common import return_freed_memory
 
+    return_freed_memory()  # as the CLI does: this process is ours
     t0 = time.perf_counter()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     g = torch.Generator().manual_seed(1)

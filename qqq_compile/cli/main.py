@@ -32,6 +32,7 @@ from qqq_compile.cli.common import (
     load_artifact,
     mb,
     positive,
+    return_freed_memory,
     write_json,
 )
 from qqq_compile.cli.demo import add_command as add_demo_command
@@ -401,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return_freed_memory()
     # torch.export's pytree deprecation notice says nothing actionable to a CLI user
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     if args.quiet:
