@@ -130,9 +130,10 @@ def test_run_pipeline_reports_the_exact_passes():
     assert report.pipeline == ["observe", "calibrate", "quantize_rtn", "lower"]
     assert report.pass_configs[0] == {"name": "observe", "options": {"hessian": True}}
     assert [pass_from_dict(s) for s in report.pass_configs] == passes
-    # the report stores the format as the target resolved it: group size filled in
+    # the report stores the format as the target resolved it: group size and skip filled in
     resolved = config.to_dict()
     resolved["quant"]["group_size"] = get_target("w4a8").default_group_size  # the target's default
+    resolved["quant"]["skip"] = list(get_target("w4a8").default_skip)
     assert config.quant.group_size is None and report.config == resolved and len(report.passes) == 4
     assert sum(n.target == torch.ops.qqq.w4a8_linear.default for n in out.graph.nodes) == 7
 
