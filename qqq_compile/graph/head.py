@@ -28,12 +28,18 @@ def find_lm_head(gm: GraphModule) -> LinearSite | None:
     to_output = [s for s in sites if _reaches_output(s.node)]
     if to_output:
         return to_output[-1]
+    last = _last_linear(gm)
+    return next((s for s in sites if s.node is last), None)
+
+
+def _last_linear(gm: GraphModule) -> Node | None:
+    """The graph's last linear, float or lowered."""
     lowered = set(lowered_linear_ops())
     last = None
     for n in gm.graph.nodes:
         if match_linear(gm, n) is not None or n.target in lowered:
             last = n
-    return next((s for s in sites if s.node is last), None)
+    return last
 
 
 def embedding_table(n: Node) -> torch.Tensor:
@@ -55,11 +61,7 @@ def is_float_embedding(n: Node) -> bool:
 def lowered_head_rows(gm: GraphModule) -> int | None:
     """The output width of the graph's last linear when it is already lowered (a head
     quantized with the other linears, ``QuantConfig.skip=()``); None otherwise."""
-    lowered = set(lowered_linear_ops())
-    last = None
-    for n in gm.graph.nodes:
-        if match_linear(gm, n) is not None or n.target in lowered:
-            last = n
+    last = _last_linear(gm)
     li = info(last) if last is not None else None
     return li.out_features if li is not None and li.lowered and _reaches_output(last) else None
 
