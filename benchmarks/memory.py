@@ -145,9 +145,11 @@ class MemoryCap:
         if own is None:
             return
         version, parent = own
-        d = parent / f"qqq-memory-{os.getpid()}"
+        d = parent / f"qqq-memory-{os.getpid()}-{id(self):x}"  # several caps may live at once
+        made = False
         try:
             d.mkdir()
+            made = True
             if version == "v2":
                 (parent / "cgroup.subtree_control").write_text("+memory")
                 (d / "memory.max").write_text(str(limit))
@@ -159,7 +161,7 @@ class MemoryCap:
                     (d / "memory.memsw.limit_in_bytes").write_text(str(limit))  # no swapping either
         except OSError as e:
             print(f"# cannot create a memory cgroup ({e}); running uncapped", file=sys.stderr)
-            if d.exists():
+            if made:
                 d.rmdir()
             return
         self.version, self.dir = version, d
@@ -168,12 +170,15 @@ class MemoryCap:
     def describe(limit: int) -> str:
         cap = MemoryCap(limit)
         try:
-            if cap.dir is None:
-                return "none (no writable memory cgroup: peak RSS measured only)"
-            knob = "memory.max" if cap.version == "v2" else "memory.limit_in_bytes"
-            return f"cgroup {cap.version} {knob} = {limit / GiB:.2f} GiB, swap off"
+            return cap.text()
         finally:
             cap.close()
+
+    def text(self) -> str:
+        if self.dir is None:
+            return "none (no writable memory cgroup: peak RSS measured only)"
+        knob = "memory.max" if self.version == "v2" else "memory.limit_in_bytes"
+        return f"cgroup {self.version} {knob} = {self.limit / GiB:.2f} GiB, swap off"
 
     def enter(self) -> None:
         """Run in the child before exec: move it into the cgroup."""
@@ -271,7 +276,7 @@ def demo(args: argparse.Namespace) -> None:
     float_bytes = 134_515_008 * 4  # SmolLM2-135M in fp32 (tied embedding counted once)
     cap = MemoryCap(int(args.cap_gib * GiB))
     what = f"`qqq-compile quantize demo --n-calib {args.calib}{' --no-step' if args.no_step else ''}`"
-    print(f"{what}; cap: {MemoryCap.describe(int(args.cap_gib * GiB))}")
+    print(f"{what}; cap: {cap.text()}")
     with tempfile.TemporaryDirectory(prefix="qqq-memory-demo-", dir=args.workdir) as out:
         cmd = [sys.executable, "-m", "qqq_compile.cli.main", "quantize", "demo", "--n-calib", str(args.calib)]
         cmd += ["--seq-len", str(args.seq), "--out", str(args.demo_out or Path(out) / "art"), "--quiet"]
