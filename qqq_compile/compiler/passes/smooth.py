@@ -116,8 +116,9 @@ def run_w4a8_fake(gm: GraphModule, inputs: dict[str, torch.Tensor], quant: Quant
     """Run the graph with every quantizable linear in fake quant of ``quant``'s target (RTN
     weights; W4A8 by default: int4 weights, per-token int8 activations); returns the graph's
     flat outputs."""
-    quant = get_target((quant or QuantConfig()).target).resolve(quant or QuantConfig())
-    act = get_target(quant.target).fake_quant_act
+    quant = quant or QuantConfig()
+    target = get_target(quant.target)
+    quant, act = target.resolve(quant), target.fake_quant_act
     overrides = {}
     for s in linear_sites(gm):
         if not is_skipped(s.name, quant.skip):

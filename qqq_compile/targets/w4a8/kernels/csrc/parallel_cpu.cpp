@@ -19,10 +19,10 @@
 #include <ATen/Parallel.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
-#include <vector>
 
 #include "qqq_cpu.h"
 
@@ -36,6 +36,7 @@ std::atomic<bool> g_backoff_on{true};  // off: every call uses the team (benchma
 
 constexpr int64_t kStallNs = 200000;  // fork + join waits this long: a descheduled team thread
 constexpr int64_t kMinBackoff = 8, kMaxBackoff = 4096;
+constexpr int64_t kMaxTeam = 64;  // threads one call shares its items among
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -54,7 +55,7 @@ std::vector<int64_t> path_counts() {
 
 void parallel_items(int64_t n, bool parallel, const std::function<void(int64_t, int64_t)>& f) {
   if (n <= 0) return;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  const int64_t threads = std::min<int64_t>({at::get_num_threads(), n, kMaxTeam});
   if (!parallel || threads <= 1 || omp_in_parallel()) {
     f(0, n);
     return;
@@ -78,7 +79,7 @@ void parallel_items(int64_t n, bool parallel, const std::function<void(int64_t, 
     std::atomic<int64_t> next;
     int64_t end;
   };
-  std::vector<Cursor> cur(threads);
+  std::array<Cursor, kMaxTeam> cur;  // on the stack: no allocation per kernel call
   for (int64_t t = 0; t < threads; ++t) {
     cur[t].next.store(n * t / threads, std::memory_order_relaxed);
     cur[t].end = n * (t + 1) / threads;
