@@ -13,6 +13,7 @@ reports its peak resident set (``ru_maxrss``) next to the model's size.
     python benchmarks/memory.py --baseline               # also: in-memory compile, same cap
     python benchmarks/memory.py --demo --calib 128       # `qqq-compile quantize demo` (SmolLM2-135M)
     python benchmarks/memory.py --demo --calib 128 --no-step --cap-gib 8   # without the step's compile
+    python benchmarks/memory.py --demo --calib 128 --no-step --no-streaming  # the model loaded whole
 
 The cap is a cgroup memory limit (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``,
 swap off), created as a child of this process's own cgroup and removed afterwards.
@@ -275,12 +276,13 @@ def demo(args: argparse.Namespace) -> None:
     """Peak RSS of `qqq-compile quantize demo` (optionally capped) against the float model."""
     float_bytes = 134_515_008 * 4  # SmolLM2-135M in fp32 (tied embedding counted once)
     cap = MemoryCap(int(args.cap_gib * GiB))
-    what = f"`qqq-compile quantize demo --n-calib {args.calib}{' --no-step' if args.no_step else ''}`"
+    flags = (" --no-step" if args.no_step else "") + (" --no-streaming" if args.no_streaming else "")
+    what = f"`qqq-compile quantize demo --n-calib {args.calib}{flags}`"
     print(f"{what}; cap: {cap.text()}")
     with tempfile.TemporaryDirectory(prefix="qqq-memory-demo-", dir=args.workdir) as out:
         cmd = [sys.executable, "-m", "qqq_compile.cli.main", "quantize", "demo", "--n-calib", str(args.calib)]
         cmd += ["--seq-len", str(args.seq), "--out", str(args.demo_out or Path(out) / "art"), "--quiet"]
-        cmd += ["--no-step"] if args.no_step else []
+        cmd += flags.split()
         t0 = time.perf_counter()
         try:
             rc, peak, events, text = run_capped(cmd, cap)
@@ -310,6 +312,9 @@ def main() -> None:
     ap.add_argument("--demo", action="store_true", help="measure `qqq-compile quantize demo` instead")
     ap.add_argument("--demo-out", default=None, metavar="DIR", help="--demo: write the artifact here (kept)")
     ap.add_argument("--no-step", action="store_true", help="--demo: quantize without building the decode step")
+    ap.add_argument(
+        "--no-streaming", action="store_true", help="--demo: load the model whole (the CLI streams 'demo' by default)"
+    )
     ap.add_argument("--seq", type=int, default=None, help="tokens per calibration window (64; --demo: 512)")
     ap.add_argument("--cap-gib", type=float, default=2.0, help="memory cap for the quantizing process")
     ap.add_argument("--threads", type=int, default=2)

@@ -1,13 +1,16 @@
 """Quantization speed: the default preset on SmolLM2-135M, per pass, per block, per token.
 
-    python benchmarks/quant_speed.py                        # 128 windows, default preset
+    python benchmarks/quant_speed.py                        # 128 windows, default preset, streaming
+    python benchmarks/quant_speed.py --no-streaming         # the same on the model loaded whole
     python benchmarks/quant_speed.py --n-calib 32 --eval    # fewer windows; + eval perplexity
     python benchmarks/quant_speed.py --per-block --blocks 2 --rounds 3
                                     # old (git revision) vs new GPTQ, round-robin per block
 
-Full mode: ``qqq_compile.compile`` with the default preset (``qqq_rot``) on ``--n-calib``
-windows of 512 tokens (the standard protocol: ``data.standard_splits``), then a table of
-wall seconds per pass (the report's pass records), capture, total, peak RSS of the process
+Full mode: the default preset (``qqq_rot``) as ``qqq-compile quantize demo`` runs it
+(``compile_from_disk``: weights on disk, one block in memory; ``--no-streaming``:
+``qqq_compile.compile`` on the loaded model) on ``--n-calib`` windows of 512 tokens
+(the standard protocol: ``data.standard_splits``), then a table of wall seconds per pass
+(the report's pass records), capture, total, peak RSS of the process (before ``--eval``)
 and the rate in seconds per billion parameters per calibration token (the quantized
 linears' parameters; ``s / (B params · token)``: multiply by a model's size and the
 calibration tokens to extrapolate). ``--eval`` adds the perplexity on the standard 40
@@ -52,19 +55,33 @@ def _peak_rss() -> int:
 def full_run(args: argparse.Namespace) -> dict:
     import qqq_compile as qc
     from qqq_compile.data import standard_splits
-    from qqq_compile.models import load_model
+    from qqq_compile.models import demo_model_path, load_model
 
-    model, tok = load_model("demo")
+    if args.streaming:  # as `qqq-compile quantize demo` runs: the weights stay on disk
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        folder = demo_model_path()
+        tok = AutoTokenizer.from_pretrained(folder)
+        with torch.device("meta"):  # for the parameter count only
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    else:
+        model, tok = load_model("demo")
     calib, evals = standard_splits(tok, n_calib=args.n_calib)
     config = {"preset": args.preset, "quant": {"group_size": args.group_size}}
     t0 = time.perf_counter()
-    compiled = qc.compile(model, calib, config, progress=not args.quiet)
+    if args.streaming:
+        from qqq_compile.compiler.api import compile_from_disk
+
+        compiled = compile_from_disk(folder, calib, config, dtype=torch.float32, progress=not args.quiet)
+    else:
+        compiled = qc.compile(model, calib, config, progress=not args.quiet)
     total = time.perf_counter() - t0
     passes = [(p.name, p.seconds) for p in compiled.report.passes]
     tokens = sum(w.numel() for w in calib)
     params = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n)
     out = {
         "preset": args.preset,
+        "streaming": args.streaming,
         "group_size": args.group_size,
         "n_calib": len(calib),
         "calib_tokens": tokens,
@@ -85,14 +102,16 @@ def full_run(args: argparse.Namespace) -> dict:
 
 
 def print_full(r: dict) -> None:
+    how = "streaming from disk, as `qqq-compile quantize demo`" if r["streaming"] else "model loaded whole"
     print(f"\npreset {r['preset']} (group size {r['group_size']}), {r['n_calib']} windows, {r['calib_tokens']} tokens,")
+    print(how + ",")
     print(f"{r['threads']} threads, SmolLM2-135M ({r['block_linear_params'] / 1e6:.1f} M params in block linears)\n")
     print("| step | wall s |\n|---|---|")
     for name, s in r["passes"]:
         print(f"| {name} | {s:.1f} |")
     print(f"| capture, calibration batching, wrapping | {r['capture_and_rest_s']:.1f} |")
     print(f"| **total** | **{r['total_s']:.1f}** |")
-    print(f"\npeak RSS {r['peak_rss'] / 2**30:.2f} GiB (model loading included)")
+    print(f"\npeak RSS {r['peak_rss'] / 2**30:.2f} GiB = {r['peak_rss'] / 1e9:.2f} GB (model loading included)")
     print(f"rate: {r['s_per_bparam_token']:.3g} s / (B params x calibration token)")
     if "eval_ppl" in r:
         n = r["n_eval"]
@@ -211,6 +230,13 @@ def main() -> None:
     ap.add_argument("--preset", default="qqq_rot")
     ap.add_argument("--group-size", type=int, default=None, help="default: the target's (w4a8: 128)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--streaming",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="full mode: stream the weights from the demo's folder, as the CLI does (default); "
+        "--no-streaming: qqq_compile.compile on the loaded model",
+    )
     ap.add_argument("--eval", action="store_true", help="also the perplexity on the 40 standard eval windows")
     ap.add_argument("--per-block", action="store_true", help="time GPTQ per block: variants round-robin")
     ap.add_argument("--blocks", type=int, default=2, help="per-block mode: decoder blocks per timing")

@@ -123,11 +123,37 @@ def _lazy(module: str, name: str, feature: str) -> Callable[..., Any]:
 # ----------------------------------------------------------------------------- commands
 
 
+def _stream_folder(args: argparse.Namespace) -> Path | None:
+    """The save_pretrained folder ``quantize`` streams from, or None to load the model whole.
+
+    ``--streaming`` demands a folder; by default ('demo' and local folders of safetensors)
+    the weights stay on disk, one decoder block in memory, because the result is the same
+    (``tests/compiler/test_streaming.py``) at about half the peak memory; ``--no-streaming``
+    loads the model whole. GGUF files and hub ids are loaded."""
+    if args.streaming is False:
+        return None
+    if args.model == "demo":
+        from qqq_compile.models import demo_model_path
+
+        return demo_model_path()
+    folder = Path(args.model).expanduser()
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return folder
+    if args.streaming:
+        raise ValueError(
+            f"--streaming reads a save_pretrained folder (config.json + *.safetensors); {args.model} is not one. "
+            "Convert it once with transformers' save_pretrained, or drop --streaming"
+        )
+    return None
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from qqq_compile import compile as qcompile
     from qqq_compile.artifact import save
+    from qqq_compile.compiler.api import compile_from_disk
+    from qqq_compile.errors import CaptureError
     from qqq_compile.models import load_model
 
     check_preset(args.preset)
@@ -137,35 +163,43 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = compile_config(args)
     steps = Steps(4, args.quiet)
     torch.manual_seed(args.seed)
-    if args.streaming:
-        folder = Path(args.model).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ValueError(
-                f"--streaming reads a save_pretrained folder (config.json + *.safetensors); {args.model} is not one. "
-                "Convert it once with transformers' save_pretrained, or drop --streaming"
-            )
+    folder = _stream_folder(args)
+    if folder is not None:
         with steps(f"reading the tokenizer of {folder} (weights stay on disk)"):
             from transformers import AutoTokenizer
 
-            model, tokenizer = folder, AutoTokenizer.from_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
         with steps(f"loading model {args.model}"):
             model, tokenizer = load_model(args.model)
     with steps(f"tokenizing {args.n_calib} calibration windows of {args.seq_len} tokens from {args.calib}"):
         windows = _calib_windows(tokenizer, args.calib, args.n_calib, args.seq_len, args.seed)
-    how = "streaming from disk, " if args.streaming else ""
     gs = resolved_group_size(config)
-    with steps(f"compiling with preset '{args.preset}' for target {config.quant.target} ({how}group size {gs})"):
-        passes = [] if args.quiet else [_pass_lines()]
-        compiled = qcompile(
-            model, windows, config, progress=not args.quiet, streaming=args.streaming, instruments=passes
-        )
+    passes = [] if args.quiet else [_pass_lines()]
+    if folder is not None:
+        how = f"streaming from disk, one block in memory (--no-streaming loads it whole), group size {gs}"
+        with steps(f"compiling with preset '{args.preset}' for target {config.quant.target} ({how})"):
+            try:
+                # float32 like load_model, so both paths calibrate alike whatever the checkpoint's dtype
+                compiled = compile_from_disk(
+                    folder, windows, config, dtype=torch.float32, progress=not args.quiet, instruments=passes
+                )
+            except CaptureError as e:  # a file problem (StreamingError) is not a reason to load it whole
+                if args.streaming:  # asked for explicitly: no silent change of plan
+                    raise
+                print(f"      cannot stream this model ({e}); loading it into memory instead", flush=True)
+                model, tokenizer = load_model(folder)
+                compiled = qcompile(model, windows, config, progress=not args.quiet, instruments=passes)
+        fp = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    else:
+        with steps(f"compiling with preset '{args.preset}' for target {config.quant.target} (group size {gs})"):
+            compiled = qcompile(model, windows, config, progress=not args.quiet, instruments=passes)
+        fp = float_bytes(model)
     what = "" if args.no_step else " with its decode step (an AOT compile: a minute or more)"
     with steps(f"saving to {args.out}{what}"):
         save(compiled, args.out, tokenizer=tokenizer, prepare_step=not args.no_step, max_len=args.max_len)
     lin = compiled.linears()
     low = sum(1 for li in lin if li.lowered)
-    fp = sum(f.stat().st_size for f in model.glob("*.safetensors")) if args.streaming else float_bytes(model)
     print(
         f"saved {args.out}: {low}/{len(lin)} linears W4A8, weights {mb(compiled.weight_bytes())} (float model {mb(fp)})"
     )
@@ -298,8 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write (replaced atomically)")
     q.add_argument(
         "--streaming",
-        action="store_true",
-        help="keep the float weights on disk, one decoder block in memory at a time (MODEL: a save_pretrained folder)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the float weights on disk, one decoder block in memory at a time (MODEL: a save_pretrained "
+        "folder). Default: on for 'demo' and folders of safetensors, off for GGUF files and hub ids; "
+        "--no-streaming loads the model whole",
     )
     q.add_argument(
         "--no-step",

@@ -50,7 +50,7 @@ def artifact(files):
     out = files / "w4a8"
     argv = ["quantize", str(files / "model"), "--calib", str(files / "text.txt"), "--preset", "rtn"]
     argv += ["--group-size", "32", "--n-calib", "8", "--seq-len", "32", "--out", str(out), "--quiet"]
-    assert main(argv) == 0
+    assert main([*argv, "--no-streaming"]) == 0  # the model loaded whole (a folder streams by default)
     return out
 
 
@@ -122,6 +122,57 @@ def test_quantize_streaming_matches_in_memory(artifact, files, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load(out)(x).logits, load(artifact)(x).logits, rtol=0, atol=1e-5)
     assert (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+def _spy_streaming(monkeypatch):
+    """Record each streaming compile the CLI runs (the real one runs)."""
+    import qqq_compile.compiler.api as api
+
+    calls, real = [], api.compile_from_disk
+
+    def spy(folder, *args, **kwargs):
+        calls.append((folder, kwargs.get("dtype")))
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(api, "compile_from_disk", spy)
+    return calls
+
+
+def test_quantize_streams_a_folder_by_default(artifact, files, tmp_path, monkeypatch):
+    calls = _spy_streaming(monkeypatch)
+    out = tmp_path / "auto"
+    argv = ["quantize", str(files / "model"), "--calib", str(files / "text.txt"), "--preset", "rtn"]
+    argv += ["--group-size", "32", "--n-calib", "8", "--seq-len", "32", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    # streamed, in float32 as load_model computes (whatever dtype config.json names)
+    assert calls == [(files / "model", torch.float32)]
+    x = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(load(out)(x).logits, load(artifact)(x).logits, rtol=0, atol=1e-5)
+    assert main([*argv[:-3], "--out", str(tmp_path / "whole"), "--quiet", "--no-streaming"]) == 0
+    assert len(calls) == 1  # --no-streaming loads the model whole
+
+
+def test_quantize_loads_the_model_whole_when_streaming_cannot_capture(artifact, files, tmp_path, monkeypatch, capsys):
+    import qqq_compile.compiler.api as api
+    from qqq_compile.errors import CaptureError
+
+    def fail(*args, **kwargs):
+        raise CaptureError("torch.export failed on the skeleton")
+
+    monkeypatch.setattr(api, "compile_from_disk", fail)
+    out = tmp_path / "fallback"
+    argv = ["quantize", str(files / "model"), "--calib", str(files / "text.txt"), "--preset", "rtn"]
+    argv += ["--group-size", "32", "--n-calib", "8", "--seq-len", "32", "--out", str(out)]
+    assert main(argv) == 0
+    assert "cannot stream this model (torch.export failed on the skeleton); loading it into memory" in (
+        capsys.readouterr().out
+    )
+    x = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(load(out)(x).logits, load(artifact)(x).logits, rtol=0, atol=0)
+    assert main([*argv, "--streaming"]) == 2  # asked for explicitly: the error, not a change of plan
+    assert "torch.export failed on the skeleton" in capsys.readouterr().err
 
 
 def test_quantize_streaming_needs_a_model_folder(files, tmp_path, capsys):

@@ -10,11 +10,13 @@ import torch
 
 import qqq_compile as qc
 from qqq_compile.annotations import node_annotation
+from qqq_compile.compiler.hadamard import hadamard_factors
 from qqq_compile.graph import linear_sites
 from tests.conftest import tiny_calib, tiny_model
 
 VOCAB = 64
 # rotate needs no calibration; compile() still checks the few tokens given against the widths.
+aten = torch.ops.aten
 pytestmark = pytest.mark.filterwarnings("ignore:calibration data holds only")
 
 # width → (arch, config overrides, the orders the note must name)
@@ -64,6 +66,26 @@ def test_width_gets_a_hadamard_and_stays_float_equivalent(width):
     assert downs and all(node_annotation(s.node).rotate == "writer+online_hadamard" for s in downs)
     assert all(node_annotation(s.x).online_hadamard == inter for s in downs)
     assert f"online Hadamard before {len(downs)} MLP output projection(s)" in msg
+    # ... as one mm (the last factor) and one bmm per other factor, on views of contiguous
+    # tensors: no transposed copy of the activation, no k×k matmul.
+    factors = hadamard_factors(inter)
+    for s in downs:
+        ops = _chain_ops(s.x)
+        assert ops.count(aten.mm.default) == 1 and ops.count(aten.bmm.default) == len(factors) - 1, ops
+        assert not {aten.clone.default, aten.transpose.int, aten.permute.default, aten.matmul.default} & set(ops)
+
+
+def _chain_ops(y):
+    """The ops between the MLP's product (``aten.mul``) and the online transform's output."""
+    ops, todo, seen = [], [y], set()
+    while todo:
+        n = todo.pop()
+        if n in seen or n.op != "call_function" or n.target == aten.mul.Tensor:
+            continue
+        seen.add(n)
+        ops.append(n.target)
+        todo.extend(n.all_input_nodes)
+    return ops
 
 
 def test_width_without_a_hadamard_is_a_warning():
