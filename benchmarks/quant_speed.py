@@ -54,9 +54,12 @@ def _peak_rss() -> int:
 
 def full_run(args: argparse.Namespace) -> dict:
     import qqq_compile as qc
+    from qqq_compile.cli.common import return_freed_memory
     from qqq_compile.data import standard_splits
     from qqq_compile.models import demo_model_path, load_model
 
+    # The allocator setting of the CLI (freed tensors go back to the system), so the peak is the CLI's.
+    out_allocator = return_freed_memory()
     if args.streaming:  # as `qqq-compile quantize demo` runs: the weights stay on disk
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -82,6 +85,7 @@ def full_run(args: argparse.Namespace) -> dict:
     out = {
         "preset": args.preset,
         "streaming": args.streaming,
+        "cli_allocator": out_allocator,
         "group_size": args.group_size,
         "n_calib": len(calib),
         "calib_tokens": tokens,
@@ -104,7 +108,7 @@ def full_run(args: argparse.Namespace) -> dict:
 def print_full(r: dict) -> None:
     how = "streaming from disk, as `qqq-compile quantize demo`" if r["streaming"] else "model loaded whole"
     print(f"\npreset {r['preset']} (group size {r['group_size']}), {r['n_calib']} windows, {r['calib_tokens']} tokens,")
-    print(how + ",")
+    print(how + (", the CLI's allocator setting," if r.get("cli_allocator") else ","))
     print(f"{r['threads']} threads, SmolLM2-135M ({r['block_linear_params'] / 1e6:.1f} M params in block linears)\n")
     print("| step | wall s |\n|---|---|")
     for name, s in r["passes"]:
