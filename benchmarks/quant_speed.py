@@ -2,6 +2,8 @@
 
     python benchmarks/quant_speed.py                        # 128 windows, default preset, streaming
     python benchmarks/quant_speed.py --no-streaming         # the same on the model loaded whole
+    python benchmarks/quant_speed.py --per-block --variants new --blocks 3 --rounds 1 --allocator glibc
+                                    # (then --allocator cli, in turn: what the CLI's malloc setting costs)
     python benchmarks/quant_speed.py --n-calib 32 --eval    # fewer windows; + eval perplexity
     python benchmarks/quant_speed.py --per-block --blocks 2 --rounds 3
                                     # old (git revision) vs new GPTQ, round-robin per block
@@ -52,14 +54,20 @@ def _peak_rss() -> int:
 # ----------------------------------------------------------------------------- full run
 
 
+def set_allocator(kind: str) -> bool:
+    """``"cli"``: the CLI's glibc setting (``cli.common.return_freed_memory``: freed tensors go
+    back to the system), so time and peak are the CLI's; ``"glibc"``: glibc's defaults."""
+    from qqq_compile.cli.common import return_freed_memory
+
+    return return_freed_memory() if kind == "cli" else False
+
+
 def full_run(args: argparse.Namespace) -> dict:
     import qqq_compile as qc
-    from qqq_compile.cli.common import return_freed_memory
     from qqq_compile.data import standard_splits
     from qqq_compile.models import demo_model_path, load_model
 
-    # The allocator setting of the CLI (freed tensors go back to the system), so the peak is the CLI's.
-    out_allocator = return_freed_memory()
+    out_allocator = set_allocator(args.allocator)
     if args.streaming:  # as `qqq-compile quantize demo` runs: the weights stay on disk
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -149,6 +157,7 @@ def load_baseline(rev: str) -> type:
 
 
 def per_block(args: argparse.Namespace) -> dict:
+    set_allocator(args.allocator)
     import qqq_compile.compiler.block_runner as br
     from qqq_compile.compiler.calibration import calib_batches, example_call
     from qqq_compile.compiler.capture import capture
@@ -240,6 +249,12 @@ def main() -> None:
         default=True,
         help="full mode: stream the weights from the demo's folder, as the CLI does (default); "
         "--no-streaming: qqq_compile.compile on the loaded model",
+    )
+    ap.add_argument(
+        "--allocator",
+        choices=("cli", "glibc"),
+        default="cli",
+        help="cli: the CLI's malloc setting (mmap threshold 1 MB; default); glibc: glibc's defaults",
     )
     ap.add_argument("--eval", action="store_true", help="also the perplexity on the 40 standard eval windows")
     ap.add_argument("--per-block", action="store_true", help="time GPTQ per block: variants round-robin")
