@@ -69,12 +69,10 @@ def full_run(args: argparse.Namespace) -> dict:
 
     out_allocator = set_allocator(args.allocator)
     if args.streaming:  # as `qqq-compile quantize demo` runs: the weights stay on disk
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         folder = demo_model_path()
         tok = AutoTokenizer.from_pretrained(folder)
-        with torch.device("meta"):  # for the parameter count only
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     else:
         model, tok = load_model("demo")
     calib, evals = standard_splits(tok, n_calib=args.n_calib)
@@ -89,7 +87,7 @@ def full_run(args: argparse.Namespace) -> dict:
     total = time.perf_counter() - t0
     passes = [(p.name, p.seconds) for p in compiled.report.passes]
     tokens = sum(w.numel() for w in calib)
-    params = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n)
+    params = sum(li.in_features * li.out_features for li in compiled.linears() if ".layers." in li.fqn)
     out = {
         "preset": args.preset,
         "streaming": args.streaming,
