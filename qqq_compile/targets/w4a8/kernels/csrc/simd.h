@@ -48,6 +48,14 @@ inline __mmask16 mask16(int64_t rem) {
 }
 inline __mmask64 mask64(int64_t rem) { return rem >= 64 ? ~0ULL : rem <= 0 ? 0ULL : ((1ULL << rem) - 1); }
 
+// GEMV weight streaming: a core keeps only ~24 L1 misses in flight, too few to reach memory
+// bandwidth (SmolLM2's decode linears read 83 MB at ~17 GB/s on 2 Zen 4 cores); prefetching
+// the rows kPrefetchRows ahead into L2 lets its larger miss queue run ahead. Measured on
+// SmolLM2's 120 decode linears + int8 lm_head (alternating in one process, 2 threads): 24% and
+// 44% less time; an L1 prefetch (_MM_HINT_T0) gained only 3-10%, 16 to 64 rows ahead did alike.
+constexpr int64_t kPrefetchRows = 32;
+inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+
 template <typename T>
 inline void store_out(T* p, float v) {
   p[0] = static_cast<T>(v);  // c10 conversions round to nearest even, like Tensor.to()

@@ -141,9 +141,11 @@ inline __m512i chunk_lut(const WeightView& w, int64_t n, const ChunkGroups& cg, 
 template <int MODE, bool WIDE, bool SCRATCH>
 constexpr bool kF16Inline = MODE == kGroupF16 && WIDE && !SCRATCH;
 
+// `pf`: how far ahead (bytes) to prefetch the weights into L2 while they stream from memory
+// (0: they are already cached, see gemm_packed_run).
 template <int MT, int NT, int MODE, bool WIDE, bool SCRATCH>
 inline void micro(const ActView& a, const WeightView& w, const Epilogue& e, int64_t m0, int64_t n0,
-                  const __m512i* luts, const float* gsf) {
+                  const __m512i* luts, const float* gsf, int64_t pf) {
   __m512i acc[MT][NT];
 #pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
@@ -165,6 +167,7 @@ inline void micro(const ActView& a, const WeightView& w, const Epilogue& e, int6
 #pragma GCC unroll 16
     for (int j = 0; j < NT; ++j) {
       const uint8_t* wp = w.qw + (n0 + j) * w.Kb + c * 64;
+      if (pf) prefetch_l2(wp + pf);
       // Padded activation columns are zero, so whatever the LUT makes of padding is harmless.
       __m512i b;
       if constexpr (decltype(tail)::value)
@@ -229,12 +232,12 @@ inline void micro(const ActView& a, const WeightView& w, const Epilogue& e, int6
 
 template <int MT, int NT, int MODE, bool WIDE, bool SCRATCH>
 inline void rows_block(const ActView& a, const WeightView& w, const Epilogue& e, int64_t m0, int64_t n_begin,
-                       int64_t n_end, const __m512i* luts, int64_t nchunks, const float* gsf) {
+                       int64_t n_end, const __m512i* luts, int64_t nchunks, const float* gsf, int64_t pf) {
   int64_t n = n_begin;
   for (; n + NT <= n_end; n += NT)
-    micro<MT, NT, MODE, WIDE, SCRATCH>(a, w, e, m0, n, luts + (n - n_begin) * nchunks, gsf + (n - n_begin) * w.G);
+    micro<MT, NT, MODE, WIDE, SCRATCH>(a, w, e, m0, n, luts + (n - n_begin) * nchunks, gsf + (n - n_begin) * w.G, pf);
   for (; n < n_end; ++n)
-    micro<MT, 1, MODE, WIDE, SCRATCH>(a, w, e, m0, n, luts + (n - n_begin) * nchunks, gsf + (n - n_begin) * w.G);
+    micro<MT, 1, MODE, WIDE, SCRATCH>(a, w, e, m0, n, luts + (n - n_begin) * nchunks, gsf + (n - n_begin) * w.G, pf);
 }
 
 template <int MODE, bool WIDE, bool SCRATCH>
@@ -269,13 +272,18 @@ void gemm_packed_run(const ActView& a, int64_t M, const WeightView& w, const Epi
           for (int64_t c = 0; c < nchunks; ++c)
             _mm512_store_si512(&scratch[(n - n_begin) * nchunks + c], chunk_lut<MODE, WIDE>(w, n, chunk_groups<MODE, WIDE>(w, c), 128));
       }
+      // The first token tile streams the block's rows from memory (the later ones find them
+      // in L2) and prefetches the rows kPrefetchRows ahead into L2.
+      const int64_t pf = kPrefetchRows * w.Kb;
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) rows_block<4, 4, MODE, WIDE, SCRATCH>(a, w, e, m, n_begin, n_end, luts, nchunks, gsf.data());
+      for (; m + 4 <= M; m += 4)
+        rows_block<4, 4, MODE, WIDE, SCRATCH>(a, w, e, m, n_begin, n_end, luts, nchunks, gsf.data(), m == 0 ? pf : 0);
       if (M - m >= 2) {
-        rows_block<2, 8, MODE, WIDE, SCRATCH>(a, w, e, m, n_begin, n_end, luts, nchunks, gsf.data());
+        rows_block<2, 8, MODE, WIDE, SCRATCH>(a, w, e, m, n_begin, n_end, luts, nchunks, gsf.data(), m == 0 ? pf : 0);
         m += 2;
       }
-      if (M - m == 1) rows_block<1, 16, MODE, WIDE, SCRATCH>(a, w, e, m, n_begin, n_end, luts, nchunks, gsf.data());
+      if (M - m == 1)
+        rows_block<1, 16, MODE, WIDE, SCRATCH>(a, w, e, m, n_begin, n_end, luts, nchunks, gsf.data(), m == 0 ? pf : 0);
     }
   });
 }

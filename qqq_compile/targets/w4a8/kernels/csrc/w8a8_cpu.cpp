@@ -18,7 +18,7 @@ namespace {
 constexpr int64_t KB = 64;  // k per zmm
 
 template <int MT, int NT>
-inline void micro8(const ActView& a, const int8_t* w, int64_t K, const Epilogue& e, int64_t m0, int64_t n0) {
+inline void micro8(const ActView& a, const int8_t* w, int64_t K, const Epilogue& e, int64_t m0, int64_t n0, int64_t pf) {
   __m512i acc[MT][NT];
 #pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
@@ -37,6 +37,7 @@ inline void micro8(const ActView& a, const int8_t* w, int64_t K, const Epilogue&
 #pragma GCC unroll 16
     for (int j = 0; j < NT; ++j) {
       const int8_t* wp = w + (n0 + j) * K + k;
+      if (pf) prefetch_l2(wp + pf);
       // Past K the activations are zero, so the 0x80 the masked-off weight bytes become adds nothing.
       const __m512i b = _mm512_xor_si512(kTail ? _mm512_maskz_loadu_epi8(mk, wp) : _mm512_loadu_si512(wp), c80);
 #pragma GCC unroll 16
@@ -67,10 +68,10 @@ inline void micro8(const ActView& a, const int8_t* w, int64_t K, const Epilogue&
 
 template <int MT, int NT>
 inline void rows8(const ActView& a, const int8_t* w, int64_t K, const Epilogue& e, int64_t m0, int64_t n_begin,
-                  int64_t n_end) {
+                  int64_t n_end, int64_t pf) {
   int64_t n = n_begin;
-  for (; n + NT <= n_end; n += NT) micro8<MT, NT>(a, w, K, e, m0, n);
-  for (; n < n_end; ++n) micro8<MT, 1>(a, w, K, e, m0, n);
+  for (; n + NT <= n_end; n += NT) micro8<MT, NT>(a, w, K, e, m0, n, pf);
+  for (; n < n_end; ++n) micro8<MT, 1>(a, w, K, e, m0, n, pf);
 }
 
 void gemm_w8(const ActView& a, int64_t M, const int8_t* w, int64_t K, const Epilogue& e) {
@@ -80,13 +81,14 @@ void gemm_w8(const ActView& a, int64_t M, const int8_t* w, int64_t K, const Epil
   parallel_items(nblocks, M * e.N * K >= (1 << 19), [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n_begin = blk * NB, n_end = std::min(e.N, n_begin + NB);
+      const int64_t pf = kPrefetchRows * K;  // as in gemm_packed_run (w4a8_cpu.cpp)
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) rows8<4, 4>(a, w, K, e, m, n_begin, n_end);
+      for (; m + 4 <= M; m += 4) rows8<4, 4>(a, w, K, e, m, n_begin, n_end, m == 0 ? pf : 0);
       if (M - m >= 2) {
-        rows8<2, 8>(a, w, K, e, m, n_begin, n_end);
+        rows8<2, 8>(a, w, K, e, m, n_begin, n_end, m == 0 ? pf : 0);
         m += 2;
       }
-      if (M - m == 1) rows8<1, 16>(a, w, K, e, m, n_begin, n_end);
+      if (M - m == 1) rows8<1, 16>(a, w, K, e, m, n_begin, n_end, m == 0 ? pf : 0);
     }
   });
 }
