@@ -14,7 +14,8 @@ Times, round-robin (every row once per round, so load hits every row alike):
     the Python dispatcher, estimated by the ``call overhead`` row: the same count of calls of
     a 16x16 linear), the lm_head alone (fp32 ``F.linear`` or ``qqq::w8a8_linear``);
   * attention alone, once per layer, at the step's shapes: torch SDPA over the fp32 cache,
-    over a bf16 cache, and the bf16 kernel;
+    over a bf16 cache, the bf16 kernel and the fp32 kernel (``qqq_cpu::attention_f32kv``, what
+    the step runs over an fp32 cache);
   * the rest (fused elementwise C++ + wrapper) = step - linears - lm_head - attention.
 The floor is the bytes a decode step must read (linears, lm_head, KV cache at ``--context``)
 divided by the memory read bandwidth measured in the same run (torch ``sum`` over 1 GiB).
@@ -75,8 +76,12 @@ def parts(gm: torch.fx.GraphModule, spec, ctx: int):
     def get(n):
         return functools.reduce(getattr, n.target.split("."), gm) if getattr(n, "op", None) == "get_attr" else n
 
-    linears, head, attn, read = [], None, {"sdpa fp32 cache": [], "sdpa bf16 cache": [], "bf16 kernel": []}, 0
-    sdpa_ops = (aten.scaled_dot_product_attention.default, torch.ops.qqq_cpu.attention_bf16kv.default)
+    linears, head, attn, read = [], None, {"sdpa fp32 cache": [], "fp32 kernel": [], "sdpa bf16 cache": [], "bf16 kernel": []}, 0
+    sdpa_ops = (
+        aten.scaled_dot_product_attention.default,
+        torch.ops.qqq_cpu.attention_bf16kv.default,
+        torch.ops.qqq_cpu.attention_f32kv.default,
+    )
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
@@ -107,6 +112,9 @@ def parts(gm: torch.fx.GraphModule, spec, ctx: int):
                 lambda q=qq, k=k32, v=v32, m=m, g=gqa: F.scaled_dot_product_attention(
                     q, k, v, attn_mask=m, enable_gqa=g
                 )
+            )
+            attn["fp32 kernel"].append(
+                lambda q=qq, k=k32, v=v32, m=m, d=d: torch.ops.qqq_cpu.attention_f32kv(q, k, v, m, d**-0.5)
             )
             attn["sdpa bf16 cache"].append(
                 lambda q=qq, k=k16, v=v16, m=m, g=gqa: F.scaled_dot_product_attention(
@@ -230,9 +238,9 @@ def main() -> None:
             for k, fns in attn.items():
                 rows[f"attention: {k}"].append(median_ms(lambda fns=fns: [f() for f in fns], 20))
     med = {k: statistics.median(v) for k, v in rows.items()}
-    attn_of = {"float32": "attention: sdpa fp32 cache", "bfloat16": "attention: bf16 kernel"}
+    attn_of = {"float32": "attention: fp32 kernel", "bfloat16": "attention: bf16 kernel"}
     for d in steps:
-        a = med[attn_of.get(d, "attention: sdpa fp32 cache")]
+        a = med[attn_of.get(d, "attention: fp32 kernel")]
         med[f"rest ({d} cache: elementwise + wrapper)"] = (
             med[f"step ({d} KV cache)"] - med["w4a8 linears"] - med["lm_head"] - a
         )

@@ -91,6 +91,7 @@ PATH_NAMES = (
     "solo",
     "stall",
     "attention_bf16kv",
+    "attention_f32kv",
 )
 
 
@@ -174,10 +175,12 @@ def _register_fakes() -> None:
     """Shape functions of the extension's ops whose schema it defines without a kernel for
     every key (torch.export traces them with fake tensors)."""
 
-    @torch.library.register_fake("qqq_cpu::attention_bf16kv")
-    def _(q, k_t, v, mask, scale):
+    def attention_fake(q, k, v, mask, scale):
         b, h, t, d = q.shape
         return q.new_empty(b, t, h, d).transpose(1, 2)  # torch's CPU SDPA output layout
+
+    torch.library.register_fake("qqq_cpu::attention_bf16kv")(attention_fake)
+    torch.library.register_fake("qqq_cpu::attention_f32kv")(attention_fake)
 
 
 def _ext() -> Any:

@@ -1,4 +1,11 @@
-// Attention of new query tokens over a bfloat16 KV cache (qqq_cpu::attention_bf16kv).
+// Attention of new query tokens over a KV cache: bfloat16 (qqq_cpu::attention_bf16kv) or
+// float32 (qqq_cpu::attention_f32kv).
+//
+// float32 (the default cache): K and V stay [B, Hkv, L, D], as SDPA reads them. At decode
+// torch's CPU SDPA runs the one query token through its flash kernel as two GEMVs per head
+// (MKL sgemv), 1.6 ms of a 6.7 ms SmolLM2 step at 512 context, 3x the bf16 kernel's time for
+// 2x its bytes; the kernel below shares the bf16 one's work split and softmax, and builds
+// each 16 keys' scores from their rows with one transposing reduction.
 //
 // Why: at decode (one query token) SDPA reads the whole KV cache once per layer: on SmolLM2
 // at 512 context that is 23.6 MB per token in fp32, a fifth of everything a step reads.
@@ -18,6 +25,7 @@
 #include <ATen/ops/scaled_dot_product_attention.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "qqq_cpu.h"
 #include "simd.h"
@@ -43,26 +51,76 @@ inline __m512 exp_le0(__m512 x) {
 
 inline __m512 bf16_to_f32(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
 
+// The horizontal sums of 16 vectors, lane i = sum(v[i]) (the float twin of simd.h's reduce16).
+inline __m512 reduce16_ps(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+// The two cache layouts: `k_scores` gives G heads' raw scores q.k of 16 keys [j, j + n) (n <= 16)
+// at s[g * ld], `v_row` one V row chunk of 16 values in fp32.
+struct Bf16DMajor {  // K [D, L] (d-major), bf16
+  using T = uint16_t;
+  template <int G, int D>
+  static void k_scores(const float* q, int64_t ldq, const T* k, int64_t ldk, int64_t j, int64_t n, __m512* acc) {
+    const __mmask16 mk = mask16(n);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int d = 0; d < D; ++d) {
+      const __m512 kv = bf16_to_f32(_mm256_maskz_loadu_epi16(mk, k + d * ldk + j));
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * ldq + d]), kv, acc[g]);
+    }
+  }
+  static __m512 v16(const T* p) { return bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+};
+
+struct F32RowMajor {  // K [L, D], fp32
+  using T = float;
+  template <int G, int D>
+  static void k_scores(const float* q, int64_t ldq, const T* k, int64_t ldk, int64_t j, int64_t n, __m512* acc) {
+    constexpr int C = D / 16;
+    for (int g = 0; g < G; ++g) {
+      __m512 qv[C], p[16];
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + g * ldq + 16 * c);
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+        p[r] = _mm512_setzero_ps();
+        if (r < n) {
+          const float* kr = k + (j + r) * ldk;
+#pragma GCC unroll 8
+          for (int c = 0; c < C; ++c) p[r] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + 16 * c), p[r]);
+        }
+      }
+      acc[g] = reduce16_ps(p);
+    }
+  }
+  static __m512 v16(const T* p) { return _mm512_loadu_ps(p); }
+};
+
 struct Part {  // one work item's result for its G query heads
   float m[8], l[8];
   float o[8][128];
 };
 
 // Scores, softmax numerator and weighted V sum of G query heads over keys [j0, j1).
-template <int G, int D>
-void attend_range(const float* q, int64_t ldq, const uint16_t* kt, int64_t ldk, const uint16_t* v, int64_t ldv,
-                  const bool* valid, int64_t j0, int64_t j1, float scale, float* s, Part& out) {
+template <typename Layout, int G, int D>
+void attend_range(const float* q, int64_t ldq, const typename Layout::T* kt, int64_t ldk, const typename Layout::T* v,
+                  int64_t ldv, const bool* valid, int64_t j0, int64_t j1, float scale, float* s, Part& out) {
   const int64_t n = j1 - j0, np = ceil_div(n, 16) * 16;
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 mk = mask16(n - j);
     __m512 acc[G];
-#pragma GCC unroll 8
-    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-    for (int d = 0; d < D; ++d) {
-      const __m512 k = bf16_to_f32(_mm256_maskz_loadu_epi16(mk, kt + d * ldk + j0 + j));
-#pragma GCC unroll 8
-      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * ldq + d]), k, acc[g]);
-    }
+    Layout::template k_scores<G, D>(q, ldq, kt, ldk, j0 + j, std::min<int64_t>(16, n - j), acc);
     const __m512i vb = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, valid + j0 + j));
     const __mmask16 keep = _mm512_mask_cmpneq_epi32_mask(mk, vb, _mm512_setzero_si512());
 #pragma GCC unroll 8
@@ -97,10 +155,10 @@ void attend_range(const float* q, int64_t ldq, const uint16_t* kt, int64_t ldk, 
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) o[g][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* vr = v + (j0 + j) * ldv;
+    const typename Layout::T* vr = v + (j0 + j) * ldv;
     __m512 vv[C];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) vv[c] = bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 16 * c)));
+    for (int c = 0; c < C; ++c) vv[c] = Layout::v16(vr + 16 * c);
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
       const __m512 p = _mm512_set1_ps(s[g * np + j]);
@@ -112,10 +170,13 @@ void attend_range(const float* q, int64_t ldq, const uint16_t* kt, int64_t ldk, 
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out.o[g] + 16 * c, o[g][c]);
 }
 
-template <int G, int D>
+// `kt`: K as `Layout` keeps it ([B, Hkv, D, L] d-major, or [B, Hkv, L, D]); `ldk` its stride
+// between d rows (d-major) or keys.
+template <typename Layout, int G, int D>
 void decode_attention(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v, const at::Tensor& valid,
                       float scale, at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), Hkv = kt.size(1), L = kt.size(3);
+  constexpr bool kDMajor = std::is_same_v<Layout, Bf16DMajor>;
+  const int64_t B = q.size(0), H = q.size(1), Hkv = kt.size(1), L = kt.size(kDMajor ? 3 : 2);
   // Key ranges of at least 128 keys, enough for every thread to have an item.
   const int64_t threads = at::get_num_threads();
   const int64_t per_row = std::max<int64_t>(1, std::min<int64_t>(ceil_div(threads, B * Hkv), L / 128));
@@ -123,8 +184,9 @@ void decode_attention(const at::Tensor& q, const at::Tensor& kt, const at::Tenso
   const int64_t nc = ceil_div(L, chunk);
   std::vector<Part> parts(B * Hkv * nc);
   const float* qp = q.data_ptr<float>();
-  const uint16_t* kp = reinterpret_cast<const uint16_t*>(kt.data_ptr<c10::BFloat16>());
-  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>());
+  using T = typename Layout::T;
+  const T* kp = static_cast<const T*>(kt.data_ptr());
+  const T* vp = static_cast<const T*>(v.data_ptr());
   const bool* mp = valid.data_ptr<bool>();
   parallel_items(B * Hkv * nc, B * Hkv * nc > 1, [&](int64_t i0, int64_t i1) {
     thread_local std::vector<float> scratch;
@@ -133,7 +195,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& kt, const at::Tenso
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hkv * nc), h = i / nc % Hkv, c = i % nc;
       const int64_t j0 = c * chunk, j1 = std::min(L, j0 + chunk);
-      attend_range<G, D>(qp + b * q.stride(0) + h * G * q.stride(1), q.stride(1), kp + b * kt.stride(0) + h * kt.stride(1),
+      attend_range<Layout, G, D>(qp + b * q.stride(0) + h * G * q.stride(1), q.stride(1), kp + b * kt.stride(0) + h * kt.stride(1),
                          kt.stride(2), vp + b * v.stride(0) + h * v.stride(1), v.stride(2),
                          mp + b * valid.stride(0), j0, j1, scale, s, parts[i]);
     }
@@ -160,54 +222,79 @@ void decode_attention(const at::Tensor& q, const at::Tensor& kt, const at::Tenso
       }
 }
 
-template <int D>
+template <typename Layout, int D>
 bool dispatch_g(int64_t G, const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v, const at::Tensor& valid,
                 float scale, at::Tensor& out) {
   switch (G) {
-    case 1: decode_attention<1, D>(q, kt, v, valid, scale, out); return true;
-    case 2: decode_attention<2, D>(q, kt, v, valid, scale, out); return true;
-    case 3: decode_attention<3, D>(q, kt, v, valid, scale, out); return true;
-    case 4: decode_attention<4, D>(q, kt, v, valid, scale, out); return true;
-    case 5: decode_attention<5, D>(q, kt, v, valid, scale, out); return true;
-    case 6: decode_attention<6, D>(q, kt, v, valid, scale, out); return true;
-    case 7: decode_attention<7, D>(q, kt, v, valid, scale, out); return true;
-    case 8: decode_attention<8, D>(q, kt, v, valid, scale, out); return true;
+    case 1: decode_attention<Layout, 1, D>(q, kt, v, valid, scale, out); return true;
+    case 2: decode_attention<Layout, 2, D>(q, kt, v, valid, scale, out); return true;
+    case 3: decode_attention<Layout, 3, D>(q, kt, v, valid, scale, out); return true;
+    case 4: decode_attention<Layout, 4, D>(q, kt, v, valid, scale, out); return true;
+    case 5: decode_attention<Layout, 5, D>(q, kt, v, valid, scale, out); return true;
+    case 6: decode_attention<Layout, 6, D>(q, kt, v, valid, scale, out); return true;
+    case 7: decode_attention<Layout, 7, D>(q, kt, v, valid, scale, out); return true;
+    case 8: decode_attention<Layout, 8, D>(q, kt, v, valid, scale, out); return true;
     default: return false;
   }
+}
+
+// The one-token kernel over `k` (as `Layout` keeps it) and V, into [B, 1, H, D] in memory.
+template <typename Layout>
+at::Tensor run_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                      double scale, int64_t L, const char* name) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), G = H / k.size(1);
+  // The rows' key validity [B, L] from the [B|1, 1, 1, L] mask the KV-cache rewrite builds.
+  const at::Tensor valid = mask.to(at::kBool).reshape({mask.size(0), L}).expand({B, L}).contiguous();
+  const at::Tensor qc = q.contiguous();
+  at::Tensor out = at::empty({B, 1, H, D}, q.options()).transpose(1, 2);  // [B, T, H, D] in memory, as torch's SDPA
+  const float sc = static_cast<float>(scale);
+  const bool ok = D == 16   ? dispatch_g<Layout, 16>(G, qc, k, v, valid, sc, out)
+                  : D == 32 ? dispatch_g<Layout, 32>(G, qc, k, v, valid, sc, out)
+                  : D == 64 ? dispatch_g<Layout, 64>(G, qc, k, v, valid, sc, out)
+                            : dispatch_g<Layout, 128>(G, qc, k, v, valid, sc, out);
+  TORCH_CHECK(ok, name, ": unsupported group size ", G);
+  return out;
+}
+
+// Shapes the kernels cover: one query token, fp32 q, head dim 16/32/64/128, 1-8 query heads per
+// KV head, unit-stride rows, a bool [B|1, 1, 1, L] mask.
+bool kernel_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, int64_t L) {
+  const int64_t H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const int64_t G = Hkv > 0 ? H / Hkv : 0;
+  return T == 1 && q.scalar_type() == at::kFloat && (D == 16 || D == 32 || D == 64 || D == 128) && G >= 1 && G <= 8 &&
+         H == G * Hkv && k.stride(3) == 1 && v.stride(3) == 1 && mask.scalar_type() == at::kBool && mask.dim() == 4 &&
+         mask.size(1) == 1 && mask.size(2) == 1 && L >= 1 && L <= 64 * 128;
+}
+
+// Prefill (and shapes the kernels do not cover): torch's SDPA. Laid out [B, T, H, D] like the
+// kernels' output, torch's CPU SDPA and the registered fakes: graphs captured around SDPA view
+// its output that way.
+at::Tensor sdpa_fallback(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                         double scale) {
+  return at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scale, q.size(1) != k.size(1))
+      .transpose(1, 2)
+      .contiguous()
+      .transpose(1, 2);
 }
 
 }  // namespace
 
 at::Tensor attention_bf16kv(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor& v, const at::Tensor& mask,
                             double scale) {
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k_t.size(1), L = k_t.size(3);
-  const int64_t G = Hkv > 0 ? H / Hkv : 0;
-  const bool kernel = T == 1 && q.scalar_type() == at::kFloat && (D == 16 || D == 32 || D == 64 || D == 128) && G >= 1 && G <= 8 &&
-                      H == G * Hkv && k_t.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
-                      k_t.stride(3) == 1 && v.stride(3) == 1 && mask.scalar_type() == at::kBool && mask.dim() == 4 &&
-                      mask.size(1) == 1 && mask.size(2) == 1 && L >= 1 && L <= 64 * 128;
-  if (!kernel) {
-    // Prefill (and shapes the kernel does not cover): torch's SDPA over the cache in q's dtype.
-    // Laid out [B, T, H, D] like the kernel's output, torch's CPU SDPA and the registered
-    // fake: graphs captured around SDPA view its output that way.
-    return at::scaled_dot_product_attention(q, k_t.transpose(2, 3).to(q.scalar_type()), v.to(q.scalar_type()), mask,
-                                            0.0, false, scale, H != Hkv)
-        .transpose(1, 2)
-        .contiguous()
-        .transpose(1, 2);
-  }
+  const int64_t L = k_t.size(3);
+  if (!(kernel_shapes(q, k_t, v, mask, L) && k_t.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16))
+    return sdpa_fallback(q, k_t.transpose(2, 3).to(q.scalar_type()), v.to(q.scalar_type()), mask, scale);
   count_path(kAttnBf16);
-  // The rows' key validity [B, L] from the [B|1, 1, 1, L] mask the KV-cache rewrite builds.
-  const at::Tensor valid = mask.to(at::kBool).reshape({mask.size(0), L}).expand({B, L}).contiguous();
-  const at::Tensor qc = q.contiguous();
-  at::Tensor out = at::empty({B, 1, H, D}, q.options()).transpose(1, 2);  // [B, T, H, D] in memory, as torch's SDPA
-  const float sc = static_cast<float>(scale);
-  const bool ok = D == 16   ? dispatch_g<16>(G, qc, k_t, v, valid, sc, out)
-                  : D == 32 ? dispatch_g<32>(G, qc, k_t, v, valid, sc, out)
-                  : D == 64 ? dispatch_g<64>(G, qc, k_t, v, valid, sc, out)
-                            : dispatch_g<128>(G, qc, k_t, v, valid, sc, out);
-  TORCH_CHECK(ok, "attention_bf16kv: unsupported group size ", G);
-  return out;
+  return run_kernel<Bf16DMajor>(q, k_t, v, mask, scale, L, "attention_bf16kv");
+}
+
+at::Tensor attention_f32kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                           double scale) {
+  const int64_t L = k.size(2);
+  if (!(kernel_shapes(q, k, v, mask, L) && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat))
+    return sdpa_fallback(q, k, v, mask, scale);
+  count_path(kAttnF32);
+  return run_kernel<F32RowMajor>(q, k, v, mask, scale, L, "attention_f32kv");
 }
 
 }  // namespace qqq

@@ -233,6 +233,7 @@ TORCH_LIBRARY(qqq_cpu, m) {
   // Schema only (the CPU kernel below; the fake is registered from Python, cpu.py): a
   // catch-all kernel would be traced through, with fake tensors, by torch.export.
   m.def("attention_bf16kv(Tensor q, Tensor k_t, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("attention_f32kv(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   // 2-D building blocks, for tests and benchmarks.
   m.def("unpack_w8", &qqq::unpack_w8);
   m.def("use_packed", &qqq::use_packed);
@@ -240,4 +241,7 @@ TORCH_LIBRARY(qqq_cpu, m) {
   m.def("w8a8_linear_path", &qqq::w8a8_linear_path_op);
 }
 
-TORCH_LIBRARY_IMPL(qqq_cpu, CPU, m) { m.impl("attention_bf16kv", &qqq::attention_bf16kv); }
+TORCH_LIBRARY_IMPL(qqq_cpu, CPU, m) {
+  m.impl("attention_bf16kv", &qqq::attention_bf16kv);
+  m.impl("attention_f32kv", &qqq::attention_f32kv);
+}
