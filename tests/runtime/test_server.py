@@ -346,7 +346,8 @@ def test_a_full_queue_answers_429_with_retry_after(artifact):
     with bg:
         host, port = bg.url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        body = {"model": "tiny", "prompt": "w1 w2", "max_tokens": 60, "stream": True}
+        # ignore_eos: the row must stay taken (sampling at the default temperature could draw EOS).
+        body = {"model": "tiny", "prompt": "w1 w2", "max_tokens": 60, "stream": True, "ignore_eos": True}
         conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
         assert conn.getresponse().readline().startswith(b"data: ")  # the one row is taken
         results: list = []
