@@ -207,7 +207,9 @@ def add_kv_cache(
     """A new GraphModule ``(input_ids, attention_mask, cache_position, cache_row=None) -> logits``
     with a static KV cache in its buffers. ``gm`` is left as it was; weights are shared, not copied.
 
-    ``cache_dtype``: None keeps K/V's dtype. ``torch.bfloat16`` stores them rounded to bf16
+    ``cache_dtype``: None keeps K/V's dtype (an fp32 cache on the CPU: attention runs
+    ``qqq_cpu::attention_f32kv`` when the C++ kernels are loaded, a one-token kernel at decode
+    and SDPA otherwise). ``torch.bfloat16`` stores them rounded to bf16
     (half the bytes each decode step reads), K d-major, and attention runs
     ``qqq_cpu::attention_bf16kv`` (a one-token kernel; torch's CPU SDPA on bf16 was slower
     than on fp32) when the C++ kernels are loaded, else SDPA over the upcast cache."""
