@@ -76,7 +76,12 @@ def parts(gm: torch.fx.GraphModule, spec, ctx: int):
     def get(n):
         return functools.reduce(getattr, n.target.split("."), gm) if getattr(n, "op", None) == "get_attr" else n
 
-    linears, head, attn, read = [], None, {"sdpa fp32 cache": [], "fp32 kernel": [], "sdpa bf16 cache": [], "bf16 kernel": []}, 0
+    linears, head, attn, read = (
+        [],
+        None,
+        {"sdpa fp32 cache": [], "fp32 kernel": [], "sdpa bf16 cache": [], "bf16 kernel": []},
+        0,
+    )
     sdpa_ops = (
         aten.scaled_dot_product_attention.default,
         torch.ops.qqq_cpu.attention_bf16kv.default,

@@ -3,7 +3,8 @@
 The reference is torch's SDPA in float64 over the same cache (an independent
 implementation): the kernel's error against it is float rounding, at or below fp32 SDPA's own
 (measured 0.9-1.0x of SDPA's relative error on these shapes): 123 dB at 2049 keys, more on
-fewer, so the floor is 115 dB, and the kernel must be within 3 dB of fp32 SDPA. Each test proves through the path counter which path ran.
+fewer, so the floor is 115 dB, and the kernel must be within 3 dB of fp32 SDPA. Each test
+proves through the path counter which path ran.
 """
 
 from __future__ import annotations
@@ -46,7 +47,14 @@ def _reference(q, k, v, mask, scale):
 # (32/8 x 128), plus MHA, a single KV head and a key count below one 16-key block.
 @pytest.mark.parametrize(
     ("b", "h", "hkv", "d", "length"),
-    [(1, 9, 3, 64, 513), (1, 14, 2, 64, 1000), (1, 32, 8, 128, 2049), (2, 8, 8, 128, 100), (3, 4, 1, 16, 7), (1, 8, 1, 32, 1)],
+    [
+        (1, 9, 3, 64, 513),
+        (1, 14, 2, 64, 1000),
+        (1, 32, 8, 128, 2049),
+        (2, 8, 8, 128, 100),
+        (3, 4, 1, 16, 7),
+        (1, 8, 1, 32, 1),
+    ],
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_one_token_matches_float64_sdpa(b, h, hkv, d, length, threads) -> None:
