@@ -302,6 +302,7 @@ def find_or_build_package(
     for folder in folders:
         path = folder / f"{key}.pt2"
         if path.is_file():
+            _complete_record(path, cached, spec)
             return path, False, [f"reused the AOT package {path}"]
     target = into or next((f for f in folders if _writable(f)), None)
     if target is None:
@@ -325,15 +326,68 @@ def find_or_build_package(
     t0 = time.perf_counter()
     _aot_compile(cached, spec, path)
     seconds = time.perf_counter() - t0
-    info = {"cpu": cpu_id(), "torch": torch.__version__, "max_batch": spec.max_batch, "max_len": spec.max_len}
-    info["build_seconds"] = round(seconds, 1)
+    kind = _step_kind(cached, spec)
+    info = {**kind, "build_seconds": round(seconds, 1)}
     tmp = path.with_name(f".tmp{os.getpid()}-{key}.json")
     tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path.with_suffix(".json"))
     if progress:
         print(f"qqq_compile: decode step built in {seconds:.0f} s", flush=True)
     notes.append(f"compiled the AOT package {path} in {seconds:.0f} s")
+    notes += _drop_superseded(path, kind)
     return path, True, notes
+
+
+def _step_kind(cached: GraphModule, spec: CacheSpec) -> dict[str, Any]:
+    """What a package serves, beside its key: the machine, the cache's size and dtype. Two
+    packages of one kind in an artifact's folder are two builds of one step from different
+    graphs (a qqq_compile upgrade): the newer one supersedes the other."""
+    k0 = _get(cached, "qqq_k_cache_0")
+    return {
+        "cpu": cpu_id(),
+        "torch": torch.__version__,
+        "max_batch": spec.max_batch,
+        "max_len": spec.max_len,
+        "cache_dtype": str(k0.dtype).removeprefix("torch.") if k0 is not None else None,
+    }
+
+
+def _complete_record(path: Path, cached: GraphModule, spec: CacheSpec) -> None:
+    """Add what an older record lacks (the cache dtype) once its package is matched by key:
+    the key covers the graph, so the facts are now known, and the superseding rule can
+    apply to this package later. Best effort: a read-only folder keeps the old record."""
+    info = _package_info(path)
+    kind = _step_kind(cached, spec)
+    if not info or all(k in info for k in kind):
+        return
+    try:
+        tmp = path.with_name(f".tmp{os.getpid()}-{path.stem}.json")
+        tmp.write_text(json.dumps({**kind, **info}, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path.with_suffix(".json"))
+    except OSError:
+        pass
+
+
+def _drop_superseded(path: Path, kind: dict[str, Any]) -> list[str]:
+    """Delete the packages in ``path``'s folder that ``path`` replaces: same CPU, torch,
+    rows, positions and cache dtype, another key. Only in an artifact's own folder: the
+    shared cache holds packages of every graph ever built, and nothing says which are dead.
+    A package whose record lacks the cache dtype (older than this rule) is kept: it may be
+    the other cache dtype's step. A process still running a deleted package keeps its
+    mapping (POSIX unlink)."""
+    folder = path.parent
+    if folder.resolve() == default_package_dir().resolve():
+        return []
+    dropped = []
+    for old in sorted(folder.glob("[!.]*.pt2")):
+        if old == path:
+            continue
+        info = _package_info(old)
+        if all(info.get(k, object()) == v for k, v in kind.items()):
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
+            dropped.append(old.name)
+    return [f"removed {len(dropped)} superseded package(s) of this step from {folder}: {dropped}"] if dropped else []
 
 
 def step_graph(
@@ -376,7 +430,7 @@ def ship_step(
     if path.parent != dest:
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest / path.name)
-        info = _package_info(path) or {"cpu": cpu_id(), "torch": torch.__version__}
+        info = {**_step_kind(cached, spec), **_package_info(path)}
         (dest / path.with_suffix(".json").name).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     return {
         "package": path.name,

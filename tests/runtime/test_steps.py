@@ -258,6 +258,34 @@ def test_a_package_built_elsewhere_is_rebuilt_once_with_a_note(shipped, tmp_path
     assert len(builds) == 2 and builds[1].parent == steps.default_package_dir()
 
 
+def test_a_rebuild_from_a_newer_graph_replaces_the_superseded_package_and_keeps_the_others(
+    shipped, tmp_path, monkeypatch
+):
+    art = tmp_path / "art"
+    shutil.copytree(shipped, art)
+    step_dir = art / "step"
+    (old,) = step_dir.glob("*.pt2")
+    record = json.loads(old.with_suffix(".json").read_text())
+    assert record["cache_dtype"] == "float32" and record["max_len"] > 0
+    # Beside it: the bf16 cache's step, and a package whose record predates the cache dtype.
+    for name, info in {
+        "b" * 24: {**record, "cache_dtype": "bfloat16"},
+        "c" * 24: {k: v for k, v in record.items() if k != "cache_dtype"},
+    }.items():
+        shutil.copyfile(old, step_dir / f"{name}.pt2")
+        (step_dir / f"{name}.json").write_text(json.dumps(info))
+    # A newer qqq_compile: another key for the same step.
+    monkeypatch.setattr(steps, "_PACKAGE_FORMAT", steps._PACKAGE_FORMAT + "+next")
+    monkeypatch.setattr(steps, "_aot_compile", lambda cached, spec, path: shutil.copyfile(old, path))
+    compiled = load(art)
+    out = compiled.generate(prompt(6), max_new_tokens=3, eos_token_id=[], return_dict_in_generate=True)
+    assert out.runtime == "aot"
+    left = sorted(p.stem for p in step_dir.glob("*.pt2"))
+    assert old.stem not in left and not old.with_suffix(".json").exists()
+    assert "b" * 24 in left and "c" * 24 in left and len(left) == 3
+    assert any("removed 1 superseded package" in n.message for n in compiled.report.notes)
+
+
 def test_auto_falls_back_to_eager_with_a_warning(w4a8, monkeypatch, tmp_path):
     monkeypatch.setenv("QQQ_CACHE", str(tmp_path))  # no package of this graph anywhere
 
