@@ -20,6 +20,7 @@ from qqq_compile.config import QuantConfig
 from qqq_compile.export import check_new_file
 from qqq_compile.targets.registry import QuantizedInput, Target, register_target
 from qqq_compile.targets.w4a8 import formats, fuse_norm_quant, lower  # noqa: F401 - registers fuse_norm_quant
+from qqq_compile.targets.w4a8.fuse_hadamard import fuse_online_hadamard
 from qqq_compile.targets.w4a8.fuse_linears import FuseLinears
 from qqq_compile.targets.w4a8.grid import Grid
 from qqq_compile.targets.w4a8.int8_head import Int8Head
@@ -94,6 +95,8 @@ class W4A8(Target):
         notes = [n.message for n in ctx.notes]
         if not self.load_kernels():
             notes.append("C++ W4A8 kernels unavailable: the step calls the Python kernels")
+        elif fused := fuse_online_hadamard(gm):
+            notes.append(f"{fused} online Hadamard transform(s) run as one C++ kernel call each")
         return notes
 
     def load_kernels(self) -> bool:

@@ -92,6 +92,7 @@ PATH_NAMES = (
     "stall",
     "attention_bf16kv",
     "attention_f32kv",
+    "kron_transform",
 )
 
 
@@ -107,7 +108,15 @@ def use_packed_kernel(m: int, k: int) -> bool:
 
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("act_cpu.cpp", "w4a8_cpu.cpp", "w8a8_cpu.cpp", "parallel_cpu.cpp", "attention_cpu.cpp", "ops_cpu.cpp")
+_SOURCES = (
+    "act_cpu.cpp",
+    "w4a8_cpu.cpp",
+    "w8a8_cpu.cpp",
+    "parallel_cpu.cpp",
+    "attention_cpu.cpp",
+    "hadamard_cpu.cpp",
+    "ops_cpu.cpp",
+)
 _EXT_NAME = "qqq_cpu_kernels"
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi", "f16c")
 # The loaded extension's ops namespace ``torch.ops.qqq_cpu`` (or None: torch fallback), per
@@ -181,6 +190,7 @@ def _register_fakes() -> None:
 
     torch.library.register_fake("qqq_cpu::attention_bf16kv")(attention_fake)
     torch.library.register_fake("qqq_cpu::attention_f32kv")(attention_fake)
+    torch.library.register_fake("qqq_cpu::kron_transform")(lambda x, factors, sizes: x.new_empty(x.shape))
 
 
 def _ext() -> Any:
