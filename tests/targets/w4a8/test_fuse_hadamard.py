@@ -129,3 +129,17 @@ def test_the_aot_step_calls_the_kernel(rotated, tmp_path):
         want = _run(eager, ids)
     for w, g in zip(want, got, strict=True):
         assert sqnr_db(w, g) > 40
+
+
+def test_a_two_row_step_transforms_each_row_like_a_one_row_step(rotated):
+    """The server's multi-row step: leading dims pass through the kernel row by row."""
+    one = steps.build_step(rotated.graph_module, max_batch=1, max_len=64, runtime="eager", progress=False)
+    two = steps.build_step(rotated.graph_module, max_batch=2, max_len=64, runtime="eager", progress=False)
+    assert _calls(two.graph_module) == rotated.model_config["num_hidden_layers"]
+    ids = torch.cat([tiny_calib(1, 20, seed=3)[0], tiny_calib(1, 20, seed=4)[0]])
+    mask = torch.ones(2, 20, dtype=torch.long)
+    with torch.no_grad():
+        both = two(ids, mask, torch.arange(20))
+        for r in range(2):
+            alone = one(ids[r : r + 1], mask[r : r + 1], torch.arange(20))
+            assert sqnr_db(alone, both[r : r + 1]) > 100  # float rounding at most (as test_steps' batch test)
