@@ -102,9 +102,7 @@ def fuse_online_hadamard(gm: GraphModule) -> int:
         x, mats = found
         factors = [s for m in mats for s in _split_sylvester(m.float())]
         sizes = [int(f.shape[0]) for f in factors]
-        name = "qqq_kron_" + "x".join(map(str, sizes))
-        if not hasattr(gm, name):
-            gm.register_buffer(name, torch.cat([f.reshape(-1) for f in factors]).to(val.device))
+        name = _factor_buffer(gm, torch.cat([f.reshape(-1) for f in factors]).to(val.device), sizes)
         with g.inserting_before(y):
             attr = g.get_attr(name)
             new = g.call_function(kron, (x, attr, sizes))
@@ -116,6 +114,20 @@ def fuse_online_hadamard(gm: GraphModule) -> int:
         g.lint()
         gm.recompile()
     return done
+
+
+def _factor_buffer(gm: GraphModule, flat: torch.Tensor, sizes: list[int]) -> str:
+    """The name of a buffer of ``gm`` holding ``flat``: one per distinct set of factors
+    (every layer of one width shares it)."""
+    base, i = "qqq_kron_" + "x".join(map(str, sizes)), 0
+    name = base
+    while hasattr(gm, name):
+        if torch.equal(getattr(gm, name), flat):
+            return name
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, flat)
+    return name
 
 
 # What a chain is made of: pure ops, dropped once nothing reads them.

@@ -15,10 +15,18 @@ from qqq_compile.compiler.hadamard import hadamard, hadamard_factors, kron_matmu
 from qqq_compile.compiler.pipeline import sqnr_db
 from qqq_compile.runtime import steps
 from qqq_compile.targets.w4a8.fuse_hadamard import _split_sylvester
-from qqq_compile.targets.w4a8.kernels.cpu import cpp_path_counts, ensure_cpp_kernels
+from qqq_compile.targets.w4a8.kernels.cpu import cpp_path_counts, cpu_supports_kernels, ensure_cpp_kernels
 from tests.conftest import tiny_calib, tiny_model
 
-pytestmark = pytest.mark.skipif(not ensure_cpp_kernels(), reason="needs the AVX512-VNNI C++ kernels")
+# Skipped only where the CPU cannot run the C++ kernels; where it can, they must be active.
+pytestmark = pytest.mark.skipif(not cpu_supports_kernels(), reason="this CPU lacks AVX512-VNNI/VBMI")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_active():
+    assert ensure_cpp_kernels(), "the C++ kernels did not load (see the warning), or QQQ_CPU_KERNEL=torch is set"
+
+
 aten = torch.ops.aten
 
 
@@ -143,3 +151,13 @@ def test_a_two_row_step_transforms_each_row_like_a_one_row_step(rotated):
         for r in range(2):
             alone = one(ids[r : r + 1], mask[r : r + 1], torch.arange(20))
             assert sqnr_db(alone, both[r : r + 1]) > 100  # float rounding at most (as test_steps' batch test)
+
+
+def test_two_different_factor_sets_of_one_shape_get_two_buffers():
+    from qqq_compile.targets.w4a8.fuse_hadamard import _factor_buffer
+
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    a, b = torch.ones(5), torch.zeros(5)
+    assert _factor_buffer(gm, a, [2, 1]) == _factor_buffer(gm, a.clone(), [2, 1]) == "qqq_kron_2x1"
+    assert _factor_buffer(gm, b, [2, 1]) == "qqq_kron_2x1_1"
+    assert torch.equal(gm.qqq_kron_2x1, a) and torch.equal(gm.qqq_kron_2x1_1, b)
