@@ -264,23 +264,25 @@ def _writable(folder: Path) -> bool:
     return os.access(probe, os.W_OK)
 
 
-def _why_rebuild(folders: list[Path], spec: CacheSpec) -> str:
-    """What the packages of this graph's own folders (an artifact's) were built for; empty
-    when there are none."""
-    here = {"cpu": cpu_id(), "torch": torch.__version__}
+def _why_rebuild(folders: list[Path], kind: dict[str, Any]) -> str:
+    """What the packages of this step's size and cache dtype in this graph's own folders (an
+    artifact's) were built for; empty when there are none. (A record without a cache dtype
+    is older than that field and may be either dtype's.)"""
     shared = default_package_dir().resolve()
     for folder in folders:
         if folder.resolve() == shared:
             continue  # the cache holds packages of every graph ever built: no hint there
         for p in sorted(folder.glob("[!.]*.pt2")) if folder.is_dir() else []:  # not a compile's .tmp file
             info = _package_info(p)
-            if info.get("max_batch", spec.max_batch) != spec.max_batch or info.get("max_len") != spec.max_len:
+            if any(info.get(k, kind[k]) != kind[k] for k in ("max_batch", "cache_dtype")):
                 continue
-            if info.get("torch") != here["torch"] or info.get("cpu") != here["cpu"]:
+            if info.get("max_len") != kind["max_len"]:
+                continue
+            if info.get("torch") != kind["torch"] or info.get("cpu") != kind["cpu"]:
                 return (
                     f"the decode step in {folder} was built for torch {info.get('torch', '?')} on "
-                    f"{str(info.get('cpu', '?')).split('|')[0] or 'another CPU'}; this is torch {here['torch']} on "
-                    f"{here['cpu'].split('|')[0] or 'this CPU'}"
+                    f"{str(info.get('cpu', '?')).split('|')[0] or 'another CPU'}; this is torch {kind['torch']} on "
+                    f"{kind['cpu'].split('|')[0] or 'this CPU'}"
                 )
             return f"the decode step in {folder} was built from another graph (another qqq_compile version)"
     return ""
@@ -299,10 +301,11 @@ def find_or_build_package(
     that has it, else compiled into ``into`` (default: the first writable folder).
     ``shown_as``: the folder the progress line names (where the package will end up)."""
     key = package_key(cached, spec.max_batch, spec.max_len)
+    kind = _step_kind(cached, spec)
     for folder in folders:
         path = folder / f"{key}.pt2"
         if path.is_file():
-            _complete_record(path, cached, spec)
+            _complete_record(path, kind)
             return path, False, [f"reused the AOT package {path}"]
     target = into or next((f for f in folders if _writable(f)), None)
     if target is None:
@@ -310,7 +313,7 @@ def find_or_build_package(
             f"no writable folder for the decode step's AOT package among {[str(f) for f in folders]}; "
             "set QQQ_CACHE to a writable folder"
         )
-    why = _why_rebuild(list(folders), spec)
+    why = _why_rebuild(list(folders), kind)
     if not allow_compile:
         raise StepError(f"no AOT package for this decode step in {[str(f) for f in folders]} ({why or 'none built'})")
     notes = [f"rebuilding the decode step once for this machine: {why}"] if why else []
@@ -326,11 +329,7 @@ def find_or_build_package(
     t0 = time.perf_counter()
     _aot_compile(cached, spec, path)
     seconds = time.perf_counter() - t0
-    kind = _step_kind(cached, spec)
-    info = {**kind, "build_seconds": round(seconds, 1)}
-    tmp = path.with_name(f".tmp{os.getpid()}-{key}.json")
-    tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path.with_suffix(".json"))
+    _write_record(path, {**kind, "build_seconds": round(seconds, 1)})
     if progress:
         print(f"qqq_compile: decode step built in {seconds:.0f} s", flush=True)
     notes.append(f"compiled the AOT package {path} in {seconds:.0f} s")
@@ -352,20 +351,24 @@ def _step_kind(cached: GraphModule, spec: CacheSpec) -> dict[str, Any]:
     }
 
 
-def _complete_record(path: Path, cached: GraphModule, spec: CacheSpec) -> None:
+def _complete_record(path: Path, kind: dict[str, Any]) -> None:
     """Add what an older record lacks (the cache dtype) once its package is matched by key:
     the key covers the graph, so the facts are now known, and the superseding rule can
     apply to this package later. Best effort: a read-only folder keeps the old record."""
     info = _package_info(path)
-    kind = _step_kind(cached, spec)
     if not info or all(k in info for k in kind):
         return
     try:
-        tmp = path.with_name(f".tmp{os.getpid()}-{path.stem}.json")
-        tmp.write_text(json.dumps({**kind, **info}, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path.with_suffix(".json"))
+        _write_record(path, {**kind, **info})
     except OSError:
         pass
+
+
+def _write_record(path: Path, info: dict[str, Any]) -> None:
+    """``<key>.json`` beside the package ``path``, written atomically."""
+    tmp = path.with_name(f".tmp{os.getpid()}-{path.stem}.json")
+    tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path.with_suffix(".json"))
 
 
 def _drop_superseded(path: Path, kind: dict[str, Any]) -> list[str]:
@@ -430,8 +433,7 @@ def ship_step(
     if path.parent != dest:
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest / path.name)
-        info = {**_step_kind(cached, spec), **_package_info(path)}
-        (dest / path.with_suffix(".json").name).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        _write_record(dest / path.name, {**_step_kind(cached, spec), **_package_info(path)})
     return {
         "package": path.name,
         "max_batch": max_batch,

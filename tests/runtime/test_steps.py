@@ -286,6 +286,25 @@ def test_a_rebuild_from_a_newer_graph_replaces_the_superseded_package_and_keeps_
     assert any("removed 1 superseded package" in n.message for n in compiled.report.notes)
 
 
+def test_the_other_cache_dtypes_package_is_no_reason_given_for_a_rebuild(shipped, tmp_path, monkeypatch):
+    art = tmp_path / "art"
+    shutil.copytree(shipped, art)
+    (only,) = (art / "step").glob("*.pt2")
+    record = json.loads(only.with_suffix(".json").read_text())
+    # The folder holds the bf16 cache's step only (same rows and positions, another key).
+    bf16 = only.with_name("b" * 24 + ".pt2")
+    only.rename(bf16)
+    only.with_suffix(".json").unlink()
+    bf16.with_suffix(".json").write_text(json.dumps({**record, "cache_dtype": "bfloat16"}))
+    monkeypatch.setattr(steps, "_aot_compile", lambda cached, spec, path: shutil.copyfile(bf16, path))
+    compiled = load(art)
+    compiled.generate(prompt(6), max_new_tokens=3, eos_token_id=[])
+    notes = [n.message for n in compiled.report.notes]
+    assert any("compiled the AOT package" in m for m in notes)
+    assert not any("rebuilding the decode step" in m for m in notes), notes  # not "another graph"
+    assert bf16.is_file()  # not superseded either: another kind of step
+
+
 def test_auto_falls_back_to_eager_with_a_warning(w4a8, monkeypatch, tmp_path):
     monkeypatch.setenv("QQQ_CACHE", str(tmp_path))  # no package of this graph anywhere
 
