@@ -228,6 +228,14 @@ class Target:
 
         return run
 
+    def calib_ops(
+        self, gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]
+    ) -> dict[torch.fx.Node, Callable[..., Any]]:
+        """Faster replacements for nodes among ``nodes`` other than linears, for calibration
+        runs: the same math on the kernels the deployed model runs (e.g. attention), used
+        alike in the quantized and the float run. Default: none."""
+        return {}
+
     # ---------------------------------------------------------------- lowering
 
     def linear_ops(self) -> tuple[Any, ...]:

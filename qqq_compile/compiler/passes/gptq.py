@@ -333,6 +333,8 @@ class GPTQ(QQQPass):
         foverrides = {}
         if c.fenvs is not None and self.asym_dtype == "bfloat16":
             foverrides = {s.node: bf16_override(c.gm, s) for s in sites if s.node in node_set}
+        # The target's kernels for other nodes (W4A8: attention), in both runs alike.
+        ops = c.ctx.target.calib_ops(c.gm, nodes)
         stash = c.fenvs is not None and float_run_bytes(c.fenvs, envs) > FLOAT_RUN_BUDGET
         start = 0
         for end in [i for i, n in enumerate(nodes) if n in first] + [len(nodes)]:
@@ -345,7 +347,7 @@ class GPTQ(QQQPass):
                 # linears) between the cut and its linears when only they read it.
                 cut.compact = self.sequential and set(cut.x.users) <= {s.node for s in group}
                 cut.fcompact = bool(foverrides) and set(cut.x.users) <= set(foverrides)
-            self._run_segment(c, nodes[start:end], envs, (overrides, foverrides), cut, stash)
+            self._run_segment(c, nodes[start:end], envs, (overrides, foverrides, ops), cut, stash)
             if cut.x is not None:
                 if state is not None:
                     state.status(", ".join(s.name.rsplit(".", 1)[-1] for s in group))
@@ -361,14 +363,15 @@ class GPTQ(QQQPass):
         c: _Call,
         seg: list[Node],
         envs: list[Env],
-        both: tuple[dict[Node, Callable[..., Any]], dict[Node, Callable[..., Any]]],
+        runs: tuple[dict[Node, Callable[..., Any]], dict[Node, Callable[..., Any]], dict[Node, Callable[..., Any]]],
         cut: _Cut,
         stash: bool,
     ) -> None:
         """Run ``seg`` on every batch in turn (the quantized run with its overrides, and
-        GPTAQ's float run with its own), then add the batch's ``cut.x`` to the Hessian.
-        ``stash``: the float run's values wait for the next segment in bf16."""
-        overrides, foverrides = both
+        GPTAQ's float run with its own; ``ops``: the target's kernels both runs use), then
+        add the batch's ``cut.x`` to the Hessian. ``stash``: the float run's values wait for
+        the next segment in bf16."""
+        overrides, foverrides, ops = runs
         with torch.no_grad():
             for i, env in enumerate(envs):
                 fenv = None if c.fenvs is None else c.fenvs[i]
@@ -377,14 +380,14 @@ class GPTQ(QQQPass):
                 for n in seg:
                     if n.op == "get_attr":
                         continue
-                    env[n] = run_node(c.gm, n, env, overrides.get(n))
+                    env[n] = run_node(c.gm, n, env, overrides.get(n) or ops.get(n))
                     if fenv is not None:
                         if n not in overrides and all(
                             a.op == "get_attr" or fenv[a] is env[a] for a in n.all_input_nodes
                         ):
                             fenv[n] = env[n]  # the same inputs: the same value
                         else:
-                            fenv[n] = run_node(c.gm, n, fenv, foverrides.get(n))
+                            fenv[n] = run_node(c.gm, n, fenv, foverrides.get(n) or ops.get(n))
                     for a in (*n.all_input_nodes, n):
                         if c.last_use[a] <= c.order[n]:
                             env.pop(a, None)

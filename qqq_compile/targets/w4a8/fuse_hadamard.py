@@ -42,12 +42,13 @@ def _matrix(gm: GraphModule, n: object) -> torch.Tensor | None:
     return t.reshape(f, f)
 
 
-def _chain(gm: GraphModule, y: Node) -> tuple[Node, list[torch.Tensor]] | None:
-    """``(x, [F1..Fr])`` for the chain ending in ``y``; None when it is not the rotate
-    pass's shape (then it is left alone)."""
+def chain(gm: GraphModule, y: Node) -> tuple[Node, list[torch.Tensor], list[Node]] | None:
+    """``(x, [F1..Fr], ops)`` for the chain ending in ``y`` (``ops``: its ``bmm`` nodes from
+    ``y`` back, then the ``mm`` that reads ``x``); None when it is not the rotate pass's
+    shape (then it is left alone)."""
     if y.target is not aten.view.default:
         return None
-    mats, n = [], y.args[0]
+    mats, ops, n = [], [], y.args[0]
     while isinstance(n, Node):
         if n.target is aten.bmm.default:
             ft, prev = n.args
@@ -57,6 +58,7 @@ def _chain(gm: GraphModule, y: Node) -> tuple[Node, list[torch.Tensor]] | None:
             if f is None or prev.target is not aten.view.default:
                 return None
             mats.append(f)  # Fᵀ·X over [rows, f, post] is X·F along that axis
+            ops.append(n)
             n = prev.args[0]
         elif n.target is aten.mm.default:
             r, v = n.args
@@ -64,10 +66,18 @@ def _chain(gm: GraphModule, y: Node) -> tuple[Node, list[torch.Tensor]] | None:
             if f is None or r.target not in (aten.reshape.default, aten.view.default):
                 return None
             mats.append(f)
-            return r.args[0], mats
+            ops.append(n)
+            return r.args[0], mats, ops
         else:
             return None
     return None
+
+
+def kron_factors(mats: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """The kernel's operands for a chain's matrices: the factors (Sylvester ones split into
+    orders ≤ 16) flattened into one fp32 tensor, and their orders."""
+    factors = [s for m in mats for s in _split_sylvester(m.float())]
+    return torch.cat([f.reshape(-1) for f in factors]), [int(f.shape[0]) for f in factors]
 
 
 def _split_sylvester(m: torch.Tensor) -> list[torch.Tensor]:
@@ -95,14 +105,13 @@ def fuse_online_hadamard(gm: GraphModule) -> int:
     for y in list(g.nodes):
         if y.op != "call_function" or not node_annotation(y).online_hadamard:
             continue
-        found = _chain(gm, y)
+        found = chain(gm, y)
         val = y.meta.get("val")
         if found is None or val is None or val.dtype != torch.float32 or val.device.type != "cpu":
             continue
-        x, mats = found
-        factors = [s for m in mats for s in _split_sylvester(m.float())]
-        sizes = [int(f.shape[0]) for f in factors]
-        name = _factor_buffer(gm, torch.cat([f.reshape(-1) for f in factors]).to(val.device), sizes)
+        x, mats, _ = found
+        flat, sizes = kron_factors(mats)
+        name = _factor_buffer(gm, flat.to(val.device), sizes)
         with g.inserting_before(y):
             attr = g.get_attr(name)
             new = g.call_function(kron, (x, attr, sizes))

@@ -9,7 +9,7 @@ their projections fused (:mod:`.fuse_linears`); the exporters write compressed-t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from qqq_compile.compiler.pipeline import CompileContext, QQQPass
 from qqq_compile.config import QuantConfig
 from qqq_compile.export import check_new_file
 from qqq_compile.targets.registry import QuantizedInput, Target, register_target
-from qqq_compile.targets.w4a8 import formats, fuse_norm_quant, lower  # noqa: F401 - registers fuse_norm_quant
+from qqq_compile.targets.w4a8 import calib_ops, formats, fuse_norm_quant, lower  # noqa: F401 - registers fuse_norm_quant
 from qqq_compile.targets.w4a8.fuse_hadamard import fuse_online_hadamard
 from qqq_compile.targets.w4a8.fuse_linears import FuseLinears
 from qqq_compile.targets.w4a8.grid import Grid
@@ -78,6 +78,10 @@ class W4A8(Target):
             return torch.ops.qqq.w4a8_linear(x, *w, bias, packed.group_size)
 
         return run
+
+    def calib_ops(self, gm: GraphModule, nodes: Sequence[Node]) -> dict[Node, Callable[..., Any]]:
+        """Attention on the prefill kernel (:mod:`.calib_ops`)."""
+        return calib_ops.calib_ops(gm, nodes)
 
     def linear_ops(self) -> tuple[Any, ...]:
         return LINEAR_OPS

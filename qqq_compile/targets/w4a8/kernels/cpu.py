@@ -93,6 +93,7 @@ PATH_NAMES = (
     "attention_bf16kv",
     "attention_f32kv",
     "kron_transform",
+    "attention_prefill",
 )
 
 
@@ -114,6 +115,7 @@ _SOURCES = (
     "w8a8_cpu.cpp",
     "parallel_cpu.cpp",
     "attention_cpu.cpp",
+    "attention_prefill_cpu.cpp",
     "hadamard_cpu.cpp",
     "ops_cpu.cpp",
 )

@@ -1,5 +1,7 @@
 """``qqq_cpu::attention_f32kv``: one-token attention over an fp32 KV cache in SDPA's layout.
 
+Several query tokens (prefill) take ``attention_prefill``: tests/.../test_attention_prefill.py.
+
 The reference is torch's SDPA in float64 over the same cache (an independent
 implementation): the kernel's error against it is float rounding, at or below fp32 SDPA's own
 (measured 0.9-1.0x of SDPA's relative error on these shapes): 123 dB at 2049 keys, more on
@@ -78,13 +80,15 @@ def test_one_token_matches_float64_sdpa(b, h, hkv, d, length, threads) -> None:
     assert not sqnr_db(want, got) < sqnr_db(want, fp32_sdpa) - 3  # as exact as torch's own fp32 SDPA (inf: exact)
 
 
-def test_several_tokens_take_sdpa_with_the_same_layout() -> None:
+def test_several_tokens_take_the_prefill_kernel_with_the_same_layout() -> None:
     q = torch.randn(2, 6, 5, 64)
     k, v = _cache(2, 3, 64, 40, seed=0)
     mask = torch.ones(2, 1, 5, 40, dtype=torch.bool).tril(diagonal=35)
-    before = cpu.cpp_path_counts()["attention_f32kv"]
+    before = cpu.cpp_path_counts()
     got = torch.ops.qqq_cpu.attention_f32kv(q, k, v, mask, 0.125)
-    assert cpu.cpp_path_counts()["attention_f32kv"] == before  # the fallback, not the kernel
+    after = cpu.cpp_path_counts()
+    assert after["attention_f32kv"] == before["attention_f32kv"]  # not the one-token kernel
+    assert after["attention_prefill"] == before["attention_prefill"] + 1
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True)
     assert _layout(got) == _sdpa_layout(q)
     torch.testing.assert_close(got, want)
@@ -108,7 +112,7 @@ def test_fp32_cache_step_runs_the_kernel_at_decode_and_matches_sdpa(monkeypatch)
     assert layers == 2 and not any(n.target is sdpa for n in fast.graph_module.graph.nodes)
     assert sum(1 for n in plain.graph_module.graph.nodes if n.target is sdpa) == 2
     ids = torch.randint(0, 256, (2, 14), generator=torch.Generator().manual_seed(3))
-    before = cpu.cpp_path_counts()["attention_f32kv"]
+    before, before_prefill = cpu.cpp_path_counts()["attention_f32kv"], cpu.cpp_path_counts()["attention_prefill"]
     outs = []
     for step in (fast, plain):
         out = [step(ids[:, :10], torch.ones(2, 10, dtype=torch.long), torch.arange(10))]
@@ -116,5 +120,6 @@ def test_fp32_cache_step_runs_the_kernel_at_decode_and_matches_sdpa(monkeypatch)
             out.append(step(ids[:, i : i + 1], torch.ones(2, i + 1, dtype=torch.long), torch.tensor([i])))
         outs.append(torch.cat(out, 1))
     assert cpu.cpp_path_counts()["attention_f32kv"] == before + 4 * layers  # 4 decode steps, not the prefill
+    assert cpu.cpp_path_counts()["attention_prefill"] == before_prefill + layers  # the prefill (fast step only)
     # Float rounding of attention, amplified where an int8 activation rounds the other way.
     assert sqnr_db(outs[1], outs[0]) > 60

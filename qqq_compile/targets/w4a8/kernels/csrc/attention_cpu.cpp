@@ -17,7 +17,7 @@
 //  * softmax and the weighted V sum in fp32 (the keys/values are bf16, the rest is not);
 //  * work items are (batch row, KV head, key range); key ranges are merged with the
 //    usual max/sum rescaling, so two threads share even a single KV head.
-// More than one query token (prefill) takes torch's SDPA over the cache upcast to fp32.
+// More than one query token (prefill) takes attention_prefill (over the cache upcast to fp32).
 //
 // Numerics: equal to fp32 SDPA over the bf16-rounded cache up to float rounding (the exp
 // below is a degree-6 polynomial, ~2 ulp): measured 127 dB SQNR against it.
@@ -33,22 +33,6 @@
 
 namespace qqq {
 namespace {
-
-// exp(x) for x <= 0 (scores minus their max): 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2.
-inline __m512 exp_le0(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts (Cephes)
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.3981999507e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 inline __m512 bf16_to_f32(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
 
@@ -257,11 +241,13 @@ bool kernel_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
          mask.size(1) == 1 && mask.size(2) == 1 && L >= 1 && L <= 64 * 128;
 }
 
-// Prefill (and shapes the kernels do not cover): torch's SDPA. Laid out [B, T, H, D] like the
-// kernels' output, torch's CPU SDPA and the registered fakes: graphs captured around SDPA view
-// its output that way.
-at::Tensor sdpa_fallback(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                         double scale) {
+// Shapes the one-token kernels do not cover: several query tokens (prefill) take
+// attention_prefill (attention_prefill_cpu.cpp) where it covers them, else torch's SDPA. Laid
+// out [B, T, H, D] like the kernels' output, torch's CPU SDPA and the registered fakes: graphs
+// captured around SDPA view its output that way.
+at::Tensor many_tokens(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                       double scale) {
+  if (prefill_shapes(q, k, v, mask)) return attention_prefill(q, k, v, mask, scale);
   return at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scale, q.size(1) != k.size(1))
       .transpose(1, 2)
       .contiguous()
@@ -274,7 +260,7 @@ at::Tensor attention_bf16kv(const at::Tensor& q, const at::Tensor& k_t, const at
                             double scale) {
   const int64_t L = k_t.size(3);
   if (!(kernel_shapes(q, k_t, v, mask, L) && k_t.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16))
-    return sdpa_fallback(q, k_t.transpose(2, 3).to(q.scalar_type()), v.to(q.scalar_type()), mask, scale);
+    return many_tokens(q, k_t.transpose(2, 3).to(q.scalar_type()).contiguous(), v.to(q.scalar_type()), mask, scale);
   count_path(kAttnBf16);
   return run_kernel<Bf16DMajor>(q, k_t, v, mask, scale, L, "attention_bf16kv");
 }
@@ -283,7 +269,7 @@ at::Tensor attention_f32kv(const at::Tensor& q, const at::Tensor& k, const at::T
                            double scale) {
   const int64_t L = k.size(2);
   if (!(kernel_shapes(q, k, v, mask, L) && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat))
-    return sdpa_fallback(q, k, v, mask, scale);
+    return many_tokens(q, k, v, mask, scale);
   count_path(kAttnF32);
   return run_kernel<F32RowMajor>(q, k, v, mask, scale, L, "attention_f32kv");
 }

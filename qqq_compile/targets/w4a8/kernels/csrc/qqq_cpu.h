@@ -15,8 +15,9 @@ namespace qqq {
 // the fast path ran). kTeam/kSolo/kStall count parallel_items calls: run by the OpenMP team,
 // run on the caller alone during a back-off, and team runs whose fork or join stalled;
 // kAttnBf16 / kAttnF32: one-token attention over a bf16 / fp32 KV cache by the kernel (attention_cpu.cpp);
-// kKron: an online Hadamard by kron_transform (hadamard_cpu.cpp).
-enum Path { kW4Gemv, kW4GemmPacked, kW4IntMm, kW8Gemv, kW8GemmVnni, kW8IntMm, kTeam, kSolo, kStall, kAttnBf16, kAttnF32, kKron, kNumPaths };
+// kKron: an online Hadamard by kron_transform (hadamard_cpu.cpp); kAttnPrefill: attention of
+// several query tokens by attention_prefill (attention_prefill_cpu.cpp).
+enum Path { kW4Gemv, kW4GemmPacked, kW4IntMm, kW8Gemv, kW8GemmVnni, kW8IntMm, kTeam, kSolo, kStall, kAttnBf16, kAttnF32, kKron, kAttnPrefill, kNumPaths };
 void count_path(Path p);
 std::vector<int64_t> path_counts();
 // f(i, i + 1) for every item i in [0, n): items claimed by whichever team thread runs; on
@@ -74,6 +75,15 @@ at::Tensor attention_bf16kv(const at::Tensor& q, const at::Tensor& k_t, const at
 // The same over an fp32 cache in SDPA's layout: k and v [B, Hkv, L, D].
 at::Tensor attention_f32kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                            double scale);
+
+// attention_prefill_cpu.cpp
+// Whether attention_prefill covers these shapes: fp32 q [B, H, T, D], k and v [B, Hkv, L, D]
+// (unit-stride rows; D 16/32/64/128; 1-8 query heads per KV head), a bool mask
+// broadcastable to [B, 1, T, L].
+bool prefill_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask);
+// Masked SDPA of q over k/v with tiles the mask hides skipped -> [B, H, T, D] laid out [B, T, H, D].
+at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                             double scale);
 
 // hadamard_cpu.cpp
 // x [..., k] float32 times F1 ⊗ … ⊗ Fr (k = f1·…·fr): factors holds F1..Fr flattened, row-major [a, c].

@@ -1,0 +1,148 @@
+"""``attention_prefill`` (csrc/attention_prefill_cpu.cpp): several query tokens over fp32
+K/V, reached through ``qqq_cpu::attention_f32kv`` (the prefill step) and GPTQ's calibration
+forwards (``targets/w4a8/calib_ops.py``).
+
+The reference is a float64 softmax(QKᵀ·scale)·V written out here (masked scores set to
+-inf; GQA by repeating K/V): an implementation independent of torch's SDPA and of the
+kernel. Measured 127-134 dB against it on the shapes below, as close as fp32 SDPA itself
+(128-134 dB), so the floor is 115 dB and the kernel must be within 3 dB of fp32 SDPA. Each
+test proves through the path counter which path ran.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qqq_compile.compiler.pipeline import sqnr_db
+from qqq_compile.targets.w4a8.kernels import cpu
+
+pytestmark = pytest.mark.usefixtures("cpp_kernels")
+
+
+def op(*args):
+    return torch.ops.qqq_cpu.attention_f32kv(*args)  # looked up once the fixture loaded the kernels
+
+
+def _reference(q, k, v, mask, scale):
+    g = q.shape[1] // k.shape[1]
+    k2, v2 = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = (q.double() @ k2.transpose(-1, -2)) * scale
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)  # no key: zeros
+    return p @ v2
+
+
+def _mask(b, t, length, seed, *, holes=True):
+    """The KV-cache rewrite's mask: causal over the last ``t`` slots, left padding / holes per
+    row, each query's own slot always visible."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.arange(length - t, length)
+    causal = torch.arange(length)[None, :] <= pos[:, None]
+    valid = torch.rand(b, length, generator=g) > 0.2 if holes else torch.ones(b, length, dtype=torch.bool)
+    own = torch.arange(length)[None, :] == pos[:, None]
+    return (causal[None, None] & valid[:, None, None, :]) | own[None, None]
+
+
+def _run(q, k, v, mask, scale):
+    before = cpu.cpp_path_counts()["attention_prefill"]
+    got = op(q, k, v, mask, scale)
+    assert cpu.cpp_path_counts()["attention_prefill"] == before + 1, "the prefill kernel did not run"
+    return got
+
+
+# SmolLM2 (9/3 x 64) as a prefill chunk and as a calibration batch (K/V already repeated to
+# 9 heads), Qwen2.5-0.5B (14/2 x 64), Llama-3-8B (32/8 x 128), MHA at D 16 and 32, a single
+# KV head; token counts that leave partial query and key tiles (32 / 64).
+@pytest.mark.parametrize(
+    ("b", "h", "hkv", "d", "t", "length"),
+    [
+        (1, 9, 3, 64, 256, 512),
+        (2, 9, 9, 64, 100, 100),
+        (1, 14, 2, 64, 37, 300),
+        (1, 32, 8, 128, 65, 65),
+        (2, 4, 4, 16, 33, 129),
+        (3, 6, 6, 32, 5, 200),
+        (1, 8, 1, 64, 2, 2),
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matches_a_float64_reference_as_closely_as_fp32_sdpa(b, h, hkv, d, t, length, threads):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(t + length)
+        q = torch.randn(b, h, t, d, generator=g) * 2  # wider scores: a sharper softmax
+        k, v = torch.randn(b, hkv, length, d, generator=g), torch.randn(b, hkv, length, d, generator=g)
+        mask = _mask(b, t, length, seed=t)
+        got = _run(q, k, v, mask, d**-0.5)
+    finally:
+        torch.set_num_threads(saved)
+    want = _reference(q, k, v, mask, d**-0.5)
+    fp32 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d**-0.5, enable_gqa=h != hkv)
+    assert got.shape == (b, h, t, d)
+    assert got.transpose(1, 2).is_contiguous()  # laid out [B, T, H, D], as torch's CPU SDPA
+    assert sqnr_db(want, got) > 115
+    # Within 3 dB of fp32 SDPA's own error (both near-exact past 135 dB: two keys).
+    assert sqnr_db(want, got) > min(sqnr_db(want, fp32) - 3, 135)
+
+
+def test_broadcast_masks_strided_inputs_and_a_row_with_no_key():
+    """A [1, 1, T, L] causal mask and a [B, 1, 1, L] padding mask broadcast like SDPA's;
+    q/k/v as strided views (the rewrite's cache slices); a token that sees no key gets zeros."""
+    g = torch.Generator().manual_seed(0)
+    b, h, t, length, d = 2, 4, 40, 90, 32
+    q = torch.randn(b, t, h, d, generator=g).transpose(1, 2)  # [B, H, T, D] view of [B, T, H, D]
+    kbuf, vbuf = torch.randn(b, 2, length + 5, d, generator=g), torch.randn(b, 2, length + 5, d, generator=g)
+    k, v = kbuf[:, :, :length], vbuf[:, :, :length]
+    causal = (torch.arange(length)[None, :] <= torch.arange(length - t, length)[:, None])[None, None]
+    pad = torch.rand(b, 1, 1, length, generator=g) > 0.5
+    for mask in (causal, pad):
+        got = _run(q, k, v, mask, 0.2)
+        full = mask.expand(b, 1, t, length)
+        assert sqnr_db(_reference(q, k, v, full, 0.2), got) > 115
+    hidden = causal.expand(b, 1, t, length).clone()
+    hidden[1, 0, 7] = False  # token 7 of row 1 sees nothing
+    got = _run(q, k, v, hidden, 0.2)
+    assert torch.equal(got[1, :, 7], torch.zeros(h, d))
+    assert torch.isfinite(got).all()
+    assert sqnr_db(_reference(q, k, v, hidden, 0.2), got) > 115
+
+
+def test_tiles_the_mask_hides_are_not_read():
+    """A causal mask hides the keys after each query tile: NaN there must not reach the output."""
+    g = torch.Generator().manual_seed(1)
+    t = length = 256
+    q, k, v = (torch.randn(1, 3, t, 64, generator=g) for _ in range(3))
+    mask = _mask(1, t, length, seed=1, holes=False)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 128:], v2[:, :, 128:] = float("nan"), float("nan")  # keys only tokens >= 128 see
+    got = _run(q, k2, v2, mask, 0.125)
+    want = _reference(q, k, v, mask, 0.125)
+    assert torch.isfinite(got[:, :, :128]).all()  # their tiles were skipped, never multiplied
+    assert sqnr_db(want[:, :, :128], got[:, :, :128]) > 115
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["head_dim_80", "ten_heads_per_kv_head", "float_mask", "bf16"],
+)
+def test_shapes_it_does_not_cover_take_sdpa(case):
+    g = torch.Generator().manual_seed(2)
+    b, h, hkv, t, length, d = 1, 4, 2, 9, 20, 64
+    if case == "head_dim_80":
+        d = 80
+    if case == "ten_heads_per_kv_head":
+        h, hkv = 10, 1
+    q = torch.randn(b, h, t, d, generator=g)
+    k, v = torch.randn(b, hkv, length, d, generator=g), torch.randn(b, hkv, length, d, generator=g)
+    mask = _mask(b, t, length, seed=2)
+    if case == "float_mask":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    if case == "bf16":
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    before = cpu.cpp_path_counts()["attention_prefill"]
+    got = op(q, k, v, mask, 0.1)
+    assert cpu.cpp_path_counts()["attention_prefill"] == before  # SDPA, not the kernel
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.1, enable_gqa=h != hkv)
+    torch.testing.assert_close(got, want)
