@@ -39,10 +39,13 @@ def test_batches_are_sized_to_the_model():
     rows = [torch.zeros(1, 32, dtype=torch.long)] * 300
     batches = calib_batches(rows, model=llama)
     assert [len(b["input_ids"]) for b in batches] == [256, 44]  # 8192 tokens / 32 per window
-    # SmolLM2 (MLP 1536) at 512 tokens: 16 windows; a 7B's MLP (11008): 2; a 70B's: 1.
-    assert auto_batch_size(512, 1536) == MAX_BATCH_TOKENS // 512 == 16
-    assert auto_batch_size(512, 11008) == BATCH_ACT_BYTES // (4 * 11008) // 512 == 2
-    assert auto_batch_size(512, 28672) == 1 and auto_batch_size(4096, 1536) == 2
+    # SmolLM2 (MLP 1536) at 512 tokens: 10 windows (31.5 MB, under glibc's 32 MB mmap
+    # ceiling); a 7B's MLP (11008) and a 70B's: 1; a tiny model: MAX_BATCH_TOKENS.
+    assert BATCH_ACT_BYTES == 32 << 20
+    assert auto_batch_size(512, 1536) == BATCH_ACT_BYTES // (4 * 1536) // 512 == 10
+    assert 10 * 512 * 1536 * 4 < BATCH_ACT_BYTES < 11 * 512 * 1536 * 4
+    assert auto_batch_size(512, 11008) == 1 and auto_batch_size(512, 28672) == 1
+    assert auto_batch_size(4096, 1536) == 1 and auto_batch_size(32, 160) == MAX_BATCH_TOKENS // 32
     assert auto_batch_size(512, None) == DEFAULT_BATCH_SIZE
     assert [len(b["input_ids"]) for b in calib_batches(rows[:20])] == [8, 8, 4]  # no model: the default
     assert [len(b["input_ids"]) for b in calib_batches(rows[:5], batch_size=2)] == [2, 2, 1]

@@ -44,6 +44,7 @@ from qqq_compile.compiler.gptq_forward import (
     FLOAT_RUN_BUDGET,
     bf16_override,
     float_run_bytes,
+    silu_mul_overrides,
     stash_float_run,
 )
 from qqq_compile.compiler.gptq_solve import (
@@ -333,8 +334,9 @@ class GPTQ(QQQPass):
         foverrides = {}
         if c.fenvs is not None and self.asym_dtype == "bfloat16":
             foverrides = {s.node: bf16_override(c.gm, s) for s in sites if s.node in node_set}
-        # The target's kernels for other nodes (W4A8: attention), in both runs alike.
-        ops = c.ctx.target.calib_ops(c.gm, nodes)
+        # Fused and target kernels for other nodes (the gated MLP's silu·up; W4A8: attention,
+        # the online Hadamard), in both runs alike.
+        ops = {**silu_mul_overrides(nodes), **c.ctx.target.calib_ops(c.gm, nodes)}
         stash = c.fenvs is not None and float_run_bytes(c.fenvs, envs) > FLOAT_RUN_BUDGET
         start = 0
         for end in [i for i, n in enumerate(nodes) if n in first] + [len(nodes)]:

@@ -253,3 +253,33 @@ def test_bf16_float_run_changes_gptaq_term_by_little(captured, batches, monkeypa
     rel = ((got - ref).norm() / ref.norm()).item()
     # Measured 0.028 on this random-weight model (512 tokens).
     assert 0 < rel < 0.05, rel
+
+
+def test_gated_mlp_runs_as_one_silu_and_one_in_place_mul(captured, batches):
+    """Each ``(g * sigmoid(g)) * u`` of the captured decoder (one per layer) is overridden as a
+    whole: ``sigmoid`` and the first ``mul`` pass ``g`` through and the second computes
+    ``silu(g).mul_(u)``. The block's outputs equal the graph's own ops up to float rounding,
+    and the profiler sees no sigmoid and one silu per layer; a sigmoid that something else
+    also reads is left alone."""
+    from qqq_compile.compiler.gptq_forward import silu_mul_overrides
+
+    gm = captured
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    ops = silu_mul_overrides(nodes)
+    sigmoids = [n for n in nodes if n.target is torch.ops.aten.sigmoid.default]
+    assert len(sigmoids) == 2 and len(ops) == 3 * len(sigmoids)  # two layers: sigmoid, mul, mul each
+    env0 = graph_env(gm, batches[0])
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    with torch.no_grad():
+        want = run_nodes(gm, nodes, dict(env0))[out_node.args[0][0]]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = run_nodes(gm, nodes, dict(env0), ops)[out_node.args[0][0]]
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::silu") == 2 and "aten::sigmoid" not in names
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = copy.deepcopy(gm)
+    s = next(n for n in g.graph.nodes if n.target is torch.ops.aten.sigmoid.default)
+    with g.graph.inserting_after(s):
+        g.graph.call_function(torch.ops.aten.neg.default, (s,))  # a second reader of the sigmoid
+    left = silu_mul_overrides(list(g.graph.nodes))
+    assert s not in left and len(left) == 3
