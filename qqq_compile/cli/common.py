@@ -46,20 +46,15 @@ class Steps:
 
 
 def return_freed_memory() -> bool:
-    """Fix glibc malloc's mmap threshold at its 32 MB ceiling and its trim threshold at 16
-    MB; True if it did.
+    """Make glibc's malloc give freed tensor memory back to the system; True if it did.
 
-    By default glibc serves allocations above a threshold with mmap, and each free of such a
-    chunk raises the threshold to the freed size (up to 32 MB): the process's behaviour then
-    depends on which tensors it freed first. Fixed at the ceiling, every tensor of up to 32
-    MB (calibration batches are sized to stay below it: ``compiler.calibration``) is reused
-    from the heap instead of being mapped, page-faulted in and unmapped again, and the block
-    runner's ``malloc_trim`` after each block gives the heap's free pages back. Measured on
-    SmolLM2's GPTQ (3 blocks per process): 7.5 s per block against 11.6-12.1 s with the 1 MB
-    threshold this used to set (4.1 M page faults and 7.7 s of system time per block), at a
-    0.4 GB higher peak on the model loaded whole (streaming: ``benchmarks/quant_speed.py``).
-    A process-wide setting, so only the CLI (which owns its process) sets it; a user's
-    ``MALLOC_MMAP_THRESHOLD_`` wins, and other C libraries are left alone.
+    glibc serves allocations above a threshold with mmap and returns them on free, but each
+    such free raises the threshold to the freed size (up to 32 MB), so later tensors of a few
+    MB come from the heap and stay resident after they are freed. Quantizing frees thousands
+    of those (activations, Hessians, rewritten weights): with the threshold fixed at 1 MB,
+    `qqq-compile quantize demo`'s first blocks peaked 0.5 GB lower (3.3 -> 2.8 GB) and ended
+    0.9 GB lower. A process-wide setting, so only the CLI (which owns its process) sets it;
+    a user's ``MALLOC_MMAP_THRESHOLD_`` wins, and other C libraries are left alone.
     """
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
@@ -69,11 +64,7 @@ def return_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(mallopt(m_mmap_threshold, MMAP_CEILING)) and bool(mallopt(m_trim_threshold, 16 << 20))
-
-
-#: glibc's largest mmap threshold (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit).
-MMAP_CEILING = 32 << 20
+    return bool(mallopt(m_mmap_threshold, 1 << 20)) and bool(mallopt(m_trim_threshold, 16 << 20))
 
 
 def check_preset(name: str) -> None:
