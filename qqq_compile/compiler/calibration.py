@@ -30,13 +30,14 @@ Batch = dict[Any, Any]  # str keys: keyword inputs; int keys: positional inputs
 MIN_CALIB_TOKENS = 256
 #: Automatic batching (``batch_size=None``): a batch's widest activation (tokens x the
 #: widest linear width x 4 bytes) stays within this, and a batch holds at most
-#: ``MAX_BATCH_TOKENS`` tokens. 32 MB is glibc's mmap ceiling: a larger tensor is always its
-#: own mmap, page-faulted in (zeroed) on every allocation and unmapped on free, while smaller
-#: ones are reused from the heap. Measured on SmolLM2 (GPTQ, 2 threads, 512-token windows, 3
-#: blocks per process): 8 windows per batch (25 MB) 7.5-7.8 s per block against 8.3-8.9 s for
-#: 16 (50 MB: half the page faults and 1.1-1.4 s less system time per block); earlier, with
-#: the activations at 64 MB either way, 16 windows ran 3-6% faster than 8, 4 windows 13%
-#: slower, 1 window 2.3x slower (per-op overhead).
+#: ``MAX_BATCH_TOKENS`` tokens. glibc's default (dynamic) mmap threshold never exceeds 32
+#: MB: a larger tensor is always its own mmap, page-faulted in (zeroed) on every allocation
+#: and unmapped on free, while smaller ones are reused from the heap. Measured on SmolLM2
+#: (GPTQ, 2 threads, 512-token windows, 3 blocks per process): 8 windows per batch (25 MB)
+#: 7.5-7.8 s per block against 8.3-8.9 s for 16 (50 MB: half the page faults and 1.1-1.4 s
+#: less system time per block); earlier, with the activations at 64 MB either way, 16
+#: windows ran 3-6% faster than 8, 4 windows 13% slower, 1 window 2.3x slower (per-op
+#: overhead).
 BATCH_ACT_BYTES = 32 << 20
 MAX_BATCH_TOKENS = 8192
 DEFAULT_BATCH_SIZE = 8  # windows per batch when the model's widths are unknown
