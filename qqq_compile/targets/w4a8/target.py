@@ -19,7 +19,8 @@ from qqq_compile.compiler.pipeline import CompileContext, QQQPass
 from qqq_compile.config import QuantConfig
 from qqq_compile.export import check_new_file
 from qqq_compile.targets.registry import QuantizedInput, Target, register_target
-from qqq_compile.targets.w4a8 import calib_ops, formats, fuse_norm_quant, lower  # noqa: F401 - registers fuse_norm_quant
+from qqq_compile.targets.w4a8 import formats, fuse_norm_quant, lower  # noqa: F401 - registers fuse_norm_quant
+from qqq_compile.targets.w4a8.calib_ops import calib_ops as kernel_overrides
 from qqq_compile.targets.w4a8.fuse_hadamard import fuse_online_hadamard
 from qqq_compile.targets.w4a8.fuse_linears import FuseLinears
 from qqq_compile.targets.w4a8.grid import Grid
@@ -80,8 +81,9 @@ class W4A8(Target):
         return run
 
     def calib_ops(self, gm: GraphModule, nodes: Sequence[Node]) -> dict[Node, Callable[..., Any]]:
-        """Attention on the prefill kernel (:mod:`.calib_ops`)."""
-        return calib_ops.calib_ops(gm, nodes)
+        """Attention on ``attention_prefill``, the online Hadamard on ``kron_transform``
+        (:mod:`.calib_ops`)."""
+        return kernel_overrides(gm, nodes)
 
     def linear_ops(self) -> tuple[Any, ...]:
         return LINEAR_OPS
