@@ -38,11 +38,17 @@ def test_w4a8_cache_matches_the_full_sequence_graph(smollm2):
         outs = [cached(ids[:, :80], torch.ones(1, 80, dtype=torch.long), torch.arange(80))]
         for i in range(80, 96):
             outs.append(cached(ids[:, i : i + 1], torch.ones(1, i + 1, dtype=torch.long), torch.tensor([i])))
-    # The float graph agrees exactly (test above). With int8 activations, float rounding
-    # that differs between SDPA's prefill and decode kernels flips a few roundings, and 30
-    # layers amplify them: measured 31.4 dB here, and the full-sequence graph itself gives
-    # 30-45 dB between runs over 88 and 96 tokens (W4A8 vs float logits: 8.3 dB).
-    assert sqnr_db(full, torch.cat(outs, 1)) > 25
+        fp = model(ids).logits
+    got = torch.cat(outs, 1)
+    # The float graph agrees exactly (test above). With int8 activations this RTN model is
+    # chaotic at the scale of one float rounding: the cache's attention kernels (the prefill
+    # kernel, the one-token kernel) round differently from the full graph's SDPA, each as
+    # close to float64 as SDPA (128-132 dB per layer, measured here), and the flipped int8
+    # roundings grow over 30 layers: 22.8 dB between the two, where multiplying SDPA's output
+    # by (1 + 1e-7·noise) alone gives 22.1 dB. So the floor is set by that control, and the
+    # cache must be as close to the float model as the full graph is (6.07 vs 6.31 dB).
+    assert sqnr_db(full, got) > 18
+    assert sqnr_db(fp, got) > sqnr_db(fp, full) - 1
 
 
 def test_saved_step_is_code_only_and_load_then_generate_compiles_nothing(smollm2, tmp_path, monkeypatch):
