@@ -178,7 +178,8 @@ def _converted_cache_attention(
 def _f32_kernel_applies(device: torch.device, q: torch.Tensor, kv: torch.Tensor) -> bool:
     """Whether attention over an fp32 cache on the CPU runs ``qqq_cpu::attention_f32kv``
     (its one-token kernel took half of torch's SDPA time at decode: 0.71 vs 1.50 ms for
-    SmolLM2's 30 layers at 512 context, 2 threads)."""
+    SmolLM2's 30 layers at 512 context, 2 threads; its prefill kernel, which skips the tiles
+    the causal mask hides, ~64 vs ~104 ms per 512-token prompt)."""
     from qqq_compile.targets.w4a8.kernels.cpu import ensure_cpp_kernels
 
     return device.type == "cpu" and q.dtype == kv.dtype == torch.float32 and ensure_cpp_kernels()
@@ -208,9 +209,9 @@ def add_kv_cache(
     with a static KV cache in its buffers. ``gm`` is left as it was; weights are shared, not copied.
 
     ``cache_dtype``: None keeps K/V's dtype (an fp32 cache on the CPU: attention runs
-    ``qqq_cpu::attention_f32kv`` when the C++ kernels are loaded, a one-token kernel at decode
-    and SDPA otherwise). ``torch.bfloat16`` stores them rounded to bf16
-    (half the bytes each decode step reads), K d-major, and attention runs
+    ``qqq_cpu::attention_f32kv`` when the C++ kernels are loaded: a one-token kernel at decode,
+    the prefill kernel for several tokens, SDPA for shapes neither covers). ``torch.bfloat16``
+    stores them rounded to bf16 (half the bytes each decode step reads), K d-major, and attention runs
     ``qqq_cpu::attention_bf16kv`` (a one-token kernel; torch's CPU SDPA on bf16 was slower
     than on fp32) when the C++ kernels are loaded, else SDPA over the upcast cache."""
     if cache_dtype not in (None, torch.bfloat16):
@@ -310,7 +311,7 @@ def add_kv_cache(
             if cache_dtype is not None:
                 new = _converted_cache_attention(graph, q, new_kv, mask, scale, head_dim, int(qv.shape[1]) != kv_heads)
             elif _f32_kernel_applies(device, qv, shapes[0]):
-                # The one-token C++ kernel at decode, SDPA (the same call as below) otherwise.
+                # The C++ kernels (one token; several: the prefill kernel), else the same SDPA as below.
                 new = graph.call_function(
                     torch.ops.qqq_cpu.attention_f32kv.default,
                     (q, new_kv[0], new_kv[1], mask, float(scale) if scale is not None else head_dim**-0.5),

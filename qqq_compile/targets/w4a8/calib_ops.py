@@ -1,7 +1,7 @@
 """The W4A8 target's kernels for calibration nodes other than linears (``Target.calib_ops``).
 
 GPTQ runs every decoder block twice per calibration batch (the quantized run and GPTAQ's
-float run). Their attention is the same masked SDPA the deployed model's prefill runs, and
+float run). Their attention is a masked SDPA like the deployed model's prefill, and
 torch's CPU SDPA computes every tile of it, the ones a causal mask hides included (1.3 s of
 an 11 s SmolLM2 block at 128 windows). ``qqq_cpu::attention_f32kv`` runs several query
 tokens through ``attention_prefill`` (csrc/attention_prefill_cpu.cpp), which skips them:
