@@ -131,16 +131,12 @@ def silu_mul_overrides(nodes: Sequence[Node]) -> dict[Node, Callable[..., Any]]:
                 return act.mul_(up)  # act is this call's own tensor: nothing else holds it
             return torch.mul(act, up)
 
-        out[s] = _first
-        out[m1] = _gate_arg(g, m1)
+        out[s] = _arg_at(0)
+        out[m1] = _arg_at(m1.args.index(g))
         out[m2] = gated
     return out
 
 
-def _first(x: Any, *args: Any, **kwargs: Any) -> Any:
-    return x
-
-
-def _gate_arg(g: Node, m1: Node) -> Callable[..., Any]:
-    i = 0 if m1.args[0] is g else 1
+def _arg_at(i: int) -> Callable[..., Any]:
+    """An override returning its ``i``-th argument (a pass-through)."""
     return lambda *args: args[i]

@@ -25,6 +25,13 @@ from qqq_compile.graph.sites import ASSERT_OPS, TRANSPARENT, LinearSite, attr_us
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 
+
+def sdpa_arg(n: Node, i: int, name: str, default: object = None) -> object:
+    """Argument ``i`` (``name`` as a keyword) of an SDPA node: ``(query, key, value,
+    attn_mask, dropout_p, is_causal, *, scale, enable_gqa)``; ``default`` when not given."""
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _SAME = TRANSPARENT - _RESHAPES  # value-preserving ops that keep the layout
 _SCALAR = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
@@ -174,4 +181,4 @@ def _reads_value_only(sdpa: Node, r: Node) -> bool:
     return all(a is not r for a in rest)
 
 
-__all__ = ["SDPA", "AttentionHeads", "attention_heads"]
+__all__ = ["SDPA", "AttentionHeads", "attention_heads", "sdpa_arg"]

@@ -43,6 +43,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from qqq_compile.compiler.block_runner import graph_device
+from qqq_compile.graph.attention import sdpa_arg
 
 aten = torch.ops.aten
 
@@ -101,10 +102,6 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
 
 def _val(n: Any) -> Any:
     return n.meta.get("val") if isinstance(n, Node) else None
-
-
-def _sdpa_arg(n: Node, i: int, name: str, default: Any = None) -> Any:
-    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
 
 
 def _is_full_slice(n: Node) -> bool:
@@ -275,7 +272,7 @@ def add_kv_cache(
         qv = _val(q)
         if not isinstance(qv, torch.Tensor) or qv.dim() != 4:
             raise CacheError(f"{sd.name}: expected a 4-D query [B, H, T, D]")
-        if float(_sdpa_arg(sd, 4, "dropout_p", 0.0) or 0.0) != 0.0:
+        if float(sdpa_arg(sd, 4, "dropout_p", 0.0) or 0.0) != 0.0:
             raise CacheError(f"{sd.name}: attention dropout is on; call model.eval() before compile()")
         seq = qv.shape[2] if seq_sym is None else seq_sym
         new_kv, shapes = [], []
@@ -306,7 +303,7 @@ def add_kv_cache(
         kv_heads, head_dim = int(shapes[0].shape[1]), int(shapes[0].shape[3])
         itemsize = buffers[f"qqq_k_cache_{i}"].element_size()
         spec.layers.append({"sdpa": sd.name, "kv_heads": kv_heads, "head_dim": head_dim, "itemsize": itemsize})
-        scale = _sdpa_arg(sd, 6, "scale")
+        scale = sdpa_arg(sd, 6, "scale")
         with graph.inserting_before(sd):
             if cache_dtype is not None:
                 new = _converted_cache_attention(graph, q, new_kv, mask, scale, head_dim, int(qv.shape[1]) != kv_heads)

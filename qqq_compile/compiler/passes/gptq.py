@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from qqq_compile.compiler.block_runner import BlockRunner, BlockState, Env, run_node
+from qqq_compile.compiler.block_runner import BlockRunner, BlockState, Env, Override, run_node
 from qqq_compile.compiler.gptq_forward import (
     FLOAT_RUN_BUDGET,
     bf16_override,
@@ -365,12 +365,13 @@ class GPTQ(QQQPass):
         c: _Call,
         seg: list[Node],
         envs: list[Env],
-        runs: tuple[dict[Node, Callable[..., Any]], dict[Node, Callable[..., Any]], dict[Node, Callable[..., Any]]],
+        runs: tuple[dict[Node, Override], dict[Node, Override], dict[Node, Override]],
         cut: _Cut,
         stash: bool,
     ) -> None:
         """Run ``seg`` on every batch in turn (the quantized run with its overrides, and
-        GPTAQ's float run with its own; ``ops``: the target's kernels both runs use), then
+        GPTAQ's float run with its own; ``ops``: what both runs use, the fused gated MLP and the
+        target's kernels), then
         add the batch's ``cut.x`` to the Hessian. ``stash``: the float run's values wait for
         the next segment in bf16."""
         overrides, foverrides, ops = runs

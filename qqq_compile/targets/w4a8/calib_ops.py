@@ -24,6 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qqq_compile.annotations import node_annotation
+from qqq_compile.graph.attention import SDPA, sdpa_arg
 from qqq_compile.targets.w4a8.fuse_hadamard import chain, kron_factors
 from qqq_compile.targets.w4a8.kernels import ensure_cpp_kernels
 
@@ -32,19 +33,15 @@ aten = torch.ops.aten
 __all__ = ["calib_ops", "hadamard_overrides", "sdpa_override"]
 
 
-def _arg(n: Node, i: int, name: str, default: Any) -> Any:
-    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
-
-
 def sdpa_override(node: Node) -> Callable[..., Any] | None:
     """A replacement for an SDPA node with a mask, no dropout and no ``is_causal`` flag
     (what a captured Hugging Face decoder has): ``qqq_cpu::attention_f32kv`` on fp32 CPU
     tensors with a bool mask, the node's own SDPA call otherwise. None for other nodes."""
-    if node.op != "call_function" or node.target is not aten.scaled_dot_product_attention.default:
+    if node.op != "call_function" or node.target is not SDPA:
         return None
-    if not isinstance(_arg(node, 3, "attn_mask", None), Node):
+    if not isinstance(sdpa_arg(node, 3, "attn_mask", None), Node):
         return None
-    if _arg(node, 4, "dropout_p", 0.0) or _arg(node, 5, "is_causal", False):
+    if sdpa_arg(node, 4, "dropout_p", 0.0) or sdpa_arg(node, 5, "is_causal", False):
         return None
 
     def run(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
@@ -60,9 +57,7 @@ def sdpa_override(node: Node) -> Callable[..., Any] | None:
             return torch.ops.qqq_cpu.attention_f32kv(
                 q, k, v, attn_mask, q.shape[-1] ** -0.5 if scale is None else scale
             )
-        return aten.scaled_dot_product_attention.default(
-            q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-        )
+        return SDPA(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
 
     return run
 

@@ -260,7 +260,9 @@ at::Tensor attention_bf16kv(const at::Tensor& q, const at::Tensor& k_t, const at
                             double scale) {
   const int64_t L = k_t.size(3);
   if (!(kernel_shapes(q, k_t, v, mask, L) && k_t.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16))
-    return many_tokens(q, k_t.transpose(2, 3).to(q.scalar_type()).contiguous(), v.to(q.scalar_type()), mask, scale);
+    // One copy: upcast straight into the row-major layout attention_prefill reads.
+    return many_tokens(q, k_t.transpose(2, 3).to(q.scalar_type(), false, false, at::MemoryFormat::Contiguous),
+                       v.to(q.scalar_type()), mask, scale);
   count_path(kAttnBf16);
   return run_kernel<Bf16DMajor>(q, k_t, v, mask, scale, L, "attention_bf16kv");
 }
