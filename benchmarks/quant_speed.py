@@ -7,6 +7,8 @@
     python benchmarks/quant_speed.py --n-calib 32 --eval    # fewer windows; + eval perplexity
     python benchmarks/quant_speed.py --per-block --blocks 2 --rounds 3
                                     # old (git revision) vs new GPTQ, round-robin per block
+    python benchmarks/quant_speed.py --per-block --variants new-noreuse,new --blocks 2 --rounds 3
+                                    # what the reusing allocator saves, under the CLI's malloc setting
 
 Full mode: the default preset (``qqq_rot``) as ``qqq-compile quantize demo`` runs it
 (``compile_from_disk``: weights on disk, one block in memory; ``--no-streaming``:
@@ -24,7 +26,8 @@ variant runs over the first ``--blocks`` decoder blocks of a fresh copy, variant
 turns (round-robin, so load drift hits all alike), and the median seconds per block and
 the ratio against the first variant are printed. Variants: ``old`` (the GPTQ pass and solve
 of ``--baseline-rev``, loaded from git), ``new`` (this checkout's defaults), ``new-fp32``
-(fp32 Hessians and GPTAQ float run); ``NAME@B`` runs a variant on calibration batches of
+(fp32 Hessians and GPTAQ float run), ``new-noreuse`` (calibration without the reusing
+allocator, ``residency.REUSE_BYTES = 0``); ``NAME@B`` runs a variant on calibration batches of
 ``B`` windows (default: ``CalibConfig.batch_size``). The ratios are the figures to quote on a shared machine.
 """
 
@@ -51,13 +54,24 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _faults() -> int:
+    # page faults are where a malloc setting's cost shows (each mapped tensor is faulted in afresh)
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt + r.ru_majflt
+
+
 # ----------------------------------------------------------------------------- full run
 
 
-def set_allocator(kind: str) -> bool:
+def set_allocator(kind: str, reuse_mb: int | None = None) -> bool:
     """``"cli"``: the CLI's glibc setting (``cli.common.return_freed_memory``: freed tensors go
-    back to the system), so time and peak are the CLI's; ``"glibc"``: glibc's defaults."""
+    back to the system), so time and peak are the CLI's; ``"glibc"``: glibc's defaults.
+    ``reuse_mb``: the calibration's cache of freed tensors (``residency.REUSE_BYTES``; 0: off)."""
     from qqq_compile.cli.common import return_freed_memory
+    from qqq_compile.compiler import residency
+
+    if reuse_mb is not None:
+        residency.REUSE_BYTES = reuse_mb << 20
 
     return return_freed_memory() if kind == "cli" else False
 
@@ -67,7 +81,7 @@ def full_run(args: argparse.Namespace) -> dict:
     from qqq_compile.data import standard_splits
     from qqq_compile.models import demo_model_path, load_model
 
-    out_allocator = set_allocator(args.allocator)
+    out_allocator = set_allocator(args.allocator, args.reuse_mb)
     if args.streaming:  # as `qqq-compile quantize demo` runs: the weights stay on disk
         from transformers import AutoTokenizer
 
@@ -155,7 +169,7 @@ def load_baseline(rev: str) -> type:
 
 
 def per_block(args: argparse.Namespace) -> dict:
-    set_allocator(args.allocator)
+    set_allocator(args.allocator, args.reuse_mb)
     import qqq_compile.compiler.block_runner as br
     from qqq_compile.compiler.calibration import calib_batches, example_call
     from qqq_compile.compiler.capture import capture
@@ -179,7 +193,10 @@ def per_block(args: argparse.Namespace) -> dict:
     i = [p.name for p in passes].index("gptq")
     gm, _ = run_pipeline(gm, ctx, passes[:i], config=config)
     options = passes[i].config.to_dict()
-    variants, calibs = {}, {}
+    from qqq_compile.compiler import residency
+
+    variants, calibs, no_reuse = {}, {}, set()
+    reuse = residency.REUSE_BYTES
     for spec in args.variants.split(","):
         v, _, bs = spec.partition("@")  # NAME@B: calibration batches of B windows
         if bs:
@@ -191,10 +208,13 @@ def per_block(args: argparse.Namespace) -> dict:
             variants[spec] = old(**keep)
         elif v == "new":
             variants[spec] = GPTQ(**options)
+        elif v == "new-noreuse":  # calibration without the reusing allocator (REUSE_BYTES = 0)
+            variants[spec] = GPTQ(**options)
+            no_reuse.add(spec)
         elif v == "new-fp32":
             variants[spec] = GPTQ(**{**options, "hessian_dtype": "float32", "asym_dtype": "float32"})
         else:
-            raise SystemExit(f"unknown variant {v!r}: use old, new, new-fp32")
+            raise SystemExit(f"unknown variant {v!r}: use old, new, new-noreuse, new-fp32")
     ensure_cpp_kernels()  # loading the extension is not GPTQ's time
     real = br.partition
 
@@ -206,16 +226,23 @@ def per_block(args: argparse.Namespace) -> dict:
     br.partition = first_blocks
     times: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
+    faults: dict[str, list[float]] = {v: [] for v in variants}
     try:
         for r in range(args.rounds):
             for name, p in variants.items():
                 g = copy.deepcopy(gm)
-                t, c = time.perf_counter(), time.process_time()
+                residency.REUSE_BYTES = 0 if name in no_reuse else reuse
+                t, c, f = time.perf_counter(), time.process_time(), _faults()
                 p.call(g, CompileContext(calib=calibs.get(name, ctx.calib), quant=ctx.quant, progress=False))
                 times[name].append((time.perf_counter() - t) / args.blocks)
                 cpu[name].append((time.process_time() - c) / args.blocks)
+                faults[name].append((_faults() - f) / args.blocks)
                 del g
-                print(f"round {r + 1}: {name} {times[name][-1]:.2f} s/block ({cpu[name][-1]:.2f} CPU s)", flush=True)
+                print(
+                    f"round {r + 1}: {name} {times[name][-1]:.2f} s/block ({cpu[name][-1]:.2f} CPU s, "
+                    f"{faults[name][-1] / 1e6:.2f} M page faults)",
+                    flush=True,
+                )
     finally:
         br.partition = real
     base = next(iter(variants))
@@ -231,6 +258,7 @@ def per_block(args: argparse.Namespace) -> dict:
         "cpu_ratio_vs_" + base: {v: med_cpu[base] / m for v, m in med_cpu.items()},
         "wall": times,
         "cpu": cpu,
+        "page_faults_per_block": faults,
         "peak_rss": _peak_rss(),
     }
 
@@ -253,6 +281,12 @@ def main() -> None:
         choices=("cli", "glibc"),
         default="cli",
         help="cli: the CLI's malloc setting (mmap threshold 1 MB; default); glibc: glibc's defaults",
+    )
+    ap.add_argument(
+        "--reuse-mb",
+        type=int,
+        default=None,
+        help="MB of freed tensors calibration keeps for reuse (default: residency.REUSE_BYTES; 0: off)",
     )
     ap.add_argument("--eval", action="store_true", help="also the perplexity on the 40 standard eval windows")
     ap.add_argument("--per-block", action="store_true", help="time GPTQ per block: variants round-robin")

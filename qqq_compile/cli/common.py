@@ -53,14 +53,12 @@ def return_freed_memory() -> bool:
     MB come from the heap and stay resident after they are freed. Quantizing frees thousands
     of those (activations, Hessians, rewritten weights): with the threshold fixed at 1 MB,
     `qqq-compile quantize demo`'s first blocks peaked 0.5 GB lower (3.3 -> 2.8 GB) and ended
-    0.9 GB lower. The price is time: every tensor of more than 1 MB is mapped and page-faulted
-    in afresh (SmolLM2's GPTQ: 4.1 M page faults and 7.7 s of system time per block, 11.5-11.8
-    s per block against 7.5-8.9 s with the threshold at 32 MB or glibc's default). With it
-    fixed at 32 MB the CLI's quantization took 295.8 s instead of 409.7 s but peaked at 2.46
-    GiB instead of 1.56 (freed activations held in the heap), past the 2.0 GB goal
-    (docs/RESULTS.md, round 7), so the CLI keeps 1 MB. A process-wide setting, so only the
-    CLI (which owns its process) sets it; a user's ``MALLOC_MMAP_THRESHOLD_`` wins (that is
-    the way to trade memory for time), and other C libraries are left alone.
+    0.9 GB lower. Its price, a page fault per 4 KB of every large tensor made again (4.1 M
+    faults and 7.7 s of system time per SmolLM2 GPTQ block), is gone inside the calibration
+    loop: there the C++ extension's allocator hands freed tensors of 256 KB and more back
+    whole (``compiler.residency.AllocationReuse``; docs/RESULTS.md, round 8). A process-wide
+    setting, so only the CLI (which owns its process) sets it; a user's
+    ``MALLOC_MMAP_THRESHOLD_`` wins, and other C libraries are left alone.
     """
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False

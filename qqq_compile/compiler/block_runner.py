@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_map_only
 from tqdm.auto import tqdm
 
-from qqq_compile.compiler.residency import attr_targets, release_memory, resident
+from qqq_compile.compiler.residency import AllocationReuse, attr_targets, release_memory, resident
 from qqq_compile.graph import Block, Partition, get_attr, partition
 
 Env = dict[Node, Any]
@@ -216,8 +216,10 @@ class BlockRunner:
             initial=0,
         )
         self.bar = None if bar.disable else bar
+        reuse = AllocationReuse()
         try:
             for i, block in enumerate(blocks):
+                reuse.start()  # once the C++ extension is loaded (a pass may load it in block 0)
                 # Streamed weights stay resident while the caller works on the block and the
                 # runner advances it; a weight the caller replaced is kept (on disk) after.
                 with resident(self.gm, attr_targets(block.nodes)):
@@ -228,6 +230,7 @@ class BlockRunner:
                 release_memory()  # the block's freed temporaries go back to the OS
                 bar.update(1)
         finally:
+            reuse.stop()
             bar.close()
             self.bar = None
 

@@ -1,5 +1,6 @@
 """BlockRunner: block-by-block execution equals a whole-graph run; memory is released."""
 
+import pytest
 import torch
 
 from qqq_compile.compiler.api import calib_batches
@@ -71,3 +72,36 @@ def test_override_changes_what_the_next_block_sees():
         if st.index == 1:
             ref = st.run(outputs=[sites["model.layers.1.self_attn.q_proj"].x])[0][0]
     assert not torch.allclose(seen[0], ref)
+
+
+def test_blocks_reuse_freed_calibration_tensors_and_compute_the_same(monkeypatch):
+    """Inside ``blocks()`` the C++ extension's allocator hands a batch's freed activations
+    to the next batch (compiler/residency.py: AllocationReuse); the results equal a run with
+    torch's allocator, and the allocator is removed when the loop ends."""
+    from qqq_compile.compiler import residency
+    from qqq_compile.targets.w4a8.kernels import cpu
+
+    if not cpu.cpu_supports_kernels():
+        pytest.skip("this CPU lacks AVX512-VNNI/VBMI: no C++ extension, nothing to reuse with")
+    assert cpu.ensure_cpp_kernels()
+    ext = cpu.loaded_extension()
+    gm = capture(tiny_model("llama"), torch.randint(0, 256, (1, 8))).graph_module
+    # 4 x 1024 tokens: activations of 1-2.6 MB per batch, the allocator's sizes
+    batches = calib_batches(tiny_calib(8, seq=1024), batch_size=4)
+    lm_head = [s for s in linear_sites(gm) if s.name == "lm_head"][0]
+
+    def run(cap: int) -> tuple[list[torch.Tensor], list[bool], int]:
+        monkeypatch.setattr(residency, "REUSE_BYTES", cap)
+        runner = BlockRunner(gm, batches, progress=False)
+        reuses = ext.alloc_cache_stats()[4]
+        installed = [bool(ext.alloc_cache_stats()[0]) for _ in runner.blocks()]
+        logits = runner.suffix_state().run(outputs=[lm_head.node])
+        return [x[0] for x in logits], installed, ext.alloc_cache_stats()[4] - reuses
+
+    plain, installed_plain, _ = run(0)
+    reused, installed, reuses = run(128 << 20)
+    assert installed == [True, True] and installed_plain == [False, False]
+    assert not ext.alloc_cache_stats()[0]
+    assert reuses > 0  # the second batch got the first one's freed blocks
+    for a, b in zip(plain, reused, strict=True):
+        assert torch.equal(a, b)

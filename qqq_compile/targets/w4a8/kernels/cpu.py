@@ -118,6 +118,7 @@ _SOURCES = (
     "attention_prefill_cpu.cpp",
     "hadamard_cpu.cpp",
     "ops_cpu.cpp",
+    "alloc_cpu.cpp",
 )
 _EXT_NAME = "qqq_cpu_kernels"
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi", "f16c")
@@ -212,6 +213,12 @@ def ensure_cpp_kernels() -> bool:
     first call) keeps the pure-torch kernels.
     """
     return _ext() is not None
+
+
+def loaded_extension() -> Any:
+    """``torch.ops.qqq_cpu`` if this process has loaded the extension, else None; never
+    builds or loads it (for process-level helpers that are only worth it beside the kernels)."""
+    return _ext_state.get("mod")
 
 
 def extension_available() -> bool:
