@@ -92,8 +92,8 @@ REUSE_BYTES = 128 << 20
 
 class AllocationReuse:
     """While started, freed CPU tensors of 256 KB or more are kept (up to ``cap`` bytes) and
-    handed back whole to the next request of the same size (the C++ extension's allocator,
-    csrc/alloc_cpu.cpp). Calibration frees and requests the same few sizes thousands of times
+    handed back whole to the next request they fit, at most 1.5x its size (the C++
+    extension's allocator, csrc/alloc_cpu.cpp). Calibration frees and requests the same few sizes thousands of times
     per block: glibc either maps each afresh (page faults: the CLI's setting) or keeps them in
     a heap that fragments (a higher peak). Nothing happens without the extension loaded, or
     when another scope already installed it (that scope owns it); ``cap=0`` disables it.

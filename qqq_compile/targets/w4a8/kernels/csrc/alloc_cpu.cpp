@@ -1,15 +1,16 @@
-// A CPU allocator that keeps freed blocks (256 KB and up) for the next request of the same size.
+// A CPU allocator that keeps freed blocks (256 KB and up) for the next request they fit.
 //
 // Why: calibration runs the same block over the same batch shapes again and again, so the
 // same few tensor sizes (tokens x width floats) are freed and requested thousands of times
 // per block. glibc serves them either from mmap (the CLI's 1 MB threshold: every tensor is
 // mapped and page-faulted in afresh, 4 M faults and ~7 s of system time per SmolLM2 block)
 // or from its heap (glibc's default: fast, but the heap keeps the holes and the process
-// peaked 0.8 GB higher). Exact-size reuse avoids both: a freed block is handed back whole,
-// already faulted in, and the cache is bounded, so the peak grows by at most the cap.
+// peaked 0.8 GB higher). Reuse avoids both: a freed block is handed back whole, already
+// faulted in, to a request of at most 1.5x less, and the cache is bounded, so the peak grows
+// by at most the cap (plus the best fit's slack on blocks in use).
 //
 // Installed for a scope by `set_alloc_cache(cap)` (compiler/residency.py:
-// `reused_allocations`) and removed by `set_alloc_cache(0)`, which restores torch's own
+// `AllocationReuse`) and removed by `set_alloc_cache(0)`, which restores torch's own
 // allocator and unmaps the cache. Blocks handed out while installed stay valid after: their
 // deleter unmaps them once the cache is gone. The allocator is process state by nature
 // (c10 keeps one CPU allocator per process); it lives only here.
@@ -96,6 +97,7 @@ struct ReusingAllocator final : c10::Allocator {
     if (n < kMinBytes) return p.prev->allocate(n);
     size_t size = (n + kPage - 1) / kPage * kPage;
     void* ptr = nullptr;
+    bool mapped = false;
     {
       std::lock_guard<std::mutex> g(p.mu);
       // The smallest cached block that fits, if at most 1.5x the request: shapes that shrink
@@ -115,11 +117,11 @@ struct ReusingAllocator final : c10::Allocator {
       TORCH_CHECK(ptr != MAP_FAILED, "out of memory: could not map ", size, " bytes for a CPU tensor");
       // Huge pages where the kernel allows them on request (THP "madvise"): one fault per 2 MB.
       if (size >= kHuge) madvise(ptr, size, MADV_HUGEPAGE);
-      std::lock_guard<std::mutex> g(p.mu);
-      ++p.maps;
+      mapped = true;
     }
     {
       std::lock_guard<std::mutex> g(p.mu);
+      p.maps += mapped;
       p.live.emplace(ptr, size);
     }
     return {ptr, ptr, &release_block, c10::Device(c10::DeviceType::CPU)};
