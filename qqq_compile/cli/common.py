@@ -56,7 +56,7 @@ def return_freed_memory() -> bool:
     0.9 GB lower. Its price, a page fault per 4 KB of every large tensor made again (4.1 M
     faults and 7.7 s of system time per SmolLM2 GPTQ block), is gone inside the calibration
     loop: there the C++ extension's allocator hands freed tensors of 256 KB and more back
-    whole (``compiler.residency.AllocationReuse``; docs/RESULTS.md, round 8). A process-wide
+    whole (``targets.w4a8.kernels.cpu.AllocationReuse``; docs/RESULTS.md, round 8). A process-wide
     setting, so only the CLI (which owns its process) sets it; a user's
     ``MALLOC_MMAP_THRESHOLD_`` wins, and other C libraries are left alone.
     """

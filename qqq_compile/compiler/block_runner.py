@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_map_only
 from tqdm.auto import tqdm
 
-from qqq_compile.compiler.residency import AllocationReuse, attr_targets, release_memory, resident
+from qqq_compile.compiler.residency import attr_targets, release_memory, resident
 from qqq_compile.graph import Block, Partition, get_attr, partition
 
 Env = dict[Node, Any]
@@ -216,6 +216,8 @@ class BlockRunner:
             initial=0,
         )
         self.bar = None if bar.disable else bar
+        from qqq_compile.targets.w4a8.kernels.cpu import AllocationReuse  # the C++ extension's allocator
+
         reuse = AllocationReuse()
         try:
             for i, block in enumerate(blocks):

@@ -86,47 +86,6 @@ def _malloc_trim() -> Any:
 _TRIM = _malloc_trim()
 
 
-# Freed CPU tensors (of 256 KB or more) that calibration may keep for reuse (alloc_cpu.cpp).
-REUSE_BYTES = 128 << 20
-
-
-class AllocationReuse:
-    """While started, freed CPU tensors of 256 KB or more are kept (up to ``cap`` bytes) and
-    handed back whole to the next request they fit, at most 1.5x its size (the C++
-    extension's allocator, csrc/alloc_cpu.cpp). Calibration frees and requests the same few
-    sizes thousands of times per block: glibc either maps each afresh (page faults: the
-    CLI's setting) or keeps them in a heap that fragments (a higher peak). Nothing happens
-    without the extension loaded, or when another scope already installed it (that scope
-    owns it); ``cap=0`` disables it.
-    """
-
-    def __init__(self, cap: int | None = None):
-        self.cap = REUSE_BYTES if cap is None else cap
-        self._ext: Any = None  # the extension's ops while this scope owns the allocator
-
-    @property
-    def owner(self) -> bool:
-        return self._ext is not None
-
-    def start(self) -> bool:
-        """Install the allocator if possible (cheap to call again); True while this owns it."""
-        if self.owner or self.cap <= 0:
-            return self.owner
-        from qqq_compile.targets.w4a8.kernels.cpu import loaded_extension
-
-        ext = loaded_extension()
-        installed = 0  # alloc_cache_stats()[0]: whether the reusing allocator is in place
-        if ext is not None and not ext.alloc_cache_stats()[installed] and ext.set_alloc_cache(self.cap):
-            self._ext = ext
-        return self.owner
-
-    def stop(self) -> None:
-        """Restore torch's allocator and unmap the kept blocks (tensors in use stay valid)."""
-        if self._ext is not None:
-            self._ext.set_alloc_cache(0)
-            self._ext = None
-
-
 def release_memory() -> None:
     """Give freed heap pages back to the OS. Quantizing a block leaves freed temporaries
     between the packed weights that stay; glibc keeps those holes, and without a trim

@@ -44,6 +44,7 @@ import torch
 
 from qqq_compile.runtime.generate import SamplingConfig, process_logits, step_device
 from qqq_compile.runtime.steps import DecodeStep
+from qqq_compile.targets.w4a8.kernels.cpu import AllocationReuse
 
 
 class QueueFullError(RuntimeError):
@@ -262,6 +263,18 @@ class BatchingEngine:
     # ------------------------------------------------------------------ worker thread
 
     def _run(self) -> None:
+        # Freed activations go back to the next step call instead of being mapped afresh
+        # (runtime/generate.py says why), for as long as the engine runs.
+        reuse = AllocationReuse() if self.device.type == "cpu" else None
+        if reuse is not None:
+            reuse.start()
+        try:
+            self._loop()
+        finally:
+            if reuse is not None:
+                reuse.stop()
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
                 while not self._closed and not self._waiting and not self._active():

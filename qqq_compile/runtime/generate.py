@@ -20,12 +20,17 @@ from typing import Any
 import torch
 
 from qqq_compile.runtime.steps import DecodeStep
+from qqq_compile.targets.w4a8.kernels.cpu import AllocationReuse
 
 # Prompts are prefilled this many tokens per step call: the activations of a call grow
 # with its tokens (SmolLM2, 1900 tokens in one call: 65-220 MB more peak RSS than in
 # 256-token calls), and attention over a chunk costs no more than over the whole prompt at once
-# (measured under load: 1900 tokens in 256-token chunks 11 s, in one call 21 s).
-PREFILL_CHUNK = 256
+# (measured under load: 1900 tokens in 256-token chunks 11 s, in one call 21 s). 512 rather
+# than 256: the int8 GEMMs run ~10% faster at 512 rows and each weight is unpacked once per
+# 512 tokens; with freed tensors reused (AllocationReuse) a 512-token prefill took 349 vs 402-406
+# ms in 256-token chunks on a busy host and 294 vs 299 ms on a quiet one, and 1900 tokens + 32
+# new 2.2-2.3 vs 2.5-3.0 s, for 7-20 MB more peak RSS (docs/RESULTS.md, round 9).
+PREFILL_CHUNK = 512
 
 
 class GenerationError(ValueError):
@@ -193,37 +198,47 @@ def generate(
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     full_mask = torch.cat([mask, torch.ones(b, cfg.max_new_tokens, dtype=torch.long, device=dev)], dim=1)
     positions = torch.arange(t + cfg.max_new_tokens, device=dev)
-    t0 = time.perf_counter()
-    chunk = prefill_chunk or t
-    for start in range(0, t, chunk):  # the cache keeps each chunk for the next
-        end = min(t, start + chunk)
-        logits = step(input_ids[:, start:end], mask[:, :end], positions[start:end])
-    prefill_s, t1, new = time.perf_counter() - t0, time.perf_counter(), 0
-    for i in range(cfg.max_new_tokens):
-        if plain_greedy:
-            nxt = _argmax(logits[:, -1])
-        else:
-            scores = process_logits(logits[:, -1].float(), out[:, : t + i], cfg)
-            if cfg.do_sample:
-                nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+    # Freed activations are handed back to the next call instead of being mapped afresh: a
+    # prefill chunk frees and requests the same sizes in every layer (page faults otherwise
+    # cost up to a fifth of a 512-token prefill on a busy host; docs/RESULTS.md, round 9).
+    reuse = AllocationReuse() if dev.type == "cpu" else None
+    if reuse is not None:
+        reuse.start()
+    try:
+        t0 = time.perf_counter()
+        chunk = prefill_chunk or t
+        for start in range(0, t, chunk):  # the cache keeps each chunk for the next
+            end = min(t, start + chunk)
+            logits = step(input_ids[:, start:end], mask[:, :end], positions[start:end])
+        prefill_s, t1, new = time.perf_counter() - t0, time.perf_counter(), 0
+        for i in range(cfg.max_new_tokens):
+            if plain_greedy:
+                nxt = _argmax(logits[:, -1])
             else:
-                nxt = _argmax(scores)
-        if len(eos) and b > 1:  # a finished row keeps emitting pad (a single row stops instead)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        out[:, t + i] = nxt
-        new += 1
-        if streamer is not None:
-            streamer.put(nxt.cpu())
-        if len(eos):
-            done |= torch.isin(nxt, eos)
-            if bool(done.all()):
+                scores = process_logits(logits[:, -1].float(), out[:, : t + i], cfg)
+                if cfg.do_sample:
+                    nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+                else:
+                    nxt = _argmax(scores)
+            if len(eos) and b > 1:  # a finished row keeps emitting pad (a single row stops instead)
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out[:, t + i] = nxt
+            new += 1
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            if len(eos):
+                done |= torch.isin(nxt, eos)
+                if bool(done.all()):
+                    break
+            if i == cfg.max_new_tokens - 1:
                 break
-        if i == cfg.max_new_tokens - 1:
-            break
-        pos = t + i
-        logits = step(nxt[:, None], full_mask[:, : pos + 1], positions[pos : pos + 1])
+            pos = t + i
+            logits = step(nxt[:, None], full_mask[:, : pos + 1], positions[pos : pos + 1])
+        decode_s = time.perf_counter() - t1
+    finally:
+        if reuse is not None:
+            reuse.stop()
     seqs = out[:, : t + new].contiguous()
-    decode_s = time.perf_counter() - t1
     if streamer is not None:
         streamer.end()
     return GenerateOutput(seqs, t, new, prefill_s, decode_s, step.runtime)

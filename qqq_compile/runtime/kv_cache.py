@@ -182,6 +182,27 @@ def _f32_kernel_applies(device: torch.device, q: torch.Tensor, kv: torch.Tensor)
     return device.type == "cpu" and q.dtype == kv.dtype == torch.float32 and ensure_cpp_kernels()
 
 
+def _step_mask(graph: Graph, mask_in: Node, pos_in: Node, batch: Node, kv_len: Node, device: torch.device) -> Node:
+    """The bool mask [B, 1, T, L] every attention of the step reads: key j is visible to the
+    token at position p when ``j <= p`` and ``attention_mask[b, j]``, and always when ``j == p``.
+    On the CPU with the C++ kernels: one ``qqq_cpu::attention_mask`` call (Inductor recomputed
+    the portable chain inside each layer's kernel, serially: 25-40 ms of a 512-token SmolLM2
+    prefill); else the portable ops."""
+    from qqq_compile.targets.w4a8.kernels.cpu import ensure_cpp_kernels
+
+    if device.type == "cpu" and ensure_cpp_kernels():
+        return graph.call_function(torch.ops.qqq_cpu.attention_mask.default, (mask_in, pos_in))
+    slots = graph.call_function(aten.arange.default, (kv_len,), {"dtype": torch.long, "device": device})
+    key_row = graph.call_function(aten.unsqueeze.default, (slots, 0))  # [1, L]
+    q_col = graph.call_function(aten.unsqueeze.default, (pos_in, 1))  # [T, 1]
+    causal = graph.call_function(aten.le.Tensor, (key_row, q_col))  # [T, L]
+    own = graph.call_function(aten.eq.Tensor, (key_row, q_col))
+    valid = graph.call_function(aten.ne.Scalar, (mask_in, 0))  # [B, L]
+    valid4 = graph.call_function(aten.view.default, (valid, [batch, 1, 1, kv_len]))
+    seen = graph.call_function(aten.bitwise_and.Tensor, (causal, valid4))  # [B, 1, T, L]
+    return graph.call_function(aten.bitwise_or.Tensor, (seen, own))
+
+
 def _first_row(cache_row: torch.Tensor | None, batch: Any, max_batch: int) -> Any:
     """The cache row of the batch's first row: ``cache_row`` (0 when not given). Under
     export it is data-dependent; clamping it to ``max_batch - B`` lets export prove the
@@ -250,15 +271,7 @@ def add_kv_cache(
         batch = graph.call_function(aten.sym_size.int, (ids, 0))
         first_row = graph.call_function(_first_row, (row_in, batch, max_batch))
         kv_len = graph.call_function(aten.sym_size.int, (mask_in, 1))
-        slots = graph.call_function(aten.arange.default, (kv_len,), {"dtype": torch.long, "device": device})
-        key_row = graph.call_function(aten.unsqueeze.default, (slots, 0))  # [1, L]
-        q_col = graph.call_function(aten.unsqueeze.default, (pos_in, 1))  # [T, 1]
-        causal = graph.call_function(aten.le.Tensor, (key_row, q_col))  # [T, L]
-        own = graph.call_function(aten.eq.Tensor, (key_row, q_col))
-        valid = graph.call_function(aten.ne.Scalar, (mask_in, 0))  # [B, L]
-        valid4 = graph.call_function(aten.view.default, (valid, [batch, 1, 1, kv_len]))
-        seen = graph.call_function(aten.bitwise_and.Tensor, (causal, valid4))  # [B, 1, T, L]
-        mask = graph.call_function(aten.bitwise_or.Tensor, (seen, own))
+        mask = _step_mask(graph, mask_in, pos_in, batch, kv_len, device)
 
     aranges = _position_aranges(graph, seq_nodes)
     for a in aranges:

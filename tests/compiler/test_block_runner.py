@@ -76,9 +76,8 @@ def test_override_changes_what_the_next_block_sees():
 
 def test_blocks_reuse_freed_calibration_tensors_and_compute_the_same(monkeypatch):
     """Inside ``blocks()`` the C++ extension's allocator hands a batch's freed activations
-    to the next batch (compiler/residency.py: AllocationReuse); the results equal a run with
+    to the next batch (targets/w4a8/kernels/cpu.py: AllocationReuse); the results equal a run with
     torch's allocator, and the allocator is removed when the loop ends."""
-    from qqq_compile.compiler import residency
     from qqq_compile.targets.w4a8.kernels import cpu
 
     if not cpu.cpu_supports_kernels():
@@ -91,7 +90,7 @@ def test_blocks_reuse_freed_calibration_tensors_and_compute_the_same(monkeypatch
     lm_head = [s for s in linear_sites(gm) if s.name == "lm_head"][0]
 
     def run(cap: int) -> tuple[list[torch.Tensor], list[bool], int]:
-        monkeypatch.setattr(residency, "REUSE_BYTES", cap)
+        monkeypatch.setattr(cpu, "REUSE_BYTES", cap)
         runner = BlockRunner(gm, batches, progress=False)
         reuses = ext.alloc_cache_stats()[4]
         installed = [bool(ext.alloc_cache_stats()[0]) for _ in runner.blocks()]

@@ -213,6 +213,49 @@ def test_long_prompts_are_prefilled_in_chunks_with_the_same_result(pair):
         compiled._steps = []
 
 
+def test_generate_reuses_freed_activations_and_returns_the_same_tokens(pair, monkeypatch):
+    """While ``generate`` runs, the C++ extension's allocator hands a prefill chunk's freed
+    activations to the next chunk (targets/w4a8/kernels/cpu.py: AllocationReuse); the
+    tokens equal a run with torch's allocator, and the allocator is removed afterwards."""
+    from qqq_compile.runtime.generate import generate
+    from qqq_compile.targets.w4a8.kernels import cpu
+
+    if not cpu.cpu_supports_kernels():
+        pytest.skip("this CPU lacks AVX512-VNNI/VBMI: no C++ extension, nothing to reuse with")
+    assert cpu.ensure_cpp_kernels()
+    ext = cpu.loaded_extension()
+    _, compiled = pair
+    step = compiled.prepare_generation(max_batch=1, max_len=1040, runtime="eager")
+    # 1024 tokens in two chunks: MLP activations of 640 KB, the allocator's sizes (>= 256 KB)
+    ids = torch.randint(1, 256, (1, 1024), generator=torch.Generator().manual_seed(3))
+    cfg = SamplingConfig(max_new_tokens=4, eos_token_id=[])
+    installed: list[bool] = []
+
+    class Probe:  # a streamer: given the prompt first, then each new token inside the loop
+        def put(self, _tokens: torch.Tensor) -> None:
+            installed.append(bool(ext.alloc_cache_stats()[0]))
+
+        def end(self) -> None:
+            pass
+
+    def run(cap: int) -> tuple[torch.Tensor, list[bool], int]:
+        monkeypatch.setattr(cpu, "REUSE_BYTES", cap)
+        installed.clear()
+        reuses = ext.alloc_cache_stats()[4]
+        out = generate(step, ids, None, cfg, streamer=Probe(), prefill_chunk=512)
+        return out.sequences, list(installed), ext.alloc_cache_stats()[4] - reuses
+
+    try:
+        plain, installed_plain, reuses_plain = run(0)
+        reused, installed_reuse, reuses = run(128 << 20)
+    finally:
+        compiled._steps = []
+    assert len(installed_reuse) == 5 and not any(installed_plain) and all(installed_reuse[1:])
+    assert not ext.alloc_cache_stats()[0]
+    assert reuses_plain == 0 and reuses > 0  # the second chunk got the first one's freed blocks
+    assert torch.equal(plain, reused)
+
+
 def test_right_padding_and_float_ids_are_refused(pair):
     _, compiled = pair
     with pytest.raises(GenerationError, match="padding_side = 'left'"):

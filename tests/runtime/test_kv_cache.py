@@ -71,6 +71,38 @@ def test_kv_cache_holds_only_kv_heads():
     assert spec.cache_bytes() == 2 * 2 * 3 * 2 * 40 * 16 * 4
 
 
+@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16], ids=["f32", "bf16"])
+def test_the_mask_is_built_once_for_every_attention(cache_dtype, monkeypatch):
+    """With the C++ kernels the step builds its mask with one ``qqq_cpu::attention_mask`` call
+    that every layer's attention reads (Inductor recomputed the portable chain inside each
+    layer's kernel); the logits equal those of the portable graph (the ops' chain, SDPA)."""
+    from qqq_compile.targets.w4a8.kernels import cpu
+
+    if not (cpu.cpu_supports_kernels() and cpu.ensure_cpp_kernels()):
+        pytest.skip("this CPU lacks AVX512-VNNI/VBMI: the portable mask is the only one")
+    gm = capture(tiny_model("llama"), {"input_ids": torch.randint(0, 256, (2, 8))}).graph_module
+    cached, _ = add_kv_cache(gm, max_batch=2, max_len=40, cache_dtype=cache_dtype)
+    nodes = list(cached.graph.nodes)
+    masks = [n for n in nodes if n.target is torch.ops.qqq_cpu.attention_mask.default]
+    attn_ops = (torch.ops.qqq_cpu.attention_f32kv.default, torch.ops.qqq_cpu.attention_bf16kv.default)
+    attention = [n for n in nodes if n.target in attn_ops]
+    assert len(masks) == 1 and len(attention) == 2
+    assert all(n.args[3] is masks[0] for n in attention)
+    assert not [n for n in nodes if n.target in (aten.bitwise_or.Tensor, aten.le.Tensor)]
+
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0  # a left-padded row
+    with torch.no_grad():
+        got = cached(ids, mask, torch.arange(12))
+        monkeypatch.setattr(cpu, "ensure_cpp_kernels", lambda: False)  # the rewrite without the kernels
+        portable, _ = add_kv_cache(gm, max_batch=2, max_len=40, cache_dtype=cache_dtype)
+        monkeypatch.undo()
+        assert not [n for n in portable.graph.nodes if n.target is torch.ops.qqq_cpu.attention_mask.default]
+        want = portable(ids, mask, torch.arange(12))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_w4a8_graph_cache_matches_full_sequence(arch):
     model = tiny_model(arch)

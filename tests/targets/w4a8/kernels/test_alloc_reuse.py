@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qqq_compile.compiler.residency import AllocationReuse
-from qqq_compile.targets.w4a8.kernels.cpu import loaded_extension
+from qqq_compile.targets.w4a8.kernels.cpu import AllocationReuse, loaded_extension
 
 pytestmark = pytest.mark.usefixtures("cpp_kernels")
 MB = 1 << 20

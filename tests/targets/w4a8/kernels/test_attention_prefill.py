@@ -146,3 +146,30 @@ def test_shapes_it_does_not_cover_take_sdpa(case):
     assert cpu.cpp_path_counts()["attention_prefill"] == before  # SDPA, not the kernel
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.1, enable_gqa=h != hkv)
     torch.testing.assert_close(got, want)
+
+
+def _mask_reference(valid: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The KV-cache step's rule, written out element by element (kv_cache.py's portable chain
+    is the other implementation): key j is visible to position p when j <= p and the row's
+    key is valid, and always when j == p."""
+    b, length = valid.shape
+    out = torch.zeros(b, 1, len(pos), length, dtype=torch.bool)
+    for r in range(b):
+        for t, p in enumerate(pos.tolist()):
+            for j in range(length):
+                out[r, 0, t, j] = (j <= p and bool(valid[r, j])) or j == p
+    return out
+
+
+@pytest.mark.parametrize("b,t,length,start", [(1, 1, 9, 8), (1, 5, 5, 0), (2, 7, 40, 33), (3, 130, 300, 170)])
+def test_step_mask_matches_the_rule(b, t, length, start):
+    """``qqq_cpu::attention_mask``: left-padded rows (zeros before each row's first token),
+    prefill chunks after earlier ones (positions start past 0) and single decode tokens."""
+    g = torch.Generator().manual_seed(b * 1000 + t)
+    valid = torch.ones(b, length, dtype=torch.long)
+    for r in range(b):
+        valid[r, : int(torch.randint(0, max(1, start), (1,), generator=g))] = 0
+    pos = torch.arange(start, start + t)
+    got = torch.ops.qqq_cpu.attention_mask(valid, pos)
+    assert got.dtype == torch.bool and got.shape == (b, 1, t, length)
+    assert torch.equal(got, _mask_reference(valid, pos))

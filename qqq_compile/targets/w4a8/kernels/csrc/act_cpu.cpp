@@ -97,7 +97,11 @@ at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& xs, const at::Te
   at::Tensor xsf = xs.contiguous().to(at::kFloat);
   c10::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->contiguous().to(at::kFloat);
-  at::Tensor out = at::empty({M, N}, acc.options().dtype(out_dtype));
+  // fp32 results are written over the int32 accumulator, element for element (same size, each
+  // read before its own write): no second M x N buffer to allocate and pull into the cache
+  // (the callers' accumulator is a temporary). Other dtypes get a new tensor.
+  at::Tensor out = out_dtype == at::kFloat && acc.is_same(acc_in) ? acc.view(at::kFloat)
+                                                                  : at::empty({M, N}, acc.options().dtype(out_dtype));
   Epilogue e{sch.data_ptr<float>(), b ? b->data_ptr<float>() : nullptr, out.data_ptr(), N, out_kind(out_dtype)};
   const int32_t* ap = acc.data_ptr<int32_t>();
   const float* sp = xsf.data_ptr<float>();

@@ -276,4 +276,30 @@ at::Tensor attention_f32kv(const at::Tensor& q, const at::Tensor& k, const at::T
   return run_kernel<F32RowMajor>(q, k, v, mask, scale, L, "attention_f32kv");
 }
 
+// The KV-cache step's mask, once per call: key j is visible to query token t of row b when
+// j <= pos[t] and valid[b, j] != 0, and always when j == pos[t] (a left-padded row's first
+// token sees itself). Built by Inductor from the portable ops, it was recomputed inside every
+// layer's fused kernel, serially, through Vectorized<bool>'s per-byte loops: 25-40 ms of a
+// 512-token SmolLM2 prefill (perf, docs/RESULTS.md round 9); here it is one buffer all
+// layers read.
+at::Tensor attention_mask(const at::Tensor& valid_in, const at::Tensor& pos_in) {
+  TORCH_CHECK(valid_in.dim() == 2 && pos_in.dim() == 1, "attention_mask: valid [B, L] and cache_position [T]");
+  TORCH_CHECK(!valid_in.is_floating_point() && !pos_in.is_floating_point(), "attention_mask: integer inputs");
+  const at::Tensor valid = valid_in.to(at::kLong).contiguous(), pos = pos_in.to(at::kLong).contiguous();
+  const int64_t B = valid.size(0), L = valid.size(1), T = pos.size(0);
+  at::Tensor out = at::empty({B, 1, T, L}, valid.options().dtype(at::kBool));
+  const int64_t* vp = valid.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  uint8_t* op = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
+  parallel_items(B * T, B * T * L >= (1 << 16), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / T, p = pp[i % T];
+      const int64_t* v = vp + b * L;
+      uint8_t* o = op + i * L;
+      for (int64_t j = 0; j < L; ++j) o[j] = static_cast<uint8_t>((j <= p && v[j] != 0) || j == p);
+    }
+  });
+  return out;
+}
+
 }  // namespace qqq

@@ -34,29 +34,42 @@ float* aligned(std::vector<float>& buf, size_t n) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
 }
 
-// s[r][0:TK] = sum_d qp[r][d] kt[d][0:TK] for R rows (qp [R, D], kt rows ldk apart).
-template <int D>
+// s[r][0:16 NG] = sum_d qp[r][d] kt[d][0:16 NG] for R rows (qp [R, D], kt rows ldk apart);
+// NG < 4 when the mask hides the tile's last keys from every token of the item.
+template <int D, int NG>
 inline void scores_tile(const float* qp, const float* kt, int64_t ldk, float* s) {
-  __m512 acc[R][4];
+  __m512 acc[R][NG];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < NG; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int d = 0; d < D; ++d) {
-    __m512 kv[4];
+    __m512 kv[NG];
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) kv[c] = _mm512_loadu_ps(kt + d * ldk + 16 * c);
+    for (int c = 0; c < NG; ++c) kv[c] = _mm512_loadu_ps(kt + d * ldk + 16 * c);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const __m512 qb = _mm512_set1_ps(qp[r * D + d]);
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(qb, kv[c], acc[r][c]);
+      for (int c = 0; c < NG; ++c) acc[r][c] = _mm512_fmadd_ps(qb, kv[c], acc[r][c]);
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) _mm512_store_ps(s + r * TK + 16 * c, acc[r][c]);
+    for (int c = 0; c < NG; ++c) _mm512_store_ps(s + r * TK + 16 * c, acc[r][c]);
+}
+
+template <int D>
+inline void scores_tiles(const float* qp, const float* kt, int64_t ldk, float* s, int64_t rows_p, int ng) {
+  for (int64_t r = 0; r < rows_p; r += R) {
+    switch (ng) {
+      case 1: scores_tile<D, 1>(qp + r * D, kt, ldk, s + r * TK); break;
+      case 2: scores_tile<D, 2>(qp + r * D, kt, ldk, s + r * TK); break;
+      case 3: scores_tile<D, 3>(qp + r * D, kt, ldk, s + r * TK); break;
+      default: scores_tile<D, 4>(qp + r * D, kt, ldk, s + r * TK); break;
+    }
+  }
 }
 
 // o[r] = o[r] * corr[r] + sum_{j < n} p[r][j] v[j] for R rows (o [R, D], p rows TK apart).
@@ -155,7 +168,11 @@ void attend_item(const Args& a, int64_t G, int64_t b, int64_t hk, int64_t t0) {
       all &= tok_keys[tt];
     }
     if (!any) continue;  // the mask hides this tile from every token of the item
-    for (int64_t r = 0; r < rows_p; r += R) scores_tile<D>(qp + r * D, kt + j0, a.lp, s + r * TK);
+    // Keys past the last one any token sees are left out (causal: the diagonal tile's second
+    // half for the item's first 32 tokens): their scores are never read (softmax masks them)
+    // and their probabilities would be zero.
+    const int64_t n_seen = 64 - __builtin_clzll(any);
+    scores_tiles<D>(qp, kt + j0, a.lp, s, rows_p, static_cast<int>(ceil_div(n_seen, 16)));
     for (int64_t r = 0; r < rows_p; ++r) {
       const uint64_t keys = all == full ? full : tok_keys[std::min(r, rows - 1) % nt];
       if (!keys) {  // no key of this tile for this row: nothing to add
@@ -165,7 +182,7 @@ void attend_item(const Args& a, int64_t G, int64_t b, int64_t hk, int64_t t0) {
       }
       corr[r] = softmax_row(s + r * TK, keys, m[r], l[r]);
     }
-    for (int64_t r = 0; r < rows_p; r += R) pv_tile<D>(s + r * TK, v + j0 * a.vs2, a.vs2, n, corr + r, o + r * D);
+    for (int64_t r = 0; r < rows_p; r += R) pv_tile<D>(s + r * TK, v + j0 * a.vs2, a.vs2, n_seen, corr + r, o + r * D);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t g = r / nt, t = t0 + r % nt;

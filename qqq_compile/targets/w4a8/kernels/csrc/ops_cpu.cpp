@@ -235,6 +235,7 @@ TORCH_LIBRARY(qqq_cpu, m) {
   m.def("attention_bf16kv(Tensor q, Tensor k_t, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("attention_f32kv(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("kron_transform(Tensor x, Tensor factors, int[] sizes) -> Tensor");
+  m.def("attention_mask(Tensor valid, Tensor cache_position) -> Tensor");
   // 2-D building blocks, for tests and benchmarks.
   m.def("unpack_w8", &qqq::unpack_w8);
   m.def("use_packed", &qqq::use_packed);
@@ -246,4 +247,5 @@ TORCH_LIBRARY_IMPL(qqq_cpu, CPU, m) {
   m.impl("attention_bf16kv", &qqq::attention_bf16kv);
   m.impl("attention_f32kv", &qqq::attention_f32kv);
   m.impl("kron_transform", &qqq::kron_transform);
+  m.impl("attention_mask", &qqq::attention_mask);
 }

@@ -37,7 +37,8 @@ std::vector<at::Tensor> quantize(const at::Tensor& x, bool permute);
 std::vector<at::Tensor> permute_act(const at::Tensor& q);
 // fp32 RMSNorm then per-token int8 (natural order): (q [M, K], s f32 [M]).
 std::vector<at::Tensor> rmsnorm_quant(const at::Tensor& x, const at::Tensor& weight, double eps);
-// y [M, N] = ((acc * s_tok) * s_ch) + bias in out_dtype, from an int32 accumulator.
+// y [M, N] = ((acc * s_tok) * s_ch) + bias in out_dtype, from an int32 accumulator. A
+// contiguous acc is consumed: fp32 results are written over it (pass a temporary).
 at::Tensor epilogue(const at::Tensor& acc, const at::Tensor& xs, const at::Tensor& channel_scale,
                     const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype);
 // Exact int32 a [M, K] @ w8 [N, K].T (torch._int_mm, which is wrong on CPU when K == 1).
@@ -87,6 +88,9 @@ at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at:
 
 // hadamard_cpu.cpp
 // x [..., k] float32 times F1 ⊗ … ⊗ Fr (k = f1·…·fr): factors holds F1..Fr flattened, row-major [a, c].
+// The KV-cache step's attention mask [B, 1, T, L] (bool) from the key validity [B, L] and the
+// query positions [T] (kv_cache.py's rule; attention_cpu.cpp).
+at::Tensor attention_mask(const at::Tensor& valid, const at::Tensor& pos);
 at::Tensor kron_transform(const at::Tensor& x, const at::Tensor& factors, at::IntArrayRef sizes);
 
 }  // namespace qqq
