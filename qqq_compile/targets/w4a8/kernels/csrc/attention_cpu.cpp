@@ -279,9 +279,9 @@ at::Tensor attention_f32kv(const at::Tensor& q, const at::Tensor& k, const at::T
 // The KV-cache step's mask, once per call: key j is visible to query token t of row b when
 // j <= pos[t] and valid[b, j] != 0, and always when j == pos[t] (a left-padded row's first
 // token sees itself). Built by Inductor from the portable ops, it was recomputed inside every
-// layer's fused kernel, serially, through Vectorized<bool>'s per-byte loops: 25-40 ms of a
-// 512-token SmolLM2 prefill (perf, docs/RESULTS.md round 9); here it is one buffer all
-// layers read.
+// layer's fused kernel, serially, through Vectorized<bool>'s per-byte loops; here it is one
+// buffer all layers read. SmolLM2's AOT step, both graphs in one process: 268 vs 272 ms per
+// 512-token prefill, 6.98 vs 7.26 ms per decode token (docs/RESULTS.md, round 9).
 at::Tensor attention_mask(const at::Tensor& valid_in, const at::Tensor& pos_in) {
   TORCH_CHECK(valid_in.dim() == 2 && pos_in.dim() == 1, "attention_mask: valid [B, L] and cache_position [T]");
   TORCH_CHECK(!valid_in.is_floating_point() && !pos_in.is_floating_point(), "attention_mask: integer inputs");
