@@ -265,14 +265,8 @@ class BatchingEngine:
     def _run(self) -> None:
         # Freed activations go back to the next step call instead of being mapped afresh
         # (runtime/generate.py says why), for as long as the engine runs.
-        reuse = AllocationReuse() if self.device.type == "cpu" else None
-        if reuse is not None:
-            reuse.start()
-        try:
+        with AllocationReuse.for_device(self.device):
             self._loop()
-        finally:
-            if reuse is not None:
-                reuse.stop()
 
     def _loop(self) -> None:
         while True:

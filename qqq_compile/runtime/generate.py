@@ -201,10 +201,7 @@ def generate(
     # Freed activations are handed back to the next call instead of being mapped afresh: a
     # prefill chunk frees and requests the same sizes in every layer (page faults otherwise
     # cost up to a fifth of a 512-token prefill on a busy host; docs/RESULTS.md, round 9).
-    reuse = AllocationReuse() if dev.type == "cpu" else None
-    if reuse is not None:
-        reuse.start()
-    try:
+    with AllocationReuse.for_device(dev):
         t0 = time.perf_counter()
         chunk = prefill_chunk or t
         for start in range(0, t, chunk):  # the cache keeps each chunk for the next
@@ -235,9 +232,6 @@ def generate(
             pos = t + i
             logits = step(nxt[:, None], full_mask[:, : pos + 1], positions[pos : pos + 1])
         decode_s = time.perf_counter() - t1
-    finally:
-        if reuse is not None:
-            reuse.stop()
     seqs = out[:, : t + new].contiguous()
     if streamer is not None:
         streamer.end()

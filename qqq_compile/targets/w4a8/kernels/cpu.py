@@ -235,14 +235,26 @@ class AllocationReuse:
     extension's allocator, csrc/alloc_cpu.cpp). Calibration frees and requests the same few
     sizes thousands of times per block, a prefill the same few per layer: glibc either maps
     each afresh (page faults: the CLI's setting, or a large prefill chunk) or keeps them in a
-    heap that fragments (a higher peak). Nothing happens
-    without the extension loaded, or when another scope already installed it (that scope
-    owns it); ``cap=0`` disables it.
+    heap that fragments (a higher peak). Nothing happens without the extension loaded, or
+    when another scope already installed it (that scope owns it); ``cap=0`` disables it.
+    As a context manager: started on entry, stopped on exit.
     """
 
     def __init__(self, cap: int | None = None):
         self.cap = REUSE_BYTES if cap is None else cap
         self._ext: Any = None  # the extension's ops while this scope owns the allocator
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> AllocationReuse:
+        """A scope for work on ``device``: the default cap on the CPU, disabled elsewhere."""
+        return cls(None if torch.device(device).type == "cpu" else 0)
+
+    def __enter__(self) -> AllocationReuse:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     @property
     def owner(self) -> bool:

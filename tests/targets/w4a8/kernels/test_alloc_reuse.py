@@ -92,6 +92,14 @@ def test_allocation_reuse_scopes_nest_and_only_the_owner_removes_it(ext):
     assert not AllocationReuse(0).start() and not stats()["installed"]
 
 
+def test_a_device_scope_installs_on_the_cpu_only_and_removes_on_exit(ext):
+    with AllocationReuse.for_device(torch.device("cpu")) as scope:
+        assert scope.owner and stats()["installed"]
+    assert not stats()["installed"]
+    with AllocationReuse.for_device(torch.device("meta")) as scope:  # not the CPU: nothing
+        assert not scope.owner and not stats()["installed"]
+
+
 def test_a_bad_cap_is_refused(ext):
     with pytest.raises(RuntimeError, match="byte count"):
         ext.set_alloc_cache(-1)
