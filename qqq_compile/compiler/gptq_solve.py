@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -128,14 +129,19 @@ class HessianAccumulator:
                 self.sums[k:].addmm_((xf.float() - x).t(), x)
             self.sums[:k].addmm_(x.t(), x)
             return
+        stage = _cpp_stage(self.buf, x, q, scale, xf)
         i = 0
         while i < rows:
             m = min(rows - i, self.buf.shape[0] - self.fill)
             dst, src = self.buf[self.fill : self.fill + m], slice(i, i + m)
-            xs = q[src].float().mul_(scale[src]) if q is not None else x[src]
-            dst[:, :k] = xs
-            if xf is not None:
-                dst[:, k:] = xf[src] - xs
+            if stage is not None:  # the same values in one pass (csrc/hessian_cpu.cpp)
+                sub = [None if t is None else t[src] for t in (x, q, scale, xf)]
+                stage(dst, sub[0], sub[1], None if sub[2] is None else sub[2].reshape(-1), sub[3])
+            else:
+                xs = q[src].float().mul_(scale[src]) if q is not None else x[src]
+                dst[:, :k] = xs
+                if xf is not None:
+                    dst[:, k:] = xf[src] - xs
             self.fill += m
             i += m
             if self.fill == self.buf.shape[0]:
@@ -178,6 +184,28 @@ class HessianAccumulator:
         self.buf = self.est = None
         sums, self.sums = self.sums.mul_(2.0 / max(self.n, 1)), None
         return sums[:k], (sums[k:] if self.asym else None)
+
+
+_OptTensor = torch.Tensor | None
+
+
+def _cpp_stage(buf: torch.Tensor, x: _OptTensor, q: _OptTensor, scale: _OptTensor, xf: _OptTensor) -> Any:
+    """The C++ extension's ``hessian_stage`` when it is loaded and takes these tensors (CPU,
+    contiguous, fp32 ``x`` or int8 ``q`` with fp32 scales, fp32 or bf16 ``xf``), else None
+    (torch's ops, the same values). Never builds the extension."""
+    from qqq_compile.targets.w4a8.kernels.cpu import loaded_extension
+
+    ext = loaded_extension()
+    parts = [t for t in (buf, x, q, scale, xf) if t is not None]
+    if ext is None or any(t.device.type != "cpu" or not t.is_contiguous() for t in parts):
+        return None
+    if (x is not None and x.dtype != torch.float32) or (q is not None and q.dtype != torch.int8):
+        return None
+    if scale is not None and scale.dtype != torch.float32:
+        return None
+    if xf is not None and xf.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return ext.hessian_stage
 
 
 def _upper_inverse_cholesky(

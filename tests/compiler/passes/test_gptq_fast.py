@@ -80,6 +80,35 @@ def test_bf16_hessians_agree_with_fp32():
     assert d is None and _rel(h, 2 * x.double().t() @ x.double() / n) < 8e-4
 
 
+@pytest.mark.parametrize("stashed", [False, True], ids=["xf_fp32", "xf_bf16"])
+@pytest.mark.parametrize("k", [100, 576])
+def test_cpp_staging_gives_the_same_sums_as_torch(k, stashed, monkeypatch):
+    """The bf16 chunks staged by ``qqq_cpu::hessian_stage`` (one pass from the int8 codes)
+    give H and D bit-equal to torch's five-op staging; the path counter proves it ran. Also
+    for float inputs and GPTAQ's bf16-stashed float run."""
+    from qqq_compile.compiler import gptq_solve
+    from qqq_compile.targets.w4a8.kernels import cpu
+
+    if not (cpu.cpu_supports_kernels() and ensure_cpp_kernels()):
+        pytest.skip("this CPU lacks AVX512-VNNI/VBMI: torch's staging is the only one")
+    x, xf, _ = _problem(seed=k, n=3000, k=k, n_out=8)
+    if stashed:
+        xf = xf.to(torch.bfloat16)
+    before = cpu.cpp_path_counts()["hessian_stage"]
+    fast = _accumulate(x, xf, "bfloat16", chunk_rows=1024)
+    acc = HessianAccumulator(k, asym=True, chunk_rows=1024)
+    acc.add(x, xf)  # float inputs
+    fast_float = acc.result()
+    assert cpu.cpp_path_counts()["hessian_stage"] > before
+    monkeypatch.setattr(gptq_solve, "_cpp_stage", lambda *a: None)  # torch's ops
+    slow = _accumulate(x, xf, "bfloat16", chunk_rows=1024)
+    acc = HessianAccumulator(k, asym=True, chunk_rows=1024)
+    acc.add(x, xf)
+    slow_float = acc.result()
+    for a, b in zip((*fast, *fast_float), (*slow, *slow_float), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_bf16_hessians_solve_as_well_as_fp32():
     """GPTQ + clip search + GPTAQ from bf16 Hessians: the layer's output error against the
     float model's output matches the fp32 path's. The weights themselves differ (GPTQ is

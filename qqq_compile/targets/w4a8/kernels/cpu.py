@@ -94,6 +94,7 @@ PATH_NAMES = (
     "attention_f32kv",
     "kron_transform",
     "attention_prefill",
+    "hessian_stage",
 )
 
 
@@ -117,6 +118,7 @@ _SOURCES = (
     "attention_cpu.cpp",
     "attention_prefill_cpu.cpp",
     "hadamard_cpu.cpp",
+    "hessian_cpu.cpp",
     "ops_cpu.cpp",
     "alloc_cpu.cpp",
 )

@@ -16,8 +16,9 @@ namespace qqq {
 // run on the caller alone during a back-off, and team runs whose fork or join stalled;
 // kAttnBf16 / kAttnF32: one-token attention over a bf16 / fp32 KV cache by the kernel (attention_cpu.cpp);
 // kKron: an online Hadamard by kron_transform (hadamard_cpu.cpp); kAttnPrefill: attention of
-// several query tokens by attention_prefill (attention_prefill_cpu.cpp).
-enum Path { kW4Gemv, kW4GemmPacked, kW4IntMm, kW8Gemv, kW8GemmVnni, kW8IntMm, kTeam, kSolo, kStall, kAttnBf16, kAttnF32, kKron, kAttnPrefill, kNumPaths };
+// several query tokens by attention_prefill (attention_prefill_cpu.cpp); kHessianStage: GPTQ's
+// bf16 Hessian staging (hessian_cpu.cpp).
+enum Path { kW4Gemv, kW4GemmPacked, kW4IntMm, kW8Gemv, kW8GemmVnni, kW8IntMm, kTeam, kSolo, kStall, kAttnBf16, kAttnF32, kKron, kAttnPrefill, kHessianStage, kNumPaths };
 void count_path(Path p);
 std::vector<int64_t> path_counts();
 // f(i, i + 1) for every item i in [0, n): items claimed by whichever team thread runs; on
@@ -91,6 +92,10 @@ at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at:
 // The KV-cache step's attention mask [B, 1, T, L] (bool) from the key validity [B, L] and the
 // query positions [T] (kv_cache.py's rule; attention_cpu.cpp).
 at::Tensor attention_mask(const at::Tensor& valid, const at::Tensor& pos);
+// hessian_cpu.cpp: GPTQ's Hessian staging, dst bf16 [M, K or 2K] = [x | xf - x], x = q * scale
+// (int8 [M, K], float32 [M]) or x float32 [M, K]; xf float32 or bfloat16 [M, K].
+void hessian_stage(const at::Tensor& dst, const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& q,
+                   const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& xf);
 at::Tensor kron_transform(const at::Tensor& x, const at::Tensor& factors, at::IntArrayRef sizes);
 
 }  // namespace qqq
