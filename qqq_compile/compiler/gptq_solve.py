@@ -130,13 +130,13 @@ class HessianAccumulator:
             self.sums[:k].addmm_(x.t(), x)
             return
         stage = _cpp_stage(self.buf, x, q, scale, xf)
+        flat_scale = None if scale is None else scale.reshape(-1)  # the C++ pass takes [M]
         i = 0
         while i < rows:
             m = min(rows - i, self.buf.shape[0] - self.fill)
             dst, src = self.buf[self.fill : self.fill + m], slice(i, i + m)
             if stage is not None:  # the same values in one pass (csrc/hessian_cpu.cpp)
-                sub = [None if t is None else t[src] for t in (x, q, scale, xf)]
-                stage(dst, sub[0], sub[1], None if sub[2] is None else sub[2].reshape(-1), sub[3])
+                stage(dst, *(None if t is None else t[src] for t in (x, q, flat_scale, xf)))
             else:
                 xs = q[src].float().mul_(scale[src]) if q is not None else x[src]
                 dst[:, :k] = xs

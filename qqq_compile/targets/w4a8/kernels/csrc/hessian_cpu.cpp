@@ -46,17 +46,13 @@ void hessian_stage(const at::Tensor& dst, const c10::optional<at::Tensor>& x, co
           const __m128i b = _mm_maskz_loadu_epi8(mk, qp + m * K + c);
           v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(sp[m]));
         } else {
-          v = _mm512_maskz_loadu_ps(mk, xp + m * K + c);
+          v = load16(xp + m * K + c, mk);
         }
         _mm256_mask_storeu_epi16(o + c, mk, cvt_bf16(v));
         if (fp) {
-          __m512 f;
-          if (xf_bf16) {
-            const __m256i h = _mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(fp) + m * K + c);
-            f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-          } else {
-            f = _mm512_maskz_loadu_ps(mk, static_cast<const float*>(fp) + m * K + c);
-          }
+          const int64_t i = m * K + c;
+          const __m512 f = xf_bf16 ? load16(static_cast<const c10::BFloat16*>(fp) + i, mk)
+                                   : load16(static_cast<const float*>(fp) + i, mk);
           _mm256_mask_storeu_epi16(o + K + c, mk, cvt_bf16(_mm512_sub_ps(f, v)));
         }
       }
