@@ -171,3 +171,34 @@ def test_bad_sizes_are_refused():
 def test_tiny_config_has_no_sliding_window_for_mistral():
     # The Mistral fixture runs without a window; the window limit is tested in test_generation.
     assert tiny_config("mistral").sliding_window is None
+
+
+def test_the_step_prefills_with_bf16_dot_products():
+    """``step_graph`` (what ``generate()`` runs) asks the fp32 cache's prefill kernel for bf16
+    dot products (``add_kv_cache`` keeps fp32 unless asked); on a CPU with AVX512-BF16 that
+    kernel runs, once per layer, and the logits stay within bf16 rounding of the exact rewrite
+    (measured 59-64 dB on this tiny model's last-position logits over six prompts)."""
+    from qqq_compile.runtime.steps import step_graph
+    from qqq_compile.targets.w4a8.kernels import cpu
+
+    if not (cpu.cpu_supports_kernels() and cpu.ensure_cpp_kernels()):
+        pytest.skip("this CPU lacks AVX512-VNNI/VBMI: no C++ attention")
+    gm = capture(tiny_model("llama"), {"input_ids": torch.randint(0, 256, (2, 8))}).graph_module
+    step, _, _ = step_graph(gm, 1, 64)
+    exact, _ = add_kv_cache(gm, max_batch=1, max_len=64)
+    f32kv = torch.ops.qqq_cpu.attention_f32kv.default
+    assert [n.args[5] for n in step.graph.nodes if n.target is f32kv] == [True, True]
+    assert [n.args[5] for n in exact.graph.nodes if n.target is f32kv] == [False, False]
+    bf16_cpu = "avx512_bf16" in cpu._cpu_flags()
+    path = "attention_prefill_bf16" if bf16_cpu else "attention_prefill"
+    ids = torch.randint(1, 256, (1, 40), generator=torch.Generator().manual_seed(7))
+    args = (ids, torch.ones(1, 40, dtype=torch.long), torch.arange(40))
+    with torch.no_grad():
+        before = cpu.cpp_path_counts()[path]
+        got = step(*args)
+        assert cpu.cpp_path_counts()[path] == before + 2
+        want = exact(*args)
+    got, want = (x[0] if isinstance(x, (tuple, list)) else x for x in (got, want))
+    db = sqnr_db(want, got)
+    assert db > 50 if bf16_cpu else db > 100
+    assert db < 80 or not bf16_cpu  # the rounding happened: not the fp32 kernel's result

@@ -95,6 +95,7 @@ PATH_NAMES = (
     "kron_transform",
     "attention_prefill",
     "hessian_stage",
+    "attention_prefill_bf16",
 )
 
 
@@ -189,7 +190,7 @@ def _register_fakes() -> None:
     """Shape functions of the extension's ops whose schema it defines without a kernel for
     every key (torch.export traces them with fake tensors)."""
 
-    def attention_fake(q, k, v, mask, scale):
+    def attention_fake(q, k, v, mask, scale, bf16_dot=False):
         b, h, t, d = q.shape
         return q.new_empty(b, t, h, d).transpose(1, 2)  # torch's CPU SDPA output layout
 

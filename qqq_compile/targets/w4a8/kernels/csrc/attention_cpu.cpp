@@ -246,8 +246,8 @@ bool kernel_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 // out [B, T, H, D] like the kernels' output, torch's CPU SDPA and the registered fakes: graphs
 // captured around SDPA view its output that way.
 at::Tensor many_tokens(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                       double scale) {
-  if (prefill_shapes(q, k, v, mask)) return attention_prefill(q, k, v, mask, scale);
+                       double scale, bool bf16_dot) {
+  if (prefill_shapes(q, k, v, mask)) return attention_prefill(q, k, v, mask, scale, bf16_dot);
   return at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scale, q.size(1) != k.size(1))
       .transpose(1, 2)
       .contiguous()
@@ -262,16 +262,16 @@ at::Tensor attention_bf16kv(const at::Tensor& q, const at::Tensor& k_t, const at
   if (!(kernel_shapes(q, k_t, v, mask, L) && k_t.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16))
     // One copy: upcast straight into the row-major layout attention_prefill reads.
     return many_tokens(q, k_t.transpose(2, 3).to(q.scalar_type(), false, false, at::MemoryFormat::Contiguous),
-                       v.to(q.scalar_type()), mask, scale);
+                       v.to(q.scalar_type()), mask, scale, false);
   count_path(kAttnBf16);
   return run_kernel<Bf16DMajor>(q, k_t, v, mask, scale, L, "attention_bf16kv");
 }
 
 at::Tensor attention_f32kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                           double scale) {
+                           double scale, bool bf16_dot) {
   const int64_t L = k.size(2);
   if (!(kernel_shapes(q, k, v, mask, L) && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat))
-    return many_tokens(q, k, v, mask, scale);
+    return many_tokens(q, k, v, mask, scale, bf16_dot);
   count_path(kAttnF32);
   return run_kernel<F32RowMajor>(q, k, v, mask, scale, L, "attention_f32kv");
 }

@@ -17,6 +17,7 @@
 // A token the mask hides every key from gets zeros (torch's SDPA gives NaN there).
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "qqq_cpu.h"
@@ -29,9 +30,121 @@ constexpr int64_t TQ = 32;  // query tokens per work item
 constexpr int64_t TK = 64;  // keys per tile (one 64-bit mask word per token)
 constexpr int R = 4;        // rows per micro-kernel call
 
-float* aligned(std::vector<float>& buf, size_t n) {
+template <class T>
+T* aligned(std::vector<T>& buf, size_t n) {
   if (buf.size() < n + 16) buf.resize(n + 16);
-  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+}
+
+// Only these functions use AVX512-BF16 instructions (the extension itself requires VNNI, not
+// BF16); they run only after cpu_has_bf16().
+#define QQQ_BF16 __attribute__((target("avx512bf16")))
+
+bool cpu_has_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// The bf16 layouts hold two bf16 per 32-bit word, the first in the low half (what
+// vdpbf16ps multiplies pairwise).
+// dst[0 : n/2] = bf16(src[0 : n] * scale), n a multiple of 16.
+QQQ_BF16 void to_bf16_words(const float* src, float scale, int64_t n, uint32_t* dst) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m256bh b = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + i), _mm512_set1_ps(scale)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i / 2), reinterpret_cast<const __m256i&>(b));
+  }
+}
+
+// K [L, D] (rows ld apart) -> [D/2, lp] words: word (p, j) = (k[j][2p], k[j][2p + 1]); zero past L.
+QQQ_BF16 void k_pairs(const float* k, int64_t ld, int64_t L, int64_t lp, int64_t D, uint32_t* dst) {
+  alignas(64) uint32_t w[64];
+  for (int64_t j = 0; j < L; ++j) {
+    to_bf16_words(k + j * ld, 1.0f, D, w);
+    for (int64_t p = 0; p < D / 2; ++p) dst[p * lp + j] = w[p];
+  }
+  for (int64_t p = 0; p < D / 2; ++p) std::fill(dst + p * lp + L, dst + (p + 1) * lp, 0u);
+}
+
+// V [L, D] (rows ld apart) -> [lp/2, D] words: word (jj, d) = (v[2jj][d], v[2jj + 1][d]); zero past L.
+QQQ_BF16 void v_pairs(const float* v, int64_t ld, int64_t L, int64_t lp, int64_t D, uint32_t* dst) {
+  alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                  8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(order);
+  for (int64_t jj = 0; jj < lp / 2; ++jj) {
+    const int64_t j = 2 * jj;
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 a = j < L ? _mm512_loadu_ps(v + j * ld + d) : _mm512_setzero_ps();
+      const __m512 b = j + 1 < L ? _mm512_loadu_ps(v + (j + 1) * ld + d) : _mm512_setzero_ps();
+      const __m512bh ab = _mm512_cvtne2ps_pbh(b, a);  // a in words 0-15, b in 16-31
+      _mm512_storeu_si512(dst + jj * D + d, _mm512_permutexvar_epi16(idx, reinterpret_cast<const __m512i&>(ab)));
+    }
+  }
+}
+
+// The bf16 counterpart of scores_tile: q2 [R, D/2] words, kt2 [D/2, ldk] words.
+template <int D, int NG>
+QQQ_BF16 void scores_tile_bf16(const uint32_t* q2, const uint32_t* kt2, int64_t ldk, float* s) {
+  __m512 acc[R][NG];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NG; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int p = 0; p < D / 2; ++p) {
+    __m512i kv[NG];
+#pragma GCC unroll 4
+    for (int c = 0; c < NG; ++c) kv[c] = _mm512_loadu_si512(kt2 + p * ldk + 16 * c);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512i qb = _mm512_set1_epi32(static_cast<int>(q2[r * (D / 2) + p]));
+#pragma GCC unroll 4
+      for (int c = 0; c < NG; ++c)
+        acc[r][c] = _mm512_dpbf16_ps(acc[r][c], reinterpret_cast<const __m512bh&>(qb),
+                                     reinterpret_cast<const __m512bh&>(kv[c]));
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NG; ++c) _mm512_store_ps(s + r * TK + 16 * c, acc[r][c]);
+}
+
+// The bf16 counterpart of pv_tile: the rows' probabilities s (fp32, rows TK apart) rounded
+// to bf16 pairs, then o[r] = o[r] * corr[r] + sum over the first n keys (v2 [pairs, D] words).
+// For an odd n the last pair's second key is masked out of V, not only out of p: the fp32
+// kernel never reads key n either (a key no token sees may hold anything, NaN included).
+template <int D>
+QQQ_BF16 void pv_tile_bf16(const float* s, const uint32_t* v2, int64_t n, const float* corr, float* o) {
+  const int64_t npairs = ceil_div(n, 2);
+  const __mmask32 last = n % 2 ? 0x55555555u : 0xFFFFFFFFu;  // the even key of each word
+  constexpr int C = D / 16, CB = C < 4 ? C : 4;
+  alignas(64) uint32_t p2[R][TK / 2];
+  for (int r = 0; r < R; ++r) to_bf16_words(s + r * TK, 1.0f, TK, p2[r]);  // softmax wrote all TK
+  for (int c0 = 0; c0 < C; c0 += CB) {
+    __m512 acc[R][CB];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < CB; ++c)
+        acc[r][c] = _mm512_mul_ps(_mm512_load_ps(o + r * D + 16 * (c0 + c)), _mm512_set1_ps(corr[r]));
+    for (int64_t jj = 0; jj < npairs; ++jj) {
+      __m512i vv[CB];
+      const __mmask32 keep = jj == npairs - 1 ? last : 0xFFFFFFFFu;
+#pragma GCC unroll 4
+      for (int c = 0; c < CB; ++c) vv[c] = _mm512_maskz_loadu_epi16(keep, v2 + jj * D + 16 * (c0 + c));
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512i pb = _mm512_set1_epi32(static_cast<int>(p2[r][jj]));
+#pragma GCC unroll 4
+        for (int c = 0; c < CB; ++c)
+          acc[r][c] = _mm512_dpbf16_ps(acc[r][c], reinterpret_cast<const __m512bh&>(pb),
+                                       reinterpret_cast<const __m512bh&>(vv[c]));
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < CB; ++c) _mm512_store_ps(o + r * D + 16 * (c0 + c), acc[r][c]);
+  }
 }
 
 // s[r][0:16 NG] = sum_d qp[r][d] kt[d][0:16 NG] for R rows (qp [R, D], kt rows ldk apart);
@@ -60,14 +173,24 @@ inline void scores_tile(const float* qp, const float* kt, int64_t ldk, float* s)
     for (int c = 0; c < NG; ++c) _mm512_store_ps(s + r * TK + 16 * c, acc[r][c]);
 }
 
-template <int D>
-inline void scores_tiles(const float* qp, const float* kt, int64_t ldk, float* s, int64_t rows_p, int ng) {
+template <int D, bool BF, class T>
+inline void scores_tiles(const T* qp, const T* kt, int64_t ldk, float* s, int64_t rows_p, int ng) {
+  constexpr int64_t QW = BF ? D / 2 : D;  // q's row length in elements of T
   for (int64_t r = 0; r < rows_p; r += R) {
-    switch (ng) {
-      case 1: scores_tile<D, 1>(qp + r * D, kt, ldk, s + r * TK); break;
-      case 2: scores_tile<D, 2>(qp + r * D, kt, ldk, s + r * TK); break;
-      case 3: scores_tile<D, 3>(qp + r * D, kt, ldk, s + r * TK); break;
-      default: scores_tile<D, 4>(qp + r * D, kt, ldk, s + r * TK); break;
+    if constexpr (BF) {
+      switch (ng) {
+        case 1: scores_tile_bf16<D, 1>(qp + r * QW, kt, ldk, s + r * TK); break;
+        case 2: scores_tile_bf16<D, 2>(qp + r * QW, kt, ldk, s + r * TK); break;
+        case 3: scores_tile_bf16<D, 3>(qp + r * QW, kt, ldk, s + r * TK); break;
+        default: scores_tile_bf16<D, 4>(qp + r * QW, kt, ldk, s + r * TK); break;
+      }
+    } else {
+      switch (ng) {
+        case 1: scores_tile<D, 1>(qp + r * QW, kt, ldk, s + r * TK); break;
+        case 2: scores_tile<D, 2>(qp + r * QW, kt, ldk, s + r * TK); break;
+        case 3: scores_tile<D, 3>(qp + r * QW, kt, ldk, s + r * TK); break;
+        default: scores_tile<D, 4>(qp + r * QW, kt, ldk, s + r * TK); break;
+      }
     }
   }
 }
@@ -127,6 +250,8 @@ struct Args {
   const float* q;
   int64_t qs0, qs1, qs2;  // q [B, H, T, D]
   const float* kt;        // K transposed: [B * Hkv, D, Lp]
+  const uint32_t* kt2;    // bf16_dot: K as [B * Hkv, D/2, Lp] words (k_pairs)
+  const uint32_t* v2;     // bf16_dot: V as [B * Hkv, Lp/2, D] words (v_pairs)
   int64_t lp;
   const float* v;
   int64_t vs0, vs1, vs2;  // v [B, Hkv, L, D]
@@ -136,11 +261,14 @@ struct Args {
   float scale;
 };
 
-template <int D>
+template <int D, bool BF>
 void attend_item(const Args& a, int64_t G, int64_t b, int64_t hk, int64_t t0) {
+  using T = std::conditional_t<BF, uint32_t, float>;  // q and K: fp32, or bf16 pairs
+  constexpr int64_t QW = BF ? D / 2 : D;
   const int64_t nt = std::min(TQ, a.T - t0), rows = G * nt, rows_p = ceil_div(rows, R) * R;
-  thread_local std::vector<float> qbuf, obuf, sbuf, mlbuf;
-  float* qp = aligned(qbuf, rows_p * D);
+  thread_local std::vector<T> qbuf;
+  thread_local std::vector<float> obuf, sbuf, mlbuf;
+  T* qp = aligned(qbuf, rows_p * QW);
   float* o = aligned(obuf, rows_p * D);
   float* s = aligned(sbuf, rows_p * TK);
   float* ml = aligned(mlbuf, 3 * rows_p);
@@ -149,13 +277,21 @@ void attend_item(const Args& a, int64_t G, int64_t b, int64_t hk, int64_t t0) {
   for (int64_t r = 0; r < rows_p; ++r) {
     const int64_t rr = std::min(r, rows - 1), g = rr / nt, t = t0 + rr % nt;
     const float* src = a.q + b * a.qs0 + (hk * G + g) * a.qs1 + t * a.qs2;
-    for (int d = 0; d < D; ++d) qp[r * D + d] = src[d] * a.scale;
+    if constexpr (BF)
+      to_bf16_words(src, a.scale, D, qp + r * QW);
+    else
+      for (int d = 0; d < D; ++d) qp[r * D + d] = src[d] * a.scale;
     std::fill(o + r * D, o + (r + 1) * D, 0.0f);
     m[r] = -INFINITY;
     l[r] = 0.0f;
   }
-  const float* kt = a.kt + (b * a.Hkv + hk) * D * a.lp;
+  const T* kt;
+  if constexpr (BF)
+    kt = a.kt2 + (b * a.Hkv + hk) * (D / 2) * a.lp;
+  else
+    kt = a.kt + (b * a.Hkv + hk) * D * a.lp;
   const float* v = a.v + b * a.vs0 + hk * a.vs1;
+  const uint32_t* v2 = BF ? a.v2 + (b * a.Hkv + hk) * (a.lp / 2) * D : nullptr;
   uint64_t tok_keys[TQ];
   for (int64_t j0 = 0; j0 < a.L; j0 += TK) {
     const int64_t n = std::min(TK, a.L - j0);
@@ -172,7 +308,7 @@ void attend_item(const Args& a, int64_t G, int64_t b, int64_t hk, int64_t t0) {
     // half for the item's first 32 tokens): their scores are never read (softmax masks them)
     // and their probabilities would be zero.
     const int64_t n_seen = 64 - __builtin_clzll(any);
-    scores_tiles<D>(qp, kt + j0, a.lp, s, rows_p, static_cast<int>(ceil_div(n_seen, 16)));
+    scores_tiles<D, BF>(qp, kt + j0, a.lp, s, rows_p, static_cast<int>(ceil_div(n_seen, 16)));
     for (int64_t r = 0; r < rows_p; ++r) {
       const uint64_t keys = all == full ? full : tok_keys[std::min(r, rows - 1) % nt];
       if (!keys) {  // no key of this tile for this row: nothing to add
@@ -182,7 +318,12 @@ void attend_item(const Args& a, int64_t G, int64_t b, int64_t hk, int64_t t0) {
       }
       corr[r] = softmax_row(s + r * TK, keys, m[r], l[r]);
     }
-    for (int64_t r = 0; r < rows_p; r += R) pv_tile<D>(s + r * TK, v + j0 * a.vs2, a.vs2, n_seen, corr + r, o + r * D);
+    for (int64_t r = 0; r < rows_p; r += R) {
+      if constexpr (BF)
+        pv_tile_bf16<D>(s + r * TK, v2 + j0 / 2 * D, n_seen, corr + r, o + r * D);
+      else
+        pv_tile<D>(s + r * TK, v + j0 * a.vs2, a.vs2, n_seen, corr + r, o + r * D);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t g = r / nt, t = t0 + r % nt;
@@ -192,12 +333,22 @@ void attend_item(const Args& a, int64_t G, int64_t b, int64_t hk, int64_t t0) {
   }
 }
 
-template <int D>
+template <int D, bool BF>
 void run(const Args& a) {
   const int64_t G = a.H / a.Hkv, nq = ceil_div(a.T, TQ), items = a.B * a.Hkv * nq;
   parallel_items(items, items > 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) attend_item<D>(a, G, i / (a.Hkv * nq), i / nq % a.Hkv, i % nq * TQ);
+    for (int64_t i = i0; i < i1; ++i) attend_item<D, BF>(a, G, i / (a.Hkv * nq), i / nq % a.Hkv, i % nq * TQ);
   });
+}
+
+template <bool BF>
+void run_d(const Args& a, int64_t D) {
+  switch (D) {
+    case 16: run<16, BF>(a); break;
+    case 32: run<32, BF>(a); break;
+    case 64: run<64, BF>(a); break;
+    default: run<128, BF>(a); break;
+  }
 }
 
 }  // namespace
@@ -216,36 +367,54 @@ bool prefill_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }
 
 at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                             double scale) {
+                             double scale, bool bf16_dot) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), L = k.size(2);
   const int64_t lp = ceil_div(L, TK) * TK;
-  // K transposed once per call ([B * Hkv, D, Lp], zero past L): every item's score tiles then
-  // read 16 keys per load.
-  at::Tensor kt = at::empty({B * Hkv, D, lp}, q.options());
-  float* ktp = kt.data_ptr<float>();
+  const bool bf = bf16_dot && cpu_has_bf16();
   const float* kp = k.data_ptr<float>();
-  parallel_items(B * Hkv, B * Hkv > 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float* src = kp + i / Hkv * k.stride(0) + i % Hkv * k.stride(1);
-      float* dst = ktp + i * D * lp;
-      for (int64_t j = 0; j < L; ++j)
-        for (int64_t d = 0; d < D; ++d) dst[d * lp + j] = src[j * k.stride(2) + d];
-      for (int64_t d = 0; d < D; ++d) std::fill(dst + d * lp + L, dst + (d + 1) * lp, 0.0f);
-    }
-  });
+  const float* vp = v.data_ptr<float>();
+  at::Tensor kt, kt2, v2;
+  if (bf) {
+    // K and V as bf16 pairs once per call (k_pairs, v_pairs).
+    kt2 = at::empty({B * Hkv, D / 2, lp}, q.options().dtype(at::kInt));
+    v2 = at::empty({B * Hkv, lp / 2, D}, q.options().dtype(at::kInt));
+    auto* k2p = reinterpret_cast<uint32_t*>(kt2.data_ptr<int32_t>());
+    auto* v2p = reinterpret_cast<uint32_t*>(v2.data_ptr<int32_t>());
+    parallel_items(B * Hkv, B * Hkv > 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        k_pairs(kp + i / Hkv * k.stride(0) + i % Hkv * k.stride(1), k.stride(2), L, lp, D, k2p + i * (D / 2) * lp);
+        v_pairs(vp + i / Hkv * v.stride(0) + i % Hkv * v.stride(1), v.stride(2), L, lp, D, v2p + i * (lp / 2) * D);
+      }
+    });
+  } else {
+    // K transposed once per call ([B * Hkv, D, Lp], zero past L): every item's score tiles
+    // then read 16 keys per load.
+    kt = at::empty({B * Hkv, D, lp}, q.options());
+    float* ktp = kt.data_ptr<float>();
+    parallel_items(B * Hkv, B * Hkv > 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* src = kp + i / Hkv * k.stride(0) + i % Hkv * k.stride(1);
+        float* dst = ktp + i * D * lp;
+        for (int64_t j = 0; j < L; ++j)
+          for (int64_t d = 0; d < D; ++d) dst[d * lp + j] = src[j * k.stride(2) + d];
+        for (int64_t d = 0; d < D; ++d) std::fill(dst + d * lp + L, dst + (d + 1) * lp, 0.0f);
+      }
+    });
+  }
   const at::Tensor m = mask.expand({B, 1, T, L}).reshape({B, T, L}).contiguous();
   at::Tensor out = at::empty({B, T, H, D}, q.options());
-  const Args a{q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2), ktp, lp,
-               v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2),
+  const Args a{q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2),
+               bf ? nullptr : kt.data_ptr<float>(),
+               bf ? reinterpret_cast<const uint32_t*>(kt2.data_ptr<int32_t>()) : nullptr,
+               bf ? reinterpret_cast<const uint32_t*>(v2.data_ptr<int32_t>()) : nullptr,
+               lp, vp, v.stride(0), v.stride(1), v.stride(2),
                reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()), out.data_ptr<float>(),
                B, H, Hkv, T, L, static_cast<float>(scale)};
-  count_path(kAttnPrefill);
-  switch (D) {
-    case 16: run<16>(a); break;
-    case 32: run<32>(a); break;
-    case 64: run<64>(a); break;
-    default: run<128>(a); break;
-  }
+  count_path(bf ? kAttnPrefillBf16 : kAttnPrefill);
+  if (bf)
+    run_d<true>(a, D);
+  else
+    run_d<false>(a, D);
   return out.transpose(1, 2);  // [B, H, T, D], laid out [B, T, H, D] as torch's CPU SDPA
 }
 

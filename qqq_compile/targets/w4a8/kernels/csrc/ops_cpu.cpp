@@ -233,7 +233,7 @@ TORCH_LIBRARY(qqq_cpu, m) {
   // Schema only (the CPU kernel below; the fake is registered from Python, cpu.py): a
   // catch-all kernel would be traced through, with fake tensors, by torch.export.
   m.def("attention_bf16kv(Tensor q, Tensor k_t, Tensor v, Tensor mask, float scale) -> Tensor");
-  m.def("attention_f32kv(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("attention_f32kv(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, bool bf16_dot=False) -> Tensor");
   m.def("kron_transform(Tensor x, Tensor factors, int[] sizes) -> Tensor");
   m.def("attention_mask(Tensor valid, Tensor cache_position) -> Tensor");
   // 2-D building blocks, for tests and benchmarks.

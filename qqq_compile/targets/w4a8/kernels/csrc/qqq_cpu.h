@@ -17,8 +17,8 @@ namespace qqq {
 // kAttnBf16 / kAttnF32: one-token attention over a bf16 / fp32 KV cache by the kernel (attention_cpu.cpp);
 // kKron: an online Hadamard by kron_transform (hadamard_cpu.cpp); kAttnPrefill: attention of
 // several query tokens by attention_prefill (attention_prefill_cpu.cpp); kHessianStage: GPTQ's
-// bf16 Hessian staging (hessian_cpu.cpp).
-enum Path { kW4Gemv, kW4GemmPacked, kW4IntMm, kW8Gemv, kW8GemmVnni, kW8IntMm, kTeam, kSolo, kStall, kAttnBf16, kAttnF32, kKron, kAttnPrefill, kHessianStage, kNumPaths };
+// bf16 Hessian staging (hessian_cpu.cpp); kAttnPrefillBf16: attention_prefill's bf16 dot products.
+enum Path { kW4Gemv, kW4GemmPacked, kW4IntMm, kW8Gemv, kW8GemmVnni, kW8IntMm, kTeam, kSolo, kStall, kAttnBf16, kAttnF32, kKron, kAttnPrefill, kHessianStage, kAttnPrefillBf16, kNumPaths };
 void count_path(Path p);
 std::vector<int64_t> path_counts();
 // f(i, i + 1) for every item i in [0, n): items claimed by whichever team thread runs; on
@@ -76,7 +76,7 @@ at::Tensor attention_bf16kv(const at::Tensor& q, const at::Tensor& k_t, const at
                             double scale);
 // The same over an fp32 cache in SDPA's layout: k and v [B, Hkv, L, D].
 at::Tensor attention_f32kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                           double scale);
+                           double scale, bool bf16_dot);
 
 // attention_prefill_cpu.cpp
 // Whether attention_prefill covers these shapes: fp32 q [B, H, T, D], k and v [B, Hkv, L, D]
@@ -84,8 +84,9 @@ at::Tensor attention_f32kv(const at::Tensor& q, const at::Tensor& k, const at::T
 // broadcastable to [B, 1, T, L].
 bool prefill_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask);
 // Masked SDPA of q over k/v with tiles the mask hides skipped -> [B, H, T, D] laid out [B, T, H, D].
+// bf16_dot: both products in bf16 with fp32 sums where the CPU has AVX512-BF16 (else fp32).
 at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                             double scale);
+                             double scale, bool bf16_dot);
 
 // hadamard_cpu.cpp
 // x [..., k] float32 times F1 ⊗ … ⊗ Fr (k = f1·…·fr): factors holds F1..Fr flattened, row-major [a, c].
