@@ -154,8 +154,8 @@ def _lm_head(out: Node) -> tuple[Node, int] | None:
 def _converted_cache_attention(
     graph: Graph, q: Node, kv: list[Node], mask: Node, scale: float | None, head_dim: int, gqa: bool
 ) -> Node:
-    """Attention over a bf16 cache (K d-major): the C++ op when loaded, else SDPA over the
-    cache upcast to q's dtype (same numbers up to float rounding)."""
+    """Attention over a bf16 cache (K d-major): the C++ op when loaded (its prefill takes bf16
+    dot products), else SDPA over the cache upcast to q's dtype."""
     from qqq_compile.targets.w4a8.kernels.cpu import ensure_cpp_kernels
 
     scale = float(scale) if scale is not None else head_dim**-0.5
@@ -176,8 +176,7 @@ def _f32_kernel_applies(device: torch.device, q: torch.Tensor, kv: torch.Tensor)
     """Whether attention over an fp32 cache on the CPU runs ``qqq_cpu::attention_f32kv``
     (its one-token kernel took half of torch's SDPA time at decode: 0.71 vs 1.50 ms for
     SmolLM2's 30 layers at 512 context, 2 threads; its prefill kernel, which skips the tiles
-    the causal mask hides, ~64 vs ~104 ms per 512-token prompt; with ``bf16_dot`` 1.17 vs 1.93
-    ms per SmolLM2 layer where the CPU has AVX512-BF16)."""
+    the causal mask hides, ~64 vs ~104 ms per 512-token prompt)."""
     from qqq_compile.targets.w4a8.kernels.cpu import ensure_cpp_kernels
 
     return device.type == "cpu" and q.dtype == kv.dtype == torch.float32 and ensure_cpp_kernels()
@@ -223,7 +222,6 @@ def add_kv_cache(
     input_name: str = "input_ids",
     last_logits_only: bool = True,
     cache_dtype: torch.dtype | None = None,
-    bf16_dot: bool = False,
 ) -> tuple[GraphModule, CacheSpec]:
     """A new GraphModule ``(input_ids, attention_mask, cache_position, cache_row=None) -> logits``
     with a static KV cache in its buffers. ``gm`` is left as it was; weights are shared, not copied.
@@ -233,12 +231,10 @@ def add_kv_cache(
     the prefill kernel for several tokens, SDPA for shapes neither covers). ``torch.bfloat16``
     stores them rounded to bf16 (half the bytes each decode step reads), K d-major, and attention runs
     ``qqq_cpu::attention_bf16kv`` (a one-token kernel; torch's CPU SDPA on bf16 was slower
-    than on fp32) when the C++ kernels are loaded, else SDPA over the upcast cache.
-
-    ``bf16_dot``: the fp32 cache's prefill kernel takes bf16 inputs with fp32 sums for its two
-    products where the CPU has AVX512-BF16 (1.6x faster; the precision of a bf16 model's
-    attention; the decode step asks for it, see :func:`~qqq_compile.runtime.steps.step_graph`).
-    False keeps the rewrite exact to fp32 rounding."""
+    than on fp32) when the C++ kernels are loaded, else SDPA over the upcast cache; its
+    prefill (several tokens) runs the prefill kernel with bf16 dot products and fp32 sums
+    where the CPU has AVX512-BF16 (1.6x faster than fp32 products), so a bf16 cache means
+    bf16 attention, the precision of a bf16 model's attention on a GPU."""
     if cache_dtype not in (None, torch.bfloat16):
         raise CacheError(f"cache_dtype must be None or torch.bfloat16, got {cache_dtype}")
     if max_batch < 1 or max_len < 2:
@@ -331,7 +327,7 @@ def add_kv_cache(
                 # The C++ kernels (one token; several: the prefill kernel), else the same SDPA as below.
                 new = graph.call_function(
                     torch.ops.qqq_cpu.attention_f32kv.default,
-                    (q, new_kv[0], new_kv[1], mask, float(scale) if scale is not None else head_dim**-0.5, bf16_dot),
+                    (q, new_kv[0], new_kv[1], mask, float(scale) if scale is not None else head_dim**-0.5),
                 )
             else:
                 new = graph.call_function(

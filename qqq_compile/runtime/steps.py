@@ -398,10 +398,8 @@ def step_graph(
 ) -> tuple[GraphModule, CacheSpec, list[str]]:
     """``(step graph, cache spec, notes)``: ``gm`` with a KV cache, rewritten for decoding by
     the targets whose ops it calls (``Target.prepare_step``: W4A8 fuses the projections that
-    share an input, one kernel call each), their kernels loaded. The prefill attention takes
-    bf16 dot products with fp32 sums where the CPU has them (``add_kv_cache``'s ``bf16_dot``:
-    SmolLM2's step 0.035% higher perplexity on Wikipedia, docs/RESULTS.md round 10)."""
-    cached, spec = add_kv_cache(gm, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype, bf16_dot=True)
+    share an input, one kernel call each), their kernels loaded."""
+    cached, spec = add_kv_cache(gm, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype)
     notes: list[str] = []
     # Kernels are loaded (on first use: built) here, for both runtimes, so that their one-time
     # build is part of building the step and never of the first timed prefill.

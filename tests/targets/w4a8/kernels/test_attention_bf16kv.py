@@ -67,16 +67,22 @@ def test_one_token_matches_sdpa_over_the_upcast_cache(b, h, hkv, d, length, thre
     assert sqnr_db(want, got) > 100
 
 
-def test_several_tokens_take_sdpa_with_the_same_layout() -> None:
+def test_several_tokens_take_the_prefill_kernel_with_bf16_dot_products() -> None:
+    """Several query tokens (a prefill) over a bf16 cache: the prefill kernel on the upcast
+    cache with bf16 dot products where the CPU has AVX512-BF16 (fp32 products elsewhere), in
+    SDPA's output layout; within bf16 rounding of fp32 SDPA over the same cache (measured
+    54-55 dB: q and the probabilities are the only values rounded beyond the cache's own)."""
     q = torch.randn(2, 6, 5, 64)
     k_t, v = _cache(2, 3, 64, 40, seed=0)
     mask = torch.ones(2, 1, 5, 40, dtype=torch.bool).tril(diagonal=35)
-    before = cpu.cpp_path_counts()["attention_bf16kv"]
+    path = "attention_prefill_bf16" if "avx512_bf16" in cpu._cpu_flags() else "attention_prefill"
+    before, one_token = cpu.cpp_path_counts()[path], cpu.cpp_path_counts()["attention_bf16kv"]
     got = torch.ops.qqq_cpu.attention_bf16kv(q, k_t, v, mask, 0.125)
-    assert cpu.cpp_path_counts()["attention_bf16kv"] == before  # the fallback, not the kernel
+    assert cpu.cpp_path_counts()[path] == before + 1
+    assert cpu.cpp_path_counts()["attention_bf16kv"] == one_token  # not the one-token kernel
     want = _reference(q, k_t, v, mask, 0.125)
     assert _layout(got) == _sdpa_layout(q)
-    torch.testing.assert_close(got, want)
+    assert sqnr_db(want, got) > (45 if path == "attention_prefill_bf16" else 110)
 
 
 def test_bf16_cache_step_runs_the_kernel_and_tracks_the_fp32_cache_step() -> None:
@@ -106,8 +112,9 @@ def test_bf16_cache_step_runs_the_kernel_and_tracks_the_fp32_cache_step() -> Non
 
 def test_bf16_cache_without_the_kernels_uses_sdpa_over_the_upcast_cache(monkeypatch) -> None:
     """Without the C++ kernels the rewrite emits SDPA over the cache upcast to fp32: the same
-    cache, the same attention up to float rounding (measured: 143 dB on the logits of the
-    tiny W4A8 model; the floor leaves room for int8 activation rounding flips)."""
+    cache; the same attention up to the kernels' bf16 dot products at prefill (measured
+    40.5-42.5 dB on the logits of the tiny W4A8 model over five prompts, 143 dB before the
+    prefill took bf16 products; int8 activation rounding flips widen the gap)."""
     import qqq_compile as qc
     from qqq_compile.runtime.steps import build_step
     from tests.conftest import tiny_calib, tiny_model
@@ -127,7 +134,7 @@ def test_bf16_cache_without_the_kernels_uses_sdpa_over_the_upcast_cache(monkeypa
         for i in range(8, 12):
             out.append(step(ids[:, i : i + 1], torch.ones(1, i + 1, dtype=torch.long), torch.tensor([i])))
         outs.append(torch.cat(out, 1))
-    assert sqnr_db(outs[1], outs[0]) > 60
+    assert sqnr_db(outs[1], outs[0]) > (35 if "avx512_bf16" in cpu._cpu_flags() else 60)
 
 
 def test_bf16_cache_aot_step_runs_the_kernel_and_matches_eager(tmp_path) -> None:
