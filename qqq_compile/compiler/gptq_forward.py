@@ -69,12 +69,12 @@ class _Stashed:
     dtype: torch.dtype
 
 
-def float_run_bytes(fenvs: list[Env], envs: list[Env]) -> int:
+def float_run_bytes(fenvs: list[Env | None], envs: list[Env]) -> int:
     """fp32-equivalent bytes of the float run's own values (those not shared with the
-    quantized run)."""
+    quantized run; None: a batch the float run skips)."""
     total = 0
     for fenv, env in zip(fenvs, envs, strict=True):
-        for k, v in fenv.items():
+        for k, v in (fenv or {}).items():
             if isinstance(v, _Stashed):
                 total += v.value.numel() * v.dtype.itemsize
             elif isinstance(v, torch.Tensor) and v is not env.get(k):

@@ -43,7 +43,8 @@ HESSIAN_DTYPES = ("bfloat16", "float32")
 
 
 class HessianAccumulator:
-    """``H = 2/n · Σ XᵀX`` and, for GPTAQ, ``D = 2/n · Σ (X_float - X)ᵀ X`` over batches of rows.
+    """``H = 2/n · Σ XᵀX`` and, for GPTAQ, ``D = 2/n_D · Σ (X_float - X)ᵀ X`` over batches of rows
+    (``n_D``: the rows given with ``x_float``; a GPTAQ batch without it adds to ``H`` only).
 
     ``dtype="float32"``: one fp32 GEMM per batch (the reference). ``"bfloat16"``: rows are
     gathered into chunks (``[X | X_float - X]`` side by side, rounded to bf16) and each
@@ -70,14 +71,15 @@ class HessianAccumulator:
     ):
         if dtype not in HESSIAN_DTYPES:
             raise ValueError(f"hessian dtype must be one of {HESSIAN_DTYPES}, got {dtype!r}")
-        self.k, self.n, self.asym = k, 0, asym
+        self.k, self.n, self.n_d, self.asym = k, 0, 0, asym
         self.bf16 = dtype == "bfloat16"
         self._chunk_rows = chunk_rows
         # The sums and buffers are made on ``device`` if given, else on the device of the
         # first batch (the calibration activations'), so a CUDA model's Hessians stay on it.
         self.sums: torch.Tensor | None = None
         self.buf = self.est = None
-        self.fill = self.rows_flushed = 0
+        self.fill = self.rows_flushed = self.rows_flushed_d = 0
+        self.chunk_d = False  # whether the buffered rows carry their D half
         if device is not None:
             self._alloc(torch.device(device))
 
@@ -107,11 +109,12 @@ class HessianAccumulator:
     ) -> None:
         """Add a batch: ``x`` ``[..., K]`` (what the linear multiplies) or, for an int8
         input, its codes ``q`` and per-row ``scale`` (``x = q · scale``); for GPTAQ also the
-        float model's input ``x_float`` (same shape)."""
+        float model's input ``x_float`` (same shape), or None for a batch that adds to ``H``
+        only."""
         if (x is None) == (q is None):
             raise ValueError("give either x or q and scale")
-        if (x_float is None) == self.asym:
-            raise ValueError("x_float must be given exactly when the accumulator was made with asym=True")
+        if x_float is not None and not self.asym:
+            raise ValueError("x_float is for GPTAQ: make the accumulator with asym=True")
         k = self.k
         if q is not None:
             q, scale = q.reshape(-1, k), scale.reshape(-1, 1)
@@ -123,18 +126,23 @@ class HessianAccumulator:
         if self.sums is None:
             self._alloc((x if x is not None else q).device)
         self.n += rows
+        self.n_d += rows if xf is not None else 0
         if not self.bf16:
             x = x.float() if x is not None else q.float().mul_(scale)
             if xf is not None:
                 self.sums[k:].addmm_((xf.float() - x).t(), x)
             self.sums[:k].addmm_(x.t(), x)
             return
+        if self.fill and self.chunk_d != (xf is not None):
+            self._flush()  # a chunk's rows all carry D or none do
+        self.chunk_d = xf is not None
         stage = _cpp_stage(self.buf, x, q, scale, xf)
         flat_scale = None if scale is None else scale.reshape(-1)  # the C++ pass takes [M]
+        width = self.buf.shape[1] if xf is not None else k
         i = 0
         while i < rows:
             m = min(rows - i, self.buf.shape[0] - self.fill)
-            dst, src = self.buf[self.fill : self.fill + m], slice(i, i + m)
+            dst, src = self.buf[self.fill : self.fill + m, :width], slice(i, i + m)
             if stage is not None:  # the same values in one pass (csrc/hessian_cpu.cpp)
                 stage(dst, *(None if t is None else t[src] for t in (x, q, flat_scale, xf)))
             else:
@@ -150,16 +158,19 @@ class HessianAccumulator:
     def _flush(self) -> None:
         if not self.bf16 or self.fill == 0:
             return
-        a, seen, k, width = self.buf[: self.fill], self.rows_flushed, self.k, self.est.shape[1]
-        a_f = a.float() if seen == 0 else None  # the first chunk in fp32: the others are measured against it
+        k, width, with_d = self.k, self.est.shape[1], self.asym and self.chunk_d
+        a = self.buf[: self.fill, : 2 * k if with_d else k]
+        a_f = None  # the first chunk of H (of D) in fp32: the later ones are measured against it
         for j in range(0, k, width):
             cols = slice(j, min(j + width, k))
             # H is symmetric: per column slab only the rows down to the slab's end (the
             # rest is mirrored in result()); D = ΔXᵀX̃ in full.
-            parts = [slice(0, cols.stop)] + ([slice(k, 2 * k)] if self.asym else [])
-            for rows in parts:
+            parts = [(slice(0, cols.stop), self.rows_flushed)]
+            parts += [(slice(k, 2 * k), self.rows_flushed_d)] if with_d else []
+            for rows, seen in parts:
                 tgt = self.sums[rows, cols]
-                if a_f is not None:
+                if seen == 0:
+                    a_f = a.float() if a_f is None else a_f
                     tgt += a_f[:, rows].t() @ a_f[:, cols]
                     continue
                 # The GEMM adds -E (this chunk's expected share of the sums so far) before
@@ -168,6 +179,7 @@ class HessianAccumulator:
                 tgt += torch.addmm(est, a[:, rows].t(), a[:, cols], beta=-1.0)
                 tgt += est
         self.rows_flushed += self.fill
+        self.rows_flushed_d += self.fill if with_d else 0
         self.fill = 0
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -182,7 +194,9 @@ class HessianAccumulator:
                 end = min(j + width, k)
                 self.sums[j:end, :j] = self.sums[:j, j:end].t()
         self.buf = self.est = None
-        sums, self.sums = self.sums.mul_(2.0 / max(self.n, 1)), None
+        sums, self.sums = self.sums, None
+        sums[:k].mul_(2.0 / max(self.n, 1))
+        sums[k:].mul_(2.0 / max(self.n_d, 1))
         return sums[:k], (sums[k:] if self.asym else None)
 
 

@@ -27,7 +27,8 @@ With ``clip_search`` the scales are searched on that same format before the solv
 node by node; a node whose inputs are the same objects in both runs and that is not a
 quantized linear is computed once), so every linear sees both its float-model input
 ``X`` and the quantized model's ``X̃``; the solve then targets ``W X`` instead of ``W X̃``
-(see :mod:`qqq_compile.compiler.gptq_solve`).
+(see :mod:`qqq_compile.compiler.gptq_solve`). The float run takes every n-th batch, as many
+as ``asym_tokens`` asks for; the other batches add to ``H`` only.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class _Call:
     todo: set[Node]
     order: dict[Node, int]
     last_use: dict[Node, int]
-    fenvs: list[Env] | None = None
+    fenvs: list[Env | None] | None = None
 
 
 @dataclass
@@ -116,6 +117,17 @@ class _LazyAccumulator:
         return self.acc.result()
 
 
+def _batch_tokens(batch: dict[str, Any]) -> int:
+    """Tokens (rows) of a calibration batch: its ``input_ids``' elements, else its first
+    tensor's (an integer tensor's elements, a float tensor's rows)."""
+    t = batch.get("input_ids")
+    if not isinstance(t, torch.Tensor):
+        t = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    if t is None:
+        return 0
+    return t.numel() if not t.is_floating_point() or t.dim() < 2 else t.numel() // t.shape[-1]
+
+
 @dataclass(frozen=True)
 class GPTQConfig(PassConfig):
     """Options of :class:`GPTQ` (see its docstring)."""
@@ -135,6 +147,7 @@ class GPTQConfig(PassConfig):
     asym_alpha: float = 0.25
     hessian_dtype: str = "bfloat16"
     asym_dtype: str = "bfloat16"
+    asym_tokens: int | None = 32768
 
     def __post_init__(self) -> None:
         if not self.damp >= 0:
@@ -153,6 +166,11 @@ class GPTQConfig(PassConfig):
             raise ConfigError(
                 f"hessian_dtype must be one of {HESSIAN_DTYPES} (bf16 GEMMs with fp32 sums, or all fp32), "
                 f"got {self.hessian_dtype!r}"
+            )
+        if self.asym_tokens is not None and not (isinstance(self.asym_tokens, int) and self.asym_tokens >= 1):
+            raise ConfigError(
+                f"asym_tokens must be None (GPTAQ's float run on every batch) or an integer >= 1 "
+                f"(the calibration tokens it needs at least, e.g. 32768), got {self.asym_tokens!r}"
             )
         if self.asym_dtype not in HESSIAN_DTYPES:
             raise ConfigError(
@@ -194,6 +212,13 @@ class GPTQ(QQQPass):
     * ``asym_dtype``: the linears of GPTAQ's float run as ``"bfloat16"`` GEMMs (default;
       every other op of that run stays fp32) or ``"float32"``. Its rounding (2⁻⁹) is far
       below the difference ``X - X̃`` it measures (effect in ``test_gptq_fast.py``).
+    * ``asym_tokens``: GPTAQ's float run, and its term ``D``, on every n-th calibration
+      batch, ``n = calibration tokens // asym_tokens`` (at least 1), so ``D`` still comes
+      from at least ``asym_tokens`` tokens; ``H`` always sees every batch. The float run and
+      ``D`` were ~40% of a SmolLM2 block's time; at 128 windows of 512 tokens (n = 2) the
+      default preset's perplexity did not get worse (docs/RESULTS.md, round 10). None: every
+      batch. Tokens of a batch: its ``input_ids`` (else its first tensor: an integer one's
+      elements, a float one's rows).
 
     Preconditions: captured graph, calibration data; smoothing/rotation (which change
     weights) must run before. Position: after ``smooth``/``rotate``, before
@@ -226,6 +251,7 @@ class GPTQ(QQQPass):
         asym_alpha: float = 0.25,
         hessian_dtype: str = "bfloat16",
         asym_dtype: str = "bfloat16",
+        asym_tokens: int | None = 32768,
     ):
         super().__init__(
             GPTQConfig(
@@ -244,6 +270,7 @@ class GPTQ(QQQPass):
                 asym_alpha,
                 hessian_dtype,
                 asym_dtype,
+                asym_tokens,
             )
         )
 
@@ -275,7 +302,9 @@ class GPTQ(QQQPass):
         done: set[Node] = set()
         for st in runner.blocks():
             if self.asym and c.fenvs is None:
-                c.fenvs = [dict(env) for env in st.envs]  # nothing is quantized before block 0
+                # Nothing is quantized before block 0; batches without a float run add to H only.
+                every = self._asym_every(batches)
+                c.fenvs = [dict(env) if i % every == 0 else None for i, env in enumerate(st.envs)]
             self._run_block(c, st.block.nodes, st.envs, sites, st)
             done.update(st.block.nodes)
             # The block's outputs are already in the envs (computed above, with the
@@ -299,6 +328,12 @@ class GPTQ(QQQPass):
                 f"(left to quantize_rtn): {', '.join(left)}",
             )
         return PassResult(gm, False)
+
+    def _asym_every(self, batches: list[dict[str, torch.Tensor]]) -> int:
+        """GPTAQ's float run takes every n-th batch: as many as ``asym_tokens`` needs."""
+        if self.asym_tokens is None:
+            return 1
+        return max(1, sum(_batch_tokens(b) for b in batches) // self.asym_tokens)
 
     def _overrides(
         self, ctx: CompileContext, sites: list[LinearSite], nodes: set[Node]
@@ -398,7 +433,7 @@ class GPTQ(QQQPass):
                                 fenv.pop(a, None)
                 if cut.x is not None:
                     self._at_cut(c.ctx, cut, env, fenv)
-                if stash:
+                if stash and fenv is not None:
                     stash_float_run(fenv, env, True)
 
     def _at_cut(self, ctx: CompileContext, cut: _Cut, env: Env, fenv: Env | None) -> None:
@@ -406,17 +441,19 @@ class GPTQ(QQQPass):
         (when the target has a compact form of its kernels' input)."""
         x = cut.x
         xv = env[x]
-        xq = ctx.target.quantize_input(xv) if (cut.compact or fenv is not None) else None
-        if fenv is not None:  # GPTAQ: H of the quantized input X̃, D against the float one
+        asym = cut.acc.asym
+        xq = ctx.target.quantize_input(xv) if (cut.compact or asym) else None
+        if asym:  # GPTAQ: H of the quantized input X̃, D against the float one (where it ran)
+            xf = None if fenv is None else fenv[x]
             if xq is not None:
-                cut.acc.add(x_float=fenv[x], q=xq.q, scale=xq.scale)
+                cut.acc.add(x_float=xf, q=xq.q, scale=xq.scale)
             else:
-                cut.acc.add(ctx.target.fake_quant_act(xv), x_float=fenv[x])
+                cut.acc.add(ctx.target.fake_quant_act(xv), x_float=xf)
         else:  # plain GPTQ: H of the raw input
             cut.acc.add(xv)
         if cut.compact and xq is not None:
             env[x] = xq
-        if cut.fcompact:
+        if cut.fcompact and fenv is not None:
             fenv[x] = fenv[x].to(torch.bfloat16)
 
     @single_thread()  # the clip search, the solve and packing: many small ops

@@ -70,7 +70,7 @@ def test_bf16_hessians_agree_with_fp32():
     # rounded to bf16; no effect on the solve at this size, see below).
     assert _rel(h16, ref_h) < 8e-4
     assert _rel(d16, ref_d) < 6e-3
-    with pytest.raises(ValueError, match="x_float"):
+    with pytest.raises(ValueError, match="asym=True"):
         HessianAccumulator(k, dtype="bfloat16").add(x, xf)
     # Plain GPTQ: H of raw float rows, the same bound.
     acc = HessianAccumulator(k, dtype="bfloat16", chunk_rows=1024)
@@ -78,6 +78,36 @@ def test_bf16_hessians_agree_with_fp32():
         acc.add(a)
     h, d = acc.result()
     assert d is None and _rel(h, 2 * x.double().t() @ x.double() / n) < 8e-4
+
+
+@pytest.mark.parametrize("staging", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batches_without_the_float_run_add_to_h_only(dtype, staging, monkeypatch):
+    """GPTAQ on every other batch (what ``GPTQ(asym_tokens=...)`` does): H over every row, D over the rows
+    given with their float input only (2/n_D), against float64 references; batches of
+    1000 rows across 1024-row chunks, so chunks switch between the two kinds."""
+    from qqq_compile.compiler import gptq_solve
+
+    if staging == "torch":
+        monkeypatch.setattr(gptq_solve, "_cpp_stage", lambda *a: None)
+    k, n = 256, 8000
+    x, xf, _ = _problem(3, n, k, 8)
+    xq = quantize_input(x).dequantize().double()
+    acc = HessianAccumulator(k, asym=True, dtype=dtype, chunk_rows=1024)
+    with_d = []
+    for i, (a, b) in enumerate(zip(x.split(1000), xf.split(1000), strict=True)):
+        q = quantize_input(a)
+        acc.add(x_float=b if i % 2 == 0 else None, q=q.q, scale=q.scale)
+        with_d += [i % 2 == 0] * a.shape[0]
+    h, d = acc.result()
+    rows = torch.tensor(with_d)
+    ref_h = 2 * xq.t() @ xq / n
+    ref_d = 2 * (xf.double()[rows] - xq[rows]).t() @ xq[rows] / int(rows.sum())
+    bound_h, bound_d = (1e-6, 1e-5) if dtype == "float32" else (8e-4, 6e-3)
+    assert _rel(h, ref_h) < bound_h and _rel(d, ref_d) < bound_d
+    # Not the D of every row (what a D that ignored the skipped batches' absence would give).
+    ref_all = 2 * (xf.double() - xq).t() @ xq / n
+    assert _rel(d, ref_all) > 10 * bound_d
 
 
 @pytest.mark.parametrize("stashed", [False, True], ids=["xf_fp32", "xf_bf16"])
@@ -223,7 +253,9 @@ def test_block_execution_keeps_one_batch_of_intermediates(captured, batches, mon
     real_solve, real_run = GPTQ._solve, GPTQ._run_block
 
     def record(self, gm, ctx, group, h, dxx, *fmt):
-        seen[group[0].name] = [{n: v for env in envs for n, v in env.items()} for envs in self._test_envs]
+        seen[group[0].name] = [
+            {n: v for env in envs if env is not None for n, v in env.items()} for envs in self._test_envs
+        ]
         return real_solve(self, gm, ctx, group, h, dxx, *fmt)
 
     def run_block(self, c, nodes, envs, *args, **kw):
@@ -312,3 +344,41 @@ def test_gated_mlp_runs_as_one_silu_and_one_in_place_mul(captured, batches):
         g.graph.call_function(torch.ops.aten.neg.default, (s,))  # a second reader of the sigmoid
     left = silu_mul_overrides(list(g.graph.nodes))
     assert s not in left and len(left) == 3
+
+
+@pytest.mark.parametrize(("asym_tokens", "float_batches"), [(None, 6), (384, 3), (192, 2), (10**6, 6)])
+def test_the_float_run_covers_the_batches_asym_tokens_needs(captured, monkeypatch, asym_tokens, float_batches):
+    """``GPTQ(asym=True, asym_tokens=t)`` on 6 batches of 128 tokens (768): the float run's
+    linears run on every n-th batch, n = 768 // t (at least 1; None: every batch), every
+    Hessian counts every batch's rows, and D those of the float run's batches."""
+    from qqq_compile.compiler.calibration import calib_batches
+    from tests.conftest import tiny_calib
+
+    batches = calib_batches(tiny_calib(12, 64), batch_size=2)  # 6 batches of 2 x 64 tokens
+    calls, counts = [], []
+    real_override, real_result = gptq_mod.bf16_override, HessianAccumulator.result
+
+    def counting(gm, site):
+        run = real_override(gm, site)
+
+        def wrapped(*args, **kwargs):
+            calls.append(site.name)
+            return run(*args, **kwargs)
+
+        return wrapped
+
+    def result(self):
+        counts.append((self.n, self.n_d))
+        return real_result(self)
+
+    monkeypatch.setattr(gptq_mod, "bf16_override", counting)
+    monkeypatch.setattr(HessianAccumulator, "result", result)
+    GPTQ(asym=True, asym_tokens=asym_tokens).call(
+        copy.deepcopy(captured), CompileContext(calib=batches, quant=QuantConfig(), progress=False)
+    )
+    assert len(batches) == 6
+    per_linear = {name: calls.count(name) for name in set(calls)}
+    assert len(per_linear) == 14 and set(per_linear.values()) == {float_batches}
+    assert len(counts) == 8 and set(counts) == {(6 * 2 * 64, float_batches * 2 * 64)}
+    with pytest.raises(ValueError, match="asym_tokens"):
+        GPTQ(asym=True, asym_tokens=0)
