@@ -70,30 +70,37 @@ def _want(q, k, v, mask, scale, bf16_dot):
     return _reference(r(q * scale), r(k), r(v), mask, 1.0), 58
 
 
-# SmolLM2 (9/3 x 64) as a prefill chunk and as a calibration batch (K/V already repeated to
-# 9 heads), Qwen2.5-0.5B (14/2 x 64), Llama-3-8B (32/8 x 128), MHA at D 16 and 32, a single
-# KV head; token counts that leave partial query and key tiles (32 / 64).
-@pytest.mark.parametrize(
-    ("b", "h", "hkv", "d", "t", "length"),
-    [
-        (1, 9, 3, 64, 256, 512),
-        (2, 9, 9, 64, 100, 100),
-        (1, 14, 2, 64, 37, 300),
-        (1, 32, 8, 128, 65, 65),
-        (2, 4, 4, 16, 33, 129),
-        (3, 6, 6, 32, 5, 200),
-        (1, 8, 1, 64, 2, 2),
-    ],
-)
+# (b, h, hkv, d, t, length): SmolLM2 (9/3 x 64) as a prefill chunk and as a calibration batch
+# (K/V already repeated to 9 heads), Qwen2.5-0.5B (14/2 x 64), Llama-3-8B (32/8 x 128), MHA at
+# D 16 and 32, a single KV head; token counts that leave partial query and key tiles (32 / 64),
+# an odd key count.
+SHAPES = [
+    (1, 9, 3, 64, 256, 512),
+    (2, 9, 9, 64, 100, 100),
+    (1, 14, 2, 64, 37, 300),
+    (1, 32, 8, 128, 65, 65),
+    (2, 4, 4, 16, 33, 129),
+    (3, 6, 6, 32, 5, 200),
+    (1, 8, 1, 64, 2, 2),
+    (1, 4, 2, 64, 40, 77),
+]
+
+
+def _inputs(b, h, hkv, d, t, length):
+    """q (scaled up for wider scores: a sharper softmax), k, v and the step's mask."""
+    g = torch.Generator().manual_seed(t + length)
+    q = torch.randn(b, h, t, d, generator=g) * 2
+    k, v = torch.randn(b, hkv, length, d, generator=g), torch.randn(b, hkv, length, d, generator=g)
+    return q, k, v, _mask(b, t, length, seed=t)
+
+
+@pytest.mark.parametrize(("b", "h", "hkv", "d", "t", "length"), SHAPES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_a_float64_reference_as_closely_as_fp32_sdpa(b, h, hkv, d, t, length, threads):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        g = torch.Generator().manual_seed(t + length)
-        q = torch.randn(b, h, t, d, generator=g) * 2  # wider scores: a sharper softmax
-        k, v = torch.randn(b, hkv, length, d, generator=g), torch.randn(b, hkv, length, d, generator=g)
-        mask = _mask(b, t, length, seed=t)
+        q, k, v, mask = _inputs(b, h, hkv, d, t, length)
         got = _run(q, k, v, mask, d**-0.5)
     finally:
         torch.set_num_threads(saved)
@@ -151,27 +158,13 @@ def test_tiles_the_mask_hides_are_not_read(bf16_dot, length, seen):
     assert sqnr_db(want[:, :, :first], got[:, :, :first]) > floor
 
 
-@pytest.mark.parametrize(
-    ("b", "h", "hkv", "d", "t", "length"),
-    [
-        (1, 9, 3, 64, 256, 512),
-        (2, 9, 9, 64, 100, 100),
-        (1, 14, 2, 64, 37, 300),
-        (1, 32, 8, 128, 65, 65),
-        (2, 4, 4, 16, 33, 129),
-        (3, 6, 6, 32, 5, 200),
-        (1, 8, 1, 64, 2, 2),
-        (1, 4, 2, 64, 40, 77),
-    ],
-)
+@pytest.mark.parametrize(("b", "h", "hkv", "d", "t", "length"), SHAPES)
 def test_bf16_dot_matches_the_reference_on_bf16_inputs(b, h, hkv, d, t, length):
     """The bf16 dot products against the float64 formula on bf16-rounded inputs, and no less
     accurate than torch's SDPA on bf16 tensors; different from the fp32 kernel's result (the
     rounding happened). Without AVX512-BF16 the call takes the fp32 kernel (``_run`` checks)."""
-    g = torch.Generator().manual_seed(t + length)
-    q = torch.randn(b, h, t, d, generator=g) * 2
-    k, v = torch.randn(b, hkv, length, d, generator=g), torch.randn(b, hkv, length, d, generator=g)
-    mask, scale = _mask(b, t, length, seed=t), d**-0.5
+    q, k, v, mask = _inputs(b, h, hkv, d, t, length)
+    scale = d**-0.5
     got = _run(q, k, v, mask, scale, bf16_dot=True)
     want, floor = _want(q, k, v, mask, scale, bf16_dot=True)
     assert sqnr_db(want, got) > floor

@@ -44,6 +44,32 @@ T* aligned(std::vector<T>& buf, size_t n) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
 }
 
+// The R x N block of accumulators the micro-kernels below share: zeroed, or loaded from rows
+// ld apart and scaled per row; stored back.
+template <int N>
+inline void acc_zero(__m512 (&acc)[R][N]) {
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < N; ++c) acc[r][c] = _mm512_setzero_ps();
+}
+
+template <int N>
+inline void acc_load_scaled(__m512 (&acc)[R][N], const float* src, int64_t ld, const float* scale) {
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < N; ++c) acc[r][c] = _mm512_mul_ps(_mm512_load_ps(src + r * ld + 16 * c), _mm512_set1_ps(scale[r]));
+}
+
+template <int N>
+inline void acc_store(const __m512 (&acc)[R][N], float* dst, int64_t ld) {
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < N; ++c) _mm512_store_ps(dst + r * ld + 16 * c, acc[r][c]);
+}
+
 // Only these functions use AVX512-BF16 instructions (the extension itself requires VNNI, not
 // BF16); they run only after cpu_has_bf16().
 #define QQQ_BF16 __attribute__((target("avx512bf16")))
@@ -93,10 +119,7 @@ QQQ_BF16 void v_pairs(const float* v, int64_t ld, int64_t L, int64_t lp, int64_t
 template <int D, int NG>
 QQQ_BF16 void scores_tile_bf16(const uint32_t* q2, const uint32_t* kt2, int64_t ldk, float* s) {
   __m512 acc[R][NG];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NG; ++c) acc[r][c] = _mm512_setzero_ps();
+  acc_zero(acc);
   for (int p = 0; p < D / 2; ++p) {
     __m512i kv[NG];
 #pragma GCC unroll 4
@@ -110,10 +133,7 @@ QQQ_BF16 void scores_tile_bf16(const uint32_t* q2, const uint32_t* kt2, int64_t 
                                      reinterpret_cast<const __m512bh&>(kv[c]));
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NG; ++c) _mm512_store_ps(s + r * TK + 16 * c, acc[r][c]);
+  acc_store(acc, s, TK);
 }
 
 // The bf16 counterpart of pv_tile: the rows' probabilities s (fp32, rows TK apart) rounded
@@ -129,11 +149,7 @@ QQQ_BF16 void pv_tile_bf16(const float* s, const uint32_t* v2, int64_t n, const 
   for (int r = 0; r < R; ++r) to_bf16_words(s + r * TK, 1.0f, TK, p2[r]);  // softmax wrote all TK
   for (int c0 = 0; c0 < C; c0 += CB) {
     __m512 acc[R][CB];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int c = 0; c < CB; ++c)
-        acc[r][c] = _mm512_mul_ps(_mm512_load_ps(o + r * D + 16 * (c0 + c)), _mm512_set1_ps(corr[r]));
+    acc_load_scaled(acc, o + 16 * c0, D, corr);
     for (int64_t jj = 0; jj < npairs; ++jj) {
       __m512i vv[CB];
       const __mmask32 keep = jj == npairs - 1 ? last : 0xFFFFFFFFu;
@@ -148,10 +164,7 @@ QQQ_BF16 void pv_tile_bf16(const float* s, const uint32_t* v2, int64_t n, const 
                                        reinterpret_cast<const __m512bh&>(vv[c]));
       }
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int c = 0; c < CB; ++c) _mm512_store_ps(o + r * D + 16 * (c0 + c), acc[r][c]);
+    acc_store(acc, o + 16 * c0, D);
   }
 }
 
@@ -160,10 +173,7 @@ QQQ_BF16 void pv_tile_bf16(const float* s, const uint32_t* v2, int64_t n, const 
 template <int D, int NG>
 inline void scores_tile(const float* qp, const float* kt, int64_t ldk, float* s) {
   __m512 acc[R][NG];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NG; ++c) acc[r][c] = _mm512_setzero_ps();
+  acc_zero(acc);
   for (int d = 0; d < D; ++d) {
     __m512 kv[NG];
 #pragma GCC unroll 4
@@ -175,30 +185,26 @@ inline void scores_tile(const float* qp, const float* kt, int64_t ldk, float* s)
       for (int c = 0; c < NG; ++c) acc[r][c] = _mm512_fmadd_ps(qb, kv[c], acc[r][c]);
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NG; ++c) _mm512_store_ps(s + r * TK + 16 * c, acc[r][c]);
+  acc_store(acc, s, TK);
+}
+
+template <int D, bool BF, int NG, class T>
+inline void scores_tile_of(const T* q, const T* kt, int64_t ldk, float* s) {
+  if constexpr (BF)
+    scores_tile_bf16<D, NG>(q, kt, ldk, s);
+  else
+    scores_tile<D, NG>(q, kt, ldk, s);
 }
 
 template <int D, bool BF, class T>
 inline void scores_tiles(const T* qp, const T* kt, int64_t ldk, float* s, int64_t rows_p, int ng) {
   constexpr int64_t QW = BF ? D / 2 : D;  // q's row length in elements of T
   for (int64_t r = 0; r < rows_p; r += R) {
-    if constexpr (BF) {
-      switch (ng) {
-        case 1: scores_tile_bf16<D, 1>(qp + r * QW, kt, ldk, s + r * TK); break;
-        case 2: scores_tile_bf16<D, 2>(qp + r * QW, kt, ldk, s + r * TK); break;
-        case 3: scores_tile_bf16<D, 3>(qp + r * QW, kt, ldk, s + r * TK); break;
-        default: scores_tile_bf16<D, 4>(qp + r * QW, kt, ldk, s + r * TK); break;
-      }
-    } else {
-      switch (ng) {
-        case 1: scores_tile<D, 1>(qp + r * QW, kt, ldk, s + r * TK); break;
-        case 2: scores_tile<D, 2>(qp + r * QW, kt, ldk, s + r * TK); break;
-        case 3: scores_tile<D, 3>(qp + r * QW, kt, ldk, s + r * TK); break;
-        default: scores_tile<D, 4>(qp + r * QW, kt, ldk, s + r * TK); break;
-      }
+    switch (ng) {
+      case 1: scores_tile_of<D, BF, 1>(qp + r * QW, kt, ldk, s + r * TK); break;
+      case 2: scores_tile_of<D, BF, 2>(qp + r * QW, kt, ldk, s + r * TK); break;
+      case 3: scores_tile_of<D, BF, 3>(qp + r * QW, kt, ldk, s + r * TK); break;
+      default: scores_tile_of<D, BF, 4>(qp + r * QW, kt, ldk, s + r * TK); break;
     }
   }
 }
@@ -209,11 +215,7 @@ inline void pv_tile(const float* p, const float* v, int64_t ldv, int64_t n, cons
   constexpr int C = D / 16, CB = C < 4 ? C : 4;  // R x CB accumulators per pass over the keys
   for (int c0 = 0; c0 < C; c0 += CB) {
     __m512 acc[R][CB];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int c = 0; c < CB; ++c)
-        acc[r][c] = _mm512_mul_ps(_mm512_load_ps(o + r * D + 16 * (c0 + c)), _mm512_set1_ps(corr[r]));
+    acc_load_scaled(acc, o + 16 * c0, D, corr);
     for (int64_t j = 0; j < n; ++j) {
       __m512 vv[CB];
 #pragma GCC unroll 4
@@ -225,10 +227,7 @@ inline void pv_tile(const float* p, const float* v, int64_t ldv, int64_t n, cons
         for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
       }
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int c = 0; c < CB; ++c) _mm512_store_ps(o + r * D + 16 * (c0 + c), acc[r][c]);
+    acc_store(acc, o + 16 * c0, D);
   }
 }
 
