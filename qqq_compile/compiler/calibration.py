@@ -224,6 +224,20 @@ def example_call(batches: list[Batch]) -> Any:
     return tuple(first[i] for i in range(n)), {k: v for k, v in first.items() if isinstance(k, str)}
 
 
+def batch_tokens(batch: Batch) -> int:
+    """The tokens a calibration batch feeds the model (at least 1): its ``input_ids``'
+    elements, else its first tensor's, an integer one's elements or a float one's rows
+    (``numel / last dim``: ``[B, D]`` holds B, ``[B, T, D]`` B x T)."""
+    t = batch.get("input_ids")
+    if not isinstance(t, torch.Tensor):
+        t = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
+    if t is None:
+        return 1
+    if not t.is_floating_point():
+        return max(1, t.numel())
+    return max(1, t.numel() // (t.shape[-1] if t.dim() >= 2 else 1))
+
+
 def check_calib(model: torch.nn.Module, batches: list[Batch]) -> None:
     """Refuse token ids outside the model's vocabulary; warn when calibration is too
     small for stable statistics (fewer than ``MIN_CALIB_TOKENS`` tokens, or fewer tokens
@@ -241,7 +255,7 @@ def check_calib(model: torch.nn.Module, batches: list[Batch]) -> None:
             f"calibration token id {bad} is out of range: the model's vocabulary has {vocab} entries (ids 0.."
             f"{(vocab or 0) - 1}), the data's ids span {lo}..{hi}. Tokenize the data with the model's own tokenizer"
         )
-    tokens = sum(b["input_ids"].numel() for b in batches)
+    tokens = sum(batch_tokens(b) for b in batches)
     widest = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
     need = max(MIN_CALIB_TOKENS, widest)
     if tokens < need:

@@ -41,6 +41,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qqq_compile.compiler.block_runner import BlockRunner, BlockState, Env, Override, run_node
+from qqq_compile.compiler.calibration import batch_tokens
 from qqq_compile.compiler.gptq_forward import (
     FLOAT_RUN_BUDGET,
     bf16_override,
@@ -115,17 +116,6 @@ class _LazyAccumulator:
         if self.acc is None:
             raise GPTQError("no calibration batch reached this linear")
         return self.acc.result()
-
-
-def _batch_tokens(batch: dict[str, Any]) -> int:
-    """Tokens (rows) of a calibration batch: its ``input_ids``' elements, else its first
-    tensor's (an integer tensor's elements, a float tensor's rows)."""
-    t = batch.get("input_ids")
-    if not isinstance(t, torch.Tensor):
-        t = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
-    if t is None:
-        return 0
-    return t.numel() if not t.is_floating_point() or t.dim() < 2 else t.numel() // t.shape[-1]
 
 
 @dataclass(frozen=True)
@@ -217,8 +207,7 @@ class GPTQ(QQQPass):
       from at least ``asym_tokens`` tokens; ``H`` always sees every batch. The float run and
       ``D`` were ~40% of a SmolLM2 block's time; at 128 windows of 512 tokens (n = 2) the
       default preset's perplexity did not get worse (docs/RESULTS.md, round 10). None: every
-      batch. Tokens of a batch: its ``input_ids`` (else its first tensor: an integer one's
-      elements, a float one's rows).
+      batch. A batch's tokens: :func:`~qqq_compile.compiler.calibration.batch_tokens`.
 
     Preconditions: captured graph, calibration data; smoothing/rotation (which change
     weights) must run before. Position: after ``smooth``/``rotate``, before
@@ -333,7 +322,7 @@ class GPTQ(QQQPass):
         """GPTAQ's float run takes every n-th batch: as many as ``asym_tokens`` needs."""
         if self.asym_tokens is None:
             return 1
-        return max(1, sum(_batch_tokens(b) for b in batches) // self.asym_tokens)
+        return max(1, sum(batch_tokens(b) for b in batches) // self.asym_tokens)
 
     def _overrides(
         self, ctx: CompileContext, sites: list[LinearSite], nodes: set[Node]

@@ -24,6 +24,7 @@ from torch.fx import GraphModule, Node
 
 from qqq_compile.annotations import annotate
 from qqq_compile.compiler.block_runner import BlockRunner, run_nodes
+from qqq_compile.compiler.calibration import batch_tokens
 from qqq_compile.compiler.pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
 from qqq_compile.config import ConfigError, QuantConfig, check_group_size
 from qqq_compile.graph import (
@@ -219,7 +220,7 @@ class Smooth(QQQPass):
         depth = max(_rows(b) for b in batches)
         for r in range(depth):
             rows += [{k: _row(v, r) for k, v in b.items()} for b in batches if r < _rows(b)]
-        per_row = max(_tokens_per_row(row) for row in rows)
+        per_row = max(batch_tokens(row) for row in rows)
         n = min(len(rows), max(2, math.ceil(self.max_tokens / per_row)))
         cut = max(2, self.max_tokens // n) if tokens else None
         by_shape: dict[tuple, list[dict[str, Any]]] = {}
@@ -403,15 +404,6 @@ def _rows(batch: dict[str, Any]) -> int:
 
 def _row(v: Any, r: int) -> Any:
     return v[r : r + 1] if isinstance(v, torch.Tensor) and v.dim() >= 1 else v
-
-
-def _tokens_per_row(row: dict[str, Any]) -> int:
-    t = next((v for v in row.values() if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
-    if t is None:
-        return 1
-    if not t.is_floating_point():  # token ids [1, T]
-        return max(1, t.numel())
-    return max(1, t.numel() // (t.shape[-1] if t.dim() >= 2 else 1))
 
 
 def _cat(vs: list[Any]) -> Any:
