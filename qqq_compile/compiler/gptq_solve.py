@@ -14,6 +14,7 @@ the quantized one in the lazy update across blocks; here both use the unquantize
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -285,8 +286,23 @@ def gptq_quantize(
     """
     if not _all_finite(h) or (dxx is not None and not _all_finite(dxx)):
         raise GPTQError("the Hessian contains NaN/Inf (non-finite calibration activations)")
+    kernel = _cpp_column_loop(w, grid)
+    if kernel is not None:  # the column loop in C++: torch's remaining ops are large, keep the threads
+        return _gptq(w, h, grid, damp, block_size, act_order, max_retries, dxx, alpha, kernel)
     with single_thread():
-        return _gptq(w, h, grid, damp, block_size, act_order, max_retries, dxx, alpha)
+        return _gptq(w, h, grid, damp, block_size, act_order, max_retries, dxx, alpha, None)
+
+
+def _cpp_column_loop(w: torch.Tensor, grid: Grid) -> Any:
+    """The C++ extension's ``gptq_block`` when it is loaded, ``w`` is on the CPU and the grid
+    gives its value table (``value_table()``), else None (the torch loop). Never builds the
+    extension."""
+    from qqq_compile.targets.w4a8.kernels.cpu import loaded_extension
+
+    ext = loaded_extension()
+    if ext is None or w.device.type != "cpu" or not hasattr(grid, "value_table"):
+        return None
+    return ext.gptq_block
 
 
 @contextlib.contextmanager
@@ -312,6 +328,7 @@ def _gptq(
     max_retries: int,
     dxx: torch.Tensor | None,
     alpha: float,
+    kernel: Any,
 ) -> GPTQResult:
     n, k = w.shape
     diag = torch.diagonal(h).float()
@@ -324,7 +341,9 @@ def _gptq(
     dead_p = dead[perm]
     w = w.float()[:, perm]  # a copy: the solve updates it in place
     w[:, dead_p] = 0.0
-    groups = grid.col_group()[perm].tolist()
+    groups_t = grid.col_group()[perm].contiguous()
+    table, qmin = grid.value_table() if kernel is not None else (None, 0)
+    loop = kernel if kernel is not None else functools.partial(_column_loop, grid)
     hinv, used, retries = _upper_inverse_cholesky(h, perm, dead_p, damp, max_retries)
     p = None
     if dxx is not None:
@@ -344,17 +363,7 @@ def _gptq(
         hinv1 = hinv[i1:i2, i1:i2]
         p1 = None if p is None else p[i1:i2, i1:i2]
         err1 = torch.empty(n, i2 - i1, device=w.device)
-        for i in range(i2 - i1):
-            col = w1[:, i]  # updates below touch only later columns: col keeps its value
-            q, dq = grid.quantize(col, groups[i1 + i])
-            q_out[:, i1 + i] = q
-            deq[:, i1 + i] = dq
-            e = (col - dq) / hinv1[i, i]
-            # Spread this column's error over the block's later columns.
-            w1[:, i + 1 :].addr_(e, hinv1[i, i + 1 :], alpha=-1.0)
-            if p1 is not None:
-                w1[:, i + 1 :].addr_(col, p1[i, i + 1 :])
-            err1[:, i] = e
+        loop(w1, hinv1, p1, table, groups_t[i1:i2], qmin, q_out[:, i1:i2], deq[:, i1:i2], err1)
         row_loss += err1.pow(2).sum(dim=1) / 2
         # ... and, lazily (GPTQ's batched update), over all columns after the block.
         if i2 < k:
@@ -370,3 +379,31 @@ def _gptq(
         retries,
         int(dead.sum()),
     )
+
+
+def _column_loop(
+    grid: Grid,
+    w1: torch.Tensor,
+    hinv1: torch.Tensor,
+    p1: torch.Tensor | None,
+    table: torch.Tensor | None,
+    groups: torch.Tensor,
+    qmin: int,
+    q_out: torch.Tensor,
+    deq: torch.Tensor,
+    err1: torch.Tensor,
+) -> None:
+    """GPTQ's column loop over one block ``w1`` ``[N, B]`` in torch ops (the C++ extension's
+    ``gptq_block`` when loaded; same arguments, ``table`` and ``qmin`` unused here): writes
+    codes, decoded values and scaled errors per column, updating the block's later columns."""
+    for i, g in enumerate(groups.tolist()):
+        col = w1[:, i]  # updates below touch only later columns: col keeps its value
+        q, dq = grid.quantize(col, g)
+        q_out[:, i] = q
+        deq[:, i] = dq
+        e = (col - dq) / hinv1[i, i]
+        # Spread this column's error over the block's later columns.
+        w1[:, i + 1 :].addr_(e, hinv1[i, i + 1 :], alpha=-1.0)
+        if p1 is not None:
+            w1[:, i + 1 :].addr_(col, p1[i, i + 1 :])
+        err1[:, i] = e

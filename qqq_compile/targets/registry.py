@@ -74,7 +74,9 @@ class Grid(Protocol):
     ``quantize(col, g)`` rounds one column to codes (float holding integers) and their exact
     decoded values; ``quantize_all`` does the whole weight (int8 codes); ``pack`` turns codes
     (rows ``rows`` of the weight) into the format's :class:`PackedWeight`;
-    ``col_group()`` maps each column to its scale group.
+    ``col_group()`` maps each column to its scale group; ``value_table()`` gives every
+    code's decoded value per group and row, ``quantize`` being the nearest entry (GPTQ's C++
+    column loop reads it; a grid without it takes the torch loop).
     """
 
     k: int
@@ -85,6 +87,8 @@ class Grid(Protocol):
     def quantize(self, col: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def quantize_all(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def value_table(self) -> tuple[torch.Tensor, int]: ...
 
     def pack(self, q4: torch.Tensor, rows: slice = ...) -> PackedWeight: ...
 

@@ -15,6 +15,8 @@ and wins ties: the search never does worse than absmax on the metric it minimise
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qqq_compile.targets.gguf.formats import QK, PackedQ4_0, check_blocks
@@ -107,6 +109,16 @@ class Q4_0Grid:
         q = torch.div(col.float(), self._safe[:, g]).round_().add_(ZERO).clamp_(0, QMAX)
         q = torch.where(d == 0, ZERO, q)
         return q, (q - ZERO) * d
+
+    def value_table(self) -> tuple[torch.Tensor, int]:
+        """``(table, 0)``: ``table[g, n, c]`` (float32 ``[G, N, 16]``) is the decoded value of code
+        ``c`` in block ``g`` of row ``n``; a zero-scale block allows only code 8 (+inf elsewhere),
+        as :meth:`quantize` gives. GPTQ's C++ column loop rounds to the nearest entry."""
+        codes = torch.arange(QMAX + 1, dtype=torch.float32, device=self.d.device) - ZERO
+        d = self._df.t()[:, :, None]  # [G, N, 1]
+        table = codes * d
+        only_zero = torch.where(codes == 0, 0.0, math.inf).expand_as(table)
+        return torch.where(d == 0, only_zero, table).contiguous(), 0
 
     def quantize_all(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Round-to-nearest of a whole weight ``[N, K]``: codes (int8, 0..15) and decoded values."""

@@ -231,6 +231,17 @@ class Grid:
         w8 = build_w8(q, None if self.gs is None else self.gs[:, g])  # exact small integers
         return q, self.s_ch * w8
 
+    def value_table(self) -> tuple[torch.Tensor, int]:
+        """``(table, qmin)``: ``table[g, n, c]`` (float32 ``[G, N, C]``) is the decoded value of
+        code ``qmin + c`` in group ``g`` of row ``n`` (+inf: a code never chosen).
+        :meth:`quantize` rounds to the nearest entry (GPTQ's C++ column loop reads it)."""
+        if self.table is not None:
+            return self.table.contiguous(), self.qmin
+        codes = torch.arange(self.qmin, self.qmax + 1, dtype=torch.float32, device=self.s_ch.device)
+        gs = None if self.gs is None else self.gs.t()[:, :, None]  # [G, N, 1]
+        w8 = build_w8(codes[None, None, :], gs)
+        return (self.s_ch[None, :, None] * w8).contiguous(), self.qmin
+
     def quantize_all(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Round-to-nearest of a whole weight ``[N, K]``: int4 codes (int8) and decoded
         values, the same as :meth:`quantize` column by column."""

@@ -96,6 +96,7 @@ PATH_NAMES = (
     "attention_prefill",
     "hessian_stage",
     "attention_prefill_bf16",
+    "gptq_block",
 )
 
 
@@ -120,6 +121,7 @@ _SOURCES = (
     "attention_prefill_cpu.cpp",
     "hadamard_cpu.cpp",
     "hessian_cpu.cpp",
+    "gptq_cpu.cpp",
     "ops_cpu.cpp",
     "alloc_cpu.cpp",
 )

@@ -239,6 +239,7 @@ TORCH_LIBRARY(qqq_cpu, m) {
   // 2-D building blocks, for tests and benchmarks.
   m.def("unpack_w8", &qqq::unpack_w8);
   m.def("hessian_stage", &qqq::hessian_stage);
+  m.def("gptq_block", &qqq::gptq_block);
   m.def("use_packed", &qqq::use_packed);
   m.def("use_packed_w8", &qqq::use_packed_w8);
   m.def("w8a8_linear_path", &qqq::w8a8_linear_path_op);

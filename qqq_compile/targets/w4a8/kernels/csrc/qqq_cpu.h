@@ -17,8 +17,9 @@ namespace qqq {
 // kAttnBf16 / kAttnF32: one-token attention over a bf16 / fp32 KV cache by the kernel (attention_cpu.cpp);
 // kKron: an online Hadamard by kron_transform (hadamard_cpu.cpp); kAttnPrefill: attention of
 // several query tokens by attention_prefill (attention_prefill_cpu.cpp); kHessianStage: GPTQ's
-// bf16 Hessian staging (hessian_cpu.cpp); kAttnPrefillBf16: attention_prefill's bf16 dot products.
-enum Path { kW4Gemv, kW4GemmPacked, kW4IntMm, kW8Gemv, kW8GemmVnni, kW8IntMm, kTeam, kSolo, kStall, kAttnBf16, kAttnF32, kKron, kAttnPrefill, kHessianStage, kAttnPrefillBf16, kNumPaths };
+// bf16 Hessian staging (hessian_cpu.cpp); kAttnPrefillBf16: attention_prefill's bf16 dot products;
+// kGptqBlock: GPTQ's column loop over one block of columns (gptq_cpu.cpp).
+enum Path { kW4Gemv, kW4GemmPacked, kW4IntMm, kW8Gemv, kW8GemmVnni, kW8IntMm, kTeam, kSolo, kStall, kAttnBf16, kAttnF32, kKron, kAttnPrefill, kHessianStage, kAttnPrefillBf16, kGptqBlock, kNumPaths };
 void count_path(Path p);
 std::vector<int64_t> path_counts();
 // f(i, i + 1) for every item i in [0, n): items claimed by whichever team thread runs; on
@@ -98,5 +99,12 @@ at::Tensor attention_mask(const at::Tensor& valid, const at::Tensor& pos);
 void hessian_stage(const at::Tensor& dst, const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& q,
                    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& xf);
 at::Tensor kron_transform(const at::Tensor& x, const at::Tensor& factors, at::IntArrayRef sizes);
+// gptq_cpu.cpp: GPTQ's column loop over one block of B columns, rows in parallel. w [N, B]
+// (updated in place), hinv and p [B, B] (p: GPTAQ's term, optional), table [G, N, C] (the
+// decoded value of code qmin + c, per group and row), groups int64 [B]; writes q_out (codes),
+// deq_out (their values) and err ((w - deq) / hinv_ii), each [N, B]. 2-D fp32, unit column stride.
+void gptq_block(const at::Tensor& w, const at::Tensor& hinv, const c10::optional<at::Tensor>& p,
+                const at::Tensor& table, const at::Tensor& groups, int64_t qmin, const at::Tensor& q_out,
+                const at::Tensor& deq_out, const at::Tensor& err);
 
 }  // namespace qqq
