@@ -445,7 +445,6 @@ class GPTQ(QQQPass):
         if cut.fcompact and fenv is not None:
             fenv[x] = fenv[x].to(torch.bfloat16)
 
-    @single_thread()  # the clip search, the solve and packing: many small ops
     def _solve(
         self,
         gm: GraphModule,
@@ -459,9 +458,12 @@ class GPTQ(QQQPass):
         w = torch.cat(weights) if len(weights) > 1 else weights[0]
         clip = ClipSearch(self.clip_grid, self.clip_min) if self.clip_search else None
         col_weight = torch.diag(h) if self.clip_weighted else None
-        grid = ctx.target.grid(w, ctx.quant, group_size, clip=clip, col_weight=col_weight)
+        with single_thread():  # the clip search: many small ops
+            grid = ctx.target.grid(w, ctx.quant, group_size, clip=clip, col_weight=col_weight)
         names = ", ".join(s.name for s in group)
         try:
+            # Threads as it needs them: its column loop in C++ runs rows in parallel beside
+            # large GEMMs; the torch fallback loop runs on one thread.
             res = gptq_quantize(
                 w,
                 h,

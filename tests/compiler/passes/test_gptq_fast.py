@@ -464,3 +464,29 @@ def test_cpp_column_loop_rejects_mismatched_shapes():
         op(torch.zeros(n, b), ok["hinv"], None, torch.zeros(1, n + 1, 16), ok["groups"], -8, *out)
     with pytest.raises(RuntimeError, match="out of range"):
         op(torch.zeros(n, b), ok["hinv"], None, ok["table"], torch.ones(b, dtype=torch.long), -8, *out)
+
+
+def test_the_pass_solves_on_the_cpp_loop_with_torchs_threads(captured, batches, monkeypatch):
+    """The GPTQ pass reaches the C++ column loop (one call per block of columns of each of the
+    tiny model's 8 solves), with torch's own thread count (the whole solve used to run on one
+    thread); the clip search alone runs single-threaded."""
+    from qqq_compile.compiler import gptq_solve
+    from qqq_compile.targets.w4a8.kernels import cpu
+
+    if not (cpu.cpu_supports_kernels() and ensure_cpp_kernels()):
+        pytest.skip("this CPU lacks AVX512-VNNI/VBMI: the torch loop is the only one")
+    threads, seen = torch.get_num_threads(), []
+    if threads < 2:
+        pytest.skip("one torch thread: nothing tells the solve's threads from a single-threaded one")
+    real = gptq_solve._cpp_column_loop
+
+    def noting(w, grid):
+        seen.append(torch.get_num_threads())
+        return real(w, grid)
+
+    monkeypatch.setattr(gptq_solve, "_cpp_column_loop", noting)
+    before = cpu.cpp_path_counts()["gptq_block"]
+    GPTQ().call(copy.deepcopy(captured), CompileContext(calib=batches, quant=QuantConfig(), progress=False))
+    # 8 solves (q/k/v, o, gate/up, down per layer, 2 layers): K = 96 (one block) or 192 (two).
+    assert len(seen) == 8 and set(seen) == {threads}
+    assert cpu.cpp_path_counts()["gptq_block"] - before == 6 * 1 + 2 * 2
