@@ -27,7 +27,7 @@ turns (round-robin, so load drift hits all alike), and the median seconds per bl
 the ratio against the first variant are printed. Variants: ``old`` (the GPTQ pass and solve
 of ``--baseline-rev``, loaded from git), ``new`` (this checkout's defaults), ``new-fp32``
 (fp32 Hessians and GPTAQ float run), ``new-noreuse`` (calibration without the reusing
-allocator, ``cpu.REUSE_BYTES = 0``); ``NAME@B`` runs a variant on calibration batches of
+allocator, ``cpu.CALIB_REUSE_BYTES = 0``); ``NAME@B`` runs a variant on calibration batches of
 ``B`` windows (default: ``CalibConfig.batch_size``). The ratios are the figures to quote on a shared machine.
 """
 
@@ -66,12 +66,12 @@ def _faults() -> int:
 def set_allocator(kind: str, reuse_mb: int | None = None) -> bool:
     """``"cli"``: the CLI's glibc setting (``cli.common.return_freed_memory``: freed tensors go
     back to the system), so time and peak are the CLI's; ``"glibc"``: glibc's defaults.
-    ``reuse_mb``: the calibration's cache of freed tensors (``cpu.REUSE_BYTES``; 0: off)."""
+    ``reuse_mb``: the calibration's cache of freed tensors (``cpu.CALIB_REUSE_BYTES``; 0: off)."""
     from qqq_compile.cli.common import return_freed_memory
-    from qqq_compile.targets.w4a8.kernels import cpu as kernels_cpu  # AllocationReuse reads its REUSE_BYTES
+    from qqq_compile.targets.w4a8.kernels import cpu as kernels_cpu  # the block runner reads its CALIB_REUSE_BYTES
 
     if reuse_mb is not None:
-        kernels_cpu.REUSE_BYTES = reuse_mb << 20
+        kernels_cpu.CALIB_REUSE_BYTES = reuse_mb << 20
 
     return return_freed_memory() if kind == "cli" else False
 
@@ -193,10 +193,10 @@ def per_block(args: argparse.Namespace) -> dict:
     i = [p.name for p in passes].index("gptq")
     gm, _ = run_pipeline(gm, ctx, passes[:i], config=config)
     options = passes[i].config.to_dict()
-    from qqq_compile.targets.w4a8.kernels import cpu as kernels_cpu  # AllocationReuse reads its REUSE_BYTES
+    from qqq_compile.targets.w4a8.kernels import cpu as kernels_cpu  # the block runner reads its CALIB_REUSE_BYTES
 
     variants, calibs, no_reuse = {}, {}, set()
-    reuse = kernels_cpu.REUSE_BYTES
+    reuse = kernels_cpu.CALIB_REUSE_BYTES
     for spec in args.variants.split(","):
         v, _, bs = spec.partition("@")  # NAME@B: calibration batches of B windows
         if bs:
@@ -208,7 +208,7 @@ def per_block(args: argparse.Namespace) -> dict:
             variants[spec] = old(**keep)
         elif v == "new":
             variants[spec] = GPTQ(**options)
-        elif v == "new-noreuse":  # calibration without the reusing allocator (REUSE_BYTES = 0)
+        elif v == "new-noreuse":  # calibration without the reusing allocator (CALIB_REUSE_BYTES = 0)
             variants[spec] = GPTQ(**options)
             no_reuse.add(spec)
         elif v == "new-fp32":
@@ -231,7 +231,7 @@ def per_block(args: argparse.Namespace) -> dict:
         for r in range(args.rounds):
             for name, p in variants.items():
                 g = copy.deepcopy(gm)
-                kernels_cpu.REUSE_BYTES = 0 if name in no_reuse else reuse
+                kernels_cpu.CALIB_REUSE_BYTES = 0 if name in no_reuse else reuse
                 t, c, f = time.perf_counter(), time.process_time(), _faults()
                 p.call(g, CompileContext(calib=calibs.get(name, ctx.calib), quant=ctx.quant, progress=False))
                 times[name].append((time.perf_counter() - t) / args.blocks)
@@ -286,7 +286,7 @@ def main() -> None:
         "--reuse-mb",
         type=int,
         default=None,
-        help="MB of freed tensors calibration keeps for reuse (default: cpu.REUSE_BYTES; 0: off)",
+        help="MB of freed tensors calibration keeps for reuse (default: cpu.CALIB_REUSE_BYTES; 0: off)",
     )
     ap.add_argument("--eval", action="store_true", help="also the perplexity on the 40 standard eval windows")
     ap.add_argument("--per-block", action="store_true", help="time GPTQ per block: variants round-robin")

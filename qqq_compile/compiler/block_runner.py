@@ -216,9 +216,10 @@ class BlockRunner:
             initial=0,
         )
         self.bar = None if bar.disable else bar
-        from qqq_compile.targets.w4a8.kernels.cpu import AllocationReuse  # the C++ extension's allocator
+        # The C++ extension's allocator, keeping freed tensors for the next batch.
+        from qqq_compile.targets.w4a8.kernels.cpu import CALIB_REUSE_BYTES, AllocationReuse
 
-        reuse = AllocationReuse()
+        reuse = AllocationReuse(CALIB_REUSE_BYTES)
         try:
             for i, block in enumerate(blocks):
                 reuse.start()  # once the C++ extension is loaded (a pass may load it in block 0)

@@ -90,7 +90,7 @@ def test_blocks_reuse_freed_calibration_tensors_and_compute_the_same(monkeypatch
     lm_head = [s for s in linear_sites(gm) if s.name == "lm_head"][0]
 
     def run(cap: int) -> tuple[list[torch.Tensor], list[bool], int]:
-        monkeypatch.setattr(cpu, "REUSE_BYTES", cap)
+        monkeypatch.setattr(cpu, "CALIB_REUSE_BYTES", cap)
         runner = BlockRunner(gm, batches, progress=False)
         reuses = ext.alloc_cache_stats()[4]
         installed = [bool(ext.alloc_cache_stats()[0]) for _ in runner.blocks()]

@@ -65,9 +65,9 @@ def test_bf16_hessians_agree_with_fp32():
     h32, d32 = _accumulate(x, xf, "float32")
     h16, d16 = _accumulate(x, xf, "bfloat16")
     assert _rel(h32, ref_h) < 1e-6 and _rel(d32, ref_d) < 1e-5  # measured 1.1e-7, 2.8e-7
-    # Measured 3.3e-4 (H, 8 chunks of 1024 rows; 6.6e-4 when each chunk's product was
-    # rounded to bf16 whole, 1.3e-3 with 4096-row chunks) and 3.0e-3 (D: the small X - X̃
-    # rounded to bf16; no effect on the solve at this size, see below).
+    # Measured 3.2e-4 (H, two 4096-row chunks, the first in fp32; 1.3e-3 with every product
+    # rounded to bf16 whole) and 2.9e-3 (D: the small X - X̃ rounded to bf16; no effect on
+    # the solve at this size, see below).
     assert _rel(h16, ref_h) < 8e-4
     assert _rel(d16, ref_d) < 6e-3
     with pytest.raises(ValueError, match="asym=True"):
@@ -108,6 +108,58 @@ def test_batches_without_the_float_run_add_to_h_only(dtype, staging, monkeypatch
     # Not the D of every row (what a D that ignored the skipped batches' absence would give).
     ref_all = 2 * (xf.double() - xq).t() @ xq / n
     assert _rel(d, ref_all) > 10 * bound_d
+
+
+def _record_flushes(monkeypatch) -> list[tuple[int, bool]]:
+    """(rows, with_d) of every bf16 chunk the accumulators flush from now on."""
+    seen: list[tuple[int, bool]] = []
+    real = HessianAccumulator._flush
+
+    def flush(self, with_d):
+        if self.fills[with_d]:
+            seen.append((self.fills[with_d], with_d))
+        real(self, with_d)
+
+    monkeypatch.setattr(HessianAccumulator, "_flush", flush)
+    return seen
+
+
+def test_alternating_batches_fill_whole_chunks(monkeypatch):
+    """GPTAQ on every other batch: rows with and without their float input fill separate
+    buffers, so no chunk is flushed part-filled when the kind switches (the one buffer
+    before flushed at every switch: about half of SmolLM2's chunks were part-filled)."""
+    k, rows = 64, 512
+    seen = _record_flushes(monkeypatch)
+    acc = HessianAccumulator(k, asym=True, chunk_rows=rows)
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):  # batches of 300 rows: not aligned to the chunks
+        x = torch.randn(300, k, generator=g)
+        acc.add(x, x + 0.1 if i % 2 == 0 else None)
+    acc.result()
+    assert sum(f[0] for f in seen) == 12 * 300 and {f[1] for f in seen} == {False, True}
+    # Every chunk is full except the last one of each kind (flushed by result()).
+    assert [f[0] for f in seen[:-2]] == [rows] * (len(seen) - 2), seen
+
+
+@pytest.mark.parametrize("k", [576, 896, 1536])
+def test_bf16_hessians_at_model_widths(k):
+    """H from upper column slabs mirrored at the end (two slabs up to K = 1024, then 512
+    columns; K = 576 took one full slab before) and D in full, against float64."""
+    n = 6000
+    x, xf, _ = _problem(k, n, k, 8)
+    acc = HessianAccumulator(k, asym=True)
+    for i, (a, b) in enumerate(zip(x.split(1000), xf.split(1000), strict=True)):
+        acc.add(a, b if i % 2 == 0 else None)
+    h, d = acc.result()
+    xd = x.double()
+    rows = torch.arange(n) // 1000 % 2 == 0
+    ref_h = 2 * xd.t() @ xd / n
+    ref_d = 2 * (xf.double()[rows] - xd[rows]).t() @ xd[rows] / int(rows.sum())
+    assert torch.equal(h, h.t())
+    # Measured at K = 576 / 896 / 1536: H 5.4e-4 / 6.8e-4 / 8.7e-4, D 2.4e-3 (with one buffer
+    # flushed part-filled at each switch, and one slab at K = 576: H 5.7e-4 / 7.0e-4 /
+    # 9.0e-4, D 3.0e-3).
+    assert _rel(h, ref_h) < 1.2e-3 and _rel(d, ref_d) < 4e-3
 
 
 @pytest.mark.parametrize("stashed", [False, True], ids=["xf_fp32", "xf_bf16"])
