@@ -217,9 +217,9 @@ class BlockRunner:
         )
         self.bar = None if bar.disable else bar
         # The C++ extension's allocator, keeping freed tensors for the next batch.
-        from qqq_compile.targets.w4a8.kernels.cpu import CALIB_REUSE_BYTES, AllocationReuse
+        from qqq_compile.targets.w4a8.kernels.cpu import AllocationReuse, calib_reuse_bytes
 
-        reuse = AllocationReuse(CALIB_REUSE_BYTES)
+        reuse = AllocationReuse(calib_reuse_bytes())
         try:
             for i, block in enumerate(blocks):
                 reuse.start()  # once the C++ extension is loaded (a pass may load it in block 0)

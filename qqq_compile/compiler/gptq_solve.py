@@ -58,7 +58,7 @@ class HessianAccumulator:
     perturbs each token's contribution by at most 2⁻⁹ relative. The measured effect on the
     solve is in ``tests/compiler/passes/test_gptq_fast.py``. (A shorter fp32 first chunk, 1024
     rows, saved ~0.15 s of a 6 s GPTQ block but left the second chunk measured against a
-    noisier expectation: H's error +15%, and SmolLM2's perplexity +0.9-1.1% in one run.)
+    noisier expectation: H's error +15-30% in the tests, SmolLM2's perplexity +0.9-1.1% in one run.)
 
     Rows with and without their float input go to two buffers (``[X | ΔX]`` and ``[X]``), so
     GPTAQ's alternating batches (``GPTQ(asym_tokens=...)``) fill whole chunks instead of

@@ -7,10 +7,17 @@ Stats: ``[installed, cached bytes, live blocks, live bytes, reuses, maps, unmaps
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from qqq_compile.targets.w4a8.kernels.cpu import AllocationReuse, loaded_extension
+from qqq_compile.compiler.block_runner import BlockRunner
+from qqq_compile.compiler.calibration import calib_batches
+from qqq_compile.compiler.capture import capture
+from qqq_compile.targets.w4a8.kernels import cpu
+from qqq_compile.targets.w4a8.kernels.cpu import AllocationReuse, loaded_extension, memory_limit
+from tests.conftest import tiny_calib, tiny_model
 
 pytestmark = pytest.mark.usefixtures("cpp_kernels")
 MB = 1 << 20
@@ -103,3 +110,51 @@ def test_a_device_scope_installs_on_the_cpu_only_and_removes_on_exit(ext):
 def test_a_bad_cap_is_refused(ext):
     with pytest.raises(RuntimeError, match="byte count"):
         ext.set_alloc_cache(-1)
+
+
+# ----------------------------------------------------------------------------- calibration's cap
+
+
+def _write(path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_memory_limit_reads_the_lowest_cgroup_limit_on_the_path(tmp_path):
+    """v1 (memory controller, a parent lower than the leaf) and v2 ("max" when unlimited);
+    the machine's RAM bounds both; an unreadable file is skipped."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    v1 = tmp_path / "v1"
+    _write(v1 / "proc", "9:name=systemd:/\n4:cpu,cpuacct:/a/b\n3:memory:/a/b\n")
+    _write(v1 / "fs/memory/a/b/memory.limit_in_bytes", str(3 << 30))
+    _write(v1 / "fs/memory/a/memory.limit_in_bytes", str(2 << 30))
+    _write(v1 / "fs/memory/memory.limit_in_bytes", "9223372036854771712")
+    assert memory_limit(str(v1 / "proc"), str(v1 / "fs")) == min(ram, 2 << 30)
+    v2 = tmp_path / "v2"
+    _write(v2 / "proc", "0::/user.slice/job\n")
+    _write(v2 / "fs/user.slice/job/memory.max", "max\n")
+    _write(v2 / "fs/user.slice/memory.max", f"{1 << 30}\n")
+    assert memory_limit(str(v2 / "proc"), str(v2 / "fs")) == min(ram, 1 << 30)
+    assert memory_limit(str(tmp_path / "missing"), str(tmp_path)) == ram
+
+
+def test_calibration_keeps_at_most_a_sixteenth_of_the_memory(monkeypatch):
+    """512 MB on a roomy machine; under a 3 GiB cgroup 192 MB (the 1.1B shape peaked 0.38 GiB
+    higher with 512 MB there, no faster); what the block runner installs follows it."""
+    assert cpu.calib_reuse_bytes(64 << 30) == cpu.CALIB_REUSE_BYTES == 512 << 20
+    assert cpu.calib_reuse_bytes(3 << 30) == 192 << 20
+    monkeypatch.setattr(cpu, "memory_limit", lambda: 1 << 30)
+    assert cpu.calib_reuse_bytes() == 64 << 20
+    caps = []
+    real = cpu.AllocationReuse.__init__
+
+    def spy(self, cap=None):
+        caps.append(cap)
+        real(self, cap)
+
+    monkeypatch.setattr(cpu.AllocationReuse, "__init__", spy)
+    gm = capture(tiny_model("llama"), torch.randint(0, 256, (1, 8))).graph_module
+    runner = BlockRunner(gm, calib_batches(tiny_calib(2, seq=16), batch_size=2), progress=False)
+    for _ in runner.blocks():
+        pass
+    assert caps == [64 << 20]
