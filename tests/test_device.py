@@ -127,7 +127,7 @@ def test_hessian_sums_live_on_the_first_batchs_device(dtype, asym):
 def test_hessian_from_int8_codes_and_an_explicit_device():
     k = 32
     acc = HessianAccumulator(k, dtype="bfloat16", device=META)
-    assert acc.device == META and acc.sums.device == META and acc.buf.device == META
+    assert acc.device == META and acc.sums.device == META and acc.bufs[False].device == META
     acc.add(q=torch.empty(16, k, dtype=torch.int8, device=META), scale=torch.empty(16, 1, device=META))
     h, _ = acc.result()
     assert h.device == META

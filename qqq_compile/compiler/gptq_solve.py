@@ -92,11 +92,6 @@ class HessianAccumulator:
         if device is not None:
             self._alloc(torch.device(device))
 
-    @property
-    def buf(self) -> torch.Tensor | None:
-        """The buffer of rows without a float input (the only one without GPTAQ)."""
-        return self.bufs.get(False)
-
     def _alloc(self, device: torch.device | None) -> None:
         k = self.k
         self.sums = torch.zeros((2 if self.asym else 1) * k, k, device=device)  # [H; D], unscaled
