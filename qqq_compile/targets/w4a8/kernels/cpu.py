@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -166,6 +168,17 @@ def _load_extension() -> Any:
     try:
         from torch.utils.cpp_extension import load
 
+        # A build takes a minute or more, silently, inside whatever pass first needs a
+        # kernel (GPTQ's progress bar sat at 0/30 for 38 s): say so once, on stderr.
+        build_dir = _needs_build()
+        if build_dir is not None:
+            print(
+                f"qqq_compile: building the C++ CPU kernels once for this machine "
+                f"(about a minute on 2 cores; cached in {build_dir}) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+        t0 = time.perf_counter()
         isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mf16c"]
         # A plain shared library (no pybind): loading it runs its TORCH_LIBRARY registrations.
         load(
@@ -177,6 +190,9 @@ def _load_extension() -> Any:
             is_python_module=False,
             verbose=False,
         )
+        if build_dir is not None:
+            seconds = time.perf_counter() - t0
+            print(f"qqq_compile: C++ CPU kernels built in {seconds:.0f} s", file=sys.stderr, flush=True)
         _register_fakes()
         return torch.ops.qqq_cpu
     except Exception as e:  # compiler missing, build error, ...
@@ -186,6 +202,23 @@ def _load_extension() -> Any:
             stacklevel=3,
         )
         return None
+
+
+def _needs_build() -> Path | None:
+    """The extension's build folder if loading it will (re)build it: no library there yet, or
+    one older than a file of ``csrc/``. (torch also rebuilds on a change of flags, which this
+    cannot see; then the build is only silent.) None if a cached build will be loaded."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private; a missing one only loses the note
+
+        folder = Path(_get_build_directory(_EXT_NAME, False))
+    except Exception:
+        return None
+    lib = folder / f"{_EXT_NAME}.so"
+    if not lib.is_file():
+        return folder
+    newest = max(f.stat().st_mtime for f in _CSRC.iterdir() if f.is_file())  # sources and headers
+    return folder if lib.stat().st_mtime < newest else None
 
 
 def _register_fakes() -> None:

@@ -88,6 +88,55 @@ def test_load_failure_warns(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cpu._load_extension() is None
 
 
+def test_a_build_says_so_and_a_cached_build_does_not(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A first build (a minute, inside whatever pass needs a kernel first) is announced on
+    stderr with its folder and then its time; loading a cached build is silent; a source or
+    header newer than the cached library announces the rebuild."""
+    import torch.utils.cpp_extension as cpp_ext
+
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "a.cpp").write_text("// a\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.delenv("QQQ_CPU_KERNEL", raising=False)
+    monkeypatch.setattr(cpu, "_EXT_NAME", "qqq_test_build_note")
+    monkeypatch.setattr(cpu, "_CSRC", csrc)
+    monkeypatch.setattr(cpu, "_SOURCES", ("a.cpp",))
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: set(cpu._REQUIRED_FLAGS))
+    monkeypatch.setattr(cpu, "_register_fakes", lambda: None)
+    builds = []
+
+    def fake_load(name: str, sources: list[str], **kwargs: object) -> None:
+        # torch's load: (re)builds <build dir>/<name>.so when needed, then loads it
+        lib = Path(cpp_ext._get_build_directory(name, False)) / f"{name}.so"
+        if cpu._needs_build() is not None:
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            lib.write_bytes(b"")
+            builds.append(name)
+
+    monkeypatch.setattr(cpp_ext, "load", fake_load)
+    folder = tmp_path / "ext" / "qqq_test_build_note"
+    assert cpu._needs_build() == folder  # nothing built yet
+
+    cpu._load_extension()
+    err = capsys.readouterr().err
+    assert f"building the C++ CPU kernels once for this machine (about a minute on 2 cores; cached in {folder})" in err
+    assert "C++ CPU kernels built in" in err and builds == ["qqq_test_build_note"]
+
+    assert cpu._needs_build() is None
+    cpu._load_extension()  # the cached build: no note
+    assert "C++ CPU kernels" not in capsys.readouterr().err and len(builds) == 1
+
+    later = (folder / "qqq_test_build_note.so").stat().st_mtime + 10
+    (csrc / "b.h").write_text("// a header the sources include\n")
+    os.utime(csrc / "b.h", (later, later))
+    assert cpu._needs_build() == folder
+    cpu._load_extension()
+    assert "building the C++ CPU kernels" in capsys.readouterr().err and len(builds) == 2
+
+
 _SCRIPT = r"""
 import sys, torch
 from qqq_compile.targets.w4a8.kernels import cpu
