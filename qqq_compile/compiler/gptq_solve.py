@@ -41,6 +41,10 @@ class GPTQResult:
 
 
 HESSIAN_DTYPES = ("bfloat16", "float32")
+#: Column tiles of the solve's triangular factors: only tiles that can be nonzero are computed.
+#: Widths measured at K = 4864: GPTAQ's ``P`` 744 ms with 256, 810 with 512; ``U`` 1081 / 888.
+P_TILE = 256
+U_TILE = 512
 
 
 class HessianAccumulator:
@@ -241,27 +245,41 @@ def _cpp_stage(buf: torch.Tensor, x: _OptTensor, q: _OptTensor, scale: _OptTenso
 def _upper_inverse_cholesky(
     h: torch.Tensor, perm: torch.Tensor, dead: torch.Tensor, damp: float, retries: int
 ) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor of ``(H_perm + λI)^-1``, raising λ 10x per failure.
+    """Upper Cholesky factor ``U`` of ``(H_perm + λI)^-1`` (``Uᵀ U = (H_perm + λI)^-1``),
+    raising λ 10x per failure.
 
     ``H_perm`` is ``h`` with rows and columns permuted by ``perm`` and ``1`` on the
-    diagonal of dead inputs. At most two ``K x K`` buffers are alive at once: the damped
-    ``H_perm`` is overwritten by its inverse (``cholesky_inverse(..., out=)``) and the
-    factors reuse one buffer; a retry re-reads ``h``, which is never written.
+    diagonal of dead inputs. With ``J`` the order reversal, ``U = J L⁻¹ J`` where ``L`` is the
+    lower Cholesky factor of ``J H_perm J``: one factorisation and one triangular inverse
+    (K³/3 multiply-adds), where inverting ``H`` and factoring the inverse took twice that
+    (at K = 4864, with the tiles below: 1.35 → 0.89 s). The Cholesky factor is unique, so ``U`` is the same matrix up to
+    rounding. At most two ``K x K`` buffers are alive at once; a retry re-reads ``h``,
+    which is never written.
     """
+    k = h.shape[0]
+    rev = perm.flip(0)  # J H_perm J is h permuted by the reversed order
+    dead_rev = dead.flip(0)
     a = None
     buf = torch.empty_like(h, dtype=torch.float32)
     info = torch.empty((), dtype=torch.int32, device=h.device)
     for attempt in range(retries + 1):
         rel = damp * 10**attempt
-        a = _permuted(h, perm, out=a)
-        a.diagonal()[dead] = 1.0
+        a = _permuted(h, rev, out=a)
+        a.diagonal()[dead_rev] = 1.0
         a.diagonal().add_(rel * a.diagonal().mean().item())
         _, err = torch.linalg.cholesky_ex(a, out=(buf, info))
-        if int(err) == 0:
-            torch.cholesky_inverse(buf, out=a)  # a: (H + λI)^-1
-            _, err = torch.linalg.cholesky_ex(a, upper=True, out=(buf, info))
-            if int(err) == 0 and _all_finite(buf):
-                return buf, rel, attempt
+        if int(err) != 0:
+            continue
+        # U = J L⁻¹ J, by column tiles of L⁻¹ (lower triangular: tile J's columns are zero
+        # above its first row, so it solves only the trailing part of L), each written
+        # flipped into its place in U (``a``; ``buf`` holds L until the last tile).
+        a.zero_()
+        for j0 in range(0, k, U_TILE):
+            j1 = min(j0 + U_TILE, k)
+            eye = torch.eye(k - j0, j1 - j0, device=h.device)
+            a[: k - j0, k - j1 : k - j0] = torch.linalg.solve_triangular(buf[j0:, j0:], eye, upper=False).flip(0, 1)
+        if _all_finite(a):
+            return a, rel, attempt
     raise GPTQError(f"Cholesky failed even with damping {rel:g} x mean diag(H)")
 
 
@@ -362,13 +380,9 @@ def _gptq(
     hinv, used, retries = _upper_inverse_cholesky(h, perm, dead_p, damp, max_retries)
     p = None
     if dxx is not None:
-        # P = α · triu₁(D Uᵀ) U, with two K x K buffers besides U.
         p = _permuted(dxx, perm)
         p[:, dead_p] = 0.0
-        tmp = torch.mm(p, hinv.t())
-        torch.mm(tmp.triu_(diagonal=1), hinv, out=p)
-        del tmp
-        p.mul_(alpha)
+        p = _gptaq_p(p, hinv).mul_(alpha)
     q_out = torch.empty(n, k, device=w.device)
     deq = torch.empty(n, k, device=w.device)
     row_loss = torch.zeros(n, device=w.device)
@@ -394,6 +408,33 @@ def _gptq(
         retries,
         int(dead.sum()),
     )
+
+
+def _gptaq_p(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """GPTAQ's ``P = triu₁(D Uᵀ) U`` for an upper-triangular ``U``, written over ``d``; at most
+    one more ``K x K`` buffer.
+
+    Only the upper triangle of either product can be nonzero (``triu₁(·)`` is strictly upper
+    and ``U`` is upper), so only the tiles on or above the diagonal are
+    multiplied: ``triu₁(D Uᵀ)[:, J] = D[:j1, J:] U[J, J:]ᵀ`` and
+    ``P[:, J] = T[:j1, :j1] U[:j1, J]`` for each column tile ``J`` ending at ``j1``. That is
+    K³/2 multiply-adds instead of 2K³: at K = 576 / 896 / 1536 / 4864 (Qwen2.5-0.5B's
+    down_proj) 4.2 / 14.9 / 75 / 2339 ms became 2.6 / 6.9 / 30 / 729 ms (2 threads). Entries below the
+    diagonal come out exactly zero either way."""
+    k = d.shape[0]
+    if k <= P_TILE:
+        tmp = torch.mm(d, u.t())
+        return torch.mm(tmp.triu_(diagonal=1), u, out=d)
+    t = torch.zeros_like(d)
+    for j0 in range(0, k, P_TILE):
+        j1 = min(j0 + P_TILE, k)
+        t[:j1, j0:j1] = torch.mm(d[:j1, j0:], u[j0:j1, j0:].t())
+    t.triu_(diagonal=1)
+    d.zero_()  # D is no longer needed: P goes into its buffer
+    for j0 in range(0, k, P_TILE):
+        j1 = min(j0 + P_TILE, k)
+        d[:j1, j0:j1] = torch.mm(t[:j1, :j1], u[:j1, j0:j1])
+    return d
 
 
 def _column_loop(

@@ -12,6 +12,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from qqq_compile import CompileContext, QuantConfig
+from qqq_compile.compiler import gptq_solve
 from qqq_compile.compiler.block_runner import graph_env, run_nodes
 from qqq_compile.compiler.gptq_forward import _Stashed as Stashed
 from qqq_compile.compiler.gptq_solve import HessianAccumulator
@@ -248,6 +249,44 @@ def test_gptq_solve_transient_is_three_hessians():
     hessian, weight = k * k * 4, n * k * 4
     # Measured: 3.02 K² floats (U, the permuted D and D Uᵀ, plus a weight-sized update).
     assert peak <= 3 * hessian + 12 * weight, (peak / hessian, peak)
+
+
+def _spd(k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * k, k, generator=g) * torch.linspace(0.2, 3, k)
+    return x.t() @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("k", [200, 896, 1300])
+def test_inverse_factor_against_float64(k):
+    """U (upper, ``Uᵀ U = (H_perm + λI)^-1``), built as ``J L⁻¹ J`` by column tiles, against
+    float64's Cholesky of the inverse, with a dead input and act-order's permutation; K = 200
+    is one tile, 1300 ends in a ragged tile."""
+    h = _spd(k, k)
+    h[7], h[:, 7] = 0.0, 0.0  # a dead input: H_ii = 1 in the solve
+    dead = torch.diagonal(h) == 0
+    perm = torch.argsort(torch.diagonal(h).masked_fill(dead, 1.0), descending=True, stable=True)
+    u, damp, retries = gptq_solve._upper_inverse_cholesky(h, perm, dead[perm], 0.01, 4)
+    a = h.double()[perm][:, perm]
+    a.diagonal()[dead[perm]] = 1.0
+    a.diagonal().add_(0.01 * a.diagonal().mean())
+    ref = torch.linalg.cholesky(torch.linalg.inv(a), upper=True)
+    assert (damp, retries) == (0.01, 0)
+    assert torch.equal(u.tril(-1), torch.zeros_like(u))
+    assert ((u.double() - ref).norm() / ref.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("k", [200, 896, 1300])
+def test_gptaq_p_against_float64(k):
+    """GPTAQ's ``P = triu₁(D Uᵀ) U`` from the tiles on and above the diagonal equals the two
+    full float64 products, and is exactly zero on and below the diagonal."""
+    g = torch.Generator().manual_seed(k)
+    u = torch.linalg.cholesky(torch.linalg.inv(_spd(k, k).double()), upper=True).float()
+    d = torch.randn(k, k, generator=g)
+    ref = (d.double() @ u.double().t()).triu_(diagonal=1) @ u.double()
+    p = gptq_solve._gptaq_p(d.clone(), u)
+    assert torch.equal(p.tril(), torch.zeros_like(p))
+    assert ((p.double() - ref).norm() / ref.norm()).item() < 1e-6
 
 
 # ----------------------------------------------------------------------------- the forward
