@@ -250,11 +250,11 @@ def _upper_inverse_cholesky(
 
     ``H_perm`` is ``h`` with rows and columns permuted by ``perm`` and ``1`` on the
     diagonal of dead inputs. With ``J`` the order reversal, ``U = J L⁻¹ J`` where ``L`` is the
-    lower Cholesky factor of ``J H_perm J``: one factorisation and one triangular inverse
-    (K³/3 multiply-adds), where inverting ``H`` and factoring the inverse took twice that
-    (at K = 4864, with the tiles below: 1.35 → 0.89 s). The Cholesky factor is unique, so ``U`` is the same matrix up to
-    rounding. At most two ``K x K`` buffers are alive at once; a retry re-reads ``h``,
-    which is never written.
+    lower Cholesky factor of ``J H_perm J``: one factorisation and one triangular inverse,
+    half the arithmetic of inverting ``H`` and factoring the inverse (K = 4864: 1.35 → 0.89
+    s). The Cholesky factor is unique, so ``U`` is the same matrix up to rounding (closer to
+    float64's than before). At most two ``K x K`` buffers are alive at once; a retry re-reads
+    ``h``, which is never written.
     """
     k = h.shape[0]
     rev = perm.flip(0)  # J H_perm J is h permuted by the reversed order
@@ -419,8 +419,8 @@ def _gptaq_p(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     multiplied: ``triu₁(D Uᵀ)[:, J] = D[:j1, J:] U[J, J:]ᵀ`` and
     ``P[:, J] = T[:j1, :j1] U[:j1, J]`` for each column tile ``J`` ending at ``j1``. That is
     K³/2 multiply-adds instead of 2K³: at K = 576 / 896 / 1536 / 4864 (Qwen2.5-0.5B's
-    down_proj) 4.2 / 14.9 / 75 / 2339 ms became 2.6 / 6.9 / 30 / 729 ms (2 threads). Entries below the
-    diagonal come out exactly zero either way."""
+    down_proj) 4.2 / 14.9 / 75 / 2339 ms became 2.6 / 6.9 / 30 / 729 ms (2 threads). Entries
+    below the diagonal come out exactly zero either way."""
     k = d.shape[0]
     if k <= P_TILE:
         tmp = torch.mm(d, u.t())

@@ -217,7 +217,10 @@ def _needs_build() -> Path | None:
     lib = folder / f"{_EXT_NAME}.so"
     if not lib.is_file():
         return folder
-    newest = max(f.stat().st_mtime for f in _CSRC.iterdir() if f.is_file())  # sources and headers
+    try:
+        newest = max(f.stat().st_mtime for f in _CSRC.iterdir() if f.is_file())  # sources and headers
+    except (OSError, ValueError):  # no csrc/: the build will fail and say so itself
+        return None
     return folder if lib.stat().st_mtime < newest else None
 
 
