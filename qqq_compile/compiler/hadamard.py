@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import reduce
 
 import torch
@@ -289,20 +290,98 @@ def describe(n: int) -> str:
     return "random orthogonal" if f is None else "hadamard " + "·".join(map(str, f or [1]))
 
 
-def rotation_matrix(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """Orthonormal ``Q`` (float64): a Hadamard with seeded random signs on its rows when
-    one of order ``n`` can be built, else a seeded random orthogonal matrix."""
+#: The largest factor a Hadamard is *applied* with: a larger power of two is split into
+#: Sylvester factors (``H_{2^(a+b)} = H_{2^a} ⊗ H_{2^b}`` exactly), so applying a Hadamard of
+#: order ``n`` to a row costs ``n·(f1 + … + fr)`` multiply-adds instead of ``n²`` (4096: 128
+#: instead of 4096 per entry).
+APPLY_MAX_FACTOR = 64
+
+
+def apply_factors(factors: Sequence[int]) -> list[int]:
+    """``factors`` (from :func:`hadamard_factors`) with each power of two above
+    :data:`APPLY_MAX_FACTOR` split into near-equal Sylvester factors: the same matrix."""
+    out: list[int] = []
+    for f in factors:
+        if f & (f - 1) or f <= APPLY_MAX_FACTOR:
+            out.append(f)
+            continue
+        e = f.bit_length() - 1
+        parts = -(-e // (APPLY_MAX_FACTOR.bit_length() - 1))
+        out += [1 << (e // parts + (i < e % parts)) for i in range(parts)]
+    return out or [1]
+
+
+@dataclass(frozen=True, eq=False)  # holds tensors: equal only to itself
+class Rotation:
+    """An orthonormal ``Q`` (float64) kept in the form that is cheapest to apply:
+    ``diag(signs) · (F1 ⊗ … ⊗ Fr) / √n`` with ±1 factors ``F`` (a Hadamard; ``signs`` None: no
+    sign flips), or ``dense`` (a width with no Hadamard). Applying the Kronecker form costs
+    ``n·(f1 + … + fr)`` per row instead of ``n²``: rotating Qwen2.5-0.5B's 152k x 896
+    embedding is 60 instead of 896 multiply-adds per entry."""
+
+    n: int
+    kind: str
+    signs: torch.Tensor | None = None
+    factors: tuple[torch.Tensor, ...] = ()
+    dense: torch.Tensor | None = None
+
+    @classmethod
+    def hadamard(cls, n: int, signs: torch.Tensor | None = None) -> Rotation | None:
+        """The orthonormal Hadamard of order ``n`` (rows flipped by ``signs``), or None."""
+        f = hadamard_factors(n)
+        if f is None:
+            return None
+        return cls(n, describe(n), signs, tuple(base_hadamard(k) for k in apply_factors(f)))
+
+    def to(self, device: torch.device | str) -> Rotation:
+        """The same rotation with its tensors on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Rotation(self.n, self.kind, move(self.signs), tuple(map(move, self.factors)), move(self.dense))
+
+    def matrix(self) -> torch.Tensor:
+        """``Q`` as a dense float64 matrix."""
+        if self.dense is not None:
+            return self.dense
+        h = reduce(torch.kron, self.factors) / math.sqrt(self.n)
+        return h if self.signs is None else self.signs[:, None] * h
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        """``x · Q`` over ``x``'s last axis (float64 in, float64 out)."""
+        if self.dense is not None:
+            return x @ self.dense.to(x.device)
+        if self.signs is not None:
+            x = x * self.signs.to(x.device)
+        return kron_matmul(x, [f.to(x.device) for f in self.factors]).mul_(1.0 / math.sqrt(self.n))
+
+    def left_t(self, x: torch.Tensor) -> torch.Tensor:
+        """``Qᵀ · x`` over ``x``'s first axis (a vector or a matrix ``[n, m]``), contiguous."""
+        if x.dim() == 1:
+            return self.right(x)
+        return self.right(x.T).T.contiguous()
+
+
+def rotation(n: int, seed: int = 0) -> Rotation:
+    """The residual stream's rotation of width ``n``: a Hadamard with seeded random signs on
+    its rows when one of order ``n`` can be built, else a seeded random orthogonal matrix."""
     g = torch.Generator().manual_seed(seed)
-    h = hadamard(n)
-    if h is not None:
+    if hadamard_factors(n) is not None:
         signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
-        return signs[:, None] * h, describe(n)
+        return Rotation.hadamard(n, signs)  # type: ignore[return-value]
     q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))[None, :], "random orthogonal"
+    return Rotation(n, "random orthogonal", dense=q * torch.sign(torch.diagonal(r))[None, :])
+
+
+def rotation_matrix(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """``rotation(n, seed)`` as a dense matrix, with its kind."""
+    r = rotation(n, seed)
+    return r.matrix(), r.kind
 
 
 __all__ = [
+    "APPLY_MAX_FACTOR",
     "MAX_BASE",
+    "Rotation",
+    "apply_factors",
     "base_construction",
     "base_hadamard",
     "describe",
@@ -312,6 +391,7 @@ __all__ = [
     "paley2_hadamard",
     "paley_hadamard",
     "prime_power",
+    "rotation",
     "rotation_matrix",
     "supported_bases",
     "sylvester_hadamard",

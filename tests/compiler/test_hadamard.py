@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from qqq_compile.compiler.hadamard import (
+    APPLY_MAX_FACTOR,
     MAX_BASE,
+    Rotation,
+    apply_factors,
     base_construction,
     base_hadamard,
     hadamard,
@@ -22,6 +25,7 @@ from qqq_compile.compiler.hadamard import (
     paley2_hadamard,
     paley_hadamard,
     prime_power,
+    rotation,
     rotation_matrix,
     supported_bases,
 )
@@ -146,3 +150,41 @@ def test_widths_without_a_hadamard():
         assert kind == "random orthogonal"
         assert torch.allclose(q @ q.T, torch.eye(n, dtype=q.dtype), atol=1e-12)
         assert torch.equal(q, rotation_matrix(n, seed=1)[0]) and not torch.equal(q, rotation_matrix(n, seed=2)[0])
+
+
+def test_powers_of_two_are_applied_as_small_sylvester_factors():
+    """A power of two above APPLY_MAX_FACTOR is split into near-equal Sylvester factors whose
+    Kronecker product is exactly the same ±1 matrix."""
+    assert apply_factors([12, 128]) == [12, 16, 8] and apply_factors([76, 64]) == [76, 64]
+    assert apply_factors([4096]) == [64, 64] and apply_factors([8192]) == [32, 16, 16]
+    assert apply_factors([]) == [1] and apply_factors([148, 128]) == [148, 16, 8]
+    for f in (128, 1024, 8192):
+        parts = apply_factors([f])
+        assert max(parts) <= APPLY_MAX_FACTOR and math.prod(parts) == f
+        if f <= 1024:
+            assert torch.equal(reduce(torch.kron, [base_hadamard(p) for p in parts]), base_hadamard(f))
+
+
+@pytest.mark.parametrize("n", [64, 92, 576, 896, 1536, 4096, 4864])
+def test_rotation_applied_by_factors_equals_the_dense_matrix(n):
+    """``Rotation.right`` / ``left_t`` (Kronecker factors, random row signs) against the
+    formed float64 matrix, which is bit for bit the one rotation_matrix gave before
+    (test_first_version_widths_keep_their_matrices), to float64 rounding."""
+    r = rotation(n, seed=5)
+    q = r.matrix()
+    assert torch.equal(q, rotation_matrix(n, seed=5)[0])
+    assert r.kind == ("random orthogonal" if n == 92 else f"hadamard {'·'.join(map(str, hadamard_factors(n)))}")
+    assert (r.dense is not None) == (n == 92)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, 5, n, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(r.right(x), x @ q, rtol=0, atol=1e-13)
+    w = torch.randn(n, 7, generator=g, dtype=torch.float64)
+    lt = r.left_t(w)
+    assert lt.is_contiguous()
+    torch.testing.assert_close(lt, q.T @ w, rtol=0, atol=1e-13)
+    torch.testing.assert_close(r.left_t(w[:, 0]), q.T @ w[:, 0], rtol=0, atol=1e-13)
+    torch.testing.assert_close(q @ q.T, torch.eye(n, dtype=q.dtype), rtol=0, atol=1e-12)
+    if n != 92:  # the unsigned Hadamard is hadamard(n)
+        h = Rotation.hadamard(n)
+        assert h.signs is None
+        torch.testing.assert_close(h.right(x), x @ hadamard(n), rtol=0, atol=1e-13)

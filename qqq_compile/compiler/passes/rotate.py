@@ -18,18 +18,18 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import reduce
 
 import torch
 from torch.fx import GraphModule, Node
 
 from qqq_compile.annotations import annotate, node_annotation, set_node_annotation
 from qqq_compile.compiler.hadamard import (
+    Rotation,
     describe,
     hadamard,
     hadamard_factors,
-    kron_matmul,
     paley_hadamard,
+    rotation,
     rotation_matrix,
 )
 from qqq_compile.compiler.pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
@@ -103,21 +103,24 @@ class Rotate(QQQPass):
         except NotRotatable as e:
             ctx.note(self.name, f"rotation skipped: {e}", level="warning")
             return self._heads_only(gm, ctx)
-        q, kind = rotation_matrix(plan.hidden, self.seed)  # built on the host (hadamard.py): moved once
-        q = q.to(ctx.device)  # the steps below move it again only for a weight held elsewhere
+        # Built on the host (hadamard.py), moved once; the steps below move it again only for
+        # a weight held elsewhere. A Hadamard is applied as its Kronecker factors, not as a
+        # dense k x k matmul per row (Rotation.right).
+        q = rotation(plan.hidden, self.seed).to(ctx.device)
+        kind = q.kind
         work = _Rewrites(gm)
         self._untie(gm, plan)
         self._fold_norms(gm, plan, work)
         for target, node in {e.args[0].target: e for e in plan.embeddings}.items():
-            work.attr(node, target, lambda e: e @ _on(q, e), rows=True)
+            work.attr(node, target, q.right, rows=True)
         for sites in plan.readers.values():
             for s in sites:
-                work.site(s, lambda w: w @ _on(q, w), rows=True)
+                work.site(s, q.right, rows=True)
                 annotate(s.node, rotate="reader")
         for s in plan.writers:
-            work.site(s, lambda w: _on(q, w).T @ w)
+            work.site(s, q.left_t)
             if s.bias is not None:
-                work.attr(s.node, s.bias.target, lambda b: _on(q, b).T @ b)
+                work.attr(s.node, s.bias.target, q.left_t)
             annotate(s.node, rotate="writer")
         msg = (
             f"rotated the residual stream (width {plan.hidden}) with a {kind} matrix: {len(plan.embeddings)} "
@@ -237,17 +240,17 @@ class Rotate(QQQPass):
                 continue
             if k not in widths:
                 f = hadamard_factors(k)
-                widths[k] = None if f is None else (f or [1], [hadamard(n) for n in f or [1]])
+                widths[k] = None if f is None else (f or [1], [hadamard(n) for n in f or [1]], Rotation.hadamard(k))
             if widths[k] is None:
                 no_hadamard.append(f"{s.name} (width {k})")
                 continue
-            factors, mats = widths[k]
+            factors, mats, _ = widths[k]
             y = self._kron_chain(gm, s, factors, mats)
             annotate(y, online_hadamard=k)
             for n in [y, *list(y.all_input_nodes)]:
                 n.meta.setdefault("nn_module_stack", _parent_stack(s.node))
             s.node.replace_input_with(s.x, y)
-            work.site(s, lambda w, mats=mats: _fold_online(w, mats), rows=True)
+            work.site(s, widths[k][2].right, rows=True)
             annotate(s.node, rotate="writer+online_hadamard")
             count += 1
         out = f"online Hadamard before {count} MLP output projection(s)"
@@ -310,19 +313,6 @@ class Rotate(QQQPass):
         if fake is not None:
             attr.meta["val"] = fake.from_tensor(get_attr(gm, name))
         return self._op(g, aten.view.default, (attr, [n, n]))
-
-
-#: Widths up to this fold ``W·H`` with the formed ``k×k`` matrix, as the first version did
-#: (so their weights stay bit-identical: SmolLM2's 1536); wider ones apply the factors one
-#: at a time (:func:`kron_matmul`) and never form it (2.9 GB in float64 at k = 18944).
-DENSE_FOLD_MAX = 4096
-
-
-def _fold_online(w: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
-    mats = [_on(m, w) for m in mats]  # the factors are built on the host (hadamard.py)
-    if w.shape[1] <= DENSE_FOLD_MAX:
-        return w @ reduce(torch.kron, mats)
-    return kron_matmul(w, mats)
 
 
 def _on(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
