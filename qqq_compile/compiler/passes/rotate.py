@@ -244,13 +244,13 @@ class Rotate(QQQPass):
             if widths[k] is None:
                 no_hadamard.append(f"{s.name} (width {k})")
                 continue
-            factors, mats, _ = widths[k]
+            factors, mats, fold = widths[k]
             y = self._kron_chain(gm, s, factors, mats)
             annotate(y, online_hadamard=k)
             for n in [y, *list(y.all_input_nodes)]:
                 n.meta.setdefault("nn_module_stack", _parent_stack(s.node))
             s.node.replace_input_with(s.x, y)
-            work.site(s, widths[k][2].right, rows=True)
+            work.site(s, fold.right, rows=True)  # the same H as the chain, as its factors
             annotate(s.node, rotate="writer+online_hadamard")
             count += 1
         out = f"online Hadamard before {count} MLP output projection(s)"
