@@ -265,11 +265,8 @@ def hadamard_factors(n: int) -> list[int] | None:
 
 def hadamard(n: int) -> torch.Tensor | None:
     """An orthonormal ``n``×``n`` Hadamard matrix (float64), or None if none is built."""
-    f = hadamard_factors(n)
-    if f is None:
-        return None
-    mats = [base_hadamard(k) for k in f or [1]]
-    return reduce(torch.kron, mats) / math.sqrt(n)
+    r = Rotation.hadamard(n)
+    return None if r is None else r.matrix()
 
 
 def kron_matmul(x: torch.Tensor, mats: Sequence[torch.Tensor]) -> torch.Tensor:
