@@ -45,6 +45,14 @@ HESSIAN_DTYPES = ("bfloat16", "float32")
 #: Widths measured at K = 4864: GPTAQ's ``P`` 744 ms with 256, 810 with 512; ``U`` 1081 / 888.
 P_TILE = 256
 U_TILE = 512
+#: bf16 Hessian chunks (rows): the first chunk of each sum holds ``FIRST_CHUNK // sum rows``
+#: rows (16 MiB of bf16 ``[X | ΔX]``, 256 to ``CHUNK_MAX`` rows); where that is under
+#: ``CHUNK_MIN``, each later chunk takes as many rows as the sum has seen (so the expectation
+#: it is measured against comes from at least as many rows), up to ``CHUNK_MIN``. Each flush
+#: also makes a few passes over the ``K x K`` sums, so at wide K fixed short chunks let those
+#: passes cost as much as the GEMM (K = 11008: 381-row chunks).
+FIRST_CHUNK = 1 << 23
+CHUNK_MIN, CHUNK_MAX = 2048, 4096
 
 
 class HessianAccumulator:
@@ -63,6 +71,11 @@ class HessianAccumulator:
     solve is in ``tests/compiler/passes/test_gptq_fast.py``. (A shorter fp32 first chunk, 1024
     rows, saved ~0.15 s of a 6 s GPTQ block but left the second chunk measured against a
     noisier expectation: H's error +15-30% in the tests, SmolLM2's perplexity +0.9-1.1% in one run.)
+
+    At wide K (first chunks under ``CHUNK_MIN`` rows), after each sum's first chunk a chunk
+    takes as many rows as the sum has seen (up to ``CHUNK_MIN``), so the passes over the sums
+    that every flush makes stop costing as much as the GEMM (K = 11008, 8000 rows: 18.6 ->
+    12.2 s; H's error +3-4%).
 
     Rows with and without their float input go to two buffers (``[X | ΔX]`` and ``[X]``), so
     GPTAQ's alternating batches (``GPTQ(asym_tokens=...)``) fill whole chunks instead of
@@ -100,8 +113,11 @@ class HessianAccumulator:
         k = self.k
         self.sums = torch.zeros((2 if self.asym else 1) * k, k, device=device)  # [H; D], unscaled
         if self.bf16:
-            # Chunks of up to 4096 rows, buffers of at most 16 MiB.
-            rows = self._chunk_rows or max(256, min(4096, (1 << 23) // self.sums.shape[0]))
+            first = max(256, min(CHUNK_MAX, FIRST_CHUNK // self.sums.shape[0]))
+            self._first_rows = self._chunk_rows or first
+            # Chunks grow only where the first is short (K above 2048 with GPTAQ, 4096
+            # without): narrower sums keep their fixed chunks, and their exact values.
+            rows = self._chunk_rows or max(first, CHUNK_MIN)
             self.bufs[False] = torch.empty(rows, k, dtype=torch.bfloat16, device=device)
             if self.asym:
                 self.bufs[True] = torch.empty(rows, 2 * k, dtype=torch.bfloat16, device=device)
@@ -158,8 +174,8 @@ class HessianAccumulator:
         flat_scale = None if scale is None else scale.reshape(-1)  # the C++ pass takes [M]
         i = 0
         while i < rows:
-            fill = self.fills[with_d]
-            m = min(rows - i, buf.shape[0] - fill)
+            fill, cap = self.fills[with_d], self._capacity(with_d)
+            m = min(rows - i, cap - fill)
             dst, src = buf[fill : fill + m], slice(i, i + m)
             if stage is not None:  # the same values in one pass (csrc/hessian_cpu.cpp)
                 stage(dst, *(None if t is None else t[src] for t in (x, q, flat_scale, xf)))
@@ -170,8 +186,14 @@ class HessianAccumulator:
                     dst[:, k:] = xf[src] - xs
             self.fills[with_d] = fill + m
             i += m
-            if fill + m == buf.shape[0]:
+            if fill + m == cap:
                 self._flush(with_d)
+
+    def _capacity(self, with_d: bool) -> int:
+        """Rows the next chunk of this buffer takes: the first chunk's size until its sums
+        have seen rows, then as many rows as they have seen (at most the buffer)."""
+        seen = min(self.rows_flushed, self.rows_flushed_d) if with_d else self.rows_flushed
+        return max(self._first_rows, min(seen, self.bufs[with_d].shape[0]))
 
     def _flush(self, with_d: bool) -> None:
         fill = self.fills[with_d]
