@@ -1,16 +1,17 @@
-"""What the bf16 KV cache's attention costs in accuracy and buys in speed, one command.
+"""What bf16 prefill attention costs in accuracy and buys in speed, one command.
 
-A bf16 cache (``prepare_generation(cache_dtype=torch.bfloat16)``) computes a prompt's attention
-with bf16 dot products and fp32 sums (``attention_prefill``'s ``bf16_dot``, on CPUs with
-AVX512-BF16); the default fp32 cache keeps exact fp32 products. On a saved artifact this
+The KV-cache step computes a prompt's attention with bf16 dot products and fp32 sums
+(``attention_prefill``'s ``bf16_dot``, on CPUs with AVX512-BF16) with either cache: the
+default fp32 cache and a bf16 cache (``prepare_generation(cache_dtype=torch.bfloat16)``);
+``add_kv_cache(..., bf16_attention=False)`` keeps exact fp32 products. On a saved artifact this
 prints, for the KV-cache step's prefill over the standard evaluation windows (Wikipedia, BOS +
 511 tokens, every position's logits, eager step graphs): perplexity and top-1 agreement with
-the fp32 cache, and the model's own forward (``CompiledModel.__call__``, a different
-attention kernel in fp32) against the same fp32 cache, the agreement float rounding alone
+exact attention, and the model's own forward (``CompiledModel.__call__``, a different
+attention kernel in fp32) against the same reference, the agreement float rounding alone
 gives. Then the prefill kernel's time per layer at the model's attention shape, fp32 against
 bf16 dot products, alternating in one process (medians).
 
-    python benchmarks/attention_precision.py --artifact /tmp/runs/s10a --windows 40
+    python benchmarks/attention_precision.py --artifact /tmp/runs/s15 --windows 40
 """
 
 from __future__ import annotations
@@ -48,8 +49,14 @@ def main() -> None:
     _, windows = standard_splits(tokenizer, n_calib=1, n_eval=args.windows)
     length = windows[0].shape[-1]
     steps = {
-        name: add_kv_cache(model.graph_module, max_batch=1, max_len=length, last_logits_only=False, cache_dtype=dt)[0]
-        for name, dt in (("fp32 cache", None), ("bf16 cache", torch.bfloat16))
+        name: add_kv_cache(
+            model.graph_module, max_batch=1, max_len=length, last_logits_only=False, cache_dtype=dt, bf16_attention=bf
+        )[0]
+        for name, dt, bf in (
+            ("exact (fp32 cache, fp32 products)", None, False),
+            ("fp32 cache, bf16 prefill products (the default)", None, True),
+            ("bf16 cache", torch.bfloat16, True),
+        )
     }
     mask, pos = torch.ones(1, length, dtype=torch.long), torch.arange(length)
     rows: dict[str, tuple[float, list[torch.Tensor]]] = {}
@@ -62,9 +69,9 @@ def main() -> None:
                 nll -= torch.log_softmax(lg[:-1], -1).gather(1, ids[0, 1:, None]).sum().item()
                 top.append(lg.argmax(-1))
             rows[name] = (math.exp(nll / (len(windows) * (length - 1))), top)
-    ref_ppl, ref_top = rows["fp32 cache"]
+    ref_ppl, ref_top = rows["exact (fp32 cache, fp32 products)"]
     print(f"\n{args.artifact}: {len(windows)} windows of {length} tokens, prefill logits of every position")
-    print("| attention | perplexity | vs fp32 cache | top-1 agreement with the fp32 cache |")
+    print("| attention | perplexity | vs exact | top-1 agreement with exact |")
     print("|---|---|---|---|")
     for name, (ppl, top) in rows.items():
         agree = torch.cat([(a == b).float() for a, b in zip(top, ref_top, strict=True)]).mean().item()

@@ -8,13 +8,12 @@ worker thread owns the step (it is not re-entrant) and loops over step boundarie
    (``DecodeStep(..., cache_row=r)``), so running rows keep their cache;
 3. **decode**: one step call for every running row, then each row samples its next token.
 
-All rows share one position counter ``cur`` (the step's rows share ``cache_position``).
-A request joining a running batch gets its prompt at positions ``cur - len(prompt) ..
-cur - 1``; its row's mask marks the slots before them invalid, so it sees its own tokens
-only, exactly as a left-padded row of :func:`~qqq_compile.runtime.generate.generate`
-does. Rotary attention depends on position differences only, so the shift changes no
-math (float rounding of the rotary angles aside: see ``docs/serving.md`` for the measured
-agreement). Two consequences of the shared counter:
+All rows share one slot counter ``cur`` (the step's rows share ``cache_position``).
+A request joining a running batch gets its prompt in slots ``cur - len(prompt) .. cur - 1``;
+its row's mask marks the slots before them invalid, so it sees its own tokens only, and the
+step counts its positions from its first valid slot (``kv_cache._row_positions``), so its
+prefill is bit for bit a lone ``generate()``'s (``docs/serving.md``). Two consequences of the
+shared counter:
 
 * a prompt longer than ``cur`` cannot join yet: it waits until the batch has advanced
   that far, or has drained (then ``cur`` restarts at 0);

@@ -50,7 +50,8 @@ def stepwise(cached, ids: torch.Tensor, prefill: int) -> torch.Tensor:
 def test_float_graph_prefill_then_decode_matches_full_sequence(arch):
     model = arch_model(arch)
     gm = capture(model, {"input_ids": torch.randint(0, 256, (2, 8))}).graph_module
-    cached, spec = add_kv_cache(gm, max_batch=2, max_len=48, last_logits_only=False)
+    # Exact attention: the rewrite itself is checked to float rounding (bf16 attention: below).
+    cached, spec = add_kv_cache(gm, max_batch=2, max_len=48, last_logits_only=False, bf16_attention=False)
     assert len(spec.layers) == 2 and spec.positions_replaced >= 1
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -82,7 +83,7 @@ def test_the_mask_is_built_once_for_every_attention(cache_dtype, monkeypatch):
     if not (cpu.cpu_supports_kernels() and cpu.ensure_cpp_kernels()):
         pytest.skip("this CPU lacks AVX512-VNNI/VBMI: the portable mask is the only one")
     gm = capture(tiny_model("llama"), {"input_ids": torch.randint(0, 256, (2, 8))}).graph_module
-    cached, _ = add_kv_cache(gm, max_batch=2, max_len=40, cache_dtype=cache_dtype)
+    cached, _ = add_kv_cache(gm, max_batch=2, max_len=40, cache_dtype=cache_dtype, bf16_attention=False)
     nodes = list(cached.graph.nodes)
     masks = [n for n in nodes if n.target is torch.ops.qqq_cpu.attention_mask.default]
     attn_ops = (torch.ops.qqq_cpu.attention_f32kv.default, torch.ops.qqq_cpu.attention_bf16kv.default)
@@ -97,7 +98,7 @@ def test_the_mask_is_built_once_for_every_attention(cache_dtype, monkeypatch):
     with torch.no_grad():
         got = cached(ids, mask, torch.arange(12))
         monkeypatch.setattr(cpu, "ensure_cpp_kernels", lambda: False)  # the rewrite without the kernels
-        portable, _ = add_kv_cache(gm, max_batch=2, max_len=40, cache_dtype=cache_dtype)
+        portable, _ = add_kv_cache(gm, max_batch=2, max_len=40, cache_dtype=cache_dtype, bf16_attention=False)
         monkeypatch.undo()
         assert not [n for n in portable.graph.nodes if n.target is torch.ops.qqq_cpu.attention_mask.default]
         want = portable(ids, mask, torch.arange(12))
@@ -113,7 +114,7 @@ def test_w4a8_graph_cache_matches_full_sequence(arch):
     compiled = qc.compile(model, calib=tiny_calib(), config=qc.CompileConfig(preset="rtn"), progress=False)
     gm = compiled.graph_module
     assert any(n.target is torch.ops.qqq.w4a8_linear.default for n in gm.graph.nodes)
-    cached, _ = add_kv_cache(gm, max_batch=2, max_len=40, last_logits_only=False)
+    cached, _ = add_kv_cache(gm, max_batch=2, max_len=40, last_logits_only=False, bf16_attention=False)
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = gm(input_ids=ids).logits
@@ -125,7 +126,7 @@ def test_w4a8_graph_cache_matches_full_sequence(arch):
 
 def test_last_logits_only_slices_before_the_lm_head():
     gm = capture(tiny_model("llama"), {"input_ids": torch.randint(0, 256, (2, 8))}).graph_module
-    cached, _ = add_kv_cache(gm, max_batch=1, max_len=32)
+    cached, _ = add_kv_cache(gm, max_batch=1, max_len=32, bf16_attention=False)
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         out = cached(ids, torch.ones(1, 12, dtype=torch.long), torch.arange(12))
@@ -137,18 +138,50 @@ def test_last_logits_only_slices_before_the_lm_head():
 
 
 def test_left_padding_rows_match_unpadded_rows():
+    """A left-padded row gets its own positions (0, 1, ... from its first valid slot), so it
+    agrees with the full-sequence graph run on it alone; with exact attention to float
+    rounding, and with the default bf16 prefill attention within bf16's rounding of that."""
     gm = capture(tiny_model("llama"), {"input_ids": torch.randint(0, 256, (2, 8))}).graph_module
-    cached, _ = add_kv_cache(gm, max_batch=2, max_len=32)
     short = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
     long = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(4))
     ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
     mask = torch.tensor([[0] * 4 + [1] * 5, [1] * 9])
     with torch.no_grad():
-        both = cached(ids, mask, torch.arange(9))
-        alone = [gm(input_ids=short).logits[:, -1], gm(input_ids=long).logits[:, -1]]
-    assert torch.isfinite(both).all()
-    torch.testing.assert_close(both[0, 0], alone[0][0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(both[1, 0], alone[1][0], rtol=1e-4, atol=1e-4)
+        alone = torch.stack([gm(input_ids=short).logits[0, -1], gm(input_ids=long).logits[0, -1]])
+        for bf16 in (False, True):
+            cached, spec = add_kv_cache(gm, max_batch=2, max_len=32, bf16_attention=bf16)
+            both = cached(ids, mask, torch.arange(9))[:, 0]
+            assert torch.isfinite(both).all() and spec.row_positions >= 1
+            if bf16:
+                assert sqnr_db(alone, both) > 40
+            else:
+                torch.testing.assert_close(both, alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32_products", "bf16_products"])
+def test_a_row_after_other_slots_computes_what_it_computes_alone(bf16):
+    """What a server's joining request meets: a W4A8 model's prompt placed at later cache
+    slots than a lone ``generate()`` puts it (the slots before it invalid, in a batch with
+    another row, left-padded behind its own slot's padding tokens) gives bit for bit the lone
+    row's logits: its positions are its own, the int8 linears are exact per row, and the
+    prefill kernel tiles its keys from its first one. With the shared slot positions the
+    rotary angles differed by float rounding, which bf16 products turned into different
+    greedy tokens (the server test failed)."""
+    compiled = qc.compile(
+        tiny_model("llama"), calib=tiny_calib(), config=qc.CompileConfig(preset="rtn"), progress=False
+    )
+    gm = compiled.graph_module
+    prompt = torch.randint(1, 256, (1, 70), generator=torch.Generator().manual_seed(9))
+    other = torch.randint(1, 256, (1, 77), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        lone, _ = add_kv_cache(gm, max_batch=1, max_len=96, bf16_attention=bf16)
+        want = lone(prompt, torch.ones(1, 70, dtype=torch.long), torch.arange(70))
+        step, _ = add_kv_cache(gm, max_batch=2, max_len=96, bf16_attention=bf16)
+        ids = torch.cat([torch.cat([torch.zeros(1, 7, dtype=torch.long), prompt], 1), other])
+        mask = torch.ones(2, 77, dtype=torch.long)
+        mask[0, :7] = 0  # seven slots before the prompt: padding (or another request's old slots)
+        got = step(ids, mask, torch.arange(77))
+    assert torch.equal(got[:1], want)
 
 
 def test_the_users_graph_is_untouched():
@@ -179,18 +212,17 @@ def test_tiny_config_has_no_sliding_window_for_mistral():
 
 @pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16], ids=["f32", "bf16"])
 def test_a_bf16_cache_prefills_with_bf16_dot_products(cache_dtype):
-    """An fp32 cache's prefill runs the fp32 prefill kernel (exact to float rounding: the
-    serving engine's rows must give what ``generate()`` gives); a bf16 cache's prefill, on a
-    CPU with AVX512-BF16, the bf16 dot-product kernel, once per layer, within bf16 rounding
-    of the fp32 cache's logits."""
+    """Both caches' prefill runs, on a CPU with AVX512-BF16, the bf16 dot-product kernel,
+    once per layer, within bf16 rounding of exact attention's logits (``bf16_attention=False``,
+    the fp32 kernel); without AVX512-BF16 an fp32 cache computes exactly that."""
     from qqq_compile.targets.w4a8.kernels import cpu
 
     if not (cpu.cpu_supports_kernels() and cpu.ensure_cpp_kernels()):
         pytest.skip("this CPU lacks AVX512-VNNI/VBMI: no C++ attention")
     gm = capture(tiny_model("llama"), {"input_ids": torch.randint(0, 256, (2, 8))}).graph_module
     step, _ = add_kv_cache(gm, max_batch=1, max_len=64, cache_dtype=cache_dtype)
-    exact, _ = add_kv_cache(gm, max_batch=1, max_len=64)
-    bf16_dot = cache_dtype is not None and "avx512_bf16" in cpu._cpu_flags()
+    exact, _ = add_kv_cache(gm, max_batch=1, max_len=64, bf16_attention=False)
+    bf16_dot = "avx512_bf16" in cpu._cpu_flags()
     path = "attention_prefill_bf16" if bf16_dot else "attention_prefill"
     ids = torch.randint(1, 256, (1, 40), generator=torch.Generator().manual_seed(7))
     args = (ids, torch.ones(1, 40, dtype=torch.long), torch.arange(40))
@@ -203,4 +235,4 @@ def test_a_bf16_cache_prefills_with_bf16_dot_products(cache_dtype):
     if bf16_dot:
         assert 45 < db < 80  # the rounding happened, and no more than bf16's (measured 59-64 dB)
     elif cache_dtype is None:
-        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same graph, the same kernel
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same kernel, fp32 products

@@ -96,8 +96,9 @@ def test_several_tokens_take_the_prefill_kernel_with_the_same_layout() -> None:
 
 def test_fp32_cache_step_runs_the_kernel_at_decode_and_matches_sdpa(monkeypatch) -> None:
     """The KV-cache rewrite of an fp32 CPU model routes attention to the op (the kernel at
-    each decode step, SDPA at prefill); without the C++ kernels it emits SDPA itself, and
-    the two steps' logits agree to float rounding."""
+    each decode step, the prefill kernel with bf16 dot products where the CPU has
+    AVX512-BF16); without the C++ kernels it emits SDPA itself, and the two steps' logits
+    agree to the rounding of those products."""
     import qqq_compile as qc
     from qqq_compile.runtime.steps import build_step
     from tests.conftest import tiny_calib, tiny_model
@@ -112,7 +113,8 @@ def test_fp32_cache_step_runs_the_kernel_at_decode_and_matches_sdpa(monkeypatch)
     assert layers == 2 and not any(n.target is sdpa for n in fast.graph_module.graph.nodes)
     assert sum(1 for n in plain.graph_module.graph.nodes if n.target is sdpa) == 2
     ids = torch.randint(0, 256, (2, 14), generator=torch.Generator().manual_seed(3))
-    before, before_prefill = cpu.cpp_path_counts()["attention_f32kv"], cpu.cpp_path_counts()["attention_prefill"]
+    prefill_path = "attention_prefill_bf16" if "avx512_bf16" in cpu._cpu_flags() else "attention_prefill"
+    before, before_prefill = cpu.cpp_path_counts()["attention_f32kv"], cpu.cpp_path_counts()[prefill_path]
     outs = []
     for step in (fast, plain):
         out = [step(ids[:, :10], torch.ones(2, 10, dtype=torch.long), torch.arange(10))]
@@ -120,6 +122,7 @@ def test_fp32_cache_step_runs_the_kernel_at_decode_and_matches_sdpa(monkeypatch)
             out.append(step(ids[:, i : i + 1], torch.ones(2, i + 1, dtype=torch.long), torch.tensor([i])))
         outs.append(torch.cat(out, 1))
     assert cpu.cpp_path_counts()["attention_f32kv"] == before + 4 * layers  # 4 decode steps, not the prefill
-    assert cpu.cpp_path_counts()["attention_prefill"] == before_prefill + layers  # the prefill (fast step only)
-    # Float rounding of attention, amplified where an int8 activation rounds the other way.
-    assert sqnr_db(outs[1], outs[0]) > 60
+    assert cpu.cpp_path_counts()[prefill_path] == before_prefill + layers  # the prefill (fast step only)
+    # Rounding of attention, amplified where an int8 activation rounds the other way
+    # (measured 41.7 dB with bf16 products; fp32 products passed 60 dB).
+    assert sqnr_db(outs[1], outs[0]) > (35 if prefill_path == "attention_prefill_bf16" else 60)

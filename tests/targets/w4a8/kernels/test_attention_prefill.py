@@ -227,3 +227,33 @@ def test_step_mask_matches_the_rule(b, t, length, start):
     got = torch.ops.qqq_cpu.attention_mask(valid, pos)
     assert got.dtype == torch.bool and got.shape == (b, 1, t, length)
     assert torch.equal(got, _mask_reference(valid, pos))
+
+
+@pytest.mark.parametrize("bf16_dot", [False, True], ids=["fp32", "bf16_dot"])
+@pytest.mark.parametrize("pad", [37, 64])
+def test_a_row_at_later_slots_equals_the_row_alone_bit_for_bit(bf16_dot, pad):
+    """Key tiles start at each row's first key (the origin), so a row whose keys start at slot
+    ``pad`` (left padding, a server's joining request) is tiled, summed and rounded as it is
+    alone: equal bit for bit, in a batch with another row too (an odd origin included: the
+    bf16 V pairs start there). The padding tokens, which see their own slot only, get their
+    own V (bf16-rounded with bf16_dot), as softmax over one key gives, and do not move the
+    origin."""
+    g = torch.Generator().manual_seed(pad)
+    h, hkv, t, d = 9, 3, 200, 64
+    q, k, v = (torch.randn(1, n, t, d, generator=g) for n in (h, hkv, hkv))
+    alone = _run(q, k, v, torch.ones(t, t, dtype=torch.bool).tril()[None, None], 0.125, bf16_dot)
+    length = pad + t
+    mask = torch.zeros(2, 1, length, length, dtype=torch.bool)
+    mask[0, 0, pad:, pad:] = torch.ones(t, t, dtype=torch.bool).tril()
+    mask[0, 0, torch.arange(pad), torch.arange(pad)] = True  # padding tokens see their own slot
+    mask[1, 0] = torch.ones(length, length, dtype=torch.bool).tril()
+    extra = lambda n: torch.randn(2, n, length, d, generator=g)  # noqa: E731
+    qb, kb, vb = extra(h), extra(hkv), extra(hkv)
+    qb[:1, :, pad:], kb[:1, :, pad:], vb[:1, :, pad:] = q, k, v
+    got = _run(qb, kb, vb, mask, 0.125, bf16_dot)
+    assert torch.equal(got[:1, :, pad:], alone)
+    own = vb[0, :, :pad].repeat_interleave(h // hkv, 0)
+    want_pad = own.bfloat16().float() if bf16_dot and BF16_CPU else own
+    assert torch.equal(got[0, :, :pad], want_pad)
+    ref, floor = _want(qb[1:], kb[1:], vb[1:], mask[1:], 0.125, bf16_dot)
+    assert sqnr_db(ref, got[1:]) > floor

@@ -7,24 +7,28 @@
 // GPTQ block's calibration forwards 1.3 s of 11. Here:
 //  * work items are (batch row, KV head, 32 query tokens); the G query heads of a KV head are
 //    rows of the same item, so each K/V tile is read once for all of them (GQA);
-//  * keys go in tiles of 64; a tile the mask hides from all of the item's tokens is skipped
+//  * keys go in tiles of 64 from each row's first key (its origin: a row at later slots is
+//    tiled, and rounded, as it is alone); a tile the mask hides from all of the item's tokens is skipped
 //    (a causal mask: about 56% of the tiles are computed at 512 tokens), a tile it shows to all
 //    of them runs without masking;
 //  * scores are broadcast FMAs against K transposed once per call ([D, L], 16 keys per zmm: no
 //    horizontal sums), softmax is online (flash attention: running max and sum per row, the
 //    partial output rescaled when the max grows), the weighted V sum is broadcast FMAs over V's
 //    rows; all in fp32 (the exp is simd.h's degree-6 polynomial, ~2 ulp).
-//  * bf16_dot (a bf16 KV cache's prefill, on CPUs with AVX512-BF16): the two products take
+//  * bf16_dot (the KV-cache step's prefill, on CPUs with AVX512-BF16): the two products take
 //    bf16 inputs with fp32 sums (vdpbf16ps: two products per fp32 lane, twice the FMA's rate;
 //    1.93 -> 1.17 ms per SmolLM2 layer at 512 tokens), the precision of a bf16 model's
 //    attention on a GPU: Q, K, V and the probabilities are rounded to bf16 (2^-9 relative),
 //    the softmax stays fp32. K and V are laid out once per call as bf16 pairs (K: two dims of
-//    one key per 32-bit word; V: one dim of two keys). The fp32 cache's prefill and GPTQ's
-//    calibration forwards keep fp32 products: rounding q/k to bf16 turns float noise (RoPE at
-//    a serving row's shifted positions) into different greedy tokens.
+//    one key per 32-bit word; V: one dim of two keys). GPTQ's calibration forwards keep fp32
+//    products. The step gives each row its own positions (kv_cache.py), so with the tiles
+//    from the origin a serving row's q/k and sums are bit for bit those of a lone generate():
+//    before, RoPE at its shifted positions differed by float rounding, which bf16 rounding
+//    turned into different greedy tokens.
 // A token the mask hides every key from gets zeros (torch's SDPA gives NaN there).
 
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -263,6 +267,7 @@ struct Args {
   const float* v;
   int64_t vs0, vs1, vs2;  // v [B, Hkv, L, D]
   const uint8_t* mask;    // [B, T, L]
+  const int64_t* origin;  // [B]: each row's first key any of its tokens sees (its tiles start there)
   float* out;             // [B, T, H, D]
   int64_t B, H, Hkv, T, L;
   float scale;
@@ -292,20 +297,23 @@ void attend_item(const Args& a, int64_t G, int64_t b, int64_t hk, int64_t t0) {
     m[r] = -INFINITY;
     l[r] = 0.0f;
   }
+  // Key tiles start at the row's first visible key: a row placed after others' slots (left
+  // padding, a server's joining request) is then tiled, and rounded, as it is alone.
+  const int64_t org = a.origin[b], len = a.L - org;
   const T* kt;
   if constexpr (BF)
     kt = a.kt2 + (b * a.Hkv + hk) * (D / 2) * a.lp;
   else
     kt = a.kt + (b * a.Hkv + hk) * D * a.lp;
-  const float* v = a.v + b * a.vs0 + hk * a.vs1;
+  const float* v = a.v + b * a.vs0 + hk * a.vs1 + org * a.vs2;
   const uint32_t* v2 = BF ? a.v2 + (b * a.Hkv + hk) * (a.lp / 2) * D : nullptr;
   uint64_t tok_keys[TQ];
-  for (int64_t j0 = 0; j0 < a.L; j0 += TK) {
-    const int64_t n = std::min(TK, a.L - j0);
+  for (int64_t j0 = 0; j0 < len; j0 += TK) {
+    const int64_t n = std::min(TK, len - j0);
     const uint64_t full = static_cast<uint64_t>(mask64(n));
     uint64_t any = 0, all = full;
     for (int64_t tt = 0; tt < nt; ++tt) {
-      const __m512i mv = _mm512_maskz_loadu_epi8(mask64(n), a.mask + (b * a.T + t0 + tt) * a.L + j0);
+      const __m512i mv = _mm512_maskz_loadu_epi8(mask64(n), a.mask + (b * a.T + t0 + tt) * a.L + org + j0);
       tok_keys[tt] = static_cast<uint64_t>(_mm512_test_epi8_mask(mv, mv));
       any |= tok_keys[tt];
       all &= tok_keys[tt];
@@ -380,48 +388,87 @@ at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at:
   const bool bf = bf16_dot && cpu_has_bf16();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
+  // Each row's origin: the first key seen by any of its tokens that see two keys or more
+  // (else by any token); its K/V layouts and key tiles start there. A token that sees one key
+  // only (a left-padding token sees its own slot) gets that key's V exactly, as the tiles
+  // would give it, and does not move the origin: a row left-padded in a batch is then tiled
+  // as it is alone.
+  const at::Tensor m = mask.expand({B, 1, T, L}).reshape({B, T, L}).contiguous();
+  const auto* mp = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
+  std::vector<int64_t> origin(B, L), first(B * T, -1);  // first: a one-key token's key
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t any_first = L;
+    for (int64_t t = 0; t < T; ++t) {
+      const uint8_t* row = mp + (b * T + t) * L;
+      const uint8_t* f = static_cast<const uint8_t*>(std::memchr(row, 1, L));
+      if (f == nullptr) continue;
+      const int64_t j = f - row;
+      any_first = std::min(any_first, j);
+      if (j + 1 < L && std::memchr(row + j + 1, 1, L - j - 1) != nullptr)
+        origin[b] = std::min(origin[b], j);
+      else
+        first[b * T + t] = j;
+    }
+    if (origin[b] == L) origin[b] = any_first;
+  }
   at::Tensor kt, kt2, v2;
   if (bf) {
-    // K and V as bf16 pairs once per call (k_pairs, v_pairs).
+    // K and V as bf16 pairs once per call (k_pairs, v_pairs), from the row's origin.
     kt2 = at::empty({B * Hkv, D / 2, lp}, q.options().dtype(at::kInt));
     v2 = at::empty({B * Hkv, lp / 2, D}, q.options().dtype(at::kInt));
     auto* k2p = reinterpret_cast<uint32_t*>(kt2.data_ptr<int32_t>());
     auto* v2p = reinterpret_cast<uint32_t*>(v2.data_ptr<int32_t>());
     parallel_items(B * Hkv, B * Hkv > 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        k_pairs(kp + i / Hkv * k.stride(0) + i % Hkv * k.stride(1), k.stride(2), L, lp, D, k2p + i * (D / 2) * lp);
-        v_pairs(vp + i / Hkv * v.stride(0) + i % Hkv * v.stride(1), v.stride(2), L, lp, D, v2p + i * (lp / 2) * D);
+        const int64_t org = origin[i / Hkv];
+        k_pairs(kp + i / Hkv * k.stride(0) + i % Hkv * k.stride(1) + org * k.stride(2), k.stride(2), L - org, lp, D,
+                k2p + i * (D / 2) * lp);
+        v_pairs(vp + i / Hkv * v.stride(0) + i % Hkv * v.stride(1) + org * v.stride(2), v.stride(2), L - org, lp, D,
+                v2p + i * (lp / 2) * D);
       }
     });
   } else {
-    // K transposed once per call ([B * Hkv, D, Lp], zero past L): every item's score tiles
-    // then read 16 keys per load.
+    // K transposed once per call ([B * Hkv, D, Lp], from the row's origin, zero past L): every
+    // item's score tiles then read 16 keys per load.
     kt = at::empty({B * Hkv, D, lp}, q.options());
     float* ktp = kt.data_ptr<float>();
     parallel_items(B * Hkv, B * Hkv > 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const float* src = kp + i / Hkv * k.stride(0) + i % Hkv * k.stride(1);
+        const int64_t org = origin[i / Hkv], len = L - org;
+        const float* src = kp + i / Hkv * k.stride(0) + i % Hkv * k.stride(1) + org * k.stride(2);
         float* dst = ktp + i * D * lp;
-        for (int64_t j = 0; j < L; ++j)
+        for (int64_t j = 0; j < len; ++j)
           for (int64_t d = 0; d < D; ++d) dst[d * lp + j] = src[j * k.stride(2) + d];
-        for (int64_t d = 0; d < D; ++d) std::fill(dst + d * lp + L, dst + (d + 1) * lp, 0.0f);
+        for (int64_t d = 0; d < D; ++d) std::fill(dst + d * lp + len, dst + (d + 1) * lp, 0.0f);
       }
     });
   }
-  const at::Tensor m = mask.expand({B, 1, T, L}).reshape({B, T, L}).contiguous();
   at::Tensor out = at::empty({B, T, H, D}, q.options());
   const Args a{q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2),
                bf ? nullptr : kt.data_ptr<float>(),
                bf ? reinterpret_cast<const uint32_t*>(kt2.data_ptr<int32_t>()) : nullptr,
                bf ? reinterpret_cast<const uint32_t*>(v2.data_ptr<int32_t>()) : nullptr,
                lp, vp, v.stride(0), v.stride(1), v.stride(2),
-               reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()), out.data_ptr<float>(),
+               mp, origin.data(), out.data_ptr<float>(),
                B, H, Hkv, T, L, static_cast<float>(scale)};
   count_path(bf ? kAttnPrefillBf16 : kAttnPrefill);
   if (bf)
     run_d<true>(a, D);
   else
     run_d<false>(a, D);
+  // One-key tokens whose key lies before the origin: the tiles left them at zero.
+  float* op = out.data_ptr<float>();
+  const int64_t G = H / Hkv;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t j = first[b * T + t];
+      if (j < 0 || j >= origin[b]) continue;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* src = vp + b * v.stride(0) + h / G * v.stride(1) + j * v.stride(2);
+        float* dst = op + ((b * T + t) * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = bf ? static_cast<float>(c10::BFloat16(src[d])) : src[d];  // what p = 1 times V gives
+      }
+    }
   return out.transpose(1, 2);  // [B, H, T, D], laid out [B, T, H, D] as torch's CPU SDPA
 }
 
