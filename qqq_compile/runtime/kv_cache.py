@@ -2,7 +2,9 @@
 
 ``add_kv_cache(gm, max_batch, max_len)`` works from the graph alone, on any graph the
 pipeline produced (float, rotated, lowered to W4A8): the passes stay unchanged and the
-perplexity of the model that generates is the perplexity of the graph ``compile()`` returns.
+perplexity of the model that generates is the perplexity of the graph ``compile()`` returns
+(SmolLM2: +0.06% with the default bf16 products in a prompt's attention, 24.154 → 24.168;
+``benchmarks/attention_precision.py``).
 
 What it finds and rewrites:
 

@@ -394,12 +394,18 @@ def _drop_superseded(path: Path, kind: dict[str, Any]) -> list[str]:
 
 
 def step_graph(
-    gm: GraphModule, max_batch: int, max_len: int, cache_dtype: torch.dtype | None = None
+    gm: GraphModule,
+    max_batch: int,
+    max_len: int,
+    cache_dtype: torch.dtype | None = None,
+    bf16_attention: bool = True,
 ) -> tuple[GraphModule, CacheSpec, list[str]]:
     """``(step graph, cache spec, notes)``: ``gm`` with a KV cache, rewritten for decoding by
     the targets whose ops it calls (``Target.prepare_step``: W4A8 fuses the projections that
     share an input, one kernel call each), their kernels loaded."""
-    cached, spec = add_kv_cache(gm, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype)
+    cached, spec = add_kv_cache(
+        gm, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype, bf16_attention=bf16_attention
+    )
     notes: list[str] = []
     # Kernels are loaded (on first use: built) here, for both runtimes, so that their one-time
     # build is part of building the step and never of the first timed prefill.
@@ -454,18 +460,19 @@ def build_step(
     progress: bool = True,
     allow_compile: bool = True,
     cache_dtype: torch.dtype | None = None,
+    bf16_attention: bool = True,
 ) -> DecodeStep:
     """Rewrite ``gm`` for a KV cache of ``max_batch`` rows and ``max_len`` positions and
     return the step for ``runtime`` (``"eager"`` or ``"aot"``).
 
     ``package_dir``: a folder, or folders searched in order, for the AOT package; a new one
     is compiled into the first writable folder (default: :func:`default_package_dir`).
-    ``allow_compile=False`` raises :class:`StepError` instead of compiling. ``cache_dtype``:
-    see :func:`~qqq_compile.runtime.kv_cache.add_kv_cache`."""
+    ``allow_compile=False`` raises :class:`StepError` instead of compiling. ``cache_dtype``,
+    ``bf16_attention``: see :func:`~qqq_compile.runtime.kv_cache.add_kv_cache`."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime={runtime!r} is not known; use one of {RUNTIMES}")
     t0 = time.perf_counter()
-    cached, spec, notes = step_graph(gm, max_batch, max_len, cache_dtype)
+    cached, spec, notes = step_graph(gm, max_batch, max_len, cache_dtype, bf16_attention)
     if runtime == "eager":
         return DecodeStep("eager", spec, cached, cached, build_seconds=time.perf_counter() - t0, notes=notes)
     if package_dir is None:
