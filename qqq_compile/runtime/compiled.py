@@ -103,8 +103,8 @@ class CompiledModel(torch.nn.Module):
         one-row step has a static batch and decodes faster); :meth:`generate` takes the
         smallest that fits each request, the latest prepared among equals.
         A prompt's attention takes bf16 dot products with fp32 sums where the CPU has
-        AVX512-BF16 (:func:`~qqq_compile.runtime.kv_cache.add_kv_cache`; 1.45x faster than fp32
-        products per SmolLM2 layer, perplexity +0.035%), per row, so a serving engine's rows
+        AVX512-BF16 (:func:`~qqq_compile.runtime.kv_cache.add_kv_cache`; 1.54x faster than fp32
+        products per SmolLM2 layer, perplexity +0.059%), per row, so a serving engine's rows
         prefill bit for bit as :meth:`generate` does. ``cache_dtype=torch.bfloat16`` also keeps
         the KV cache in bf16 (half the bytes a decode step reads); greedy tokens can differ
         from the fp32 cache's where the top two logits nearly tie."""

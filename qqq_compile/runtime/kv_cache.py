@@ -168,7 +168,8 @@ def _row_positions(graph: Graph, pos_in: Node, mask_in: Node) -> int:
     starts at slot ``s`` (left padding, a server's joining request) then gets positions
     ``0, 1, …`` as it would alone, so its rotary q and k are bit for bit those of a lone
     ``generate()``; with the shared slot positions they differed by the rotary angles'
-    float rounding. Returns how many ``position_ids`` were rewired."""
+    float rounding. Returns how many sites were rewired (transformers' own mask code, which
+    the rewrite leaves dead, makes some of them: 3 in a LLaMA graph, 1 of them live)."""
     sites = [
         (n, chain)
         for n in graph.nodes
@@ -293,12 +294,13 @@ def add_kv_cache(
     bf16 attention, the precision of a bf16 model's attention on a GPU.
 
     ``bf16_attention`` (default True): an fp32 cache's prefill also takes bf16 dot products
-    with fp32 sums and an fp32 softmax (where the CPU has AVX512-BF16; 1.45x faster per
-    SmolLM2 layer at 512 tokens, perplexity +0.035%); decode keeps fp32 products. Exact
-    because it is per row: every row gets its own positions (``_row_positions``) and the
-    kernel tiles each row's keys from its first one, so a row placed after others' slots (a
-    server's joining request, a left-padded row) computes bit for bit what it computes alone.
-    False keeps fp32 products (to float rounding of SDPA)."""
+    with fp32 sums and an fp32 softmax (where the CPU has AVX512-BF16; 1.54x faster per
+    SmolLM2 layer at 512 tokens, perplexity +0.059%); decode keeps fp32 products. It is
+    computed per row: every row gets its own positions (``_row_positions``) and the kernel
+    tiles each row's keys from its first one, so a row placed after others' slots (a server's
+    joining request, a left-padded row) computes bit for bit what it computes alone. False
+    keeps an fp32 cache's products fp32 (to float rounding of SDPA); a bf16 cache always
+    takes bf16 products."""
     if cache_dtype not in (None, torch.bfloat16):
         raise CacheError(f"cache_dtype must be None or torch.bfloat16, got {cache_dtype}")
     if max_batch < 1 or max_len < 2:
