@@ -143,6 +143,8 @@ def _run_captured(
     ctx = build_context(config, graph_batches, progress=progress, device=captured.device)
     if not captured.dynamic.startswith("dynamic") or set(captured.input_names) != {"input_ids"}:
         ctx.note("capture", f"captured with {captured.dynamic}")
+    if captured.replicated:
+        ctx.note("capture", captured.replicated)
     for msg in changes:
         ctx.note("target", msg)
     gm, report = run_pipeline(gm, ctx, pass_list, instruments, config=config, dump_dir=dump_dir)

@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from qqq_compile.compiler.calibration import is_hf as _is_hf
 from qqq_compile.compiler.calibration import is_token_model
 from qqq_compile.compiler.calibration import split_call as _split_call
+from qqq_compile.compiler.capture_replicate import EXPORTED_BLOCKS, replicable_stack, replicate, truncated
 from qqq_compile.errors import CaptureError  # noqa: F401 - defined in errors, re-exported here
 from qqq_compile.graph import static_size
 
@@ -53,6 +54,9 @@ class Captured:
     * ``positional_names``: the ``forward`` parameters a caller may pass positionally, in
       order (``graph_inputs`` maps position ``i`` of a calibration call to the i-th).
     * ``dynamic``: which input dims are dynamic, in words (for the report).
+    * ``replicated``: how the decoder blocks were captured, in words, when only the first
+      few were exported and the last of them copied for the rest
+      (:mod:`qqq_compile.compiler.capture_replicate`); empty when the whole model was.
     """
 
     graph_module: GraphModule
@@ -63,6 +67,7 @@ class Captured:
     meta: dict[str, Any] = field(default_factory=dict)
     positional_names: list[str] = field(default_factory=list)
     dynamic: str = ""
+    replicated: str = ""
 
     @property
     def device(self) -> torch.device:
@@ -275,9 +280,15 @@ def capture(
     dynamic: bool = True,
     dynamic_shapes: Any = None,
     strict: bool = False,
+    replicate_blocks: bool = True,
 ) -> Captured:
     """Export ``model`` at ``example_inputs``, keeping ``aten.linear`` (see the module
     docstring for the call forms and the default dynamic dims).
+
+    ``replicate_blocks``: a deep decoder whose blocks are all alike is exported with its first
+    three blocks and the third copied for the rest, where the exported blocks show that gives
+    the same graph (:mod:`qqq_compile.compiler.capture_replicate`: ~7x faster on a 30-block
+    model); ``False`` always exports the whole model.
 
     ``dynamic_shapes``: torch.export's own format, for the call as given (a dict keyed by
     ``forward`` parameter name, or a tuple with one entry per input in signature order);
@@ -311,8 +322,9 @@ def capture(
     try:
         if hf:
             model.config.use_cache = False
+        stack = replicable_stack(model) if replicate_blocks else None
         for call, dyn in tries:
-            gm = export_graph(model, (), call, dyn, strict=strict)
+            gm, replicated = _export_model(model, call, dyn, strict, stack)
             if _has_dynamic(gm) or not _widened(call, inputs):
                 break
     except Exception as e:  # noqa: BLE001 - re-raised with an explanation
@@ -324,7 +336,34 @@ def capture(
     out = model_output_kind(model)
     cfg = model.config.to_dict() if hf else None
     names = positional_names(model)
-    return Captured(gm, list(inputs), out, cfg, type(model).__name__, positional_names=names, dynamic=describe_dims(gm))
+    return Captured(
+        gm,
+        list(inputs),
+        out,
+        cfg,
+        type(model).__name__,
+        positional_names=names,
+        dynamic=describe_dims(gm),
+        replicated=replicated,
+    )
+
+
+def _export_model(
+    model: torch.nn.Module, call: dict[str, Any], dyn: Any, strict: bool, stack: Any
+) -> tuple[GraphModule, str]:
+    """Export ``model``: its first blocks and copies of the last of them where
+    :func:`~qqq_compile.compiler.capture_replicate.replicate` can show that is the same graph,
+    else the whole model. Returns the graph and the report's words for how it was made."""
+    if stack is not None:
+        try:
+            with truncated(model, stack):
+                gm = export_graph(model, (), call, dyn, strict=strict)
+        except Exception:  # noqa: BLE001 - the whole model's export below says what is wrong
+            gm = None
+        if gm is not None and replicate(gm, model, stack):
+            n, k = len(stack.names), EXPORTED_BLOCKS
+            return gm, f"blocks 0-{k - 1} of {n} exported, {k}-{n - 1} copied from block {k - 1}"
+    return export_graph(model, (), call, dyn, strict=strict), ""
 
 
 def _widened(call: dict[str, Any], inputs: dict[str, Any]) -> bool:
