@@ -220,9 +220,10 @@ def _copy_blocks(
     attrs: dict[str, Node] = {}
     first_attr = next(n for n in graph.nodes if n.op == "get_attr")  # block 2 reads its weights
 
-    def attr_node(target: str) -> Node:
+    def attr_node(template: str, k: int) -> Node:
+        target = rename(template, 2, k)
         if target not in attrs:
-            _assign(gm, target, _model_tensor(model, target))
+            _assign(gm, target, _model_tensor(model, target), like=template)
             with graph.inserting_before(first_attr):
                 attrs[target] = graph.get_attr(target)
         return attrs[target]
@@ -241,7 +242,7 @@ def _copy_blocks(
             if a in prev_index:
                 return prev[prev_index[a]]
             if a.op == "get_attr" and rename.block(a.target) == 2:
-                return attr_node(rename(a.target, 2, k))
+                return attr_node(a.target, k)
             return a
 
         for t in b2:
@@ -274,7 +275,10 @@ def _model_tensor(model: nn.Module, target: str) -> torch.Tensor:
     return t
 
 
-def _assign(gm: GraphModule, target: str, value: torch.Tensor) -> None:
+def _assign(gm: GraphModule, target: str, value: torch.Tensor, like: str) -> None:
+    """Register ``value`` on ``gm`` at ``target`` as the export registered ``like`` (block 2's)."""
+    like_path, _, like_leaf = like.rpartition(".")
+    persistent = like_leaf not in gm.get_submodule(like_path)._non_persistent_buffers_set
     *path, leaf = target.split(".")
     mod: nn.Module = gm
     for p in path:
@@ -284,4 +288,4 @@ def _assign(gm: GraphModule, target: str, value: torch.Tensor) -> None:
     if isinstance(value, nn.Parameter):
         mod.register_parameter(leaf, value)
     else:
-        mod.register_buffer(leaf, value)
+        mod.register_buffer(leaf, value, persistent=persistent)

@@ -128,3 +128,33 @@ def test_a_constant_that_depends_on_the_layer_index_refuses_the_copy():
     x = torch.randint(0, 64, (3, 5))
     with torch.no_grad():
         torch.testing.assert_close(cap.graph_module(input_ids=x), model(x))
+
+
+class _ScaledBlock(nn.Module):
+    def __init__(self, i: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.register_buffer("gain", torch.full((16,), 1.0 + i / 8), persistent=False)  # its own per block
+
+    def forward(self, x):
+        return x + self.proj(x) * self.gain
+
+
+class _BufferLM(_IndexedLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_ScaledBlock(i) for i in range(DEEP))
+
+
+def test_each_copied_block_reads_its_own_buffers():
+    torch.manual_seed(0)
+    model = _BufferLM().eval()
+    fast = capture(model, torch.randint(0, 64, (2, 8)))
+    whole = capture(model, torch.randint(0, 64, (2, 8)), replicate_blocks=False)
+    assert fast.replicated
+    _same_graph(fast.graph_module, whole.graph_module)
+    assert fast.graph_module.state_dict().keys() == whole.graph_module.state_dict().keys()  # non-persistent kept so
+    x = torch.randint(0, 64, (3, 5))
+    with torch.no_grad():
+        assert torch.equal(fast.graph_module(input_ids=x), whole.graph_module(input_ids=x))
+        torch.testing.assert_close(fast.graph_module(input_ids=x), model(x))
