@@ -44,6 +44,7 @@ from qqq_compile.compiler.calibration import split_call as _split_call
 from qqq_compile.compiler.capture_replicate import EXPORTED_BLOCKS, replicable_stack, replicate, truncated
 from qqq_compile.errors import CaptureError  # noqa: F401 - defined in errors, re-exported here
 from qqq_compile.graph import static_size
+from qqq_compile.graph.blocks import BlockStack
 
 
 @dataclass
@@ -349,7 +350,7 @@ def capture(
 
 
 def _export_model(
-    model: torch.nn.Module, call: dict[str, Any], dyn: Any, strict: bool, stack: Any
+    model: torch.nn.Module, call: dict[str, Any], dyn: Any, strict: bool, stack: BlockStack | None
 ) -> tuple[GraphModule, str]:
     """Export ``model``: its first blocks and copies of the last of them where
     :func:`~qqq_compile.compiler.capture_replicate.replicate` can show that is the same graph,

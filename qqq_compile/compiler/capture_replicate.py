@@ -147,7 +147,7 @@ def replicate(gm: GraphModule, model: nn.Module, stack: BlockStack) -> bool:
     for mine, readers in ((b0, {*b0, *b1}), (b1, {*b1, *b2}), (b2, after)):
         if any(u not in readers for n in mine for u in n.users):
             return False
-    rename = _block_renamer(stack.path)
+    rename = _BlockRenamer(stack.path)
     shift = {n: b1[i] for i, n in enumerate(b0)} | {n: b2[i] for i, n in enumerate(b1)}
 
     def expected(a: Any) -> Any:  # what block 2 must read where block 1 reads ``a``
@@ -201,10 +201,6 @@ class _BlockRenamer:
         if m is None or int(m.group(2)) != src:
             return name
         return name[: m.start(2)] + str(dst) + name[m.end(2) :]
-
-
-def _block_renamer(path: str) -> _BlockRenamer:
-    return _BlockRenamer(path)
 
 
 def _copy_blocks(
