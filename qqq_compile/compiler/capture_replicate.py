@@ -78,7 +78,8 @@ def _signature(block: nn.Module) -> list[Any] | None:
 
 
 class _Eq:
-    """Equality that never raises (attributes may be configs, callables, tensors)."""
+    """Equality that never raises, for module attributes (configs, callables, tensors) and
+    graph arguments (FX nodes by identity; ``1`` and ``1.0`` differ)."""
 
     def __init__(self, v: Any) -> None:
         self.v = v
@@ -89,6 +90,8 @@ class _Eq:
         if self.v is other.v:
             return True
         a, b = self.v, other.v
+        if isinstance(a, Node) or isinstance(b, Node):
+            return False  # not the same node
         if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):  # a plain tensor attribute
             return (
                 isinstance(a, torch.Tensor)
@@ -96,14 +99,16 @@ class _Eq:
                 and (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device)
                 and (a.is_meta or bool(torch.equal(a, b)))
             )
-        if isinstance(a, functools.partial) and isinstance(b, functools.partial):  # compare by identity
+        if isinstance(a, functools.partial) and isinstance(b, functools.partial):  # partials compare by identity
             return _Eq((a.func, a.args, a.keywords)) == _Eq((b.func, b.args, b.keywords))
         if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
             return type(a) is type(b) and len(a) == len(b) and all(_Eq(x) == _Eq(y) for x, y in zip(a, b, strict=True))
         if isinstance(a, dict) and isinstance(b, dict):
             return a.keys() == b.keys() and all(_Eq(a[k]) == _Eq(b[k]) for k in a)
+        if type(a) is not type(b):
+            return False
         try:
-            return bool(self.v == other.v)
+            return bool(a == b)
         except Exception:  # noqa: BLE001 - an ambiguous comparison counts as different
             return False
 
@@ -168,20 +173,10 @@ def replicate(gm: GraphModule, model: nn.Module, stack: BlockStack) -> bool:
             return False
         exp = torch.fx.node.map_aggregate((t.args, t.kwargs), expected)
         act = torch.fx.node.map_aggregate((c.args, c.kwargs), actual)
-        if not _same(exp, act):
+        if _Eq(exp) != _Eq(act):
             return False
     _copy_blocks(gm, model, len(stack.names), b1, b2, part.suffix, rename)
     return True
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, Node) or isinstance(b, Node):
-        return a is b
-    return type(a) is type(b) and _Eq(a) == _Eq(b)
 
 
 class _BlockRenamer:
