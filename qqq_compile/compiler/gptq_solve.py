@@ -61,17 +61,23 @@ class HessianAccumulator:
 
     ``dtype="float32"``: one fp32 GEMM per batch (the reference). ``"bfloat16"``: rows are
     gathered into chunks (``[X | X_float - X]`` side by side, rounded to bf16) and each
-    chunk's ``[H; D]`` share is one bf16 GEMM (fp32 accumulation inside the GEMM) added to
-    fp32 sums: 2-4x faster on CPUs with AVX512-BF16 or AMX. CPU torch has no bf16 GEMM with
-    an fp32 result, so each chunk's product is rounded to bf16 once; to keep that rounding
-    small, the GEMM (``addmm``, whose sum is fp32 inside) subtracts the chunk's expected
-    share of the sums so far and only the deviation is rounded (10x less error than
-    rounding the product; the first chunk of each sum runs in fp32). Rounding the inputs
-    perturbs each token's contribution by at most 2⁻⁹ relative. The measured effect on the
-    solve is in ``tests/compiler/passes/test_gptq_fast.py``. (A shorter fp32 first chunk, 1024
-    rows, saved ~0.15 s of a 6 s GPTQ block but left the second chunk measured against a
-    noisier expectation: H's error +15-30% in the tests, SmolLM2's perplexity +0.9-1.1% in one run.)
+    chunk's ``[H; D]`` share is one bf16 GEMM added to fp32 sums: 2-4x faster on CPUs with
+    AVX512-BF16 or AMX. Rounding the inputs perturbs each token's contribution by at most
+    2⁻⁹ relative. The measured effect on the solve is in
+    ``tests/compiler/passes/test_gptq_fast.py``.
 
+    On CPUs with AVX512-BF16 (and ``K`` a multiple of 16) the C++ kernel
+    ``qqq_cpu::hessian_gemm`` adds each chunk's bf16 products into the sums in fp32, in
+    whole buffers: H within ~1e-6 of float64 on the same bf16 rows, and 1.35-1.45x faster
+    than torch's path below at K = 1536 / 4864 (16 k rows, alternating in one process).
+
+    Torch's path (other CPUs and devices): CPU torch has no bf16 GEMM with an fp32 result,
+    so each chunk's product is rounded to bf16 once; to keep that rounding small, the GEMM
+    (``addmm``, whose sum is fp32 inside) subtracts the chunk's expected share of the sums
+    so far and only the deviation is rounded (10x less error than rounding the product;
+    the first chunk of each sum runs in fp32). (A shorter fp32 first chunk, 1024 rows, saved
+    ~0.15 s of a 6 s GPTQ block but left the second chunk measured against a noisier
+    expectation: H's error +15-30% in the tests, SmolLM2's perplexity +0.9-1.1% in one run.)
     At wide K (first chunks under ``CHUNK_MIN`` rows), after each sum's first chunk a chunk
     takes as many rows as the sum has seen (up to ``CHUNK_MIN``), so the passes over the sums
     that every flush makes stop costing as much as the GEMM (K = 11008, 8000 rows: 18.6 ->
@@ -79,8 +85,8 @@ class HessianAccumulator:
 
     Rows with and without their float input go to two buffers (``[X | ΔX]`` and ``[X]``), so
     GPTAQ's alternating batches (``GPTQ(asym_tokens=...)``) fill whole chunks instead of
-    flushing a part-filled one at every switch. Column slabs keep the GEMM's output (the
-    only ``K x K``-sized transient besides the sums) to at most 512 columns, and skip the
+    flushing a part-filled one at every switch. Column slabs keep torch's GEMM output (the
+    only ``K x K``-sized transient besides the sums) to at most 512 columns; both paths skip the
     part of ``H`` below the diagonal slabs (``H`` is symmetric: mirrored at the end); ``K``
     above 256 takes at least two slabs, which saves a quarter of ``H``'s work at ``K = 576``.
     """
@@ -104,7 +110,9 @@ class HessianAccumulator:
         self.sums: torch.Tensor | None = None
         self.bufs: dict[bool, torch.Tensor] = {}  # with_d -> bf16 rows [X | ΔX] or [X]
         self.fills = {False: 0, True: 0}
-        self.est = None
+        self.est = None  # torch's path: a slab of each chunk's expected share, bf16
+        self._gemm: Any = None  # qqq_cpu::hessian_gemm when it runs this accumulator's chunks
+        self.packed: torch.Tensor | None = None  # its scratch buffer
         self.rows_flushed = self.rows_flushed_d = 0
         if device is not None:
             self._alloc(torch.device(device))
@@ -113,6 +121,7 @@ class HessianAccumulator:
         k = self.k
         self.sums = torch.zeros((2 if self.asym else 1) * k, k, device=device)  # [H; D], unscaled
         if self.bf16:
+            self._gemm = _cpp_gemm(k, self.sums.device)
             first = max(256, min(CHUNK_MAX, FIRST_CHUNK // self.sums.shape[0]))
             self._first_rows = self._chunk_rows or first
             # Chunks grow only where the first is short (K above 2048 with GPTAQ, 4096
@@ -121,7 +130,11 @@ class HessianAccumulator:
             self.bufs[False] = torch.empty(rows, k, dtype=torch.bfloat16, device=device)
             if self.asym:
                 self.bufs[True] = torch.empty(rows, 2 * k, dtype=torch.bfloat16, device=device)
-            self.est = torch.empty(k, self._slab_width(), dtype=torch.bfloat16, device=device)
+            if self._gemm is not None:  # the kernel's row-pair tiles of the widest chunk
+                width = (2 if self.asym else 1) * k
+                self.packed = torch.empty((rows + 1) // 2 * width, dtype=torch.int32, device=device)
+            else:
+                self.est = torch.empty(k, self._slab_width(), dtype=torch.bfloat16, device=device)
 
     def _slab_width(self) -> int:
         k = self.k
@@ -192,6 +205,8 @@ class HessianAccumulator:
     def _capacity(self, with_d: bool) -> int:
         """Rows the next chunk of this buffer takes: the first chunk's size until its sums
         have seen rows, then as many rows as they have seen (at most the buffer)."""
+        if self._gemm is not None:  # no expectation to measure against: whole buffers
+            return self.bufs[with_d].shape[0]
         seen = min(self.rows_flushed, self.rows_flushed_d) if with_d else self.rows_flushed
         return max(self._first_rows, min(seen, self.bufs[with_d].shape[0]))
 
@@ -199,8 +214,14 @@ class HessianAccumulator:
         fill = self.fills[with_d]
         if not self.bf16 or fill == 0:
             return
-        k, width = self.k, self.est.shape[1]
+        k, width = self.k, self._slab_width()
         a = self.bufs[with_d][:fill]
+        if self._gemm is not None:  # fp32 sums of bf16 products, the same slabs
+            self._gemm(self.sums, a, self.packed, k, width)
+            self.rows_flushed += fill
+            self.rows_flushed_d += fill if with_d else 0
+            self.fills[with_d] = 0
+            return
         a_f = None  # a sum's first rows in fp32: the later chunks are measured against them
         for j in range(0, k, width):
             cols = slice(j, min(j + width, k))
@@ -231,11 +252,11 @@ class HessianAccumulator:
         self._flush(False)
         k = self.k
         if self.bf16:  # mirror the upper part of H that _flush computed
-            width = self.est.shape[1]
+            width = self._slab_width()
             for j in range(width, k, width):
                 end = min(j + width, k)
                 self.sums[j:end, :j] = self.sums[:j, j:end].t()
-        self.bufs, self.est = {}, None
+        self.bufs, self.est, self.packed = {}, None, None
         sums, self.sums = self.sums, None
         sums[:k].mul_(2.0 / max(self.n, 1))
         sums[k:].mul_(2.0 / max(self.n_d, 1))
@@ -243,6 +264,19 @@ class HessianAccumulator:
 
 
 _OptTensor = torch.Tensor | None
+
+
+def _cpp_gemm(k: int, device: torch.device) -> Any:
+    """The C++ extension's ``hessian_gemm`` (bf16 products summed in fp32, straight into the
+    sums) when it is loaded, the sums are on the CPU, the CPU has AVX512-BF16 and ``K`` is a
+    multiple of 16; else None (torch's bf16 GEMM with the expectation subtracted). Never
+    builds the extension."""
+    from qqq_compile.targets.w4a8.kernels.cpu import cpu_has_bf16, loaded_extension
+
+    ext = loaded_extension()
+    if ext is None or device.type != "cpu" or k % 16 or not cpu_has_bf16():
+        return None
+    return ext.hessian_gemm
 
 
 def _cpp_stage(buf: torch.Tensor, x: _OptTensor, q: _OptTensor, scale: _OptTensor, xf: _OptTensor) -> Any:

@@ -92,7 +92,18 @@ def package_key(gm: GraphModule, max_batch: int, max_len: int) -> str:
         if _inlined(t):
             h.update(t.detach().contiguous().view(torch.uint8).reshape(-1).cpu().numpy().tobytes())  # host: hashing
     h.update(f"{max_batch}:{max_len}:{torch.__version__}:{cpu_id()}:{EXPORT_RECIPE}".encode())
+    # A package that calls the C++ kernels' C shims needs them loaded; one that goes through
+    # the proxy executor does not: they are different packages.
+    h.update(",".join(sorted(str(op) for op in _c_shims(gm))).encode())
     return h.hexdigest()[:24]
+
+
+def _c_shims(gm: GraphModule) -> dict[Any, list[str]]:
+    """The ops an AOT package of ``gm`` calls through C shims of its targets' native kernels."""
+    shims: dict[Any, list[str]] = {}
+    for target in graph_targets(gm):
+        shims.update(target.aot_c_shims())
+    return shims
 
 
 def default_package_dir() -> Path:
@@ -229,7 +240,9 @@ def _aot_compile(cached: GraphModule, spec: CacheSpec, path: Path) -> None:
         ep = ep.run_decompositions(table)
         tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # must still end in .pt2
         # Code only: the weights and the KV cache are handed over at load time (load_package).
-        with inductor_config.patch({"aot_inductor.package_constants_in_so": False}):
+        # The C++ kernels are called through their C shims, not the proxy executor.
+        patch = {"aot_inductor.package_constants_in_so": False, "aot_inductor.custom_ops_to_c_shims": _c_shims(cached)}
+        with inductor_config.patch(patch):
             torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
     os.replace(tmp, path)  # atomic: a killed compile never leaves a half-written package
 

@@ -281,6 +281,12 @@ class Target:
         """Load this target's native kernels before a compiled step runs; False: not available."""
         return True
 
+    def aot_c_shims(self) -> dict[Any, list[str]]:
+        """Ops an AOTInductor package may call through C functions of this target's loaded
+        native library (``aot_inductor.custom_ops_to_c_shims``: op -> declarations) instead of
+        its proxy executor. Default: none."""
+        return {}
+
     # ---------------------------------------------------------------- export
 
     def export(self, fmt: str, compiled: Any, out: Any, **kwargs: Any) -> Any:

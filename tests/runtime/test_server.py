@@ -8,12 +8,14 @@ response is checked against ``CompiledModel.generate()`` for the same request al
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import openai  # the dev extra has it (scripts/setup.sh); serving itself needs only fastapi + uvicorn
@@ -48,13 +50,19 @@ def word_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    """(compiled model, tokenizer) loaded back from a saved artifact, as ``qqq-compile serve`` does."""
+def artifact_dir(tmp_path_factory) -> Path:
+    """A saved RTN artifact of the tiny llama, with the word tokenizer."""
     path = tmp_path_factory.mktemp("serve") / "tiny"
     model = tiny_model("llama", eos_token_id=2)
     compiled = qc.compile(model, calib=tiny_calib(), config=qc.CompileConfig(preset="rtn"), progress=False)
     save(compiled, str(path), tokenizer=word_tokenizer())
-    return load(str(path)), load_tokenizer(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifact(artifact_dir):
+    """(compiled model, tokenizer) loaded back from a saved artifact, as ``qqq-compile serve`` does."""
+    return load(str(artifact_dir)), load_tokenizer(str(artifact_dir))
 
 
 class SlowStep:
@@ -444,3 +452,17 @@ def test_serve_is_a_cli_command(capsys):
     assert "example" in out and "--max-batch" in out and "127.0.0.1" in out
     assert main(["serve", "/nonexistent/artifact", "--quiet"]) == 2
     assert "qqq-compile: error:" in capsys.readouterr().err
+
+
+def test_serve_freezes_the_startup_heap_before_serving(artifact_dir, monkeypatch):
+    """A full collection would otherwise scan every object of torch, transformers and the
+    model (~210 ms on SmolLM2, a stall for every row being decoded)."""
+    import uvicorn
+
+    frozen = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: frozen.append(gc.get_freeze_count()))
+    try:
+        assert main(["serve", str(artifact_dir), "--quiet", "--runtime", "eager"]) == 0
+    finally:
+        gc.unfreeze()
+    assert len(frozen) == 1 and frozen[0] > 10_000, frozen

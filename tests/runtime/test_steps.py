@@ -115,6 +115,22 @@ def test_save_ships_one_code_only_package(shipped, w4a8):
         assert len(weight) >= 4096 and weight[:4096] not in blob
 
 
+def test_the_package_calls_the_cpp_kernels_through_their_c_shims(shipped):
+    """AOTInductor calls a custom op through its proxy executor (an IValue stack built from the
+    op's schema and a boxed dispatcher call, per op and token) unless the op is given a C shim:
+    with the C++ kernels loaded, every qqq kernel in the step is a direct C call."""
+    from qqq_compile.targets.w4a8.kernels import cpu
+
+    if not cpu.ensure_cpp_kernels():
+        pytest.skip("the C++ kernels are not loaded: the package calls the torch kernels through the proxy executor")
+    (pkg,) = (shipped / "step").glob("*.pt2")
+    with zipfile.ZipFile(pkg) as z:
+        code = "".join(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
+    for fn in ("w4a8_linear", "w8a8_linear", "attention_f32kv", "attention_mask"):
+        assert f"AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_{fn}(" in code, fn
+    assert "proxy_executor_call_function(" not in code
+
+
 def test_load_then_generate_runs_the_shipped_package_without_compiling(shipped, no_compile):
     compiled = load(shipped)
     out = None

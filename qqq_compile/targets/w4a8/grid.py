@@ -83,6 +83,12 @@ def _err(
     return deq.sub_(w3).square_().mul_(wt3).sum(dim=-1)
 
 
+#: Rows of the clip search per pass, in elements of the weight: each candidate makes ~8
+#: elementwise passes over its rows, which then stay in cache (Qwen2.5-0.5B's fused gate/up,
+#: 9728 x 896: 1.11 s on one thread in one piece, 0.16 s in 1 M-element row chunks on two).
+SEARCH_CHUNK = 1 << 20
+
+
 def search_scales(
     w: torch.Tensor,
     group_size: int,
@@ -93,8 +99,24 @@ def search_scales(
     """Clipped scales minimising ``Σ_k c_k (w_k - ŵ_k)²`` per row / group on the format.
 
     ``col_weight`` ``[K]`` (``c_k``, e.g. ``diag(H)``); None: plain MSE. Returns the same
-    pair as :func:`absmax_scales`.
+    pair as :func:`absmax_scales`. Rows are searched independently, in chunks of about
+    ``SEARCH_CHUNK`` elements (the same result as in one piece, bit for bit).
     """
+    rows = max(1, SEARCH_CHUNK // max(1, w.shape[1]))
+    if w.shape[0] <= rows:
+        return _search_rows(w, group_size, dtype, clip, col_weight)
+    parts = [_search_rows(w[i : i + rows], group_size, dtype, clip, col_weight) for i in range(0, w.shape[0], rows)]
+    gs = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+    return torch.cat([p[0] for p in parts]), gs
+
+
+def _search_rows(
+    w: torch.Tensor,
+    group_size: int,
+    dtype: GroupScaleDtype,
+    clip: ClipSearch,
+    col_weight: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = w.float()
     n, k = w.shape
     c = torch.ones(k, device=w.device) if col_weight is None else col_weight.float().clamp_min(0)

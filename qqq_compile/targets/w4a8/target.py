@@ -26,6 +26,7 @@ from qqq_compile.targets.w4a8.fuse_linears import FuseLinears
 from qqq_compile.targets.w4a8.grid import Grid
 from qqq_compile.targets.w4a8.int8_head import Int8Head
 from qqq_compile.targets.w4a8.kernels import ensure_cpp_kernels
+from qqq_compile.targets.w4a8.kernels.cpu import aoti_c_shims
 from qqq_compile.targets.w4a8.kernels.ops import LINEAR_OPS
 
 
@@ -107,6 +108,9 @@ class W4A8(Target):
 
     def load_kernels(self) -> bool:
         return ensure_cpp_kernels()
+
+    def aot_c_shims(self) -> dict[Any, list[str]]:
+        return aoti_c_shims()
 
     def exporters(self) -> dict[str, Any]:
         from qqq_compile.targets.w4a8.export.compressed_tensors import export_compressed_tensors

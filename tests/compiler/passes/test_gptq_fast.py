@@ -148,10 +148,16 @@ def test_later_chunks_grow_to_the_rows_seen_and_keep_the_precision(monkeypatch):
     flush makes a few passes over the K x K sums: K = 11008, 8000 rows, 18.6 -> 12.2 s), and
     H and D stay as close to float64 as with fixed chunks (measured at K = 3072 / 4864:
     H 7.8e-4 -> 8.0e-4, 1.10e-3 -> 1.14e-3). Scaled down here: first chunks of 256 rows
-    (measured: H 3.26e-4 -> 3.38e-4, D 2.92e-3 -> 3.08e-3)."""
+    (measured: H 3.26e-4 -> 3.38e-4, D 2.92e-3 -> 3.08e-3). Torch's bf16 GEMM only: the
+    C++ kernel has no expectation to measure against and takes whole buffers."""
     k, n = 256, 8000
-    monkeypatch.setattr(gptq_solve, "FIRST_CHUNK", 256 * 2 * k)
-    monkeypatch.setattr(gptq_solve, "CHUNK_MIN", 1024)
+
+    def torch_gemm_with(first: int, chunk_min: int) -> None:
+        monkeypatch.setattr(gptq_solve, "_cpp_gemm", lambda *a: None)
+        monkeypatch.setattr(gptq_solve, "FIRST_CHUNK", first)
+        monkeypatch.setattr(gptq_solve, "CHUNK_MIN", chunk_min)
+
+    torch_gemm_with(256 * 2 * k, 1024)
     x, xf, _ = _problem(5, n, k, 8)
     xq = quantize_input(x).dequantize().double()
     ref_h = 2 * xq.t() @ xq / n
@@ -161,8 +167,7 @@ def test_later_chunks_grow_to_the_rows_seen_and_keep_the_precision(monkeypatch):
         seen = _record_flushes(monkeypatch)
         h, d = _accumulate(x, xf, "bfloat16", chunk_rows=rows)
         monkeypatch.undo()  # the recording hook and the constants: re-set for the next run
-        monkeypatch.setattr(gptq_solve, "FIRST_CHUNK", 256 * 2 * k)
-        monkeypatch.setattr(gptq_solve, "CHUNK_MIN", 1024)
+        torch_gemm_with(256 * 2 * k, 1024)
         errs[name] = (_rel(h, ref_h), _rel(d, ref_d), [r for r, _ in seen])
     fixed, growing = errs["fixed"], errs["growing"]
     assert fixed[2] == [256] * 31 + [64]
@@ -172,11 +177,41 @@ def test_later_chunks_grow_to_the_rows_seen_and_keep_the_precision(monkeypatch):
     # Narrower sums keep fixed chunks (their first size): SmolLM2's and Qwen2.5-0.5B's
     # attention and MLP inputs (K = 576-1536 with GPTAQ, 896 without) compute what they did.
     monkeypatch.undo()
+    torch_gemm_with(gptq_solve.FIRST_CHUNK, gptq_solve.CHUNK_MIN)
     for kk, asym, rows in ((576, True, 4096), (1536, True, 2730), (896, False, 4096), (4864, True, 2048)):
         acc = HessianAccumulator(kk, asym=asym, device="cpu")
         assert acc.bufs[asym].shape[0] == rows and acc._capacity(asym) == min(rows, acc._first_rows)
         acc.rows_flushed = acc.rows_flushed_d = 10**6
         assert acc._capacity(asym) == rows
+
+
+@pytest.mark.parametrize(("k", "asym"), [(576, True), (896, False), (1536, True)])
+def test_bf16_sums_run_the_cpp_gemm_where_the_cpu_has_bf16(k, asym, monkeypatch):
+    """On CPUs with AVX512-BF16 the chunks' sums are ``qqq_cpu::hessian_gemm``'s (bf16 products,
+    fp32 sums): H within 2e-5 of float64 on the same bf16-rounded rows (measured 1.4e-6 /
+    1.4e-6 / 1.3e-6 at K = 576 / 896 / 1536; torch's bf16 GEMM 2.5e-4 / 3.1e-4 / 4.8e-4, so the
+    floor fails if it ran), in whole buffers, and D as close as before or closer (2.3e-3
+    against torch's 2.7-2.9e-3: what is left is ΔX's rounding to bf16)."""
+    from qqq_compile.targets.w4a8.kernels import cpu
+
+    if not (cpu.cpu_supports_kernels() and cpu.cpu_has_bf16() and ensure_cpp_kernels()):
+        pytest.skip("this CPU lacks AVX512-BF16: torch's bf16 GEMM is the only one")
+    n = 7000
+    x, xf, _ = _problem(k + 1, n, k, 8)
+    seen = _record_flushes(monkeypatch)
+    before = cpu.cpp_path_counts()["hessian_gemm"]
+    acc = HessianAccumulator(k, asym=asym)
+    for a, b in zip(x.split(1000), xf.split(1000), strict=True):
+        acc.add(a, b if asym else None)
+    h, d = acc.result()
+    assert cpu.cpp_path_counts()["hessian_gemm"] == before + len(seen)
+    rows = HessianAccumulator(k, asym=asym, device="cpu").bufs[asym].shape[0]
+    assert [r for r, _ in seen] == [rows] * (n // rows) + ([n % rows] if n % rows else [])
+    xb = x.bfloat16().double()
+    assert torch.equal(h, h.t())
+    assert _rel(h, 2 * xb.t() @ xb / n) < 2e-5
+    if asym:
+        assert _rel(d, 2 * (xf.double() - x.double()).t() @ x.double() / n) < 6e-3
 
 
 @pytest.mark.parametrize("k", [576, 896, 1536])
@@ -597,7 +632,7 @@ def test_cpp_column_loop_rejects_mismatched_shapes():
 def test_the_pass_solves_on_the_cpp_loop_with_torchs_threads(captured, batches, monkeypatch):
     """The GPTQ pass reaches the C++ column loop (one call per block of columns of each of the
     tiny model's 8 solves), with torch's own thread count (the whole solve used to run on one
-    thread); the clip search alone runs single-threaded."""
+    thread)."""
     from qqq_compile.compiler import gptq_solve
     from qqq_compile.targets.w4a8.kernels import cpu
 

@@ -12,8 +12,9 @@ import torch
 from qqq_compile.compiler.passes.quantize import QuantizeRTN
 from qqq_compile.config import ConfigError
 from qqq_compile.targets.registry import ClipSearch, check_clip
+from qqq_compile.targets.w4a8 import grid as grid_mod
 from qqq_compile.targets.w4a8.formats import PackedW4, fake_quant_act
-from qqq_compile.targets.w4a8.grid import Grid
+from qqq_compile.targets.w4a8.grid import Grid, search_scales
 
 FORMATS = [(-1, "int8"), (32, "int8"), (32, "float16")]
 N, K = 40, 80  # K = 2.5 groups of 32: the last group is shorter
@@ -80,3 +81,20 @@ def test_no_shrink_is_absmax_and_bad_options_are_rejected():
         check_clip(5, 0.0, "X")
     with pytest.raises(ConfigError, match="clip_grid"):
         QuantizeRTN(clip_search=True, clip_grid=0)
+
+
+@pytest.mark.parametrize("gs,dtype", FORMATS)
+def test_the_search_in_row_chunks_equals_the_search_in_one_piece(gs, dtype, monkeypatch):
+    """Rows are searched independently, so chunks of rows (what keeps a wide weight's passes in
+    cache) choose the same scales, bit for bit; also on two threads."""
+    w, c = _weight(3), torch.rand(K, generator=torch.Generator().manual_seed(3))
+    whole = search_scales(w, gs, dtype, ClipSearch(), c)
+    monkeypatch.setattr(grid_mod, "SEARCH_CHUNK", 7 * K)  # 7-row chunks, the last one of 5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        chunked = search_scales(w, gs, dtype, ClipSearch(), c)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(whole, chunked, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)

@@ -46,6 +46,8 @@ thread. :func:`cpp_path_counts` shows which path and threading each call took.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import re
 import sys
@@ -64,6 +66,7 @@ __all__ = [
     "PATH_NAMES",
     "cpp_call_counts",
     "cpp_path_counts",
+    "cpu_has_bf16",
     "cpu_kernel_source",
     "cpu_supports_kernels",
     "ensure_cpp_kernels",
@@ -99,6 +102,7 @@ PATH_NAMES = (
     "hessian_stage",
     "attention_prefill_bf16",
     "gptq_block",
+    "hessian_gemm",
 )
 
 
@@ -123,6 +127,7 @@ _SOURCES = (
     "attention_prefill_cpu.cpp",
     "hadamard_cpu.cpp",
     "hessian_cpu.cpp",
+    "hessian_gemm_cpu.cpp",
     "gptq_cpu.cpp",
     "ops_cpu.cpp",
     "alloc_cpu.cpp",
@@ -150,6 +155,12 @@ def _cpu_flags() -> set[str]:
 def cpu_supports_kernels() -> bool:
     """Whether this CPU has every ISA extension the C++ kernels are built for."""
     return all(f in _cpu_flags() for f in _REQUIRED_FLAGS)
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has AVX512-BF16 (the kernels that use it check again in C++)."""
+    return "avx512_bf16" in _cpu_flags()
 
 
 def _torch_forced() -> bool:
@@ -181,7 +192,7 @@ def _load_extension() -> Any:
         t0 = time.perf_counter()
         isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mf16c"]
         # A plain shared library (no pybind): loading it runs its TORCH_LIBRARY registrations.
-        load(
+        lib_path = load(
             name=_EXT_NAME,
             sources=[str(_CSRC / s) for s in _SOURCES],
             # -ffp-contract=off: no FMA contraction, so the epilogue rounds like torch.
@@ -194,6 +205,8 @@ def _load_extension() -> Any:
             seconds = time.perf_counter() - t0
             print(f"qqq_compile: C++ CPU kernels built in {seconds:.0f} s", file=sys.stderr, flush=True)
         _register_fakes()
+        # Global symbols: AOT packages built with AOTI_SHIMS call its C functions by name.
+        ctypes.CDLL(str(lib_path), mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
         return torch.ops.qqq_cpu
     except Exception as e:  # compiler missing, build error, ...
         warnings.warn(
@@ -257,6 +270,41 @@ def ensure_cpp_kernels() -> bool:
     first call) keeps the pure-torch kernels.
     """
     return _ext() is not None
+
+
+# The extension's AOTInductor C shims (csrc/ops_cpu.cpp, which must match these declarations):
+# an AOT package built with them (``aot_inductor.custom_ops_to_c_shims``) calls each op's C
+# function directly instead of through its proxy executor (an IValue stack and a boxed
+# dispatcher call per op). Keyed by op name; the name of each function is AOTInductor's
+# ``aoti_torch_cpu_<op>``.
+AOTI_SHIMS = {
+    "qqq::w4a8_linear": "AOTITorchError aoti_torch_cpu_w4a8_linear(AtenTensorHandle, AtenTensorHandle, "
+    "AtenTensorHandle, AtenTensorHandle*, AtenTensorHandle*, int64_t, AtenTensorHandle*)",
+    "qqq::w4a8_linear_q": "AOTITorchError aoti_torch_cpu_w4a8_linear_q(AtenTensorHandle, AtenTensorHandle, "
+    "AtenTensorHandle, AtenTensorHandle, AtenTensorHandle*, AtenTensorHandle*, int64_t, int32_t, AtenTensorHandle*)",
+    "qqq::w8a8_linear": "AOTITorchError aoti_torch_cpu_w8a8_linear(AtenTensorHandle, AtenTensorHandle, "
+    "AtenTensorHandle, AtenTensorHandle*, AtenTensorHandle*)",
+    "qqq_cpu::attention_f32kv": "AOTITorchError aoti_torch_cpu_attention_f32kv(AtenTensorHandle, AtenTensorHandle, "
+    "AtenTensorHandle, AtenTensorHandle, double, int32_t, AtenTensorHandle*)",
+    "qqq_cpu::attention_bf16kv": "AOTITorchError aoti_torch_cpu_attention_bf16kv(AtenTensorHandle, "
+    "AtenTensorHandle, AtenTensorHandle, AtenTensorHandle, double, AtenTensorHandle*)",
+    "qqq_cpu::kron_transform": "AOTITorchError aoti_torch_cpu_kron_transform(AtenTensorHandle, AtenTensorHandle, "
+    "const int64_t*, int64_t, AtenTensorHandle*)",
+    "qqq_cpu::attention_mask": "AOTITorchError aoti_torch_cpu_attention_mask(AtenTensorHandle, AtenTensorHandle, "
+    "AtenTensorHandle*)",
+}
+
+
+def aoti_c_shims() -> dict[Any, list[str]]:
+    """``aot_inductor.custom_ops_to_c_shims`` for a package that calls the loaded extension's C
+    shims (empty when the extension is not loaded: the package then uses the proxy executor)."""
+    if loaded_extension() is None:
+        return {}
+    out: dict[Any, list[str]] = {}
+    for name, decl in AOTI_SHIMS.items():
+        ns, op = name.split("::")
+        out[getattr(getattr(torch.ops, ns), op).default] = [decl]
+    return out
 
 
 def loaded_extension() -> Any:

@@ -240,6 +240,7 @@ TORCH_LIBRARY(qqq_cpu, m) {
   m.def("unpack_w8", &qqq::unpack_w8);
   m.def("hessian_stage", &qqq::hessian_stage);
   m.def("gptq_block", &qqq::gptq_block);
+  m.def("hessian_gemm", &qqq::hessian_gemm);
   m.def("use_packed", &qqq::use_packed);
   m.def("use_packed_w8", &qqq::use_packed_w8);
   m.def("w8a8_linear_path", &qqq::w8a8_linear_path_op);
@@ -251,3 +252,84 @@ TORCH_LIBRARY_IMPL(qqq_cpu, CPU, m) {
   m.impl("kron_transform", &qqq::kron_transform);
   m.impl("attention_mask", &qqq::attention_mask);
 }
+
+// ---------------------------------------------------------------- AOTInductor C shims
+//
+// An AOTInductor package calls a custom op through its proxy executor: per call an IValue
+// stack built from the op's serialized schema, a dispatcher lookup and a boxed call. The
+// decode step makes ~180 such calls per token (4 linears, attention and a Hadamard per layer),
+// and that bookkeeping ran on the main thread while the other core waited. Packages built with
+// these functions named in ``aot_inductor.custom_ops_to_c_shims`` (runtime/steps.py;
+// the declarations, which must match these signatures, are cpu.AOTI_SHIMS) call them directly
+// instead. The library is made RTLD_GLOBAL when it loads (cpu.py), so a package's undefined
+// symbols resolve to these. Argument conventions are AOTInductor's: Tensor -> AtenTensorHandle,
+// Tensor? -> AtenTensorHandle* (nullptr for None), int -> int64_t, bool and ScalarType -> int32_t,
+// float -> double, int[] -> pointer and length; the result through AtenTensorHandle* ret0.
+
+#include <torch/csrc/inductor/aoti_torch/utils.h>
+
+namespace {
+
+using torch::aot_inductor::new_tensor_handle;
+using torch::aot_inductor::pointer_to_optional;
+using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+
+const at::Tensor& T(AtenTensorHandle h) { return *tensor_handle_to_tensor_pointer(h); }
+
+}  // namespace
+
+extern "C" {
+
+AOTITorchError aoti_torch_cpu_w4a8_linear(AtenTensorHandle x, AtenTensorHandle qweight, AtenTensorHandle channel_scale,
+                                          AtenTensorHandle* group_scale, AtenTensorHandle* bias, int64_t group_size,
+                                          AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *ret0 = new_tensor_handle(qqq::w4a8_linear_op(T(x), T(qweight), T(channel_scale),
+                                                  pointer_to_optional<at::Tensor>(group_scale),
+                                                  pointer_to_optional<at::Tensor>(bias), group_size));
+  });
+}
+
+AOTITorchError aoti_torch_cpu_w4a8_linear_q(AtenTensorHandle xq, AtenTensorHandle xscale, AtenTensorHandle qweight,
+                                            AtenTensorHandle channel_scale, AtenTensorHandle* group_scale,
+                                            AtenTensorHandle* bias, int64_t group_size, int32_t out_dtype,
+                                            AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *ret0 = new_tensor_handle(qqq::w4a8_linear_q_op(T(xq), T(xscale), T(qweight), T(channel_scale),
+                                                    pointer_to_optional<at::Tensor>(group_scale),
+                                                    pointer_to_optional<at::Tensor>(bias), group_size,
+                                                    static_cast<at::ScalarType>(out_dtype)));
+  });
+}
+
+AOTITorchError aoti_torch_cpu_w8a8_linear(AtenTensorHandle x, AtenTensorHandle w8, AtenTensorHandle scale,
+                                          AtenTensorHandle* bias, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *ret0 = new_tensor_handle(qqq::w8a8_linear_op(T(x), T(w8), T(scale), pointer_to_optional<at::Tensor>(bias)));
+  });
+}
+
+AOTITorchError aoti_torch_cpu_attention_f32kv(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v,
+                                              AtenTensorHandle mask, double scale, int32_t bf16_dot,
+                                              AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE(
+      { *ret0 = new_tensor_handle(qqq::attention_f32kv(T(q), T(k), T(v), T(mask), scale, bf16_dot != 0)); });
+}
+
+AOTITorchError aoti_torch_cpu_attention_bf16kv(AtenTensorHandle q, AtenTensorHandle k_t, AtenTensorHandle v,
+                                               AtenTensorHandle mask, double scale, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE(
+      { *ret0 = new_tensor_handle(qqq::attention_bf16kv(T(q), T(k_t), T(v), T(mask), scale)); });
+}
+
+AOTITorchError aoti_torch_cpu_kron_transform(AtenTensorHandle x, AtenTensorHandle factors, const int64_t* sizes,
+                                             int64_t sizes_len, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE(
+      { *ret0 = new_tensor_handle(qqq::kron_transform(T(x), T(factors), at::IntArrayRef(sizes, sizes_len))); });
+}
+
+AOTITorchError aoti_torch_cpu_attention_mask(AtenTensorHandle valid, AtenTensorHandle pos, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = new_tensor_handle(qqq::attention_mask(T(valid), T(pos))); });
+}
+
+}  // extern "C"

@@ -18,8 +18,9 @@ namespace qqq {
 // kKron: an online Hadamard by kron_transform (hadamard_cpu.cpp); kAttnPrefill: attention of
 // several query tokens by attention_prefill (attention_prefill_cpu.cpp); kHessianStage: GPTQ's
 // bf16 Hessian staging (hessian_cpu.cpp); kAttnPrefillBf16: attention_prefill's bf16 dot products;
-// kGptqBlock: GPTQ's column loop over one block of columns (gptq_cpu.cpp).
-enum Path { kW4Gemv, kW4GemmPacked, kW4IntMm, kW8Gemv, kW8GemmVnni, kW8IntMm, kTeam, kSolo, kStall, kAttnBf16, kAttnF32, kKron, kAttnPrefill, kHessianStage, kAttnPrefillBf16, kGptqBlock, kNumPaths };
+// kGptqBlock: GPTQ's column loop over one block of columns (gptq_cpu.cpp); kHessianGemm: GPTQ's
+// Hessian sums from a bf16 chunk with fp32 accumulation (hessian_gemm_cpu.cpp).
+enum Path { kW4Gemv, kW4GemmPacked, kW4IntMm, kW8Gemv, kW8GemmVnni, kW8IntMm, kTeam, kSolo, kStall, kAttnBf16, kAttnF32, kKron, kAttnPrefill, kHessianStage, kAttnPrefillBf16, kGptqBlock, kHessianGemm, kNumPaths };
 void count_path(Path p);
 std::vector<int64_t> path_counts();
 // f(i, i + 1) for every item i in [0, n): items claimed by whichever team thread runs; on
@@ -98,6 +99,10 @@ at::Tensor attention_mask(const at::Tensor& valid, const at::Tensor& pos);
 // (int8 [M, K], float32 [M]) or x float32 [M, K]; xf float32 or bfloat16 [M, K].
 void hessian_stage(const at::Tensor& dst, const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& q,
                    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& xf);
+// hessian_gemm_cpu.cpp: sums float32 [K or 2K, K] ([H; D]) += products of the bf16 chunk a
+// [M, K or 2K] = [X | ΔX] with fp32 accumulation: H's column slabs (width slab) down to each
+// slab's end, D in full; packed: an int32 scratch buffer of at least ceil(M/2) * W words.
+void hessian_gemm(const at::Tensor& sums, const at::Tensor& a, const at::Tensor& packed, int64_t k, int64_t slab);
 at::Tensor kron_transform(const at::Tensor& x, const at::Tensor& factors, at::IntArrayRef sizes);
 // gptq_cpu.cpp: GPTQ's column loop over one block of B columns, rows in parallel. w [N, B]
 // (updated in place), hinv and p [B, B] (p: GPTAQ's term, optional), table [G, N, C] (the
