@@ -6,8 +6,10 @@ pipeline produced and returns a :class:`DecodeStep` that runs it one of two ways
 * ``"eager"``: the FX graph node by node in Python. The reference, and the fallback.
 * ``"aot"``: the graph exported and compiled with AOTInductor
   (``torch._inductor.aoti_compile_and_package``): elementwise chains (RMSNorm, RoPE,
-  SiLU·mul, residual adds) fuse into C++ loops and the W4A8 ops are C++ dispatcher calls,
-  so a decode step pays no Python per op.
+  SiLU·mul, residual adds) fuse into C++ loops and the W4A8 ops, attention and the online
+  Hadamard are direct calls into the C++ kernels (their C shims, ``Target.aot_c_shims``; the
+  torch kernels through AOTInductor's proxy executor when the C++ ones are not loaded), so a
+  decode step pays no Python per op.
 
 An AOT package holds **code only** (``aot_inductor.package_constants_in_so=False``): no
 weights and no KV cache. After loading it, :func:`load_package` hands the runner the graph's
