@@ -206,7 +206,12 @@ def _load_extension() -> Any:
             print(f"qqq_compile: C++ CPU kernels built in {seconds:.0f} s", file=sys.stderr, flush=True)
         _register_fakes()
         # Global symbols: AOT packages built with AOTI_SHIMS call its C functions by name.
-        ctypes.CDLL(str(lib_path), mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+        # Without them the packages go through the proxy executor (aoti_c_shims() is empty).
+        try:
+            ctypes.CDLL(str(lib_path), mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+            _ext_state["global"] = True
+        except OSError:
+            _ext_state["global"] = False
         return torch.ops.qqq_cpu
     except Exception as e:  # compiler missing, build error, ...
         warnings.warn(
@@ -297,8 +302,9 @@ AOTI_SHIMS = {
 
 def aoti_c_shims() -> dict[Any, list[str]]:
     """``aot_inductor.custom_ops_to_c_shims`` for a package that calls the loaded extension's C
-    shims (empty when the extension is not loaded: the package then uses the proxy executor)."""
-    if loaded_extension() is None:
+    shims (empty when the extension is not loaded, or its symbols could not be made global:
+    the package then uses the proxy executor)."""
+    if loaded_extension() is None or not _ext_state.get("global"):
         return {}
     out: dict[Any, list[str]] = {}
     for name, decl in AOTI_SHIMS.items():
