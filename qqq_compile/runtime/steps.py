@@ -101,8 +101,11 @@ def package_key(gm: GraphModule, max_batch: int, max_len: int) -> str:
 
 
 def _c_shims(gm: GraphModule) -> dict[Any, list[str]]:
-    """The ops an AOT package of ``gm`` calls through C shims of its targets' native kernels."""
+    """The ops an AOT package of ``gm`` calls through C shims of its targets' native kernels
+    (CPU graphs only: AOTInductor names a shim after the device, and the shims are CPU code)."""
     shims: dict[Any, list[str]] = {}
+    if graph_device(gm).type != "cpu":
+        return shims
     for target in graph_targets(gm):
         shims.update(target.aot_c_shims())
     return shims

@@ -6,6 +6,7 @@ other tests load its package, and those that must not compile make compiling fai
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
@@ -129,6 +130,17 @@ def test_the_package_calls_the_cpp_kernels_through_their_c_shims(shipped):
     for fn in ("w4a8_linear", "w8a8_linear", "attention_f32kv", "attention_mask"):
         assert f"AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_{fn}(" in code, fn
     assert "proxy_executor_call_function(" not in code
+
+
+def test_only_cpu_graphs_call_the_c_shims(w4a8):
+    """AOTInductor names a shim after the device (``aoti_torch_cuda_*`` on a GPU graph) and the
+    shims are CPU code: a graph elsewhere keeps the proxy executor."""
+    from qqq_compile.targets.w4a8.kernels import cpu
+
+    if not cpu.ensure_cpp_kernels():
+        pytest.skip("the C++ kernels are not loaded: no graph calls C shims")
+    assert torch.ops.qqq.w4a8_linear.default in steps._c_shims(w4a8.graph_module)
+    assert steps._c_shims(copy.deepcopy(w4a8.graph_module).to("meta")) == {}
 
 
 def test_load_then_generate_runs_the_shipped_package_without_compiling(shipped, no_compile):
