@@ -214,14 +214,18 @@ class HessianAccumulator:
         fill = self.fills[with_d]
         if not self.bf16 or fill == 0:
             return
-        k, width = self.k, self._slab_width()
         a = self.bufs[with_d][:fill]
         if self._gemm is not None:  # fp32 sums of bf16 products, the same slabs
-            self._gemm(self.sums, a, self.packed, k, width)
-            self.rows_flushed += fill
-            self.rows_flushed_d += fill if with_d else 0
-            self.fills[with_d] = 0
-            return
+            self._gemm(self.sums, a, self.packed, self.k, self._slab_width())
+        else:
+            self._add_torch(a, with_d)
+        self.rows_flushed += fill
+        self.rows_flushed_d += fill if with_d else 0
+        self.fills[with_d] = 0
+
+    def _add_torch(self, a: torch.Tensor, with_d: bool) -> None:
+        """Torch's path: add chunk ``a``'s share to the sums, slab by slab."""
+        k, width, fill = self.k, self._slab_width(), a.shape[0]
         a_f = None  # a sum's first rows in fp32: the later chunks are measured against them
         for j in range(0, k, width):
             cols = slice(j, min(j + width, k))
@@ -240,9 +244,6 @@ class HessianAccumulator:
                 est = torch.mul(tgt, fill / seen, out=self.est[: tgt.shape[0], : tgt.shape[1]])
                 tgt += torch.addmm(est, a[:, rows].t(), a[:, cols], beta=-1.0)
                 tgt += est
-        self.rows_flushed += fill
-        self.rows_flushed_d += fill if with_d else 0
-        self.fills[with_d] = 0
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(H, D)`` (``D`` None without GPTAQ); the accumulator is spent afterwards."""
