@@ -90,11 +90,14 @@ def test_the_search_in_row_chunks_equals_the_search_in_one_piece(gs, dtype, monk
     w, c = _weight(3), torch.rand(K, generator=torch.Generator().manual_seed(3))
     whole = search_scales(w, gs, dtype, ClipSearch(), c)
     monkeypatch.setattr(grid_mod, "SEARCH_CHUNK", 7 * K)  # 7-row chunks, the last one of 5
+    chunks, real = [], grid_mod._search_rows
+    monkeypatch.setattr(grid_mod, "_search_rows", lambda w, *a: chunks.append(w.shape[0]) or real(w, *a))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         chunked = search_scales(w, gs, dtype, ClipSearch(), c)
     finally:
         torch.set_num_threads(threads)
+    assert chunks == [7] * 5 + [5]
     for a, b in zip(whole, chunked, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
