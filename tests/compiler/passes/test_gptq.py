@@ -225,9 +225,12 @@ def test_gptq_on_smollm2_keeps_perplexity(smollm2, wiki_splits):
         assert sum(li.lowered for li in cm.linears()) == 210  # 30 blocks x 7; lm_head float
         ppl[preset] = perplexity(cm, evals, progress=False)
     # Measured on 2 busy cores (28 min): FP 18.99, RTN 40.38, GPTQ 35.65 (per-channel W4A8
-    # without smoothing; the GGUF Q4_1 origin understates weight error). Floors: the
-    # measured values with 2% for thread-count (float summation order) noise.
+    # without smoothing; the GGUF Q4_1 origin understates weight error). Re-measured in round
+    # 17 (`/tmp/p17/ppl8.py`): RTN 40.49, GPTQ 36.34 with torch's bf16 Hessian sums and 36.45
+    # with the C++ kernel's fp32 sums (H 100x closer to exact; GPTQ's rounding moves by
+    # ±0.3-1% with any change of H: the rotated preset went 22.18 -> 21.95 in the same run).
+    # Floors: the measured values with 2% for thread-count (float summation order) noise.
     assert fp == pytest.approx(18.99, rel=0.005), fp
     assert ppl["rtn"] == pytest.approx(40.38, rel=0.02), ppl
-    assert ppl["gptq"] < 35.65 * 1.02, (fp, ppl)
+    assert ppl["gptq"] < 36.45 * 1.02, (fp, ppl)
     assert ppl["gptq"] < ppl["rtn"] - 0.12 * (ppl["rtn"] - fp), (fp, ppl)

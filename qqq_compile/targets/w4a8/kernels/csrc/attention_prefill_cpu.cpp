@@ -74,14 +74,7 @@ inline void acc_store(const __m512 (&acc)[R][N], float* dst, int64_t ld) {
     for (int c = 0; c < N; ++c) _mm512_store_ps(dst + r * ld + 16 * c, acc[r][c]);
 }
 
-// Only these functions use AVX512-BF16 instructions (the extension itself requires VNNI, not
-// BF16); they run only after cpu_has_bf16().
-#define QQQ_BF16 __attribute__((target("avx512bf16")))
-
-bool cpu_has_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-}
+// Only the QQQ_BF16 functions below use AVX512-BF16 instructions (simd.h).
 
 // The bf16 layouts hold two bf16 per 32-bit word, the first in the low half (what
 // vdpbf16ps multiplies pairwise).

@@ -22,13 +22,6 @@
 namespace qqq {
 namespace {
 
-bool has_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
-#define QQQ_BF16 __attribute__((target("avx512bf16")))
-
 constexpr int64_t KP = 512;  // row pairs per pass (the sums stay in registers over them)
 constexpr int64_t MB = 256;  // i columns per block: 256 x 512 pairs x 4 bytes = 512 KiB (L2)
 
@@ -84,7 +77,7 @@ void pack_pairs(const uint16_t* a, int64_t lda, int64_t M, int64_t W, int64_t P,
 }  // namespace
 
 void hessian_gemm(const at::Tensor& sums, const at::Tensor& a, const at::Tensor& packed, int64_t k, int64_t slab) {
-  TORCH_CHECK(has_bf16(), "hessian_gemm: this CPU lacks AVX512-BF16");
+  TORCH_CHECK(cpu_has_bf16(), "hessian_gemm: this CPU lacks AVX512-BF16");
   TORCH_CHECK(a.scalar_type() == at::kBFloat16 && a.dim() == 2 && a.stride(1) == 1,
               "hessian_gemm: a must be bf16 [M, K or 2K] with unit column stride");
   const int64_t M = a.size(0), W = a.size(1);

@@ -177,6 +177,15 @@ inline void write_out(const Epilogue& e, int64_t m, int64_t n, int32_t acc, floa
     store_out(static_cast<c10::Half*>(e.out) + i, y);
 }
 
+// AVX512-BF16 (vdpbf16ps) is not required by the extension (VNNI is): functions that use it
+// are compiled with QQQ_BF16 and run only after cpu_has_bf16().
+#define QQQ_BF16 __attribute__((target("avx512bf16")))
+
+inline bool cpu_has_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
 // fp32 -> bf16 bits with round-to-nearest-even and NaN -> 0x7FC0, exactly like c10::BFloat16.
 inline __m256i cvt_bf16(__m512 y) {
   const __m512i b = _mm512_castps_si512(y);
