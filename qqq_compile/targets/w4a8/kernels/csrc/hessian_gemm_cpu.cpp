@@ -6,7 +6,8 @@
 // product to bf16 and, to keep that rounding small, subtracts an expectation first; at
 // Qwen2.5-0.5B's down_proj (K = 4864) those extra passes over the K x K sums cost a third of
 // the GEMM. Here vdpbf16ps multiplies bf16 pairs into fp32 accumulators that stay in
-// registers over a whole chunk: no bf16 rounding of any product or sum, no extra passes.
+// registers over up to 1,024 rows (KP pairs) before they are added to the sums: no bf16
+// rounding of any product or sum, no extra passes.
 //
 // Layout: the chunk is first packed in 16-column tiles of row pairs, tile c holds
 // [pair p][column 16c + i][row 2p, row 2p + 1] (64 bytes per pair), so a tile's pairs are one
