@@ -31,6 +31,27 @@ class GPTQError(RuntimeError):
 
 
 @dataclass
+class PermutedD:
+    """GPTAQ's ``D`` with rows and columns already in the solve's column order ``perm``, valid
+    on and above the diagonal (at least: the column slabs' upper part; zeros elsewhere). The
+    solve reads only its strict upper triangle, so :class:`HessianAccumulator` computes no
+    more. :func:`gptq_quantize` consumes it (writes over ``d``)."""
+
+    d: torch.Tensor
+    perm: torch.Tensor
+
+
+def solve_permutation(h: torch.Tensor, act_order: bool) -> torch.Tensor:
+    """The solve's column order: descending ``diag(H)`` (dead inputs, ``H_ii = 0``, sorting as
+    if ``H_ii = 1``, the value they get; stable, as in the reference) or the natural order."""
+    k = h.shape[0]
+    if not act_order:
+        return torch.arange(k, device=h.device)
+    diag = torch.diagonal(h).float()
+    return torch.argsort(diag.masked_fill(diag == 0, 1.0), descending=True, stable=True)
+
+
+@dataclass
 class GPTQResult:
     q4: torch.Tensor  # int8 [N, K], original column order
     deq: torch.Tensor  # float32 [N, K]: exactly what the packed weight decodes to
@@ -41,6 +62,12 @@ class GPTQResult:
 
 
 HESSIAN_DTYPES = ("bfloat16", "float32")
+#: Column orders a :class:`HessianAccumulator` can hand GPTAQ's ``D`` over in
+#: (``solve_order``): None keeps ``D`` whole in the inputs' order.
+SOLVE_ORDERS = (None, "act", "natural")
+#: Deferred ``D`` keeps its chunks while they take at most this many times the sums' bytes
+#: (Qwen2.5-0.5B's down_proj, K = 4864, 32 windows of 512: 318 MB beside 189 MB of sums).
+DEFER_BUDGET = 2
 #: Column tiles of the solve's triangular factors: only tiles that can be nonzero are computed.
 #: Widths measured at K = 4864: GPTAQ's ``P`` 744 ms with 256, 810 with 512; ``U`` 1081 / 888.
 P_TILE = 256
@@ -99,10 +126,16 @@ class HessianAccumulator:
         dtype: str = "bfloat16",
         chunk_rows: int | None = None,
         device: torch.device | str | None = None,
+        solve_order: str | None = None,
     ):
         if dtype not in HESSIAN_DTYPES:
             raise ValueError(f"hessian dtype must be one of {HESSIAN_DTYPES}, got {dtype!r}")
+        if solve_order not in SOLVE_ORDERS:
+            raise ValueError(f"solve_order must be one of {SOLVE_ORDERS}, got {solve_order!r}")
         self.k, self.n, self.n_d, self.asym = k, 0, 0, asym
+        self.solve_order = solve_order
+        self.kept: list[torch.Tensor] = []  # [X | ΔX] chunks whose D waits for the solve's order
+        self.defer = False  # set in _alloc: D deferred (the kernel, GPTAQ and a solve order)
         self.bf16 = dtype == "bfloat16"
         self._chunk_rows = chunk_rows
         # The sums and buffers are made on ``device`` if given, else on the device of the
@@ -133,6 +166,7 @@ class HessianAccumulator:
             if self._gemm is not None:  # the kernel's row-pair tiles of the widest chunk
                 width = (2 if self.asym else 1) * k
                 self.packed = torch.empty((rows + 1) // 2 * width, dtype=torch.int32, device=device)
+                self.defer = self.asym and self.solve_order is not None
             else:
                 self.est = torch.empty(k, self._slab_width(), dtype=torch.bfloat16, device=device)
 
@@ -182,14 +216,14 @@ class HessianAccumulator:
             self.sums[:k].addmm_(x.t(), x)
             return
         with_d = xf is not None
-        buf = self.bufs[with_d]
-        stage = _cpp_stage(buf, x, q, scale, xf)
+        stage = _cpp_stage(self.bufs[with_d], x, q, scale, xf)
         flat_scale = None if scale is None else scale.reshape(-1)  # the C++ pass takes [M]
         i = 0
         while i < rows:
             fill, cap = self.fills[with_d], self._capacity(with_d)
             m = min(rows - i, cap - fill)
-            dst, src = buf[fill : fill + m], slice(i, i + m)
+            # (A flush that keeps the chunk for D replaces the buffer: look it up each time.)
+            dst, src = self.bufs[with_d][fill : fill + m], slice(i, i + m)
             if stage is not None:  # the same values in one pass (csrc/hessian_cpu.cpp)
                 stage(dst, *(None if t is None else t[src] for t in (x, q, flat_scale, xf)))
             else:
@@ -215,7 +249,10 @@ class HessianAccumulator:
         if not self.bf16 or fill == 0:
             return
         a = self.bufs[with_d][:fill]
-        if self._gemm is not None:  # fp32 sums of bf16 products, the same slabs
+        if with_d and self.defer:  # H now; the chunk is kept for D (result())
+            self._gemm(self.sums, a[:, : self.k], self.packed, self.k, self._slab_width())
+            self._keep(a)
+        elif self._gemm is not None:  # fp32 sums of bf16 products, the same slabs
             self._gemm(self.sums, a, self.packed, self.k, self._slab_width())
         else:
             self._add_torch(a, with_d)
@@ -257,11 +294,31 @@ class HessianAccumulator:
             for j in range(width, k, width):
                 end = min(j + width, k)
                 self.sums[j:end, :j] = self.sums[:j, j:end].t()
-        self.bufs, self.est, self.packed = {}, None, None
-        sums, self.sums = self.sums, None
+        sums = self.sums
         sums[:k].mul_(2.0 / max(self.n, 1))
+        d: torch.Tensor | PermutedD | None = sums[k:] if self.asym else None
+        if self.defer:  # D in the solve's order, over H's slab region (all the solve reads)
+            perm = solve_permutation(sums[:k], self.solve_order == "act")
+            cols = torch.cat([perm, perm + k])
+            for a in self.kept:  # the kernel reads each chunk's columns through cols
+                self._gemm(sums, a, self.packed, k, self._slab_width(), False, True, cols)
+            d = PermutedD(sums[k:], perm)
+        self.bufs, self.est, self.packed, self.kept, self.sums = {}, None, None, [], None
         sums[k:].mul_(2.0 / max(self.n_d, 1))
-        return sums[:k], (sums[k:] if self.asym else None)
+        return sums[:k], d
+
+    def _keep(self, a: torch.Tensor) -> None:
+        """Keep chunk ``a`` (the ``[X | ΔX]`` staging buffer's rows) for D, the buffer replaced
+        by a new one; past :data:`DEFER_BUDGET` x the sums' bytes, add every kept chunk's D in
+        full now (the same sums, in the same order) and stop deferring."""
+        kept = sum(t.nbytes for t in self.kept) + a.nbytes
+        if kept <= DEFER_BUDGET * self.sums.nbytes:
+            self.kept.append(a)
+            self.bufs[True] = torch.empty_like(self.bufs[True])
+            return
+        for t in [*self.kept, a]:
+            self._gemm(self.sums, t, self.packed, self.k, self._slab_width(), False, False)
+        self.kept, self.defer = [], False
 
 
 _OptTensor = torch.Tensor | None
@@ -365,16 +422,18 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = True,
     max_retries: int = MAX_RETRIES,
-    dxx: torch.Tensor | None = None,
+    dxx: torch.Tensor | PermutedD | None = None,
     alpha: float = 0.25,
 ) -> GPTQResult:
     """Quantize ``w`` ``[N, K]`` against Hessian ``h`` ``[K, K]`` onto ``grid``.
 
     ``dxx`` ``[K, K]``: GPTAQ's ``2/n · (X - X̃)ᵀ X̃`` (same normalisation as ``h``),
-    scaled by ``alpha``; None: plain GPTQ. ``w`` and ``h`` are not modified. Dead inputs
+    scaled by ``alpha``, or a :class:`PermutedD` (already in the solve's order; consumed);
+    None: plain GPTQ. ``w``, ``h`` and a plain ``dxx`` are not modified. Dead inputs
     (``H_ii = 0``) get ``H_ii = 1`` and a zero weight column, as in the reference.
     """
-    if not _all_finite(h) or (dxx is not None and not _all_finite(dxx)):
+    d = dxx.d if isinstance(dxx, PermutedD) else dxx
+    if not _all_finite(h) or (d is not None and not _all_finite(d)):
         raise GPTQError("the Hessian contains NaN/Inf (non-finite calibration activations)")
     kernel = _cpp_column_loop(w, grid)
     if kernel is not None:  # the column loop in C++: torch's remaining ops are large, keep the threads
@@ -421,13 +480,10 @@ def _gptq(
     kernel: Any,
 ) -> GPTQResult:
     n, k = w.shape
-    diag = torch.diagonal(h).float()
-    dead = diag == 0
-    # Dead inputs sort as if H_ii = 1 (the value they get), as in the reference.
-    if act_order:
-        perm = torch.argsort(diag.masked_fill(dead, 1.0), descending=True, stable=True)
-    else:
-        perm = torch.arange(k, device=w.device)
+    dead = torch.diagonal(h) == 0
+    perm = solve_permutation(h, act_order)
+    if isinstance(dxx, PermutedD) and not torch.equal(dxx.perm, perm):
+        raise ValueError("GPTAQ's D was accumulated in another column order than this solve's (act_order?)")
     dead_p = dead[perm]
     w = w.float()[:, perm]  # a copy: the solve updates it in place
     w[:, dead_p] = 0.0
@@ -437,7 +493,7 @@ def _gptq(
     hinv, used, retries = _upper_inverse_cholesky(h, perm, dead_p, damp, max_retries)
     p = None
     if dxx is not None:
-        p = _permuted(dxx, perm)
+        p = dxx.d if isinstance(dxx, PermutedD) else _permuted(dxx, perm)
         p[:, dead_p] = 0.0
         p = _gptaq_p(p, hinv).mul_(alpha)
     q_out = torch.empty(n, k, device=w.device)
@@ -452,10 +508,10 @@ def _gptq(
         loop(w1, hinv1, p1, table, groups_t[i1:i2], qmin, q_out[:, i1:i2], deq[:, i1:i2], err1)
         row_loss += err1.pow(2).sum(dim=1) / 2
         # ... and, lazily (GPTQ's batched update), over all columns after the block.
-        if i2 < k:
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        if i2 < k:  # in place: no [N, K - i2] product and no second pass over it
+            w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
             if p is not None:
-                w[:, i2:] += w1 @ p[i1:i2, i2:]  # w1: the block's unquantized columns
+                w[:, i2:].addmm_(w1, p[i1:i2, i2:])  # w1: the block's unquantized columns
     inv = torch.argsort(perm)
     return GPTQResult(
         q_out[:, inv].to(torch.int8).contiguous(),

@@ -54,6 +54,7 @@ from qqq_compile.compiler.gptq_solve import (
     GPTQError,
     GPTQResult,
     HessianAccumulator,
+    PermutedD,
     gptq_quantize,
 )
 from qqq_compile.compiler.pipeline import (
@@ -101,17 +102,19 @@ class _Cut:
 class _LazyAccumulator:
     """A :class:`HessianAccumulator` made at the first batch (when ``K`` is known)."""
 
-    def __init__(self, asym: bool, dtype: str):
+    def __init__(self, asym: bool, dtype: str, act_order: bool):
         self.asym, self.dtype = asym, dtype
+        # GPTAQ's D is then summed in the solve's column order, only where the solve reads it.
+        self.solve_order = "act" if act_order else "natural"
         self.acc: HessianAccumulator | None = None
 
     def add(self, x: torch.Tensor | None = None, x_float: torch.Tensor | None = None, **codes: torch.Tensor) -> None:
         if self.acc is None:
             k = (x if x is not None else codes["q"]).shape[-1]
-            self.acc = HessianAccumulator(k, asym=self.asym, dtype=self.dtype)
+            self.acc = HessianAccumulator(k, asym=self.asym, dtype=self.dtype, solve_order=self.solve_order)
         self.acc.add(x, x_float, **codes)
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | PermutedD | None]:
         if self.acc is None:
             raise GPTQError("no calibration batch reached this linear")
         return self.acc.result()
@@ -367,7 +370,7 @@ class GPTQ(QQQPass):
             if end < len(nodes):
                 cut.x = first[nodes[end]]
                 group = by_x[cut.x]
-                cut.acc = _LazyAccumulator(c.fenvs is not None, self.hessian_dtype)
+                cut.acc = _LazyAccumulator(c.fenvs is not None, self.hessian_dtype, self.act_order)
                 # x is held as int8 codes (quantized run) or in bf16 (the float run's bf16
                 # linears) between the cut and its linears when only they read it.
                 cut.compact = self.sequential and set(cut.x.users) <= {s.node for s in group}
@@ -450,7 +453,7 @@ class GPTQ(QQQPass):
         ctx: CompileContext,
         group: list[LinearSite],
         h: torch.Tensor,
-        dxx: torch.Tensor | None,
+        dxx: torch.Tensor | PermutedD | None,
         group_size: int,
     ) -> None:
         weights = [get_weight(gm, s).float() for s in group]

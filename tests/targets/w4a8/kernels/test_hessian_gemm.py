@@ -99,3 +99,42 @@ def test_bad_arguments_are_named():
         op(torch.zeros(k, k), a, packed, k, k)  # [H] only, but the chunk has ΔX
     with pytest.raises(RuntimeError, match="packed must be"):
         op(sums, a, packed[:100], k, k)
+
+
+@pytest.mark.parametrize(("m", "k", "slab"), [(1999, 1536, 512), (600, 4864, 512), (301, 48, 48)])
+@pytest.mark.parametrize("permuted", [False, True], ids=["natural", "permuted"])
+def test_d_alone_over_the_slab_region_in_a_column_order(m, k, slab, permuted):
+    """``h=False, d_upper=True`` (HessianAccumulator's deferred D): D's rows over H's slab
+    region only, with the chunk's columns read through ``cols``; each entry bit for bit the
+    full mode's entry of the permuted D (the same pairs in the same order), H's rows and
+    everything outside the region untouched."""
+    a = _chunk(m, k, True, seed=k + 1)
+    packed = torch.empty((m + 1) // 2 * 2 * k, dtype=torch.int32)
+    full = torch.zeros(2 * k, k)
+    torch.ops.qqq_cpu.hessian_gemm(full, a, packed, k, slab)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(k)) if permuted else torch.arange(k)
+    inside = _region(k, slab)
+    sums = torch.full((2 * k + 3, k), 7.0)
+    sums[k : 2 * k][inside] = 0.0
+    before = sums.clone()
+    torch.ops.qqq_cpu.hessian_gemm(sums, a, packed, k, slab, False, True, torch.cat([perm, perm + k]))
+    want = full[k:][perm][:, perm]
+    assert torch.equal(sums[k : 2 * k][inside], want[inside])
+    assert torch.equal(sums[k : 2 * k][~inside], before[k : 2 * k][~inside])
+    assert torch.equal(sums[:k], before[:k]) and torch.equal(sums[2 * k :], before[2 * k :])
+    # The region holds the strict upper triangle: all that GPTAQ's solve reads.
+    assert bool(inside.triu(1)[torch.ones(k, k, dtype=torch.bool).triu(1)].all())
+
+
+def test_d_alone_arguments_are_named():
+    k = 64
+    a = _chunk(10, k, True, 0)
+    sums, packed = torch.zeros(2 * k, k), torch.empty(5 * 2 * k, dtype=torch.int32)
+    op = torch.ops.qqq_cpu.hessian_gemm
+    cols = torch.arange(2 * k)
+    with pytest.raises(RuntimeError, match="D only"):
+        op(sums, a[:, :k], packed, k, k, False, True)
+    with pytest.raises(RuntimeError, match="cols must be int64"):
+        op(sums, a, packed, k, k, False, True, cols[:k])
+    with pytest.raises(RuntimeError, match="outside a's 128 columns"):
+        op(sums, a, packed, k, k, False, True, torch.where(cols == 5, 2 * k, cols))

@@ -75,15 +75,44 @@ void pack_pairs(const uint16_t* a, int64_t lda, int64_t M, int64_t W, int64_t P,
   });
 }
 
+// pack_pairs with a's columns read through idx (column c of the chunk is a[:, idx[c]]): the
+// deferred D's chunks, in the solve's column order, without a gathered copy (a torch gather
+// of a 2048 x 9728 chunk took 72 ms, most of the deferred D's saving at K = 4864).
+void pack_pairs_gather(const uint16_t* a, int64_t lda, int64_t M, int64_t W, int64_t P, const int64_t* idx,
+                       uint32_t* out) {
+  const int64_t tiles = ceil_div(W, 16);
+  // By row pairs, all tiles of a pair at once: its two rows stay in L1/L2 while they are read
+  // in the gathered order (by tiles, every pair's read of 16 scattered columns missed cache).
+  at::parallel_for(0, P, 16, [&](int64_t p0, int64_t p1) {
+    alignas(64) uint32_t words[16];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r0 = 2 * p, r1 = r0 + 1;
+      const uint16_t* lo = a + r0 * lda;
+      const uint16_t* hi = r1 < M ? a + r1 * lda : nullptr;
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t c = t * 16, n = std::min<int64_t>(16, W - c);
+        for (int64_t l = 0; l < 16; ++l) {
+          const int64_t col = l < n ? idx[c + l] : -1;
+          const uint32_t w0 = col >= 0 ? lo[col] : 0, w1 = col >= 0 && hi ? hi[col] : 0;
+          words[l] = w0 | (w1 << 16);
+        }
+        _mm512_storeu_si512(out + (t * P + p) * 16, _mm512_load_si512(words));
+      }
+    }
+  });
+}
+
 }  // namespace
 
-void hessian_gemm(const at::Tensor& sums, const at::Tensor& a, const at::Tensor& packed, int64_t k, int64_t slab) {
+void hessian_gemm(const at::Tensor& sums, const at::Tensor& a, const at::Tensor& packed, int64_t k, int64_t slab,
+                  bool h, bool d_upper, const c10::optional<at::Tensor>& cols) {
   TORCH_CHECK(cpu_has_bf16(), "hessian_gemm: this CPU lacks AVX512-BF16");
   TORCH_CHECK(a.scalar_type() == at::kBFloat16 && a.dim() == 2 && a.stride(1) == 1,
               "hessian_gemm: a must be bf16 [M, K or 2K] with unit column stride");
   const int64_t M = a.size(0), W = a.size(1);
   TORCH_CHECK(k > 0 && k % 16 == 0 && (W == k || W == 2 * k), "hessian_gemm: K must be a multiple of 16 and a [M, K or 2K]");
   const bool with_d = W == 2 * k;
+  TORCH_CHECK(h || with_d, "hessian_gemm: h = false needs a [M, 2K] chunk (D only)");
   TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.dim() == 2 && sums.size(1) == k && sums.is_contiguous() &&
                   sums.size(0) >= (with_d ? 2 * k : k),
               "hessian_gemm: sums must be contiguous float32 [K or 2K, K] ([H; D])");
@@ -94,7 +123,17 @@ void hessian_gemm(const at::Tensor& sums, const at::Tensor& a, const at::Tensor&
               "hessian_gemm: packed must be a contiguous int32 buffer of at least ", tiles * P * 16, " words");
   if (M == 0) return;
   uint32_t* pk = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
-  pack_pairs(reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>()), a.stride(0), M, W, P, pk);
+  const uint16_t* ap16 = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
+  if (cols.has_value()) {
+    TORCH_CHECK(cols->scalar_type() == at::kLong && cols->dim() == 1 && cols->size(0) == W && cols->is_contiguous(),
+                "hessian_gemm: cols must be int64 [W], a's column for each column of the chunk");
+    const int64_t* ip = cols->data_ptr<int64_t>();
+    for (int64_t c = 0; c < W; ++c)
+      TORCH_CHECK(ip[c] >= 0 && ip[c] < W, "hessian_gemm: cols[", c, "] = ", ip[c], " is outside a's ", W, " columns");
+    pack_pairs_gather(ap16, a.stride(0), M, W, P, ip, pk);
+  } else {
+    pack_pairs(ap16, a.stride(0), M, W, P, pk);
+  }
   float* c = sums.data_ptr<float>();
   const int64_t jt = k / 16;  // j tiles (the X columns)
   // Work items: pairs of j tiles (32 columns; a last single tile when jt is odd).
@@ -102,14 +141,15 @@ void hessian_gemm(const at::Tensor& sums, const at::Tensor& a, const at::Tensor&
   for (int64_t p0 = 0; p0 < P; p0 += KP) {
     const int64_t np = std::min(KP, P - p0);
     // i blocks: H's rows [0, K), then D's rows [K, 2K) reading the ΔX tiles.
-    for (int64_t part = 0; part < (with_d ? 2 : 1); ++part) {
+    for (int64_t part = h ? 0 : 1; part < (with_d ? 2 : 1); ++part) {
+      const bool upper = part == 0 || d_upper;
       for (int64_t i0 = 0; i0 < k; i0 += MB) {
         const int64_t i1 = std::min(k, i0 + MB);
         parallel_items(items, true, [&](int64_t s0, int64_t s1) {
           for (int64_t s = s0; s < s1; ++s) {
             const int64_t j0 = s * 32, nt = std::min<int64_t>(2, jt - 2 * s);
             // H: a column slab's rows down to the slab's end only (result() mirrors the rest).
-            const int64_t rows_end = part == 0 ? std::min(k, (j0 / slab + 1) * slab) : k;
+            const int64_t rows_end = upper ? std::min(k, (j0 / slab + 1) * slab) : k;
             const int64_t r1 = std::min(i1, rows_end);
             const uint32_t* b = pk + (j0 / 16) * P * 16 + p0 * 16;
             for (int64_t i = i0; i < r1; i += 8) {

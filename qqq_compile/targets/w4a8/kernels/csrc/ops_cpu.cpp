@@ -240,7 +240,8 @@ TORCH_LIBRARY(qqq_cpu, m) {
   m.def("unpack_w8", &qqq::unpack_w8);
   m.def("hessian_stage", &qqq::hessian_stage);
   m.def("gptq_block", &qqq::gptq_block);
-  m.def("hessian_gemm", &qqq::hessian_gemm);
+  m.def("hessian_gemm(Tensor sums, Tensor a, Tensor packed, int k, int slab, bool h=True, bool d_upper=False, Tensor? cols=None) -> ()",
+        &qqq::hessian_gemm);
   m.def("use_packed", &qqq::use_packed);
   m.def("use_packed_w8", &qqq::use_packed_w8);
   m.def("w8a8_linear_path", &qqq::w8a8_linear_path_op);

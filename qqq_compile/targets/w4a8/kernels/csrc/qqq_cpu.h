@@ -101,8 +101,10 @@ void hessian_stage(const at::Tensor& dst, const c10::optional<at::Tensor>& x, co
                    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& xf);
 // hessian_gemm_cpu.cpp: sums float32 [K or 2K, K] ([H; D]) += products of the bf16 chunk a
 // [M, K or 2K] = [X | ΔX] with fp32 accumulation: H's column slabs (width slab) down to each
-// slab's end, D in full; packed: an int32 scratch buffer of at least ceil(M/2) * W words.
-void hessian_gemm(const at::Tensor& sums, const at::Tensor& a, const at::Tensor& packed, int64_t k, int64_t slab);
+// slab's end, D in full (d_upper: over the same region as H; h = false: D only; cols: a's
+// columns read in this order); packed: an int32 scratch buffer of at least ceil(M/2) * W words.
+void hessian_gemm(const at::Tensor& sums, const at::Tensor& a, const at::Tensor& packed, int64_t k, int64_t slab,
+                  bool h, bool d_upper, const c10::optional<at::Tensor>& cols);
 at::Tensor kron_transform(const at::Tensor& x, const at::Tensor& factors, at::IntArrayRef sizes);
 // gptq_cpu.cpp: GPTQ's column loop over one block of B columns, rows in parallel. w [N, B]
 // (updated in place), hinv and p [B, B] (p: GPTAQ's term, optional), table [G, N, C] (the
