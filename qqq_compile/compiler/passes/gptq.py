@@ -34,7 +34,7 @@ as ``asym_tokens`` asks for; the other batches add to ``H`` only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +51,7 @@ from qqq_compile.compiler.gptq_forward import (
 )
 from qqq_compile.compiler.gptq_solve import (
     HESSIAN_DTYPES,
+    ChunkPool,
     GPTQError,
     GPTQResult,
     HessianAccumulator,
@@ -77,7 +78,8 @@ __all__ = ["GPTQ", "GPTQConfig", "GPTQError", "GPTQResult", "gptq_quantize"]
 @dataclass
 class _Call:
     """The state of one :meth:`GPTQ.call`: the graph, the format, the linears still to
-    quantize, node order and last uses, and GPTAQ's float run (``fenvs``)."""
+    quantize, node order and last uses, GPTAQ's float run (``fenvs``) and the staging buffers
+    its Hessians hand on from block to block (``pool``)."""
 
     gm: GraphModule
     ctx: CompileContext
@@ -86,6 +88,7 @@ class _Call:
     order: dict[Node, int]
     last_use: dict[Node, int]
     fenvs: list[Env | None] | None = None
+    pool: ChunkPool = field(default_factory=ChunkPool)
 
 
 @dataclass
@@ -102,8 +105,8 @@ class _Cut:
 class _LazyAccumulator:
     """A :class:`HessianAccumulator` made at the first batch (when ``K`` is known)."""
 
-    def __init__(self, asym: bool, dtype: str, act_order: bool):
-        self.asym, self.dtype = asym, dtype
+    def __init__(self, asym: bool, dtype: str, act_order: bool, pool: ChunkPool):
+        self.asym, self.dtype, self.pool = asym, dtype, pool
         # GPTAQ's D is then summed in the solve's column order, only where the solve reads it.
         self.solve_order = "act" if act_order else "natural"
         self.acc: HessianAccumulator | None = None
@@ -111,7 +114,9 @@ class _LazyAccumulator:
     def add(self, x: torch.Tensor | None = None, x_float: torch.Tensor | None = None, **codes: torch.Tensor) -> None:
         if self.acc is None:
             k = (x if x is not None else codes["q"]).shape[-1]
-            self.acc = HessianAccumulator(k, asym=self.asym, dtype=self.dtype, solve_order=self.solve_order)
+            self.acc = HessianAccumulator(
+                k, asym=self.asym, dtype=self.dtype, solve_order=self.solve_order, pool=self.pool
+            )
         self.acc.add(x, x_float, **codes)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor | PermutedD | None]:
@@ -370,7 +375,7 @@ class GPTQ(QQQPass):
             if end < len(nodes):
                 cut.x = first[nodes[end]]
                 group = by_x[cut.x]
-                cut.acc = _LazyAccumulator(c.fenvs is not None, self.hessian_dtype, self.act_order)
+                cut.acc = _LazyAccumulator(c.fenvs is not None, self.hessian_dtype, self.act_order, c.pool)
                 # x is held as int8 codes (quantized run) or in bf16 (the float run's bf16
                 # linears) between the cut and its linears when only they read it.
                 cut.compact = self.sequential and set(cut.x.users) <= {s.node for s in group}

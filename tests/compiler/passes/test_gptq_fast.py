@@ -728,3 +728,24 @@ def test_the_pass_hands_gptaq_its_d_in_the_solve_order(captured, batches, monkey
     monkeypatch.setattr(gptq_mod, "gptq_quantize", noting)
     GPTQ(asym=True).call(copy.deepcopy(captured), CompileContext(calib=batches, quant=QuantConfig(), progress=False))
     assert seen == ["PermutedD"] * 8
+
+
+def test_deferring_accumulators_hand_their_buffers_on(monkeypatch):
+    """A pool shared by accumulators (the GPTQ pass gives one to all of a call's): a deferring
+    accumulator returns its kept buffers and its staging buffer at ``result()``, and the next
+    one of the same width stages into those very buffers (fresh ones cost page faults block
+    after block), with the same sums."""
+    _need_cpp_bf16()
+    monkeypatch.setattr(gptq_solve, "DEFER_BUDGET", 100)
+    x, xf, _ = _problem(6, 7000, 576, 8)
+    pool = gptq_solve.ChunkPool()
+    sums, ptrs = [], []
+    for _ in range(2):
+        acc = HessianAccumulator(576, asym=True, solve_order="act", pool=pool)
+        for a, b in zip(x.split(1000), xf.split(1000), strict=True):
+            acc.add(a, b)
+        ptrs.append({t.data_ptr() for t in [acc.bufs[True], *acc._kept_bufs]})
+        sums.append(acc.result())
+        assert sum(len(v) for v in pool._free.values()) == 2  # the two kept chunks (4,096 + 2,904 rows), no spare
+    assert ptrs[0] == ptrs[1]
+    assert torch.equal(sums[0][0], sums[1][0]) and torch.equal(sums[0][1].d, sums[1][1].d)
