@@ -94,6 +94,21 @@ def release_memory() -> None:
         _TRIM(0)
 
 
+@contextlib.contextmanager
+def reusing_freed_tensors() -> Iterator[None]:
+    """Inside, freed CPU tensors of 256 KB and up are kept for the next request they fit, with
+    calibration's bound (``targets.w4a8.kernels.cpu.AllocationReuse`` and
+    ``calib_reuse_bytes``; the block runner installs the same around each block). For work
+    outside the runner that frees and requests the same large sizes again and again: the
+    rotate pass's float64 chunks were mapped and page-faulted afresh each time (Qwen2.5-0.5B's
+    shape: rotate 20-24 -> 11-12 s). Nothing happens without the C++ extension loaded, or
+    inside a scope that already installed it."""
+    from qqq_compile.targets.w4a8.kernels.cpu import AllocationReuse, calib_reuse_bytes
+
+    with AllocationReuse(calib_reuse_bytes()):
+        yield
+
+
 @dataclass
 class StreamStats:
     """What streaming held in memory. Byte counts are of float weights read from disk

@@ -33,7 +33,7 @@ from qqq_compile.compiler.hadamard import (
     rotation_matrix,
 )
 from qqq_compile.compiler.pipeline import CompileContext, PassConfig, PassResult, QQQPass, register_pass
-from qqq_compile.compiler.residency import LazyWeight, assign_attr, resident
+from qqq_compile.compiler.residency import LazyWeight, assign_attr, resident, reusing_freed_tensors
 from qqq_compile.graph import LinearSite, get_attr, get_weight, partition, set_attr, set_weight
 from qqq_compile.graph.attention import attention_heads
 from qqq_compile.graph.residual import NotRotatable, ResidualPlan, from_attention, residual_plan
@@ -363,7 +363,8 @@ class _Rewrites:
         self._jobs.setdefault(self._segment.get(node), []).append((target, job))
 
     def run(self) -> None:
-        with torch.no_grad():
+        # The float64 chunks come in a few sizes, thousands of times: reuse their memory.
+        with torch.no_grad(), reusing_freed_tensors():
             for jobs in self._jobs.values():
                 with resident(self.gm, {t for t, _ in jobs}):
                     for _, job in jobs:

@@ -696,12 +696,12 @@ def test_gptaq_d_in_the_solve_order_solves_bit_for_bit(k, act_order, monkeypatch
 def test_d_past_its_budget_is_summed_whole_as_before():
     """Kept chunks past ``DEFER_BUDGET`` x the sums' bytes (K = 1536: two chunks of 2,730 rows
     fit, the third does not) have their D added in full at once, and D comes back whole, bit
-    for bit as without a solve order; the deferred chunks are released."""
+    for bit as without a solve order; the deferred chunks are released, not pooled."""
     _need_cpp_bf16()
     x, xf, _ = _problem(3, 7000, 1536, 8)
     h0, d0, _ = _accumulated(x, xf, None)
     h1, d1, acc = _accumulated(x, xf, "act")
-    assert not acc.defer and not acc.kept and isinstance(d1, torch.Tensor)
+    assert not acc.defer and not acc.kept and not acc.pool._free and isinstance(d1, torch.Tensor)
     assert torch.equal(h0, h1) and torch.equal(d0, d1)
 
 
