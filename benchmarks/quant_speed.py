@@ -5,6 +5,7 @@
     python benchmarks/quant_speed.py --per-block --variants new --blocks 3 --rounds 1 --allocator glibc
                                     # (then --allocator cli, in turn: what the CLI's malloc setting costs)
     python benchmarks/quant_speed.py --n-calib 32 --eval    # fewer windows; + eval perplexity
+    python benchmarks/quant_speed.py --n-calib 32 --folder DIR/model   # another checkpoint (random tokens)
     python benchmarks/quant_speed.py --per-block --blocks 2 --rounds 3
                                     # old (git revision) vs new GPTQ, round-robin per block
     python benchmarks/quant_speed.py --per-block --variants new-noreuse,new --blocks 2 --rounds 3
@@ -82,14 +83,22 @@ def full_run(args: argparse.Namespace) -> dict:
     from qqq_compile.models import demo_model_path, load_model
 
     out_allocator = set_allocator(args.allocator, args.reuse_mb)
-    if args.streaming:  # as `qqq-compile quantize demo` runs: the weights stay on disk
+    if args.folder:  # another checkpoint (random weights, no tokenizer): seeded random tokens
+        if not args.streaming or args.eval:
+            raise SystemExit("--folder streams its checkpoint and has no text to evaluate: drop --no-streaming/--eval")
+        folder = args.folder
+        vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+        g = torch.Generator().manual_seed(0)
+        calib, evals = [torch.randint(0, vocab, (1, 512), generator=g) for _ in range(args.n_calib)], []
+    elif args.streaming:  # as `qqq-compile quantize demo` runs: the weights stay on disk
         from transformers import AutoTokenizer
 
         folder = demo_model_path()
         tok = AutoTokenizer.from_pretrained(folder)
     else:
         model, tok = load_model("demo")
-    calib, evals = standard_splits(tok, n_calib=args.n_calib)
+    if not args.folder:
+        calib, evals = standard_splits(tok, n_calib=args.n_calib)
     config = {"preset": args.preset, "quant": {"group_size": args.group_size}}
     # The C++ kernels before the clock: a machine's first run builds them (a minute, once;
     # cached after), which would otherwise land in the first pass that calls a kernel.
@@ -110,6 +119,7 @@ def full_run(args: argparse.Namespace) -> dict:
     tokens = sum(w.numel() for w in calib)
     params = sum(li.in_features * li.out_features for li in compiled.linears() if ".layers." in li.fqn)
     out = {
+        "model": Path(args.folder).name if args.folder else "SmolLM2-135M",
         "preset": args.preset,
         "streaming": args.streaming,
         "cli_allocator": out_allocator,
@@ -137,7 +147,8 @@ def print_full(r: dict) -> None:
     how = "streaming from disk, as `qqq-compile quantize demo`" if r["streaming"] else "model loaded whole"
     print(f"\npreset {r['preset']} (group size {r['group_size']}), {r['n_calib']} windows, {r['calib_tokens']} tokens,")
     print(how + (", the CLI's allocator setting," if r.get("cli_allocator") else ","))
-    print(f"{r['threads']} threads, SmolLM2-135M ({r['block_linear_params'] / 1e6:.1f} M params in block linears)\n")
+    model = r.get("model", "SmolLM2-135M")
+    print(f"{r['threads']} threads, {model} ({r['block_linear_params'] / 1e6:.1f} M params in block linears)\n")
     print("| step | wall s |\n|---|---|")
     for name, s in r["passes"]:
         print(f"| {name} | {s:.1f} |")
@@ -299,6 +310,13 @@ def main() -> None:
         help="MB of freed tensors calibration keeps for reuse (default: cpu.CALIB_REUSE_BYTES; 0: off)",
     )
     ap.add_argument("--eval", action="store_true", help="also the perplexity on the 40 standard eval windows")
+    ap.add_argument(
+        "--folder",
+        default=None,
+        help="full mode: quantize this checkpoint folder instead (streaming; seeded random-token windows), e.g. "
+        "a random model of Qwen2.5-0.5B's shape: benchmarks/memory.py --layers 24 --hidden 896 "
+        "--intermediate 4864 --heads 14 --kv-heads 2 --vocab 151936 --keep --workdir DIR",
+    )
     ap.add_argument("--per-block", action="store_true", help="time GPTQ per block: variants round-robin")
     ap.add_argument("--blocks", type=int, default=2, help="per-block mode: decoder blocks per timing")
     ap.add_argument("--rounds", type=int, default=3, help="per-block mode: rounds of every variant")
