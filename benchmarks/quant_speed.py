@@ -119,7 +119,7 @@ def full_run(args: argparse.Namespace) -> dict:
     tokens = sum(w.numel() for w in calib)
     params = sum(li.in_features * li.out_features for li in compiled.linears() if ".layers." in li.fqn)
     out = {
-        "model": Path(args.folder).name if args.folder else "SmolLM2-135M",
+        "model": args.folder or "SmolLM2-135M",
         "preset": args.preset,
         "streaming": args.streaming,
         "cli_allocator": out_allocator,
