@@ -201,6 +201,7 @@ def run(
     llamacpp_venv: Path,
     log_dir: Path,
     bandwidth: bool = True,
+    settle_s: float = 0.0,
     load_timeout: float = 3600.0,
     run_timeout: float = 900.0,
 ) -> dict[str, Any]:
@@ -227,6 +228,10 @@ def run(
         live = [n for n in engines if n in workers]
         steps = [(c, n) for _ in range(reps) for c in cases for n in live]
         for case, name in tqdm(steps, desc="round-robin generations", unit="gen"):
+            # The previous engine's threads may still be spinning on the cores (llama.cpp's
+            # threadpool polls after each decode; libgomp spins before it sleeps): let them
+            # go idle, so each engine is timed as a user running it alone meets it.
+            time.sleep(settle_s)
             entry = out[name]
             if name not in workers or entry.get(f"error_{case}") or case in entry["info"].get("case_errors", {}):
                 continue
@@ -269,6 +274,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, from: {', '.join(ENGINES)}")
     ap.add_argument("--reps", type=int, default=3, help="timed generations per engine and case (median reported)")
     ap.add_argument("--threads", type=int, default=2, help="threads per engine (the machine has 2 cores)")
+    ap.add_argument(
+        "--settle-s",
+        type=float,
+        default=1.0,
+        help="pause before each timed generation, so the previous engine's spinning threads go idle (0: none)",
+    )
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8, help="rows of the batched case (0: skip it)")
@@ -325,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         max_new=args.new_tokens,
         llamacpp_venv=args.llamacpp_venv,
         log_dir=log_dir,
+        settle_s=args.settle_s,
     )
     for entry in raw["engines"].values():
         if entry["info"].get("gguf"):

@@ -99,7 +99,8 @@ def render(summary: dict[str, Any], agree: dict[str, Any], meta: dict[str, Any])
     reps = meta["args"]["reps"]
     lines = [
         f"## Generation speed: SmolLM2-135M-Instruct, greedy, {meta['args']['threads']} threads per engine, "
-        f"median of {reps} round-robin runs ({meta['started']})",
+        f"median of {reps} round-robin runs, {meta['args'].get('settle_s', 0.0):g} s pause before each "
+        f"({meta['started']})",
         "",
     ]
     for case, shape in cases.items():
