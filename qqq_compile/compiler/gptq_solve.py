@@ -347,6 +347,8 @@ class ChunkPool:
     gives one pool to all its accumulators). A deferred D keeps its chunks in buffers of the
     same size block after block; mapped afresh each time, their page faults cost as much as a
     third of what the deferral saves (Qwen2.5-0.5B's shape, 32 windows: staging 1.0 -> 8.4 s).
+    The block runner's reusing allocator was installed and did not serve them: its bounded cache
+    goes to whatever the block frees (activations), so these buffers are owned here instead.
     Holds at most the buffers the widest deferring accumulator kept, until the pool is dropped."""
 
     def __init__(self) -> None:
