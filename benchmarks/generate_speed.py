@@ -228,13 +228,13 @@ def run(
         live = [n for n in engines if n in workers]
         steps = [(c, n) for _ in range(reps) for c in cases for n in live]
         for case, name in tqdm(steps, desc="round-robin generations", unit="gen"):
+            entry = out[name]
+            if name not in workers or entry.get(f"error_{case}") or case in entry["info"].get("case_errors", {}):
+                continue
             # The previous engine's threads may still be spinning on the cores (llama.cpp's
             # threadpool polls after each decode; libgomp spins before it sleeps): let them
             # go idle, so each engine is timed as a user running it alone meets it.
             time.sleep(settle_s)
-            entry = out[name]
-            if name not in workers or entry.get(f"error_{case}") or case in entry["info"].get("case_errors", {}):
-                continue
             try:
                 result = workers[name].request({"cmd": "run", "case": case}, run_timeout)["result"]
                 # Other tenants of a shared machine show up here: judge a slow run by it.

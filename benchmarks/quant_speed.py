@@ -94,10 +94,9 @@ def full_run(args: argparse.Namespace) -> dict:
         from transformers import AutoTokenizer
 
         folder = demo_model_path()
-        tok = AutoTokenizer.from_pretrained(folder)
+        calib, evals = standard_splits(AutoTokenizer.from_pretrained(folder), n_calib=args.n_calib)
     else:
         model, tok = load_model("demo")
-    if not args.folder:
         calib, evals = standard_splits(tok, n_calib=args.n_calib)
     config = {"preset": args.preset, "quant": {"group_size": args.group_size}}
     # The C++ kernels before the clock: a machine's first run builds them (a minute, once;
