@@ -20,6 +20,11 @@ landing on one.
 * floor: weight bytes read per decoded token / memory read bandwidth measured in the same
   run (torch ``sum`` over 1 GiB, same thread count). Weight bytes: ``weight_bytes()`` for
   ours, unique parameter bytes for HF, the file size for a GGUF.
+* probe: before each turn (after the pause) the parent times a fixed int8 GEMM
+  (:class:`Int8Probe`): the machine's compute rate at that moment, reported per engine with
+  TTFT / probe (``--no-probe`` skips it). Ours also reports how its C++ kernels shared their
+  work in each run (``paths_prefill`` / ``paths_decode`` in the JSON: team, solo and stall
+  calls, ``csrc/parallel_cpu.cpp``).
 
 The demo model's weights are Q4_1 dequantized, so llamacpp-q4_1 runs the model exactly as
 shipped, and HF/ours run its float dequantization.
@@ -182,6 +187,36 @@ def memory_bandwidth(threads: int, gib: float = 1.0, reps: int = 7) -> float:
     return x.numel() * 4 / statistics.median(times)
 
 
+PROBE_SETTLE_S = 0.05  # libgomp's idle threads spin well under this before they sleep
+
+
+class Int8Probe:
+    """The machine's int8 GEMM rate right now: ms for ``calls`` ``torch._int_mm`` of one of
+    SmolLM2's 512-token prefill shapes (512 x 576 @ 576 x 3072), ``threads`` threads.
+
+    Timed by the parent before each turn: on this shared 2-core VM the same GEMM swings by
+    a quarter over seconds (other tenants of the host's cores), and our prefill, which is half
+    int8 GEMM at the VNNI rate, swings with it (TTFT vs the probe: correlation 0.93 over 30
+    prompts in one process; docs/RESULTS.md, round 19), so a slow turn can be told from a slow
+    engine."""
+
+    def __init__(self, threads: int, calls: int = 10) -> None:
+        import torch
+
+        self.torch, self.threads, self.calls = torch, threads, calls
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randint(-127, 128, (512, 576), dtype=torch.int8, generator=g)
+        self.b = torch.randint(-127, 128, (576, 3072), dtype=torch.int8, generator=g)
+        self()  # oneDNN's kernel generation and the thread pool's start outside any timing
+
+    def __call__(self) -> float:
+        self.torch.set_num_threads(self.threads)
+        t0 = time.perf_counter()
+        for _ in range(self.calls):
+            self.torch._int_mm(self.a, self.b)
+        return 1e3 * (time.perf_counter() - t0)
+
+
 def engine_python(spec: EngineSpec, venv: Path) -> str:
     if spec.venv == "main":
         return sys.executable
@@ -202,6 +237,7 @@ def run(
     log_dir: Path,
     bandwidth: bool = True,
     settle_s: float = 0.0,
+    probe: bool = False,
     load_timeout: float = 3600.0,
     run_timeout: float = 900.0,
 ) -> dict[str, Any]:
@@ -225,6 +261,7 @@ def run(
                     workers.pop(name).close(kill=True)
         # Measured while every worker sits loaded and idle: the same memory state the runs see.
         bw = memory_bandwidth(threads) if bandwidth else None
+        int8_probe = Int8Probe(threads) if probe else None
         live = [n for n in engines if n in workers]
         steps = [(c, n) for _ in range(reps) for c in cases for n in live]
         for case, name in tqdm(steps, desc="round-robin generations", unit="gen"):
@@ -235,8 +272,17 @@ def run(
             # threadpool polls after each decode; libgomp spins before it sleeps): let them
             # go idle, so each engine is timed as a user running it alone meets it.
             time.sleep(settle_s)
+            probe_ms = None
+            if int8_probe is not None:
+                # After the pause (timed right after the other engine's turn, the probe took up
+                # to 1.5x longer before ours than before llama.cpp: that engine's threads were
+                # still spinning), then a pause for the probe's own threads to go idle.
+                probe_ms = int8_probe()
+                time.sleep(PROBE_SETTLE_S)
             try:
                 result = workers[name].request({"cmd": "run", "case": case}, run_timeout)["result"]
+                if probe_ms is not None:
+                    result["int8_probe_ms"] = probe_ms
                 # Other tenants of a shared machine show up here: judge a slow run by it.
                 result["loadavg_1m"] = os.getloadavg()[0]
                 entry["runs"][case].append(result)
@@ -279,6 +325,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="pause before each timed generation, so the previous engine's spinning threads go idle (0: none)",
+    )
+    ap.add_argument(
+        "--no-probe",
+        dest="probe",
+        action="store_false",
+        help="skip the int8 GEMM probe timed before each turn (the machine's rate at that moment)",
     )
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -337,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         llamacpp_venv=args.llamacpp_venv,
         log_dir=log_dir,
         settle_s=args.settle_s,
+        probe=args.probe,
     )
     for entry in raw["engines"].values():
         if entry["info"].get("gguf"):

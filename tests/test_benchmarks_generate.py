@@ -150,3 +150,63 @@ def test_ours_fails_before_calibrating_when_the_api_is_missing(monkeypatch):
     monkeypatch.setattr(qqq_compile.models, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
     with pytest.raises(RuntimeError, match=r"CompiledModel has no generate\(\) yet"):
         OursEngine("eager").load({"threads": 1, "preset": "rtn", "calib_windows": 1})
+
+
+class NotesEngine(FakeEngine):
+    """A FakeEngine that reports something about each generation (``run_notes``)."""
+
+    def run_notes(self):
+        return {"paths_prefill": {"team": self.calls}}
+
+
+def test_int8_probe_and_engine_notes_land_in_each_run(worker_path, tmp_path):
+    engines = {"hf-fp32": spec(), "noted": gs.EngineSpec(f"{__name__}:NotesEngine")}
+    cases = {"b1": [[5, 6, 7, 8]]}
+    raw = gs.run(
+        engines, cases, {"threads": 1}, reps=3, max_new=4, llamacpp_venv=tmp_path, log_dir=tmp_path, probe=True
+    )
+    e = raw["engines"]
+    for name in engines:
+        runs = e[name]["runs"]["b1"]
+        assert len(runs) == 3 and all(r["int8_probe_ms"] > 0 for r in runs)
+    # One warm-up call at load, then one per timed run: each run's notes are its own call's.
+    assert [r["paths_prefill"]["team"] for r in e["noted"]["runs"]["b1"]] == [2, 3, 4]
+    assert "paths_prefill" not in e["hf-fp32"]["runs"]["b1"][0]
+
+    summary = summarize(e, bandwidth=None)
+    c = summary["engines"]["noted"]["cases"]["b1"]
+    runs = e["noted"]["runs"]["b1"]
+    assert c["int8_probe_ms"] == [r["int8_probe_ms"] for r in runs]
+    expected = sorted(1e3 * r["ttft_s"] / r["int8_probe_ms"] for r in runs)[1]
+    assert c["ttft_per_probe"] == pytest.approx(expected)
+    meta = {"cases": {"b1": {"rows": 1, "prompt_len": 4}}, "started": "now"}
+    meta["args"] = {"reps": 3, "threads": 1, "new_tokens": 4}
+    text = render(summary, agreement(e, reference="hf-fp32", first=4), meta)
+    assert f"noted b1 {sorted(c['int8_probe_ms'])[1]:.1f}" in text and f"{expected:.2f}" in text
+
+
+def test_the_path_streamer_splits_the_counts_at_the_first_new_token():
+    from engines.torch_engines import _PathStreamer
+
+    ticks = iter(range(100))
+    counts = {"team": 0, "solo": 0, "stall": 0}
+
+    def read():
+        next(ticks)
+        return dict(counts)
+
+    clock = TokenClock()
+    clock.begin()
+    s = _PathStreamer(clock, read)
+    counts["team"] += 5  # the prefill's calls
+    s.put("prompt")
+    counts.update(team=7, solo=8, stall=1)  # still the prefill: the first token is not out yet
+    s.put("token 1")
+    counts.update(team=20, solo=10, stall=1)
+    s.put("token 2")
+    s.end()
+    assert len(clock.ticks) == 2
+    assert s.notes() == {
+        "paths_prefill": {"team": 7, "solo": 8, "stall": 1},
+        "paths_decode": {"team": 13, "solo": 2, "stall": 0},
+    }

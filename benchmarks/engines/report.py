@@ -42,6 +42,12 @@ def summarize(engines: dict[str, Any], bandwidth: float | None) -> dict[str, Any
                     c[m] = statistics.median(vals) if vals else None
                 c["new_tokens"] = min(r["new_tokens"] for r in runs)
                 c["loadavg"] = [r["loadavg_1m"] for r in runs if "loadavg_1m" in r]
+                probes = [(r["int8_probe_ms"], r["ttft_s"]) for r in runs if r.get("int8_probe_ms")]
+                if probes:
+                    c["int8_probe_ms"] = [p for p, _ in probes]
+                    # TTFT in units of the machine's int8 GEMM time at that turn: steadier than
+                    # TTFT where the machine's speed drifts (generate_speed.Int8Probe).
+                    c["ttft_per_probe"] = statistics.median(1e3 * t / p for p, t in probes)
                 c["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
                 decode = [r["decode_tok_s"] or 0.0 for r in runs]
                 c["decode_spread"] = [min(decode), max(decode)]
@@ -152,6 +158,22 @@ def render(summary: dict[str, Any], agree: dict[str, Any], meta: dict[str, Any])
     loads = [r for eng in summary["engines"].values() for c in eng["cases"].values() for r in c.get("loadavg", [])]
     if loads:
         lines.append(f"1-min load average during the runs: {min(loads):.1f}-{max(loads):.1f} (2 cores, shared machine)")
+    probed = [
+        (n, case, c)
+        for n, eng in summary["engines"].items()
+        for case, c in eng["cases"].items()
+        if c.get("int8_probe_ms")
+    ]
+    if probed:
+        lines.append(
+            "int8 GEMM probe before each turn (10 x 512x576 @ 576x3072, same threads; the machine's rate then), "
+            "median (range) ms and median TTFT / probe: "
+            + "; ".join(
+                f"{n} {case} {statistics.median(c['int8_probe_ms']):.1f} "
+                f"({min(c['int8_probe_ms']):.1f}-{max(c['int8_probe_ms']):.1f}), {c['ttft_per_probe']:.2f}"
+                for n, case, c in probed
+            )
+        )
     lines.append("")
     ref = agree["reference"]
     for name, per_case in agree["engines"].items():

@@ -148,8 +148,46 @@ class OursEngine:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new: int, clock: TokenClock) -> list[list[int]]:
+        from qqq_compile.targets.w4a8.kernels.cpu import cpp_path_counts
+
         ids = torch.tensor(prompts, dtype=torch.long)
-        out = self.compiled.generate(
-            ids, max_new_tokens=max_new, do_sample=False, streamer=ClockStreamer(clock), eos_token_id=[]
-        )
+        streamer = _PathStreamer(clock, cpp_path_counts)
+        out = self.compiled.generate(ids, max_new_tokens=max_new, do_sample=False, streamer=streamer, eos_token_id=[])
+        self.last_notes = streamer.notes()
         return out[:, ids.shape[1] :].tolist()
+
+    def run_notes(self) -> dict[str, Any]:
+        """How the C++ kernels shared their work in the last generation (see :class:`_PathStreamer`)."""
+        return getattr(self, "last_notes", {})
+
+
+class _PathStreamer(ClockStreamer):
+    """A :class:`ClockStreamer` that also counts the C++ kernels' work-sharing paths over the
+    prefill (up to the first new token) and over the decode: ``solo`` calls ran on the calling
+    thread alone after a ``stall`` (a fork + join that waited on a descheduled thread), which
+    is how a busy machine shows in a slow run (``csrc/parallel_cpu.cpp``)."""
+
+    KEYS = ("team", "solo", "stall")
+
+    def __init__(self, clock: TokenClock, counts) -> None:
+        super().__init__(clock)
+        self.counts = counts
+        self.marks = [counts()]
+
+    def put(self, value: Any) -> None:
+        if self.seen_prompt and len(self.marks) == 1:
+            self.marks.append(self.counts())
+        super().put(value)
+
+    def end(self) -> None:
+        self.marks.append(self.counts())
+        super().end()
+
+    def notes(self) -> dict[str, Any]:
+        if len(self.marks) < 3:
+            return {}
+        a, b, c = self.marks[:3]
+        return {
+            "paths_prefill": {k: b[k] - a[k] for k in self.KEYS},
+            "paths_decode": {k: c[k] - b[k] for k in self.KEYS},
+        }

@@ -168,6 +168,9 @@ def serve(engine: Any, proto_in: TextIO, proto_out: TextIO) -> None:
                 new = engine.generate(prompts, max_new, clock)
                 result = clock.timings(len(prompts), sum(len(p) for p in prompts))
                 result["tokens"] = [list(map(int, row)) for row in new]
+                notes = getattr(engine, "run_notes", None)
+                if callable(notes):
+                    result.update(notes())
                 result["peak_rss_mb"] = peak_rss_mb()
                 reply({"ok": True, "result": result})
             else:
