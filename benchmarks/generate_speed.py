@@ -194,9 +194,9 @@ class Int8Probe:
     """The machine's int8 GEMM rate right now: ms for ``calls`` ``torch._int_mm`` of one of
     SmolLM2's 512-token prefill shapes (512 x 576 @ 576 x 3072), ``threads`` threads.
 
-    Timed by the parent before each turn: on this shared 2-core VM the same GEMM swings by
-    a quarter over seconds (other tenants of the host's cores), and our prefill, which is half
-    int8 GEMM at the VNNI rate, swings with it (TTFT vs the probe: correlation 0.93 over 30
+    Timed by the parent before each turn: on this 2-core VM the same GEMM swings by a quarter
+    over seconds with nothing else running in the VM (the host's doing), and our prefill, half
+    of it int8 GEMM at the VNNI rate, swings with it (TTFT vs the probe: correlation 0.93 over 30
     prompts in one process; docs/RESULTS.md, round 19), so a slow turn can be told from a slow
     engine."""
 

@@ -7,6 +7,7 @@ are measured identically for them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -92,6 +93,7 @@ class OursEngine:
         self.int8_head = int8_head  # lm_head + tied embedding in int8 (QuantConfig.int8_head, the default)
         self.cache_dtype = getattr(torch, cache_dtype) if cache_dtype else None  # KV cache (None: fp32)
         self.compiled = None
+        self.last_notes: dict[str, Any] = {}  # run_notes() of the last generation
 
     def load(self, options: dict[str, Any]) -> dict[str, Any]:
         import qqq_compile as qc
@@ -158,7 +160,7 @@ class OursEngine:
 
     def run_notes(self) -> dict[str, Any]:
         """How the C++ kernels shared their work in the last generation (see :class:`_PathStreamer`)."""
-        return getattr(self, "last_notes", {})
+        return self.last_notes
 
 
 class _PathStreamer(ClockStreamer):
@@ -169,7 +171,7 @@ class _PathStreamer(ClockStreamer):
 
     KEYS = ("team", "solo", "stall")
 
-    def __init__(self, clock: TokenClock, counts) -> None:
+    def __init__(self, clock: TokenClock, counts: Callable[[], dict[str, int]]) -> None:
         super().__init__(clock)
         self.counts = counts
         self.marks = [counts()]
