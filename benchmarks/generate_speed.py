@@ -200,14 +200,20 @@ class Int8Probe:
     prompts in one process; docs/RESULTS.md, round 19), so a slow turn can be told from a slow
     engine."""
 
+    M, K, N = 512, 576, 3072
+
     def __init__(self, threads: int, calls: int = 10) -> None:
         import torch
 
         self.torch, self.threads, self.calls = torch, threads, calls
         g = torch.Generator().manual_seed(0)
-        self.a = torch.randint(-127, 128, (512, 576), dtype=torch.int8, generator=g)
-        self.b = torch.randint(-127, 128, (576, 3072), dtype=torch.int8, generator=g)
+        self.a = torch.randint(-127, 128, (self.M, self.K), dtype=torch.int8, generator=g)
+        self.b = torch.randint(-127, 128, (self.K, self.N), dtype=torch.int8, generator=g)
         self()  # oneDNN's kernel generation and the thread pool's start outside any timing
+
+    def describe(self) -> str:
+        """What one probe times (the report prints it beside the figures)."""
+        return f"{self.calls} x {self.M}x{self.K} @ {self.K}x{self.N} int8, {self.threads} threads"
 
     def __call__(self) -> float:
         self.torch.set_num_threads(self.threads)
@@ -248,6 +254,7 @@ def run(
     out: dict[str, Any] = {name: {"status": "ok", "info": {}, "runs": {c: [] for c in cases}} for name in engines}
     workers: dict[str, Worker] = {}
     bw = None
+    int8_probe: Int8Probe | None = None
     try:
         for name in tqdm(engines, desc="loading engines", unit="engine"):
             try:
@@ -293,7 +300,8 @@ def run(
     finally:
         for worker in workers.values():
             worker.close()
-    return {"engines": out, "bandwidth_bytes_s": bw}
+    probe_desc = int8_probe.describe() if int8_probe is not None else None
+    return {"engines": out, "bandwidth_bytes_s": bw, "probe": probe_desc}
 
 
 def gguf_tensor_types(path: str) -> dict[str, int] | None:
@@ -403,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "cases": {c: {"rows": len(p), "prompt_len": len(p[0])} for c, p in cases.items()},
         "worker_logs": str(log_dir),
+        "probe": raw["probe"],
     }
     text = render(summary, agree, meta)
     print(text)

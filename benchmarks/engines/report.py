@@ -166,8 +166,8 @@ def render(summary: dict[str, Any], agree: dict[str, Any], meta: dict[str, Any])
     ]
     if probed:
         lines.append(
-            "int8 GEMM probe before each turn (10 x 512x576 @ 576x3072, same threads; the machine's rate then), "
-            "median (range) ms and median TTFT / probe: "
+            f"int8 GEMM probe before each turn ({meta.get('probe') or 'a fixed int8 GEMM'}; the machine's rate "
+            "then), median (range) ms and median TTFT / probe: "
             + "; ".join(
                 f"{n} {case} {statistics.median(c['int8_probe_ms']):.1f} "
                 f"({min(c['int8_probe_ms']):.1f}-{max(c['int8_probe_ms']):.1f}), {c['ttft_per_probe']:.2f}"
