@@ -7,10 +7,12 @@ the KV cache pages actually touched; the AOT package's mapped code).
 
     python benchmarks/generate_memory.py --artifact smollm2-w4a8            # one command
     python benchmarks/generate_memory.py --artifact smollm2-w4a8 --prompt 1900 --json out.json
+    python benchmarks/generate_memory.py --artifact smollm2-w4a8 --rows 2   # a step the artifact lacks: compiled
 
 Stages (ours): ``import torch``; ``import qqq_compile``; ``load()``; ``load()`` + the first
 ``generate()`` (``--prompt`` tokens, ``--new`` new tokens; the artifact's shipped AOT step,
-else whatever ``runtime`` builds, which then includes an in-process compile: reported).
+else whatever ``runtime`` builds: a compile, reported, which runs in a child process whose memory
+is not this process's).
 llama.cpp (``benchmarks/peers/venv-llamacpp``, if built): load the shipped GGUF with a
 context of the same size, then generate the same number of tokens. The goal this measures
 (issue 19): peak RSS of ``load()`` + ``generate()`` on SmolLM2 at most 800 MB.
@@ -35,6 +37,7 @@ MAIN_VENV = Path("/work/main/benchmarks/peers/venv-llamacpp")
 CHILD = r"""
 import json, os, resource, sys, time
 stage, artifact, n_prompt, n_new, runtime = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+rows = int(sys.argv[6])
 
 def status():
     out = {}
@@ -84,8 +87,10 @@ if stage == "load + generate":
     builds = []
     _real = _steps._aot_compile
     _steps._aot_compile = lambda *a, **k: (builds.append(1), _real(*a, **k))[1]
-    ids = (torch.arange(n_prompt) % 1000 + 100)[None]
+    ids = (torch.arange(n_prompt) % 1000 + 100)[None].expand(rows, -1)
     t = time.perf_counter()
+    if rows > 1:  # the server's step: a multi-row one, built unless the artifact's folder has it
+        compiled.prepare_generation(max_batch=rows, runtime=runtime, progress=False)
     out = compiled.generate(ids, max_new_tokens=n_new, eos_token_id=[], runtime=runtime, return_dict_in_generate=True)
     rec["generate_s"] = time.perf_counter() - t
     (step,) = compiled.decode_steps
@@ -159,6 +164,7 @@ def ours(args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
             f.write(CHILD)
         try:
             cmd = [sys.executable, f.name, stage, str(args.artifact), str(args.prompt), str(args.new), args.runtime]
+            cmd.append(str(args.rows))
             rec = run_child(cmd, env)
         finally:
             os.unlink(f.name)
@@ -195,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=16, help="new tokens (default 16)")
     ap.add_argument("--runtime", default="auto", choices=("auto", "aot", "eager"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--rows", type=int, default=1, help="rows of the step and of the batch (more than 1: the server's step)"
+    )
     ap.add_argument("--llamacpp-venv", type=Path, default=DEFAULT_VENV if DEFAULT_VENV.exists() else MAIN_VENV)
     ap.add_argument("--json", type=Path, help="also write the records here")
     args = ap.parse_args(argv)
@@ -208,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     peer = llamacpp(args, env, n_ctx)
     last = records[-1]
     print(
-        f"\nours: {last['runtime']} step, {last['aot_compiles']} AOT compile(s) in the process; model tensors "
+        f"\nours: {last['runtime']} step, {last['aot_compiles']} AOT compile(s) (in a child process); model tensors "
         f"{last['model_tensor_mb']:.0f} MB; KV cache {last['kv_cache_reserved_mb']:.0f} MB reserved (resident as "
         f"written); AOT package code resident {last['aot_package_code_resident_mb']:.0f} MB; transformers imported: "
         f"{last['transformers_imported_by_generate']}"

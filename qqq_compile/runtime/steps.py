@@ -22,6 +22,9 @@ values of the tiny tensors Inductor writes into the code as literals (e.g. RoPE'
 of it: the package does not hold them. A ``<key>.json`` beside each package records the
 CPU and torch it was built for, so a rebuild can say why it happens.
 
+The compile runs in a child process (:mod:`qqq_compile.runtime.aot_build`), which gets the graph
+without its weights; the process that generates never holds the compiler's memory.
+
 The graph is functionalised (``run_decompositions``) before AOTInductor sees it: the KV
 writes then reach it as buffer mutations, which it performs in place (in our buffers).
 """
@@ -39,16 +42,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.fx.experimental._config as fx_config
 from torch.fx import GraphModule
 
 from qqq_compile.errors import QQQError
+from qqq_compile.runtime.aot_build import EXPORT_RECIPE, compile_in_child, graph_tensors
+from qqq_compile.runtime.aot_build import c_shims as _c_shims
+from qqq_compile.runtime.aot_build import inlined as _inlined
 from qqq_compile.runtime.kv_cache import CacheSpec, add_kv_cache, graph_device
 from qqq_compile.targets.registry import graph_targets
 
 RUNTIMES = ("eager", "aot")
-# How the graph is exported for AOTInductor; part of the package key, so a change rebuilds.
-EXPORT_RECIPE = "cache_row+size_oblivious"
 # Bumped whenever the package layout or what the key covers changes: old packages are then
 # never picked up (their key differs) and get rebuilt once.
 _PACKAGE_FORMAT = "qqq-step-2:constants-outside"
@@ -72,19 +75,6 @@ def cpu_id() -> str:
 _cpu_id = cpu_id  # the older name (tests patch it)
 
 
-def graph_tensors(gm: GraphModule) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of ``gm`` by qualified name (what an exported program lifts)."""
-    return {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
-
-
-def _inlined(t: torch.Tensor) -> bool:
-    """Tensors Inductor writes into the generated code as literals instead of taking them
-    as constants (``GraphLowering.get_attr``/``can_inline_constant`` in torch 2.13: 0-d, or
-    1-d with at most 8 elements, e.g. RoPE's ``inv_freq`` of a small head): their values
-    are part of the package."""
-    return t.dim() == 0 or (t.dim() == 1 and t.shape[0] <= 8)
-
-
 def package_key(gm: GraphModule, max_batch: int, max_len: int) -> str:
     """Hash of everything an AOT package depends on (see the module docstring)."""
     h = hashlib.sha256(_PACKAGE_FORMAT.encode())
@@ -98,17 +88,6 @@ def package_key(gm: GraphModule, max_batch: int, max_len: int) -> str:
     # the proxy executor does not: they are different packages.
     h.update(",".join(sorted(str(op) for op in _c_shims(gm))).encode())
     return h.hexdigest()[:24]
-
-
-def _c_shims(gm: GraphModule) -> dict[Any, list[str]]:
-    """The ops an AOT package of ``gm`` calls through C shims of its targets' native kernels
-    (CPU graphs only: AOTInductor names a shim after the device, and the shims are CPU code)."""
-    shims: dict[Any, list[str]] = {}
-    if graph_device(gm).type != "cpu":
-        return shims
-    for target in graph_targets(gm):
-        shims.update(target.aot_c_shims())
-    return shims
 
 
 def default_package_dir() -> Path:
@@ -215,41 +194,9 @@ def _consecutive(parts: list[torch.Tensor]) -> bool:
 
 
 def _aot_compile(cached: GraphModule, spec: CacheSpec, path: Path) -> None:
-    """Export ``cached`` with dynamic prompt/context lengths up to ``spec.max_len`` and
-    compile it into a code-only package at ``path`` (written atomically)."""
-    import torch._inductor.config as inductor_config
-    from torch.export import Dim
-
-    b, t = spec.max_batch, spec.max_len
-    batch = Dim("batch", min=1, max=b) if b > 1 else None  # a 1-row cache: batch stays static
-    seq = Dim("seq", min=1, max=t)
-    kv = Dim("kv", min=1, max=t)
-    dev = graph_device(cached)
-    example = (
-        torch.zeros(b, 2, dtype=torch.long, device=dev),
-        torch.ones(b, 2, dtype=torch.long, device=dev),
-        torch.arange(2, device=dev),
-        torch.tensor(0, device=dev),  # cache_row: data-dependent (see kv_cache._first_row)
-    )
-    dyn = ({0: batch, 1: seq} if batch else {1: seq}, {0: batch, 1: kv} if batch else {1: kv}, {0: seq}, None)
-    with torch.no_grad():
-        # Size-oblivious: a dynamic batch ranges over [1, max_batch] in export's reasoning (by
-        # default it assumes >= 2, and would then fold the cache_row clamp of a 2-row cache to 0).
-        with fx_config.patch(backed_size_oblivious=True):
-            ep = torch.export.export(cached, example, dynamic_shapes=dyn, strict=False)
-        # Functionalise: KV writes become buffer mutations AOTInductor performs in place. SDPA
-        # stays whole: its CPU flash kernel reads the KV heads directly (GQA), where the math
-        # decomposition would copy the cache into every query head each step.
-        table = torch.export.default_decompositions()
-        table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
-        ep = ep.run_decompositions(table)
-        tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # must still end in .pt2
-        # Code only: the weights and the KV cache are handed over at load time (load_package).
-        # The C++ kernels are called through their C shims, not the proxy executor.
-        patch = {"aot_inductor.package_constants_in_so": False, "aot_inductor.custom_ops_to_c_shims": _c_shims(cached)}
-        with inductor_config.patch(patch):
-            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
-    os.replace(tmp, path)  # atomic: a killed compile never leaves a half-written package
+    """Compile ``cached``'s code-only package at ``path``, in a child process: the compile's
+    memory leaves with it (:mod:`qqq_compile.runtime.aot_build`)."""
+    compile_in_child(cached, spec, path)
 
 
 def load_package(path: str | os.PathLike, cached: GraphModule) -> _Runner:

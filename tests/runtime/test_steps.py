@@ -44,10 +44,17 @@ def w4a8():
 
 @pytest.fixture(scope="module")
 def shipped(w4a8, cache, tmp_path_factory):
-    """An artifact saved with its decode step (the module's one AOT compile)."""
+    """An artifact saved with its decode step (the module's one AOT compile). The compile
+    runs in a child process (``runtime.aot_build``): in this one it would fail."""
     path = tmp_path_factory.mktemp("art") / "tiny"
-    save(w4a8, path, prepare_step=True, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch._inductor, "aoti_compile_and_package", _not_in_this_process)
+        save(w4a8, path, prepare_step=True, progress=False)
     return path
+
+
+def _not_in_this_process(*args, **kwargs):
+    raise AssertionError("the AOT compile ran in the test's own process")
 
 
 @pytest.fixture(scope="module")
