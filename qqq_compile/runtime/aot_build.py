@@ -10,7 +10,7 @@ What the child gets is the step graph without its weights: the FX graph (targets
 and for every tensor its name, shape, stride and dtype. A package holds code only
 (:mod:`qqq_compile.runtime.steps`), so the compile never reads weight values; the child gives
 the graph uninitialised stand-ins (untouched pages: no memory). The tiny tensors Inductor
-writes into the code as literals (``_inlined``) travel with their values. The parent then
+writes into the code as literals (:func:`inlined`) travel with their values. The parent then
 loads the package with the real tensors, as it would a package built anywhere else.
 """
 
