@@ -155,10 +155,13 @@ def _graph(nodes: list[tuple[Any, ...]], codegen: Any) -> Graph:
     graph = Graph()
     graph._codegen = codegen
     env: dict[str, Any] = {}
+
+    def resolve(a: Any) -> Any:
+        return env[a.name] if isinstance(a, _Ref) else a
+
     for op, name, target, args, kwargs in nodes:
-        resolve = lambda a: env[a.name] if isinstance(a, _Ref) else a  # noqa: E731
-        node = graph.create_node(op, target, map_aggregate(args, resolve), map_aggregate(kwargs, resolve), name=name)
-        env[name] = node
+        args, kwargs = map_aggregate(args, resolve), map_aggregate(kwargs, resolve)
+        env[name] = graph.create_node(op, target, args, kwargs, name=name)
     return graph
 
 

@@ -45,9 +45,7 @@ import torch
 from torch.fx import GraphModule
 
 from qqq_compile.errors import QQQError
-from qqq_compile.runtime.aot_build import EXPORT_RECIPE, compile_in_child, graph_tensors
-from qqq_compile.runtime.aot_build import c_shims as _c_shims
-from qqq_compile.runtime.aot_build import inlined as _inlined
+from qqq_compile.runtime.aot_build import EXPORT_RECIPE, c_shims, compile_in_child, graph_tensors, inlined
 from qqq_compile.runtime.kv_cache import CacheSpec, add_kv_cache, graph_device
 from qqq_compile.targets.registry import graph_targets
 
@@ -81,12 +79,12 @@ def package_key(gm: GraphModule, max_batch: int, max_len: int) -> str:
     h.update(gm.code.encode())
     for name, t in sorted(graph_tensors(gm).items()):
         h.update(f"{name}:{tuple(t.shape)}:{tuple(t.stride())}:{t.dtype}".encode())
-        if _inlined(t):
+        if inlined(t):
             h.update(t.detach().contiguous().view(torch.uint8).reshape(-1).cpu().numpy().tobytes())  # host: hashing
     h.update(f"{max_batch}:{max_len}:{torch.__version__}:{cpu_id()}:{EXPORT_RECIPE}".encode())
     # A package that calls the C++ kernels' C shims needs them loaded; one that goes through
     # the proxy executor does not: they are different packages.
-    h.update(",".join(sorted(str(op) for op in _c_shims(gm))).encode())
+    h.update(",".join(sorted(str(op) for op in c_shims(gm))).encode())
     return h.hexdigest()[:24]
 
 

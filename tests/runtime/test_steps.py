@@ -19,7 +19,7 @@ import torch
 import qqq_compile as qc
 from qqq_compile.artifact import MANIFEST, load, save
 from qqq_compile.compiler.pipeline import sqnr_db
-from qqq_compile.runtime import steps
+from qqq_compile.runtime import aot_build, steps
 from qqq_compile.runtime.generate import PREFILL_CHUNK, GenerationError
 from tests.conftest import tiny_calib, tiny_model
 
@@ -146,8 +146,8 @@ def test_only_cpu_graphs_call_the_c_shims(w4a8):
 
     if not cpu.ensure_cpp_kernels():
         pytest.skip("the C++ kernels are not loaded: no graph calls C shims")
-    assert torch.ops.qqq.w4a8_linear.default in steps._c_shims(w4a8.graph_module)
-    assert steps._c_shims(copy.deepcopy(w4a8.graph_module).to("meta")) == {}
+    assert torch.ops.qqq.w4a8_linear.default in aot_build.c_shims(w4a8.graph_module)
+    assert aot_build.c_shims(copy.deepcopy(w4a8.graph_module).to("meta")) == {}
 
 
 def test_load_then_generate_runs_the_shipped_package_without_compiling(shipped, no_compile):

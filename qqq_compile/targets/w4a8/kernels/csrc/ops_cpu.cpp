@@ -260,7 +260,7 @@ TORCH_LIBRARY_IMPL(qqq_cpu, CPU, m) {
 // stack built from the op's serialized schema, a dispatcher lookup and a boxed call. The
 // decode step makes ~180 such calls per token (4 linears, attention and a Hadamard per layer),
 // and that bookkeeping ran on the main thread while the other core waited. Packages built with
-// these functions named in ``aot_inductor.custom_ops_to_c_shims`` (runtime/steps.py;
+// these functions named in ``aot_inductor.custom_ops_to_c_shims`` (runtime/aot_build.py;
 // the declarations, which must match these signatures, are cpu.AOTI_SHIMS) call them directly
 // instead. The library is made RTLD_GLOBAL when it loads (cpu.py), so a package's undefined
 // symbols resolve to these. Argument conventions are AOTInductor's: Tensor -> AtenTensorHandle,
