@@ -216,10 +216,13 @@ def compile_in_child(cached: GraphModule, spec: CacheSpec, path: Path) -> None:
         cmd = [sys.executable, "-m", "qqq_compile.runtime.aot_build", str(payload), str(path)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not path.exists():
-        tail = "\n".join((proc.stderr.strip() or proc.stdout.strip()).splitlines()[-12:])
+        lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        # The child's own error (its last line) comes first: runtime="auto" warns with the
+        # message's beginning only.
         raise BuildError(
-            f"compiling the decode step's AOT package failed in its child process (exit {proc.returncode}):\n{tail}\n"
-            "The eager step needs no compile: prepare_generation(runtime='eager')"
+            f"compiling the decode step's AOT package failed in its child process (exit {proc.returncode}): "
+            f"{lines[-1] if lines else 'no output'}. The eager step needs no compile: "
+            "prepare_generation(runtime='eager'). The child's last lines:\n" + "\n".join(lines[-12:])
         )
 
 
