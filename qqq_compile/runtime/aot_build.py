@@ -169,11 +169,13 @@ def skeleton(cached: GraphModule, spec: CacheSpec) -> bytes:
     """``cached`` without its weights, as the child reads it (see the module docstring): two
     pickles, the targets whose kernels register the graph's ops, then the graph and tensors."""
     params = {name for name, _ in cached.named_parameters()}
+    read = {n.target for n in cached.graph.nodes if n.op == "get_attr"}  # the rest never reaches export
     tensors = {
         name: ("value", t.detach().cpu(), name in params)
         if inlined(t)
         else ("empty", tuple(t.shape), tuple(t.stride()), t.dtype, name in params)
         for name, t in graph_tensors(cached).items()
+        if name in read
     }
     buf = io.BytesIO()
     _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump([t.name for t in graph_targets(cached)])
